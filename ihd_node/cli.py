@@ -1,0 +1,97 @@
+"""The `ihd-node` command: parses arguments and hands each subcommand to the module that owns it.
+
+Subcommand modules are imported only when used, so `ihd-node check-config` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ihd_node.errors import UserError
+
+# subcommand -> "module:function"; each function takes the parsed args and returns an exit code.
+HANDLERS = {
+    "serve": "ihd_node.service:serve_command",
+    "analyze": "ihd_node.analyze:analyze_command",
+    "demo": "ihd_node.demo:demo_command",
+    "phantom": "ihd_node.phantom:phantom_command",
+    "echo": "ihd_node.dicom.sender:echo_command",
+    "status": "ihd_node.admin:status_command",
+    "log": "ihd_node.admin:log_command",
+    "check-config": "ihd_node.config:check_config_command",
+    "model": "ihd_node.model.describe:model_command",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ihd-node",
+        description="DICOM node for a second opinion on intracranial hemorrhage in head CT. NOT FOR DIAGNOSTIC USE.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the DICOM node (receive, analyze, send results)")
+    p.add_argument("--config", required=True, help="path of config.yaml")
+
+    p = sub.add_parser("analyze", help="analyze DICOM files or folders offline")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--model", default="default", help="checkpoint file (default: the shipped model)")
+    p.add_argument("--out", help="also write the SR and Grad-CAM secondary captures into this folder")
+    p.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM heatmaps")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+    p = sub.add_parser("demo", help="end-to-end demo: node + small PACS + two phantom studies")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+
+    p = sub.add_parser("phantom", help="write synthetic head-CT series as DICOM")
+    p.add_argument("outdir")
+    p.add_argument("--subtypes", nargs="*", default=None,
+                   help="hemorrhage subtypes to place (default: random); 'none' for a negative study")
+    p.add_argument("--slices", type=int, default=None, help="slices per series (default: random 24-36)")
+    p.add_argument("--series", type=int, default=1, help="how many series to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rsna-layout", action="store_true",
+                   help="write the RSNA 2019 layout: one file per slice and stage_2_train.csv")
+    p.add_argument("--size", type=int, default=512, help="image rows and columns")
+
+    p = sub.add_parser("echo", help="C-ECHO every configured destination")
+    p.add_argument("--config", required=True)
+
+    p = sub.add_parser("status", help="show what is in flight now")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("log", help="recent studies with findings and time to result")
+    p.add_argument("--config", required=True)
+    p.add_argument("--since", default="24h", help="e.g. 30m, 2h, 7d")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("check-config", help="validate a config file without starting")
+    p.add_argument("file")
+
+    p = sub.add_parser("model", help="model tools")
+    msub = p.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    d = msub.add_parser("describe", help="the architecture of a preset or checkpoint")
+    d.add_argument("name", metavar="PRESET_OR_CHECKPOINT")
+    d.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = HANDLERS[args.command].split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        return int(handler(args) or 0)
+    except UserError as exc:
+        print(f"ihd-node {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

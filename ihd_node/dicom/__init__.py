@@ -1,0 +1,1 @@
+"""DICOM side of the node: reading, grouping, loading volumes, networking. Never imports torch."""

@@ -1,0 +1,232 @@
+"""Turn the files of one CT series into a volume in Hounsfield units, slices sorted along the patient axis.
+
+Sorting uses the position along the slice normal (ImagePositionPatient . normal of
+ImageOrientationPatient), never file name or InstanceNumber, which scanners and PACS reorder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from ihd_node.errors import UserError
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class VolumeError(UserError):
+    """A series cannot become a volume; the message names the cause and what to do."""
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """One slice of a sorted volume: where it came from and where it lies."""
+
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    position: float  # mm along the slice normal
+    instance_number: int | None
+
+
+@dataclass
+class Volume:
+    """A series ready for the model: HU array (n, rows, cols) in slice order plus the source headers."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    slices: list[SliceInfo]
+    hu: np.ndarray
+    pixel_spacing: tuple[float, float]
+    slice_spacing: float
+    headers: list[Dataset] = field(repr=False)  # per slice, without pixel data, same order as slices
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slices)
+
+
+@dataclass
+class SeriesGroups:
+    """Files grouped by SeriesInstanceUID, plus the files that could not be used and why."""
+
+    series: dict[str, list[Path]]
+    rejected: list[tuple[Path, str]]
+
+
+def iter_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand folders recursively into files; keep given files as they are."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise VolumeError(f"{p}: no such file or folder; check the path")
+    return files
+
+
+def read_header(path: Path) -> Dataset:
+    """Read a DICOM header without pixel data; raises VolumeError naming what is wrong."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        raise VolumeError(f"{path}: not a DICOM file (no DICM preamble); only DICOM CT slices can be analysed") from None
+    except Exception as exc:  # pydicom raises many types for damaged files
+        raise VolumeError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc}); resend the file") from None
+
+
+def slice_problem(ds: Dataset) -> str | None:
+    """Why a header is not a usable axial-type CT slice, or None when it is."""
+    if ds.get("Modality", "") != "CT":
+        return f"modality {ds.get('Modality', 'missing')!r} is not CT"
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class != CT_IMAGE_STORAGE:
+        return f"SOP class {sop_class or 'missing'} is not CT Image Storage"
+    for keyword in ("SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient", "ImageOrientationPatient",
+                    "PixelSpacing", "Rows", "Columns"):
+        if keyword not in ds:
+            return f"attribute {keyword} is missing"
+    if len(ds.ImageOrientationPatient) != 6 or len(ds.ImagePositionPatient) != 3:
+        return "ImageOrientationPatient/ImagePositionPatient malformed"
+    if int(ds.Rows) < 16 or int(ds.Columns) < 16 or int(ds.Rows) > 4096 or int(ds.Columns) > 4096:
+        return f"impossible image size {ds.Rows}x{ds.Columns}"
+    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    if "LOCALIZER" in image_type:
+        return "localizer (scout) image"
+    return None
+
+
+def group_series(paths: Iterable[str | Path]) -> SeriesGroups:
+    """Group files by series; files that are not usable CT slices are listed with the reason."""
+    series: dict[str, list[Path]] = {}
+    rejected: list[tuple[Path, str]] = []
+    for path in iter_files(paths):
+        try:
+            ds = read_header(path)
+        except VolumeError as exc:
+            rejected.append((path, str(exc).split(": ", 1)[-1]))
+            continue
+        problem = slice_problem(ds)
+        if problem:
+            rejected.append((path, problem))
+            continue
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(path)
+    return SeriesGroups(series=series, rejected=rejected)
+
+
+def slice_normal(ds: Dataset) -> np.ndarray:
+    """Unit normal of the slice plane: row direction x column direction."""
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        raise VolumeError("ImageOrientationPatient has parallel row and column vectors; the series is damaged")
+    return normal / norm
+
+
+def slice_position(ds: Dataset, normal: np.ndarray) -> float:
+    """Distance of the slice along the normal, in mm."""
+    return float(np.dot(np.asarray([float(v) for v in ds.ImagePositionPatient]), normal))
+
+
+def to_hu(ds: Dataset) -> np.ndarray:
+    """Pixel data in HU (float32), with the known BitsStored-12 scanner quirk corrected.
+
+    Some scanners store unsigned 12-bit values with an intercept near 0 where -1024 was meant;
+    adding 1000 with wrap at 4096 and using intercept -1000 restores the right HU (RSNA 2019 data).
+    """
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise VolumeError(
+            f"slice {ds.get('SOPInstanceUID', '?')}: pixel data cannot be decoded ({type(exc).__name__}: {exc}); "
+            "send it uncompressed or in a supported transfer syntax") from None
+    if pixels.ndim != 2:
+        raise VolumeError(f"slice {ds.get('SOPInstanceUID', '?')}: expected one 2-D frame, got shape {pixels.shape}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    values = pixels.astype(np.float32)
+    if int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0 and intercept > -100:
+        values = np.mod(values + 1000.0, 4096.0)
+        intercept = -1000.0
+    return values * np.float32(slope) + np.float32(intercept)
+
+
+def load_volume(paths: Sequence[str | Path]) -> Volume:
+    """Load one series: read headers, sort along the patient axis, check geometry, convert to HU."""
+    if not paths:
+        raise VolumeError("the series has no files")
+    headers = [read_header(Path(p)) for p in paths]
+    for ds, p in zip(headers, paths, strict=True):
+        problem = slice_problem(ds)
+        if problem:
+            raise VolumeError(f"{p}: {problem}")
+    series_uids = {str(ds.SeriesInstanceUID) for ds in headers}
+    if len(series_uids) != 1:
+        raise VolumeError(f"files belong to {len(series_uids)} series; analyse one series at a time")
+
+    normal = slice_normal(headers[0])
+    for ds in headers[1:]:
+        if abs(float(np.dot(slice_normal(ds), normal))) < 0.999:
+            raise VolumeError("slices of the series have different orientations; it is not one stack")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    if len(sizes) != 1:
+        raise VolumeError(f"slices of the series differ in size {sorted(sizes)}; it is not one stack")
+
+    positions = [slice_position(ds, normal) for ds in headers]
+    order = sorted(range(len(headers)), key=lambda i: positions[i])
+    # Duplicate positions (the same slice sent twice under two UIDs) would make the stack lie: keep the first.
+    kept: list[int] = []
+    for i in order:
+        if kept and abs(positions[i] - positions[kept[-1]]) < 1e-3:
+            continue
+        kept.append(i)
+
+    full = [pydicom.dcmread(Path(paths[i])) for i in kept]
+    hu = np.stack([to_hu(ds) for ds in full]).astype(np.float32)
+    sorted_headers = [headers[i] for i in kept]
+    slices = [
+        SliceInfo(
+            path=Path(paths[i]),
+            sop_instance_uid=str(headers[i].SOPInstanceUID),
+            sop_class_uid=str(headers[i].SOPClassUID),
+            position=positions[i],
+            instance_number=int(headers[i].InstanceNumber) if headers[i].get("InstanceNumber") is not None else None,
+        )
+        for i in kept
+    ]
+    steps = np.diff([s.position for s in slices])
+    slice_spacing = float(np.median(steps)) if len(steps) else float(headers[0].get("SliceThickness", 5.0) or 5.0)
+    spacing = tuple(float(v) for v in headers[0].PixelSpacing)
+    return Volume(
+        study_instance_uid=str(headers[0].StudyInstanceUID),
+        series_instance_uid=str(headers[0].SeriesInstanceUID),
+        slices=slices,
+        hu=hu,
+        pixel_spacing=(spacing[0], spacing[1]),
+        slice_spacing=slice_spacing,
+        headers=sorted_headers,
+    )
+
+
+def combine_thin_slices(hu: np.ndarray, slice_spacing: float, target_mm: float = 5.0) -> tuple[np.ndarray, list[list[int]]]:
+    """Average runs of thin slices into ~target_mm slabs, as the model was trained on ~5 mm slices.
+
+    Returns the slab array and, per slab, the indices of the original slices it covers, so results
+    can still point at the original images.
+    """
+    n = hu.shape[0]
+    if slice_spacing <= 0 or slice_spacing >= 0.6 * target_mm or n == 0:
+        return hu, [[i] for i in range(n)]
+    per_slab = max(1, int(round(target_mm / slice_spacing)))
+    groups = [list(range(s, min(s + per_slab, n))) for s in range(0, n, per_slab)]
+    slabs = np.stack([hu[g].mean(axis=0) for g in groups]).astype(np.float32)
+    return slabs, groups
