@@ -1,0 +1,89 @@
+"""A small receiving PACS (C-STORE SCP writing files to a folder), for the demo, tests and benchmarks.
+
+It is not part of the node; it stands in for the hospital PACS where no real one (Orthanc) is used.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ReceivedObject:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    received_at: float
+
+
+@dataclass
+class MiniPACS:
+    """Stores every object it receives as <folder>/<SOPInstanceUID>.dcm and remembers when it came."""
+
+    folder: Path
+    ae_title: str = "MINIPACS"
+    port: int = 0
+    host: str = "127.0.0.1"
+    status: int = 0x0000  # answer to every C-STORE; set to a failure code to play a refusing PACS
+    received: list[ReceivedObject] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self._lock = threading.Lock()
+        self._server = None
+
+    def _on_store(self, event) -> int:
+        if self.status != 0x0000:
+            return self.status
+        ds: Dataset = event.dataset
+        ds.file_meta = event.file_meta
+        path = self.folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        with self._lock:
+            self.received.append(ReceivedObject(
+                path=path, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+                study_instance_uid=str(ds.StudyInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+                received_at=time.time()))
+        return 0x0000
+
+    def start(self) -> MiniPACS:
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        self._server = ae.start_server((self.host, self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def objects(self, study_instance_uid: str | None = None) -> list[ReceivedObject]:
+        with self._lock:
+            return [o for o in self.received if study_instance_uid in (None, o.study_instance_uid)]
+
+    def __enter__(self) -> MiniPACS:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

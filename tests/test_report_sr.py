@@ -1,0 +1,222 @@
+"""The TID 1500 SR: validates with dciodvfy, renders with dsrdump, says what was found, stable UIDs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import replace
+
+import pytest
+from pydicom.sr.codedict import codes
+from test_report_common import (
+    SPARSE_DROPPED,
+    dciodvfy,
+    make_prediction,
+    make_volume,
+    needs,
+    reread,
+    write,
+)
+
+from ihd_node.classes import CLASSES
+from ihd_node.report import build_results
+from ihd_node.report.sr import FINDING_CODES, SR_SERIES_DESCRIPTION, build_sr
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def dsrdump(path) -> str:
+    run = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def content_items(ds, value_type: str) -> list:
+    """All content items of one value type, depth first."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == value_type:
+            found.append(item)
+        found.extend(content_items(item, value_type))
+    return found
+
+
+def finding_groups(sr) -> dict[str, object]:
+    """Measurement groups keyed by the finding code value."""
+    groups = {}
+    for item in content_items(sr, "CONTAINER"):
+        if item.ConceptNameCodeSequence[0].CodeValue != "125007":  # Measurement Group
+            continue
+        for child in item.ContentSequence:
+            # 121071 = Finding
+            if child.ValueType == "CODE" and child.ConceptNameCodeSequence[0].CodeValue == "121071":
+                groups[child.ConceptCodeSequence[0].CodeValue] = item
+    return groups
+
+
+def group_images(group) -> list[str]:
+    return [c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for c in group.ContentSequence if c.ValueType == "IMAGE"]
+
+
+def group_presence(group) -> str:
+    for c in group.ContentSequence:
+        if c.ValueType == "CODE" and c.ConceptCodeSequence[0].CodeValue in ("121053", "121054"):
+            return c.ConceptCodeSequence[0].CodeMeaning
+    raise AssertionError("no Present/Absent item")
+
+
+def check_dciodvfy(path) -> None:
+    errors, warnings = dciodvfy(path)
+    print("\n".join(warnings))
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def positive(tmp_path):
+    volume = make_volume(tmp_path, n=6, bleed_slices=(2, 3))
+    prediction = make_prediction(6, {"intraparenchymal": [2, 3]})
+    return volume, prediction
+
+
+def test_positive_sr_structure(positive, tmp_path):
+    volume, prediction = positive
+    sr = reread(build_sr(volume, prediction), tmp_path / "sr.dcm")
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert sr.StudyInstanceUID == volume.study_instance_uid
+    assert sr.SeriesInstanceUID != volume.series_instance_uid
+    assert sr.SeriesDescription == SR_SERIES_DESCRIPTION and "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"  # Imaging Measurement Report (TID 1500)
+    purpose = [eq.PurposeOfReferenceCodeSequence[0].CodeValue for eq in sr.ContributingEquipmentSequence]
+    assert "109102" in purpose  # the algorithm as processing equipment
+    # Device observer context.
+    uidrefs = {i.ConceptNameCodeSequence[0].CodeValue: i.UID for i in content_items(sr, "UIDREF")}
+    assert "121012" in uidrefs  # Device Observer UID
+    # One group per class, present only for ICH and the positive subtype, images = the positive slices.
+    groups = finding_groups(sr)
+    assert set(groups) == {FINDING_CODES[c].value for c in CLASSES}
+    positive_uids = [volume.slices[i].sop_instance_uid for i in (2, 3)]
+    for cls in CLASSES:
+        group = groups[FINDING_CODES[cls].value]
+        if cls in ("any", "intraparenchymal"):
+            assert group_presence(group) == "Present"
+            assert sorted(group_images(group)) == sorted(positive_uids)
+        else:
+            assert group_presence(group) == "Absent"
+            assert group_images(group) == []
+    # Every evaluated slice is evidence.
+    evidence = [r.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for r in series.ReferencedSOPSequence]
+    assert sorted(evidence) == sorted(s.sop_instance_uid for s in volume.slices)
+    texts = " ".join(t.TextValue for t in content_items(sr, "TEXT"))
+    assert "NOT FOR DIAGNOSTIC USE" in texts and "threshold=0.5000" in texts
+
+
+@needs("dciodvfy")
+@needs("dsrdump")
+def test_positive_sr_validates_and_renders(positive, tmp_path):
+    volume, prediction = positive
+    path = write(build_sr(volume, prediction), tmp_path / "sr.dcm")
+    check_dciodvfy(path)
+    text = dsrdump(path)
+    assert re.search(r'"Cerebral hemorrhage"\)=\(121053,DCM,"Present"\)', text), text
+    assert re.search(r'"Intracranial hemorrhage"\)=\(121053,DCM,"Present"\)', text), text
+    assert re.search(r'"Subdural hemorrhage"\)=\(121054,DCM,"Absent"\)', text), text
+    assert "intraparenchymal" in text and "NOT FOR DIAGNOSTIC USE" in text
+    assert "UNVERIFIED" in text
+
+
+@needs("dciodvfy")
+@needs("dsrdump")
+def test_negative_sr_says_absent(tmp_path):
+    volume = make_volume(tmp_path, n=5)
+    prediction = make_prediction(5)
+    sr = build_sr(volume, prediction)
+    path = write(sr, tmp_path / "sr.dcm")
+    check_dciodvfy(path)
+    groups = finding_groups(reread(sr, tmp_path / "again.dcm"))
+    assert all(group_presence(g) == "Absent" and group_images(g) == [] for g in groups.values())
+    text = dsrdump(path)
+    assert text.count('(121054,DCM,"Absent")') == len(CLASSES)
+    assert '(121053,DCM,"Present")' not in text
+    assert "No intracranial hemorrhage detected" in text
+
+
+@needs("dciodvfy")
+def test_sparse_source_still_validates(tmp_path):
+    volume = make_volume(tmp_path, n=4, bleed_slices=(1,), sparse=True)
+    assert all(k not in volume.headers[0] for k in SPARSE_DROPPED)
+    prediction = make_prediction(4, {"subdural": [1]})
+    sr = reread(build_sr(volume, prediction), tmp_path / "sr.dcm")
+    for keyword in SPARSE_DROPPED:
+        assert keyword in sr, keyword
+        assert sr[keyword].value in (None, "", b""), (keyword, sr[keyword].value)
+    check_dciodvfy(tmp_path / "sr.dcm")
+    assert all(k not in volume.headers[0] for k in SPARSE_DROPPED)  # the source headers are untouched
+
+
+def test_uids_are_deterministic(positive):
+    volume, prediction = positive
+    a, b = build_sr(volume, prediction), build_sr(volume, prediction)
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    assert [i.UID for i in content_items(a, "UIDREF")] == [i.UID for i in content_items(b, "UIDREF")]
+    other_model = replace(prediction, model=replace(prediction.model, version="9.9"))
+    c = build_sr(volume, other_model)
+    assert c.SOPInstanceUID != a.SOPInstanceUID and c.SeriesInstanceUID != a.SeriesInstanceUID
+    assert len(a.SOPInstanceUID) <= 64
+
+
+@needs("dciodvfy")
+def test_revision_references_predecessor(positive, tmp_path):
+    volume, prediction = positive
+    first = build_sr(volume, prediction)
+    second = build_sr(volume, prediction, revision=1, predecessor=first, instance_number=2)
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    study = second.PredecessorDocumentsSequence[0]
+    assert study.StudyInstanceUID == first.StudyInstanceUID
+    series = study.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    ref = series.ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPClassUID == first.SOPClassUID
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    check_dciodvfy(write(second, tmp_path / "sr2.dcm"))
+
+
+def test_slabs_reference_all_original_slices(tmp_path):
+    volume = make_volume(tmp_path, n=8, spacing_mm=2.5, bleed_slices=(2, 3))
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    prediction = make_prediction(4, {"subarachnoid": [1]})
+    sr = build_sr(volume, prediction, slice_groups=groups)
+    refs = finding_groups(sr)[FINDING_CODES["subarachnoid"].value]
+    assert sorted(group_images(refs)) == sorted(volume.slices[i].sop_instance_uid for i in (2, 3))
+    with pytest.raises(ValueError, match="slice_groups"):
+        build_sr(volume, prediction)
+    with pytest.raises(ValueError, match="slice_groups"):
+        build_sr(volume, prediction, slice_groups=groups[:3])
+
+
+@needs("dciodvfy")
+def test_build_results_in_source_study(positive, tmp_path):
+    volume, prediction = positive
+    results = build_results(volume, prediction, max_secondary_captures=1)
+    assert len(results.secondary_captures) == 1
+    assert [d.StudyInstanceUID for d in results.all()] == [volume.study_instance_uid] * 2
+    assert results.sr.SeriesInstanceUID != results.secondary_captures[0].SeriesInstanceUID
+    assert results.sr.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurementReport.value
+    for i, ds in enumerate(results.all()):
+        check_dciodvfy(write(ds, tmp_path / f"r{i}.dcm"))
+
+
+@needs("dciodvfy")
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+def test_values_highdicom_refuses_are_repaired(tmp_path):
+    """PatientSex "U" and dashed dates occur in the wild; they must not cost the study its results."""
+    volume = make_volume(tmp_path, n=3, bleed_slices=(1,))
+    volume.headers[0].PatientSex = "U"
+    volume.headers[0].PatientBirthDate = "1970-01-02"
+    results = build_results(volume, make_prediction(3, {"epidural": [1]}))
+    sr = reread(results.sr, tmp_path / "sr.dcm")
+    assert sr.PatientSex in (None, "") and sr.PatientBirthDate == "19700102"
+    assert volume.headers[0].PatientSex == "U"
+    check_dciodvfy(tmp_path / "sr.dcm")
