@@ -87,3 +87,25 @@ class MiniPACS:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def send_files(paths: list[Path], *, host: str, port: int, called_aet: str, calling_aet: str = "MINIPACS",
+               tls_args=None) -> list[int]:
+    """Send files over one association, as a PACS routing a study would; returns the DIMSE status of each."""
+    import pydicom
+
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_aet)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
+    if not assoc.is_established:
+        raise ConnectionError(f"association to {called_aet}@{host}:{port} was not established")
+    statuses = []
+    try:
+        for ds in datasets:
+            answer = assoc.send_c_store(ds)
+            statuses.append(int(answer.Status) if "Status" in answer else -1)
+    finally:
+        assoc.release()
+    return statuses

@@ -1,0 +1,404 @@
+"""`ihd-node status` and `ihd-node log`: what the node is doing now, and what it did recently.
+
+Both only read the log database (never create or change it), so an admin may run them while the node
+serves. Output names studies by accession number and UIDs only; the database holds nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from ihd_node.classes import CLASSES
+from ihd_node.config import load_config
+from ihd_node.db import Analysis, Database, Delivery, Series, Study, utcnow
+from ihd_node.errors import UserError
+
+IN_FLIGHT = ("received", "complete", "analyzing", "delivering")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str) -> timedelta:
+    """`30m`, `2h`, `7d` (also s and w) -> timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
+    if not match:
+        raise UserError(f"--since {text!r}: use a number and a unit (s, m, h, d, w), e.g. 30m, 2h or 7d")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _open(config_path: str) -> Database:
+    config = load_config(config_path)
+    return Database(config.database_url, create=False)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="milliseconds")
+
+
+def _seconds(later: datetime | None, earlier: datetime | None) -> float | None:
+    if later is None or earlier is None:
+        return None
+    return round((later - earlier).total_seconds(), 3)
+
+
+# ---------------------------------------------------------------- status
+
+
+def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
+    """What is in flight now, the outbox, and failures that still need an admin."""
+    now = now or utcnow()
+    with db.read_session() as s:
+        series = list(
+            s.scalars(select(Series).where(Series.state.in_(IN_FLIGHT)).order_by(Series.last_received))
+        )
+        sent = dict(
+            s.execute(
+                select(Delivery.series_id, func.count())
+                .where(Delivery.status == "sent")
+                .group_by(Delivery.series_id)
+            ).all()
+        )
+        pending_by_series = dict(
+            s.execute(
+                select(Delivery.series_id, func.count())
+                .where(Delivery.status == "pending")
+                .group_by(Delivery.series_id)
+            ).all()
+        )
+        pending = s.execute(
+            select(func.count(), func.min(Delivery.created_at), func.min(Delivery.next_attempt_at)).where(
+                Delivery.status == "pending"
+            )
+        ).one()
+        failed_series = list(
+            s.scalars(
+                select(Series).where(Series.state == "failed").order_by(Series.updated.desc()).limit(50)
+            )
+        )
+        failed_ids = [x.id for x in failed_series]
+        failed_deliveries = (
+            list(
+                s.scalars(
+                    select(Delivery)
+                    .where(Delivery.status.in_(("failed", "rejected")), Delivery.series_id.in_(failed_ids))
+                    .order_by(Delivery.updated_at.desc())
+                    .limit(50)
+                )
+            )
+            if failed_ids
+            else []
+        )
+        retrying = list(
+            s.scalars(
+                select(Delivery)
+                .where(Delivery.status == "pending", Delivery.attempts > 0)
+                .order_by(Delivery.next_attempt_at)
+                .limit(50)
+            )
+        )
+
+    def row(x: Series) -> dict[str, Any]:
+        return {
+            "state": x.state,
+            "series_instance_uid": x.series_instance_uid,
+            "study_instance_uid": x.study.study_instance_uid,
+            "accession_number": x.study.accession_number,
+            "modality": x.modality,
+            "series_description": x.series_description,
+            "n_instances": x.n_instances,
+            "calling_aet": x.calling_aet,
+            "first_received": _iso(x.first_received),
+            "last_received": _iso(x.last_received),
+            "seconds_since_last_instance": _seconds(now, x.last_received),
+            "association_open": x.association_released is None and x.state == "received",
+            "objects_sent": sent.get(x.id, 0),
+            "objects_pending": pending_by_series.get(x.id, 0),
+            "reason": x.reason,
+        }
+
+    def delivery(d: Delivery) -> dict[str, Any]:
+        return {
+            "destination": d.destination,
+            "series_instance_uid": d.series.series_instance_uid,
+            "accession_number": d.series.study.accession_number,
+            "sop_instance_uid": d.sop_instance_uid,
+            "sop_class_uid": d.sop_class_uid,
+            "status": d.status,
+            "attempts": d.attempts,
+            "last_status": d.last_status,
+            "last_error": d.last_error,
+            "updated_at": _iso(d.updated_at),
+            "next_attempt_at": _iso(d.next_attempt_at) if d.status == "pending" else None,
+        }
+
+    count, oldest, next_at = pending
+    return {
+        "generated_at": _iso(now),
+        "database": db.url.render_as_string(hide_password=True),
+        "in_flight": [row(x) for x in series],
+        "outbox": {
+            "pending": int(count or 0),
+            "oldest_pending_since": _iso(oldest),
+            "next_attempt_at": _iso(next_at),
+            "retrying": [delivery(d) for d in retrying],
+        },
+        "failed_series": [row(x) for x in failed_series],
+        "failed_deliveries": [delivery(d) for d in failed_deliveries],
+    }
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    cells = [[("-" if v is None else str(v)) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*headers).rstrip()] + [fmt.format(*r).rstrip() for r in cells]
+
+
+def format_status(data: dict[str, Any]) -> str:
+    lines = [f"ihd-node status at {data['generated_at']} ({data['database']})"]
+    flight = data["in_flight"]
+    lines.append(f"\nIn flight: {len(flight)} series" + ("" if flight else " (idle)"))
+    if flight:
+        rows = []
+        for x in flight:
+            if x["state"] == "received":
+                detail = "association open" if x["association_open"] else "waiting for quiet time"
+            elif x["state"] == "delivering":
+                detail = f"{x['objects_sent']} sent, {x['objects_pending']} pending"
+            else:
+                detail = x["reason"] or ""
+            rows.append(
+                (
+                    x["state"],
+                    x["accession_number"],
+                    x["series_description"],
+                    x["n_instances"],
+                    _age(x["seconds_since_last_instance"]),
+                    detail,
+                    x["series_instance_uid"],
+                )
+            )
+        lines += [
+            "  " + r
+            for r in _table(
+                ("STATE", "ACCESSION", "SERIES", "IMAGES", "LAST IMAGE", "DETAIL", "SERIES UID"), rows
+            )
+        ]
+    out = data["outbox"]
+    lines.append(
+        f"\nOutbox: {out['pending']} object(s) pending"
+        + (
+            f", oldest queued {out['oldest_pending_since']}, next attempt {out['next_attempt_at']}"
+            if out["pending"]
+            else ""
+        )
+    )
+    for d in out["retrying"]:
+        lines.append(
+            f"  retrying {d['destination']}: {d['sop_instance_uid']} after {d['attempts']} attempt(s), "
+            f"next {d['next_attempt_at']}: {d['last_error'] or _status_hex(d['last_status'])}"
+        )
+    failed = data["failed_series"]
+    if failed:
+        lines.append(f"\nFailed series: {len(failed)}")
+        for x in failed:
+            lines.append(f"  {x['accession_number'] or '-'}  {x['series_instance_uid']}: {x['reason']}")
+    if data["failed_deliveries"]:
+        lines.append("\nFailed deliveries:")
+        for d in data["failed_deliveries"]:
+            lines.append(
+                f"  {d['status']} by {d['destination']} after {d['attempts']} attempt(s): "
+                f"{d['sop_instance_uid']} (series {d['series_instance_uid']}): "
+                f"{d['last_error'] or _status_hex(d['last_status'])}"
+            )
+    return "\n".join(lines)
+
+
+def _status_hex(status: int | None) -> str:
+    return "no answer" if status is None else f"status 0x{status:04X}"
+
+
+def status_command(args: Any) -> int:
+    db = _open(args.config)
+    try:
+        data = status_data(db)
+    finally:
+        db.close()
+    print(json.dumps(data, indent=2) if args.json else format_status(data))
+    return 0
+
+
+# ---------------------------------------------------------------- log
+
+
+def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dict[str, Any]:
+    """Studies with an instance received since `now - since`, newest first, with findings and timings."""
+    now = now or utcnow()
+    start = now - since
+    with db.read_session() as s:
+        studies = list(
+            s.scalars(select(Study).where(Study.last_received >= start).order_by(Study.last_received.desc()))
+        )
+        ids = [st.id for st in studies]
+        series = (
+            list(s.scalars(select(Series).where(Series.study_id.in_(ids)).order_by(Series.first_received)))
+            if ids
+            else []
+        )
+        latest: dict[int, Analysis] = {}
+        if series:
+            for a in s.scalars(
+                select(Analysis)
+                .where(Analysis.series_id.in_([x.id for x in series]))
+                .order_by(Analysis.revision)
+            ):
+                latest[a.series_id] = a  # ordered by revision: the last one wins
+
+    def one(x: Series) -> dict[str, Any]:
+        a = latest.get(x.id)
+        entry: dict[str, Any] = {
+            "series_instance_uid": x.series_instance_uid,
+            "series_description": x.series_description,
+            "modality": x.modality,
+            "n_instances": x.n_instances,
+            "state": x.state,
+            "reason": x.reason,
+            "calling_aet": x.calling_aet,
+            "completion_rule": x.completion_rule,
+            "revision": x.revision,
+            "first_received": _iso(x.first_received),
+            "last_received": _iso(x.last_received),
+            "completed": _iso(x.completed),
+            "analysis_started": _iso(x.analysis_started),
+            "analysis_finished": _iso(x.analysis_finished),
+            "delivered": _iso(x.delivered),
+            "time_to_result_seconds": _seconds(
+                x.delivered or (x.analysis_finished if x.state == "analyzed" else None), x.last_received
+            ),
+            "findings": None,
+            "probabilities": None,
+            "model": None,
+            "stages": {
+                "wait_seconds": _seconds(x.completed, x.last_received),
+                "queue_seconds": _seconds(x.analysis_started, x.completed),
+                "analysis_seconds": _seconds(x.analysis_finished, x.analysis_started),
+                "load_seconds": None,
+                "inference_seconds": None,
+                "gradcam_seconds": None,
+                "report_seconds": None,
+                "delivery_seconds": _seconds(x.delivered, x.analysis_finished),
+            },
+        }
+        if a is not None:
+            probs = a.probabilities()
+            entry["findings"] = {c: round(probs[c], 4) for c in a.positives()}
+            entry["probabilities"] = {c: round(probs[c], 4) for c in CLASSES}
+            entry["model"] = f"{a.model_name} {a.model_version}"
+            entry["sr_sop_instance_uid"] = a.sr_sop_instance_uid
+            for k in ("load", "inference", "gradcam", "report"):
+                entry["stages"][f"{k}_seconds"] = getattr(a, f"{k}_seconds")
+        return entry
+
+    by_study: dict[int, list[dict[str, Any]]] = {}
+    for x in series:
+        by_study.setdefault(x.study_id, []).append(one(x))
+    return {
+        "generated_at": _iso(now),
+        "since": _iso(start),
+        "studies": [
+            {
+                "study_instance_uid": st.study_instance_uid,
+                "accession_number": st.accession_number,
+                "first_received": _iso(st.first_received),
+                "last_received": _iso(st.last_received),
+                "series": by_study.get(st.id, []),
+            }
+            for st in studies
+        ],
+    }
+
+
+def _findings_text(x: dict[str, Any]) -> str:
+    if x["findings"] is None:
+        return x["reason"] or ""
+    if not x["findings"]:
+        return f"negative (any {x['probabilities']['any']:.2f})"
+    return ", ".join(f"{c} {p:.2f}" for c, p in x["findings"].items())
+
+
+def _stages_text(st: dict[str, float | None]) -> str:
+    names = (
+        ("wait", "wait_seconds"),
+        ("queue", "queue_seconds"),
+        ("load", "load_seconds"),
+        ("infer", "inference_seconds"),
+        ("cam", "gradcam_seconds"),
+        ("report", "report_seconds"),
+        ("send", "delivery_seconds"),
+    )
+    return " ".join(f"{short} {st[key]:.1f}" for short, key in names if st.get(key) is not None)
+
+
+def format_log(data: dict[str, Any]) -> str:
+    studies = data["studies"]
+    lines = [f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} since {data['since']}"]
+    rows = []
+    for st in studies:
+        for x in st["series"]:
+            ttr = x["time_to_result_seconds"]
+            rows.append(
+                (
+                    (x["last_received"] or "")[:19].replace("T", " "),
+                    st["accession_number"],
+                    f"{x['series_description'] or '-'} ({x['n_instances']})",
+                    x["state"],
+                    _findings_text(x),
+                    "-" if ttr is None else f"{ttr:.1f} s",
+                    _stages_text(x["stages"]) or "-",
+                    x["series_instance_uid"],
+                )
+            )
+    if rows:
+        lines += _table(
+            (
+                "LAST IMAGE (UTC)",
+                "ACCESSION",
+                "SERIES (IMAGES)",
+                "STATE",
+                "FINDINGS",
+                "RESULT IN",
+                "STAGES (s)",
+                "SERIES UID",
+            ),
+            rows,
+        )
+    return "\n".join(lines)
+
+
+def log_command(args: Any) -> int:
+    since = parse_since(args.since)
+    db = _open(args.config)
+    try:
+        data = log_data(db, since)
+    finally:
+        db.close()
+    print(json.dumps(data, indent=2) if args.json else format_log(data))
+    return 0

@@ -1,0 +1,113 @@
+"""`ihd-node demo`: the whole job end to end on this machine, with no configuration.
+
+Starts the node on free ports with temporary storage and the shipped model, starts a small receiving
+PACS, makes one phantom head-CT study with a hemorrhage and one without, sends both over C-STORE,
+waits for the SR and Grad-CAM images to come back, and prints what the ER doctor would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+
+from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE
+from ihd_node.config import default_config
+from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_files
+from ihd_node.errors import UserError
+
+SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+STUDIES = (("with hemorrhage", ["intraparenchymal", "intraventricular"], 11), ("without hemorrhage", [], 12))
+RESULT_TIMEOUT_S = 180
+
+
+def sr_findings(path: Path) -> list[str]:
+    """Read the findings back from the SR the PACS received: one line per class, as a viewer shows them."""
+    sr = pydicom.dcmread(path)
+    lines = []
+
+    def walk(items, finding=None):
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+            if item.ValueType == "CODE" and name == "Finding":
+                finding = item.ConceptCodeSequence[0].CodeMeaning
+            if item.ValueType == "NUM" and finding:
+                value = float(item.MeasuredValueSequence[0].NumericValue)
+                lines.append([finding, f"p={value:.3f}"])
+            if item.ValueType == "CODE" and finding and lines and lines[-1][0] == finding and len(lines[-1]) == 2:
+                lines[-1].append(item.ConceptCodeSequence[0].CodeMeaning)
+            if "ContentSequence" in item:
+                walk(item.ContentSequence, finding)
+
+    walk(sr.ContentSequence)
+    return ["  ".join(parts) for parts in lines]
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from ihd_node.phantom import make_series, write_series
+    from ihd_node.service import Node
+
+    workdir = Path(tempfile.mkdtemp(prefix="ihd-node-demo-"))
+    print(f"ihd-node demo — {NOT_FOR_DIAGNOSTIC_USE}; the shipped model is trained on synthetic head CTs only.")
+    print(f"working folder: {workdir}")
+    pacs = MiniPACS(workdir / "pacs", ae_title="DEMO_PACS").start()
+    node_port = free_port()
+    config = default_config(
+        workdir / "node",
+        node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": node_port},
+        destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
+    )
+    node = Node(config)
+    node.start()
+    print(f"node IHD_AI listening on 127.0.0.1:{node_port}; receiving PACS DEMO_PACS on 127.0.0.1:{pacs.port}")
+    try:
+        failures = 0
+        for label, subtypes, seed in STUDIES:
+            series = make_series(seed, subtypes=subtypes, n_slices=28)
+            files = write_series(series, workdir / "studies" / label.replace(" ", "-"))
+            started = time.time()
+            statuses = send_files(files, host="127.0.0.1", port=node_port, called_aet="IHD_AI",
+                                  calling_aet=pacs.ae_title)
+            sent = time.time()
+            bad = [s for s in statuses if s != 0]
+            print(f"\nstudy {label}: sent {len(files)} slices in {sent - started:.1f} s"
+                  f"{f' ({len(bad)} refused)' if bad else ''}; truth: {', '.join(subtypes) or 'no hemorrhage'}")
+            objects = wait_for_results(pacs, series.study_instance_uid, sent)
+            if not objects:
+                print(f"  no results within {RESULT_TIMEOUT_S} s — see `ihd-node status` and the log above")
+                failures += 1
+                continue
+            srs = [o for o in objects if o.sop_class_uid.startswith(SR_STORAGE_PREFIX)]
+            scs = [o for o in objects if not o.sop_class_uid.startswith(SR_STORAGE_PREFIX)]
+            done = max(o.received_at for o in objects)
+            print(f"  time to result: {done - sent:.1f} s after the last slice was sent")
+            for line in sr_findings(srs[0].path):
+                print(f"  {line}")
+            print(f"  SR: {srs[0].path}")
+            for o in scs:
+                print(f"  Grad-CAM image: {o.path}")
+        print(f"\n{NOT_FOR_DIAGNOSTIC_USE}. Results are in {pacs.folder}")
+        return 1 if failures else 0
+    finally:
+        node.stop()
+        pacs.stop()
+        if not getattr(args, "keep", False):
+            shutil.rmtree(workdir / "node", ignore_errors=True)
+
+
+def wait_for_results(pacs: MiniPACS, study_uid: str, since: float) -> list:
+    """Wait until the SR arrived and the secondary captures stopped coming (they are sent after the SR)."""
+    deadline = time.time() + RESULT_TIMEOUT_S
+    while time.time() < deadline:
+        objects = pacs.objects(study_uid)
+        if any(o.sop_class_uid.startswith(SR_STORAGE_PREFIX) for o in objects) and \
+                time.time() - max(o.received_at for o in objects) > 1.5:
+            return objects
+        time.sleep(0.2)
+    if not pacs.objects(study_uid):
+        raise UserError(f"no result for study {study_uid} within {RESULT_TIMEOUT_S} s")
+    return pacs.objects(study_uid)
