@@ -1,0 +1,105 @@
+"""`ihd-node model describe PRESET_OR_CHECKPOINT [--json]`: the architecture and its real parameter count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ihd_node.errors import UserError
+from ihd_node.model.checkpoint import read_checkpoint
+from ihd_node.model.network import IhdModel
+from ihd_node.model.presets import PRESETS, ModelConfig
+
+WINDOW_NAMES = ("brain", "subdural", "soft_tissue")
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Parameters per part, counted on an instantiated model (meta device: shapes only, no memory)."""
+    try:
+        with torch.device("meta"):
+            model = IhdModel(config)
+    except NotImplementedError:  # some torchvision builders compute at construction time
+        model = IhdModel(config)
+    parts = {"cnn": model.cnn, "selector": model.selector, "sequence": model.sequence}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    counts["selector_buffers"] = sum(b.numel() for b in model.selector.buffers())
+    return counts
+
+
+def _architecture(name: str, config: ModelConfig) -> dict[str, Any]:
+    counts = count_parameters(config)
+    return {
+        "name": name,
+        "backbone": config.backbone,
+        "feature_dim": config.feature_dim,
+        "selector": {"kind": config.selector, "in_dim": config.feature_dim, "out_dim": config.selected_dim},
+        "lstm": {"layers": config.lstm_layers, "hidden_size": config.lstm_hidden,
+                 "bidirectional": config.bidirectional, "dropout": config.dropout},
+        "concat_cnn_probabilities": config.concat_cnn_probs,
+        "classes": list(config.classes),
+        "input_size": config.input_size,
+        "windows": [{"name": n, "center": c, "width": w}
+                    for n, (c, w) in zip(WINDOW_NAMES, config.windows, strict=True)],
+        "normalization": {"mean": list(config.mean), "std": list(config.std)},
+        "parameters": counts["cnn"] + counts["selector"] + counts["sequence"],
+        "parameters_by_part": counts,
+    }
+
+
+def describe(preset_or_checkpoint: str) -> dict[str, Any]:
+    """Architecture of a preset, or of a checkpoint file ("default" = the shipped model) with its metadata."""
+    name = str(preset_or_checkpoint)
+    if name in PRESETS:
+        return {"source": "preset", **_architecture(name, PRESETS[name])}
+    if name != "default" and not Path(name).exists():
+        raise UserError(f"{name!r} is neither a model preset nor a checkpoint file; "
+                        f"presets: {', '.join(PRESETS)}")
+    path, data = read_checkpoint(name)
+    try:
+        config = ModelConfig.from_dict(data["config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"checkpoint {path}: invalid model config ({exc}); re-export it") from None
+    return {
+        "source": "checkpoint",
+        "path": str(path),
+        **_architecture(str(data["name"]), config),
+        "version": str(data["version"]),
+        "created": str(data.get("created", "")),
+        "weights_dtype": str(data.get("weights_dtype", "")),
+        "thresholds": dict(data["thresholds"]),
+        "provenance": dict(data["provenance"]),
+    }
+
+
+def _summary(d: dict[str, Any]) -> str:
+    sel, lstm, size = d["selector"], d["lstm"], d["input_size"]
+    concat = "yes" if d["concat_cnn_probabilities"] else "no"
+    lines = [
+        f"model       {d['name']} ({d['source']}{', ' + d['path'] if 'path' in d else ''})",
+        f"cnn         {d['backbone']}, {d['feature_dim']}-d pooled features, input {size}x{size}",
+        f"selection   {sel['kind']}: {sel['in_dim']} -> {sel['out_dim']}",
+        f"sequence    {'bidirectional ' if lstm['bidirectional'] else ''}LSTM {lstm['layers']} x "
+        f"{lstm['hidden_size']}, dropout {lstm['dropout']}, CNN probabilities concatenated: {concat}",
+        "windows     " + ", ".join(f"{w['name']} {w['center']:g}/{w['width']:g}" for w in d["windows"]),
+        f"normalise   mean {d['normalization']['mean']}, std {d['normalization']['std']}",
+        f"classes     {', '.join(d['classes'])}",
+        f"parameters  {d['parameters']:,} ({d['parameters'] / 1e6:.1f} M)",
+    ]
+    if d["source"] == "checkpoint":
+        created = d["created"] or "unknown"
+        lines.append(f"version     {d['version']} (created {created}, weights {d['weights_dtype']})")
+        lines.append("thresholds  " + ", ".join(f"{k} {v:.3f}" for k, v in d["thresholds"].items()))
+        for key, value in d["provenance"].items():
+            lines.append(f"provenance  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
+    return "\n".join(lines)
+
+
+def model_command(args: Any) -> int:
+    if getattr(args, "model_command", "describe") != "describe":
+        raise UserError(f"unknown model command {args.model_command!r}; use `ihd-node model describe`")
+    info = describe(args.name)
+    print(json.dumps(info, indent=2) if args.json else _summary(info))
+    return 0

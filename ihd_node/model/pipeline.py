@@ -1,0 +1,109 @@
+"""HU volume in, Prediction out: preprocessing, batched CNN, selector + BiLSTM, Grad-CAM on positives."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ihd_node.classes import CLASSES
+from ihd_node.errors import UserError
+from ihd_node.model.checkpoint import load_checkpoint
+from ihd_node.model.gradcam import grad_cam
+from ihd_node.model.network import IhdModel
+from ihd_node.model.preprocess import prepare_slices
+from ihd_node.prediction import ModelIdentity, Prediction
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not valid; use cpu, cuda or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available here; use cpu or auto")
+    return dev
+
+
+class Predictor:
+    """A loaded model ready to analyse series; safe to share between threads (calls are serialised)."""
+
+    def __init__(self, model: IhdModel, thresholds: dict[str, float], name: str, version: str, *,
+                 trained_on: str = "", device: str | torch.device = "cpu", batch_size: int = 16) -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        # channels_last convolutions are 20-40 % faster on the CPU (oneDNN) and suit GPUs too.
+        self.model.cnn.to(memory_format=torch.channels_last)
+        self.config = model.config
+        self.thresholds = {c: float(thresholds.get(c, 0.5)) for c in CLASSES}
+        self.name = name
+        self.version = version
+        self.trained_on = trained_on
+        self.batch_size = batch_size  # slices per CNN pass: bounds memory for long series
+        self._lock = threading.Lock()  # Grad-CAM toggles requires_grad and hooks on the shared model
+
+    @classmethod
+    def load(cls, checkpoint: str | Path = "default", device: str | torch.device = "auto") -> Predictor:
+        loaded = load_checkpoint(checkpoint)
+        return cls(loaded.model, loaded.thresholds, loaded.name, loaded.version,
+                   trained_on=str(loaded.provenance.get("data", "")), device=device)
+
+    @classmethod
+    def from_model(cls, model: IhdModel, thresholds: dict[str, float], name: str, version: str,
+                   device: str | torch.device = "cpu") -> Predictor:
+        return cls(model, thresholds, name, version, device=device)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(name=self.name, version=self.version, thresholds=dict(self.thresholds),
+                             trained_on=self.trained_on)
+
+    def predict(self, hu: np.ndarray, explain: bool = True, max_cam_slices: int | None = None) -> Prediction:
+        """Probabilities per slice and per series for HU slices (n, rows, cols) in spatial order.
+
+        Heatmaps are computed for the (slice, class) pairs judged positive (subtypes and `any`); with
+        max_cam_slices, only for that many slices, those with the highest positive probability first.
+        """
+        start = time.perf_counter()
+        hu = np.asarray(hu, dtype=np.float32)
+        if hu.ndim != 3 or hu.shape[0] == 0:
+            raise UserError(f"expected a stack of CT slices (n, rows, cols), got shape {hu.shape}")
+        if not np.isfinite(hu).all():
+            raise UserError("the HU array contains NaN or infinite values; the slices were not decoded right")
+        cfg = self.config
+        with self._lock:
+            x = prepare_slices(hu, cfg.input_size, self.device, windows=cfg.windows, mean=cfg.mean,
+                               std=cfg.std).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                parts = [self.model.forward_features(x[i:i + self.batch_size])
+                         for i in range(0, x.shape[0], self.batch_size)]
+                cnn_logits = torch.cat([p[0] for p in parts]).float()
+                features = torch.cat([p[1] for p in parts]).float()
+                logits = self.model.sequence_logits(features.unsqueeze(0), cnn_logits.unsqueeze(0))[0]
+                probs = torch.sigmoid(logits).cpu().numpy().astype(np.float64)
+            heatmaps: dict[tuple[int, str], np.ndarray] = {}
+            if explain:
+                pairs = self.cam_pairs(probs, max_cam_slices)
+                if pairs:
+                    maps = grad_cam(self.model.cnn, x, [(i, CLASSES.index(c)) for i, c in pairs],
+                                    out_size=(hu.shape[1], hu.shape[2]), batch_size=self.batch_size)
+                    heatmaps = {pair: maps[k].numpy() for k, pair in enumerate(pairs)}
+        return Prediction(slice_probabilities=probs, series_probabilities=probs.max(axis=0),
+                          model=self.identity, heatmaps=heatmaps, seconds=time.perf_counter() - start)
+
+    def cam_pairs(self, probs: np.ndarray, max_cam_slices: int | None = None) -> list[tuple[int, str]]:
+        """(slice, class) pairs at or above the class threshold, slices ordered by their highest positive
+        probability, cut to max_cam_slices slices (each keeps all its positive classes)."""
+        thr = np.asarray([self.thresholds[c] for c in CLASSES])
+        positive = probs >= thr  # (n, 6)
+        slices = np.flatnonzero(positive.any(axis=1))
+        strength = np.where(positive, probs, -1.0).max(axis=1)
+        slices = sorted(slices.tolist(), key=lambda i: -strength[i])
+        if max_cam_slices is not None:
+            slices = slices[:max(0, max_cam_slices)]
+        return [(int(i), c) for i in slices for k, c in enumerate(CLASSES) if positive[i, k]]
