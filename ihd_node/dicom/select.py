@@ -1,0 +1,129 @@
+"""Which complete series the model should see: head-CT eligibility rules on headers only.
+
+The node receives whatever the PACS routes to it (scouts, dose reports, coronal reformats, our own
+results); only axial CT stacks of a sensible size are analysed. Everything else is recorded as
+"ignored" with the reason, so an admin can see why a study got no result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from ihd_node.config import SeriesConfig
+from ihd_node.dicom.volume import CT_IMAGE_STORAGE
+
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+ENHANCED_CT_REASON = "Enhanced CT (multi-frame) is not analysed yet; send classic CT Image Storage"
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    ok: bool
+    reason: str
+
+
+def read_headers(paths: Iterable[str | Path]) -> list[Dataset]:
+    """Headers without pixel data; unreadable files raise (the caller records the reason)."""
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+def _normal(ds: Dataset) -> np.ndarray | None:
+    try:
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if iop.shape != (6,):
+        return None
+    n = np.cross(iop[:3], iop[3:])
+    norm = float(np.linalg.norm(n))
+    return n / norm if norm > 1e-6 else None
+
+
+def tilt_degrees(ds: Dataset) -> float | None:
+    """Angle between the slice normal and the patient's z (foot-head) axis; None when unknown."""
+    n = _normal(ds)
+    if n is None:
+        return None
+    return math.degrees(math.acos(min(1.0, abs(float(n[2])))))
+
+
+def _thickness(headers: Sequence[Dataset]) -> float | None:
+    """SliceThickness when the headers give it, else the median step between slice positions."""
+    values = [float(ds.SliceThickness) for ds in headers if ds.get("SliceThickness") not in (None, "")]
+    if values:
+        return float(np.median(values))
+    normal = _normal(headers[0])
+    if normal is None or len(headers) < 2:
+        return None
+    positions = sorted(float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for ds in headers)
+    steps = np.diff(positions)
+    return float(np.median(steps)) if len(steps) else None
+
+
+def check_series(headers: Sequence[Dataset], rules: SeriesConfig | None = None) -> Eligibility:
+    """Judge one series (one header per instance, duplicates already removed) by the `series` config rules."""
+    rules = rules or SeriesConfig()
+    if not headers:
+        return Eligibility(False, "the series has no instances")
+
+    modalities = {str(ds.get("Modality", "") or "missing") for ds in headers}
+    bad = sorted(m for m in modalities if m not in rules.modalities)
+    if bad:
+        return Eligibility(False, f"modality {', '.join(bad)} is not {'/'.join(rules.modalities)}")
+
+    classes = {str(ds.get("SOPClassUID", "")) for ds in headers}
+    if ENHANCED_CT_IMAGE_STORAGE in classes:
+        return Eligibility(False, ENHANCED_CT_REASON)
+    if classes != {CT_IMAGE_STORAGE}:
+        others = ", ".join(sorted(classes - {CT_IMAGE_STORAGE}))
+        return Eligibility(False, f"SOP class {others} is not CT Image Storage")
+
+    localizers = sum("LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])] for ds in headers)
+    if localizers == len(headers) and rules.exclude_localizers:
+        return Eligibility(False, "localizer (scout) series")
+    if localizers:  # load_volume cannot stack scouts with axial slices
+        return Eligibility(False, f"series mixes {localizers} localizer image(s) with other images")
+
+    if not rules.description_allowed(str(headers[0].get("SeriesDescription", "") or "")):
+        return Eligibility(False, "series description does not pass series.description_include/_exclude")
+
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+        missing = sum(keyword not in ds for ds in headers)
+        if missing:
+            return Eligibility(False, f"{missing} instance(s) lack {keyword}")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    if len(sizes) != 1:
+        return Eligibility(False, f"slices differ in size: {', '.join(f'{r}x{c}' for r, c in sorted(sizes))}")
+    rows, cols = next(iter(sizes))
+    if not (16 <= rows <= 4096 and 16 <= cols <= 4096):
+        return Eligibility(False, f"impossible image size {rows}x{cols}")
+
+    normals = [_normal(ds) for ds in headers]
+    if any(n is None for n in normals):
+        return Eligibility(False, "ImageOrientationPatient is malformed")
+    if any(abs(float(np.dot(n, normals[0]))) < 0.999 for n in normals[1:]):
+        return Eligibility(False, "slices differ in orientation; not one stack")
+    tilt = tilt_degrees(headers[0]) or 0.0
+    if rules.require_axial and tilt > rules.axial_tolerance_degrees:
+        return Eligibility(False, f"not axial: slice normal is {tilt:.0f} degrees from the head-foot axis "
+                                  f"(tolerance {rules.axial_tolerance_degrees:g})")
+
+    n = len(headers)
+    if n < rules.min_slices:
+        return Eligibility(False, f"too few slices: {n} < {rules.min_slices}")
+    if n > rules.max_slices:
+        return Eligibility(False, f"too many slices: {n} > {rules.max_slices}")
+    thick = _thickness(headers)
+    lo, hi = rules.min_slice_thickness_mm, rules.max_slice_thickness_mm
+    if thick is not None and lo is not None and thick < lo:
+        return Eligibility(False, f"slices too thin: {thick:g} mm < {lo:g}")
+    if thick is not None and hi is not None and thick > hi:
+        return Eligibility(False, f"slices too thick: {thick:g} mm > {hi:g}")
+    return Eligibility(True, f"axial CT, {n} slices of {rows}x{cols}, tilt {tilt:.0f} degrees")

@@ -1,0 +1,258 @@
+"""C-STORE SCU for results, driven by the durable outbox in the database; and `ihd-node echo`.
+
+Delivery policy (ihd_node.db.classify_status books each answer; documented in the README):
+- 0x0000, 0x0001 and warnings 0xBxxx (0xB000, 0xB006, 0xB007) = sent.
+- 0xA7xx (out of resources: the PACS disk is full) and no answer at all (connection refused, timeout,
+  A-ASSOCIATE-RJ, abort, connection lost) = retried with exponential backoff from
+  delivery.retry_initial_seconds to retry_max_seconds; failed with the last reason once the object has
+  waited give_up_after_seconds.
+- Any other status (0xA9xx, 0xCxxx, 0x0122, 0x0124, 0x0110, ...) = rejected at once: the PACS has looked
+  at the object and said no, and sending the same bytes again cannot change that, so there is no loop.
+- The destination accepts the association but not the object's SOP class: booked as 0x0122 (SOP class
+  not supported), i.e. rejected; a result file that cannot be read: booked as 0x0110, rejected.
+One association per destination carries all objects that are due for it.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pydicom import uid as tsuid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from ihd_node import nodelog
+from ihd_node.config import Config
+from ihd_node.db import Database, Delivery, utcnow
+
+NOT_SUPPORTED = 0x0122  # booked when the destination did not accept the SOP class's presentation context
+PROCESSING_FAILURE = 0x0110  # booked when a result file cannot be read
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """One object's answer: the DIMSE status (None = no answer) and what happened in words."""
+
+    path: Path
+    status: int | None
+    detail: str
+
+
+class NoAssociation(Exception):
+    """The destination could not be reached or refused the association (transient for the outbox)."""
+
+
+def describe(status: int | None) -> str:
+    if status is None:
+        return "no answer"
+    if status == 0x0000:
+        return "success"
+    kind = ("warning" if 0xB000 <= status <= 0xBFFF else "out of resources" if 0xA700 <= status <= 0xA7FF
+            else "failure")
+    return f"{kind} 0x{status:04X}"
+
+
+def tls_client_context(tls: object | None) -> ssl.SSLContext | None:
+    """Client SSL context from a destination's `tls` config section (None when TLS is off)."""
+    if tls is None or not getattr(tls, "enabled", False):
+        return None
+    ca = getattr(tls, "ca_certificates", None)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    cert, key = getattr(tls, "certificate", None), getattr(tls, "private_key", None)
+    if cert and key:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def _associate(calling_aet: str, dest: object, contexts: Sequence[tuple[str, list[str]]]):
+    ae = AE(ae_title=calling_aet)
+    timeout = float(getattr(dest, "timeout", 30.0))
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+    context = tls_client_context(getattr(dest, "tls", None))
+    tls_args = (context, str(dest.host)) if context else None
+    try:
+        assoc = ae.associate(str(dest.host), int(dest.port), ae_title=str(dest.ae_title), tls_args=tls_args)
+    except (OSError, ssl.SSLError) as exc:
+        raise NoAssociation(f"cannot connect: {exc}") from None
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        detail = f"result {rsp.result_str}, source {rsp.source_str}, reason {rsp.reason_str}" if rsp else ""
+        raise NoAssociation(f"association rejected ({detail})")
+    if assoc.is_aborted and assoc.acceptor.primitive is None:  # pynetdicom reports a failed connect this way
+        raise NoAssociation(f"cannot connect to {dest.host}:{dest.port} (refused, unreachable or timed out)")
+    if assoc.is_aborted:
+        raise NoAssociation("association aborted by the destination")
+    raise NoAssociation(f"no association with {dest.ae_title}@{dest.host}:{dest.port} (refused or timed out)")
+
+
+def send_files(calling_aet: str, dest: object, paths: Sequence[Path]) -> list[SendResult]:
+    """Send files over one association; raises NoAssociation when none could be made.
+
+    A connection lost half-way marks the unsent objects 'retry'.
+    """
+    datasets = []
+    results: list[SendResult] = []
+    for path in paths:
+        try:
+            datasets.append((Path(path), pydicom.dcmread(path)))
+        except Exception as exc:  # a damaged result file cannot become good by retrying
+            results.append(SendResult(Path(path), PROCESSING_FAILURE, f"result file unreadable: {exc}"))
+    contexts: dict[str, list[str]] = {}
+    for _, ds in datasets:
+        own = str(ds.file_meta.TransferSyntaxUID)
+        contexts.setdefault(str(ds.SOPClassUID), [own] + [
+            t for t in (tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian) if t != own])
+    if not datasets:
+        return results
+    assoc = _associate(calling_aet, dest, list(contexts.items()))
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        for path, ds in datasets:
+            if str(ds.SOPClassUID) not in accepted:
+                results.append(SendResult(
+                    path, NOT_SUPPORTED, f"destination refused SOP class {ds.SOPClassUID} (nothing sent)"))
+                continue
+            if not assoc.is_established:
+                results.append(SendResult(path, None, "association lost during the send"))
+                continue
+            try:
+                rsp = assoc.send_c_store(ds)
+            except Exception as exc:
+                results.append(SendResult(path, None, f"send failed: {type(exc).__name__}: {exc}"))
+                continue
+            status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+            results.append(SendResult(path, status, describe(status) if status is not None
+                                      else "no response (timeout or connection lost)"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def echo(calling_aet: str, dest: object) -> tuple[bool, str]:
+    """C-ECHO one destination: (ok, what happened)."""
+    started = time.perf_counter()
+    try:
+        assoc = _associate(calling_aet, dest, [(str(Verification), [tsuid.ImplicitVRLittleEndian])])
+    except NoAssociation as exc:
+        return False, str(exc)
+    try:
+        rsp = assoc.send_c_echo()
+        status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if status != 0x0000:
+        return False, "no C-ECHO response" if status is None else f"C-ECHO status 0x{status:04X}"
+    return True, f"{(time.perf_counter() - started) * 1000:.0f} ms"
+
+
+def echo_command(args) -> int:
+    """`ihd-node echo --config FILE`: C-ECHO each destination; non-zero exit when any failed."""
+    from ihd_node.config import load_config
+
+    config = load_config(args.config)
+    if not config.destinations:
+        print("no destinations configured (destinations: in the config); nothing to check")
+        return 0
+    failed = 0
+    for dest in config.destinations:
+        ok, detail = echo(config.node.ae_title, dest)
+        failed += not ok
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}{' (TLS)' if dest.tls.enabled else ''}"
+        print(f"{'OK' if ok else 'FAILED'} {dest.name} {where}: {detail}")
+    return 1 if failed else 0
+
+
+class Outbox:
+    """Delivers due outbox rows, one association per destination, and books every attempt."""
+
+    def __init__(self, db: Database, config: Config) -> None:
+        self.db = db
+        self.config = config
+
+    def run_once(self, now: datetime | None = None) -> int:
+        """One pass over the due rows; returns how many attempts were booked."""
+        due = self.db.due_deliveries(now=now)
+        by_dest: dict[str, list[Delivery]] = {}
+        for row in due:
+            by_dest.setdefault(row.destination, []).append(row)
+        booked = 0
+        for name, rows in by_dest.items():
+            booked += self._deliver(name, rows)
+        return booked
+
+    def _deliver(self, name: str, rows: list[Delivery]) -> int:
+        try:
+            dest = self.config.destination(name)
+        except KeyError:
+            for row in rows:  # an admin may put it back; until then it is retried, then fails
+                self._book(row, None, f"destination {name!r} is no longer in the config", 0.0)
+            return len(rows)
+        started = time.perf_counter()
+        try:
+            results = send_files(self.config.node.ae_title, dest, [Path(r.path) for r in rows])
+        except NoAssociation as exc:
+            seconds = time.perf_counter() - started
+            for row in rows:
+                self._book(row, None, str(exc), seconds)
+            return len(rows)
+        seconds = (time.perf_counter() - started) / max(len(rows), 1)
+        by_path = {str(r.path): r for r in results}
+        for row in rows:
+            result = by_path.get(str(Path(row.path)))
+            if result is None:
+                self._book(row, None, "not attempted", seconds)
+            else:
+                self._book(row, result.status, None if result.status == 0 else result.detail, seconds)
+        return len(rows)
+
+    def _book(self, row: Delivery, status: int | None, error: str | None, seconds: float) -> None:
+        res = self.db.record_attempt(row.id, status=status, error=error, policy=self.config.delivery,
+                                     seconds=seconds)
+        fields = {"destination": row.destination, "sop": row.sop_instance_uid, "status": describe(status),
+                  "attempt": row.attempts + 1, "outcome": res.delivery_status}
+        if res.delivery_status == "sent":
+            nodelog.info("delivery.sent", **fields)
+        elif res.delivery_status == "pending":
+            retry_in = (res.next_attempt_at - utcnow()).total_seconds() if res.next_attempt_at else None
+            nodelog.warning("delivery.retry", **fields, error=error, retry_in_s=retry_in)
+        else:
+            nodelog.warning(f"delivery.{res.delivery_status}", **fields, error=error)
+        if res.series_state:
+            level = "INFO" if res.series_state == "delivered" else "WARNING"
+            series = self.db.get_series(res.series_instance_uid)
+            self.db.log_event("delivery", f"series {res.series_state}"
+                              + (f": {series.reason}" if series and series.reason else ""), level=level,
+                              series_instance_uid=res.series_instance_uid,
+                              study_instance_uid=series.study_instance_uid if series else None)
+
+    def seconds_to_next(self, cap: float = 1.0) -> float:
+        when = self.db.next_delivery_time()
+        if when is None:
+            return cap
+        return max(0.0, min(cap, (when - utcnow()).total_seconds()))
+
+    def run(self, stop: threading.Event, wake: threading.Event) -> None:
+        """The delivery thread: send what is due, sleep until the next row is due or `wake` is set."""
+        while not stop.is_set():
+            wake.clear()  # before the pass: a wake-up during it is not lost
+            try:
+                self.run_once()
+                wait = self.seconds_to_next()
+            except Exception as exc:
+                nodelog.error("delivery.loop_failed", error=f"{type(exc).__name__}: {exc}")
+                wait = 1.0
+            wake.wait(wait)

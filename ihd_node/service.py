@@ -1,0 +1,402 @@
+"""`ihd-node serve`: the node's threads, start-up recovery and clean shutdown.
+
+Threads (one job each, all state in the database so a restart resumes):
+- pynetdicom's SCP threads: receive into the spool (ihd_node.dicom.receiver);
+- assembler: completes series, judges them (ihd_node.dicom.select), queues the eligible ones, and
+  removes expired spool folders;
+- ONE inference worker: owns the model (torch is imported there only), analyses queued series,
+  writes the result files and records analysis + outbox rows in one transaction;
+- delivery: sends due outbox rows (ihd_node.dicom.sender.Outbox).
+Result files lie under <storage>/results/<SeriesUID>/r<revision>/{SR,SC}_<SOPInstanceUID>.dcm;
+revision 0 is the first analysis of a series, each re-analysis (late instances) adds one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import ssl
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from sqlalchemy import func, select
+
+from ihd_node import nodelog
+from ihd_node.config import Config, load_config, summary
+from ihd_node.db import Database, Delivery, ResultObject, open_database, utcnow
+from ihd_node.dicom.assembler import Assembler
+from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.dicom.select import check_series, read_headers
+from ihd_node.dicom.sender import Outbox
+from ihd_node.errors import UserError
+from ihd_node.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
+
+RETENTION_EVERY_SECONDS = 60.0
+STOP_JOIN_SECONDS = 60.0  # lets a running analysis finish, within systemd's default TimeoutStopSec (90 s)
+
+
+def server_ssl_context(tls: Any) -> ssl.SSLContext | None:
+    """Inbound DICOM TLS from node.tls (None when off)."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates:
+        context.load_verify_locations(str(tls.ca_certificates))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else (
+        ssl.CERT_OPTIONAL if tls.ca_certificates else ssl.CERT_NONE)
+    return context
+
+
+class Node:
+    """The whole node in one process. `start()` returns once it listens; `stop()` shuts it down cleanly.
+
+    `predictor` replaces the configured model (tests, benchmarks); anything with
+    `predict(hu, explain, max_cam_slices) -> Prediction` and `identity`.
+    """
+
+    def __init__(self, config: Config, *, predictor: Any | None = None) -> None:
+        self.config = config
+        self.predictor = predictor
+        self.db: Database | None = None
+        self.spool: Spool | None = None
+        self.receiver: Receiver | None = None
+        self.results_dir = Path(config.storage.results_dir)
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._queued: set[str] = set()
+        self._queue_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake_delivery = threading.Event()
+        self._model_ready = threading.Event()
+        self._model_error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        self._last_retention = 0.0
+        self._stopping = False
+
+    # -- life cycle ----------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self.receiver.port if self.receiver else self.config.node.port
+
+    def start(self) -> Node:
+        cfg = self.config
+        for line in summary(cfg):
+            nodelog.info("config", line=line)
+        storage = Path(cfg.storage.dir)
+        storage.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.results_dir, 0o700)
+        self.spool = Spool(cfg.storage.spool_dir)
+        self.db = open_database(cfg.database_url)
+        self.recover()
+
+        self._spawn("inference", self._worker)
+        self._model_ready.wait()
+        if self._model_error is not None:
+            self.stop()
+            err = self._model_error
+            raise err if isinstance(err, UserError) else UserError(
+                f"the model could not be loaded ({type(err).__name__}: {err}); check model.checkpoint "
+                "and model.device in the config")
+
+        assembler = Assembler(self.db, cfg.series, self.judge)
+        self._spawn("assembler", lambda: assembler.run(self._stop, also=self._retention))
+        outbox = Outbox(self.db, cfg)
+        self._spawn("delivery", lambda: outbox.run(self._stop, self._wake_delivery))
+
+        admission = Admission(ae_title=cfg.node.ae_title, allowed_calling_aets=cfg.node.allowed_calling_aets,
+                              allowed_networks=cfg.node.allowed_addresses, refuse_reason=self._busy)
+        self.receiver = Receiver(
+            self.spool, DatabaseRecorder(self.db), admission, host=cfg.node.host, port=cfg.node.port,
+            ssl_context=server_ssl_context(cfg.node.tls), min_free_bytes=cfg.storage.min_free_mb << 20,
+            max_associations=cfg.node.max_associations, acse_timeout=cfg.node.acse_timeout,
+            dimse_timeout=cfg.node.dimse_timeout, network_timeout=cfg.node.network_timeout,
+            max_pdu=cfg.node.max_pdu)
+        try:
+            self.receiver.start()
+        except OSError as exc:
+            self.stop()
+            raise UserError(f"cannot listen on {cfg.node.host}:{cfg.node.port} ({exc}); another program uses "
+                            "the port or the address is not on this machine: change node.port / node.host"
+                            ) from None
+        self.db.log_event("node", f"started ae={cfg.node.ae_title} port={self.receiver.port} "
+                          f"destinations={len(cfg.destinations)}")
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, let the current analysis and send finish, close the database."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.receiver is not None:
+            self.receiver.stop()  # new associations are refused (_busy), open ones aborted: senders resend
+        self._stop.set()
+        self._wake_delivery.set()
+        deadline = time.monotonic() + STOP_JOIN_SECONDS
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                nodelog.warning("stop.thread_still_running", thread=thread.name,
+                                note="its series is resumed at the next start")
+        if self.db is not None:
+            try:
+                self.db.log_event("node", "stopped")
+            finally:
+                self.db.close()
+
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=f"ihd-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _busy(self) -> str | None:
+        if self._stopping:
+            return "the node is shutting down"
+        waiting = self._queue.qsize()
+        if waiting >= self.config.analysis.max_queue:
+            return f"{waiting} series wait for analysis (analysis.max_queue {self.config.analysis.max_queue})"
+        return None
+
+    # -- recovery ------------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Resume what the database (and the spool) say was unfinished when the last run ended."""
+        assert self.db is not None and self.spool is not None
+        removed = self.spool.remove_temp_files()
+        reindexed = self._reindex_spool()
+        released = self.db.release_all_associations()
+        requeued = 0
+        for series in self.db.unfinished_series():
+            if series.state == "analyzing":  # the worker died with it: analyse again (same result UIDs)
+                self.db.set_series_state(series.series_instance_uid, "complete", expect="analyzing",
+                                         completion_rule=series.completion_rule)
+            if series.state in ("complete", "analyzing"):
+                self.judge(series.series_instance_uid)
+                requeued += 1
+        with self.db.read_session() as s:
+            pending = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.status == "pending"))
+        if removed or reindexed or released or requeued or pending:
+            self.db.log_event("recovery", f"temp_files_removed={removed} reindexed={reindexed} "
+                              f"series_resumed={released + requeued} deliveries_pending={pending}")
+
+    def _reindex_spool(self) -> int:
+        """Spool files whose database row is missing (a crash between the rename and the commit)."""
+        assert self.db is not None and self.spool is not None
+        by_series: dict[str, list[Path]] = {}
+        for path in self.spool.files():
+            name = self.spool.parse(path)
+            if name is not None:
+                by_series.setdefault(name.series_uid, []).append(path)
+        count = 0
+        for series_uid, paths in by_series.items():
+            # Only UIDs the database lacks: a second file of a known UID is older content kept beside it, or
+            # newer content whose sender got no answer and will resend it.
+            known = {i.sop_instance_uid for i in self.db.series_instances(series_uid)}
+            missing = [p for p in paths if self.spool.parse(p).sop_uid not in known]  # type: ignore[union-attr]
+            # Oldest first, so that of two files with one SOP Instance UID the newest ends up recorded.
+            for path in sorted(missing, key=lambda p: p.stat().st_mtime):
+                try:
+                    self._reindex_file(path)
+                    count += 1
+                except Exception as exc:
+                    nodelog.warning("recovery.unreadable_spool_file", path=str(path),
+                                    error=f"{type(exc).__name__}: {exc}")
+        return count
+
+    def _reindex_file(self, path: Path) -> None:
+        assert self.db is not None and self.spool is not None
+        name = self.spool.parse(path)
+        assert name is not None
+        data = dataset_bytes(path.read_bytes())
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        self.db.record_instance(
+            study_instance_uid=name.study_uid, series_instance_uid=name.series_uid,
+            sop_instance_uid=name.sop_uid, sop_class_uid=str(ds.get("SOPClassUID", "")), path=str(path),
+            size=len(data), sha256=sha256_hex(data),
+            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
+            accession_number=str(ds.get("AccessionNumber", "") or "") or None,
+            modality=str(ds.get("Modality", "") or "") or None,
+            series_description=str(ds.get("SeriesDescription", "") or "") or None,
+            received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC))
+
+    # -- selection and queue -------------------------------------------------------------------------
+    def judge(self, series_uid: str) -> None:
+        """A complete series: ignored (with the reason) or queued for the model."""
+        assert self.db is not None
+        series = self.db.get_series(series_uid)
+        study_uid = series.study_instance_uid if series else None
+        paths = [i.path for i in self.db.series_instances(series_uid)]
+        try:
+            headers = read_headers(paths)
+        except Exception as exc:
+            reason = f"an instance file cannot be read ({type(exc).__name__}: {exc})"
+            if series is not None and series.spool_removed is not None:
+                reason = ("late instance after the series' files were removed (retention.spool_keep_hours); "
+                          "the series cannot be analysed again")
+            if self.db.set_series_state(series_uid, "failed", reason, expect="complete"):
+                self.db.log_event("error", reason, level="ERROR", series_instance_uid=series_uid,
+                                  study_instance_uid=study_uid)
+            return
+        verdict = check_series(headers, self.config.series)
+        if not verdict.ok:
+            if self.db.set_series_state(series_uid, "ignored", verdict.reason, expect="complete"):
+                self.db.log_event("ignored", verdict.reason, series_instance_uid=series_uid,
+                                  study_instance_uid=study_uid)
+            return
+        with self._queue_lock:
+            if series_uid in self._queued:
+                return
+            self._queued.add(series_uid)
+        self._queue.put(series_uid)
+        nodelog.info("analysis.queued", series=series_uid, waiting=self._queue.qsize(), why=verdict.reason)
+
+    # -- inference worker ----------------------------------------------------------------------------
+    def _load_predictor(self) -> Any:
+        if self.predictor is not None:
+            return self.predictor
+        from ihd_node.model.pipeline import Predictor  # torch only in this thread's path
+
+        predictor = Predictor.load(self.config.model.checkpoint_path, device=self.config.model.device)
+        predictor.thresholds.update(self.config.analysis.thresholds)  # admin overrides per class
+        ident = predictor.identity
+        nodelog.info("model.loaded", name=ident.name, version=ident.version, device=str(predictor.device))
+        return predictor
+
+    def _worker(self) -> None:
+        try:
+            predictor = self._load_predictor()
+        except BaseException as exc:
+            self._model_error = exc
+            self._model_ready.set()
+            return
+        self._model_ready.set()
+        while not self._stop.is_set():
+            try:
+                uid = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            with self._queue_lock:
+                self._queued.discard(uid)
+            try:
+                self._analyse(uid, predictor)
+            except Exception as exc:
+                assert self.db is not None
+                reason = f"analysis failed: {type(exc).__name__}: {exc}"
+                if self.db.set_series_state(uid, "failed", reason, expect="analyzing"):
+                    self.db.log_event("analysis", reason, level="ERROR", series_instance_uid=uid)
+
+    def _analyse(self, uid: str, predictor: Any) -> None:
+        from ihd_node.analysis import analyze_series
+        from ihd_node.dicom.volume import VolumeError
+        from ihd_node.report import build_results
+
+        assert self.db is not None
+        cfg = self.config
+        started = utcnow()
+        if not self.db.set_series_state(uid, "analyzing", expect="complete", analysis_started=started):
+            return  # reopened by a late instance, or already handled
+        series = self.db.get_series(uid)
+        assert series is not None
+        paths = [i.path for i in self.db.series_instances(uid)]
+        max_sc = cfg.analysis.max_secondary_captures if cfg.analysis.gradcam else 0
+        try:
+            result = analyze_series(paths, predictor, explain=cfg.analysis.gradcam and max_sc > 0,
+                                    max_cam_slices=max_sc or None, thin_slice_mm=cfg.series.thin_slice_mm,
+                                    slab_mm=cfg.series.slab_mm)
+        except VolumeError as exc:
+            if self.db.set_series_state(uid, "failed", str(exc), expect="analyzing"):
+                self.db.log_event("analysis", f"cannot analyse: {exc}", level="WARNING",
+                                  series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+            return
+
+        revision = series.revision  # analyses done before this one; the report's revision counter
+        t0 = time.perf_counter()
+        objects = build_results(result.volume, result.prediction, max_secondary_captures=max_sc,
+                                slice_groups=result.slice_groups, revision=revision,
+                                predecessor=self._previous_sr(uid, revision)).all()
+        folder = self.results_dir / uid / f"r{revision}"
+        rows = []
+        for ds in objects:
+            kind = "SR" if ds.Modality == "SR" else "SC"
+            path = folder / f"{kind}_{ds.SOPInstanceUID}.dcm"
+            write_dataset_atomic(path, ds)
+            rows.append(ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path))
+        report_seconds = time.perf_counter() - t0
+
+        prediction = result.prediction
+        analysis = self.db.finish_analysis(
+            uid, model_name=prediction.model.name, model_version=prediction.model.version,
+            probabilities=prediction.probabilities(), positive_classes=prediction.positive_classes(),
+            thresholds=dict(prediction.model.thresholds), n_slices=result.volume.n_slices,
+            n_model_slices=len(result.slice_groups), objects=rows,
+            destinations=[d.name for d in cfg.destinations],
+            sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
+            n_secondary_captures=len(objects) - 1, started=started,
+            timings={"load": result.timings.get("load_seconds", 0.0),
+                     "inference": result.timings.get("predict_seconds", 0.0), "report": report_seconds})
+        self._wake_delivery.set()
+        after = self.db.get_series(uid)
+        if after is not None and after.last_received > started:
+            # A late instance arrived while the model ran: these results go out, and the series runs again.
+            self.db.set_series_state(uid, "received", "late instance during analysis",
+                                     expect=("delivering", "analyzed", "delivered", "failed"))
+        positives = ",".join(prediction.positive_classes()) or "none"
+        self.db.log_event("analysis", f"revision={analysis.revision} positive={positives} "
+                          f"p_any={prediction.probabilities()['any']:.3f} slices={result.volume.n_slices} "
+                          f"model_slices={len(result.slice_groups)} objects={len(rows)} "
+                          f"seconds={(utcnow() - started).total_seconds():.2f}",
+                          series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+
+    def _previous_sr(self, uid: str, revision: int) -> pydicom.Dataset | None:
+        """The SR of the previous revision, for the revised SR's PredecessorDocumentsSequence."""
+        if revision == 0:
+            return None
+        found = sorted((self.results_dir / uid / f"r{revision - 1}").glob("SR_*.dcm"))
+        if not found:
+            nodelog.warning("analysis.no_predecessor", series=uid, revision=revision)
+            return None
+        return pydicom.dcmread(found[0])
+
+    # -- retention -----------------------------------------------------------------------------------
+    def _retention(self) -> None:
+        """Remove received files (and Grad-CAM images; SRs stay for revisions) of finished series."""
+        now = time.monotonic()
+        if now - self._last_retention < RETENTION_EVERY_SECONDS:
+            return
+        self._last_retention = now
+        assert self.db is not None and self.spool is not None
+        for series in self.db.spool_expired(utcnow(), self.config.retention.spool_keep_hours):
+            uid = series.series_instance_uid
+            self.spool.remove_series(series.study_instance_uid, uid)
+            for sc in (self.results_dir / uid).glob("r*/SC_*.dcm"):
+                sc.unlink(missing_ok=True)
+            self.db.mark_spool_removed(uid)
+            nodelog.info("retention.spool_removed", series=uid, state=series.state)
+
+
+def serve_command(args: Any) -> int:
+    """`ihd-node serve --config FILE`: run until SIGTERM or SIGINT."""
+    config = load_config(args.config)
+    # Under systemd (JOURNAL_STREAM set) journald adds the time stamps; elsewhere the log line carries them.
+    nodelog.setup(level=logging.getLevelNamesMapping()[config.logging.level],
+                  timestamps=not os.environ.get("JOURNAL_STREAM"))
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        nodelog.info("signal", name=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node = Node(config).start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop()
+    return 0
