@@ -241,9 +241,9 @@ class SeriesConfig(_Section):
     modalities: list[str] = _f(lambda: ["CT"], "Modalities analyzed.", ["CT"])
     require_axial: Bool = _f(True, "Only axial series (slice normal near the head-foot axis).")
     axial_tolerance_degrees: Num = _f(
-        20.0,
-        "Largest angle between slice normal and head-foot axis still called axial (gantry tilt).",
-        20,
+        30.0,
+        "Largest angle between slice normal and head-foot axis still called axial (gantry tilt reaches ~30°).",
+        30,
         ge=0,
         le=90,
     )

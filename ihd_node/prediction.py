@@ -32,7 +32,8 @@ class Prediction:
     slice_probabilities: np.ndarray  # (n_slices, 6), order of CLASSES
     series_probabilities: np.ndarray  # (6,), max over slices
     model: ModelIdentity
-    heatmaps: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (slice, class) -> (rows, cols) in [0, 1]
+    # (slice, class) -> heatmap (rows, cols) in [0, 1], only for pairs judged positive
+    heatmaps: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
 
     def threshold(self, cls: str) -> float:

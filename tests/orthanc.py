@@ -52,7 +52,8 @@ class Orthanc:
                 return self
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"Orthanc exited: {(self.workdir / 'orthanc.log').read_text()[-2000:]}")
+                    log_tail = (self.workdir / "orthanc.log").read_text()[-2000:]
+                    raise RuntimeError(f"Orthanc exited: {log_tail}") from None
                 time.sleep(0.2)
         raise RuntimeError("Orthanc did not answer on HTTP within 30 s")
 

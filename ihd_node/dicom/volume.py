@@ -78,7 +78,8 @@ def read_header(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
-        raise VolumeError(f"{path}: not a DICOM file (no DICM preamble); only DICOM CT slices can be analysed") from None
+        raise VolumeError(
+            f"{path}: not a DICOM file (no DICM preamble); only DICOM CT slices can be analysed") from None
     except Exception as exc:  # pydicom raises many types for damaged files
         raise VolumeError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc}); resend the file") from None
 
@@ -217,7 +218,9 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
     )
 
 
-def combine_thin_slices(hu: np.ndarray, slice_spacing: float, target_mm: float = 5.0) -> tuple[np.ndarray, list[list[int]]]:
+def combine_thin_slices(
+    hu: np.ndarray, slice_spacing: float, target_mm: float = 5.0
+) -> tuple[np.ndarray, list[list[int]]]:
     """Average runs of thin slices into ~target_mm slabs, as the model was trained on ~5 mm slices.
 
     Returns the slab array and, per slab, the indices of the original slices it covers, so results
