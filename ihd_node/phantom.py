@@ -1013,7 +1013,7 @@ def _in_ventricle(an: _Anatomy, p: np.ndarray, margin: float) -> bool:
 def _place_blob(rng: np.random.Generator, an: _Anatomy, geo: _Geometry) -> _Blob | None:
     semi = rng.uniform(6.0, 20.0) * rng.uniform(0.7, 1.0, size=3)  # 10-40 mm across
     rim = _u(rng, 2.0, 6.0) if rng.uniform() < 0.6 else 0.0
-    lobes = _Waves.draw(rng, 4, (1.5, 3.0), _u(rng, 0.04, 0.09))
+    lobes = _Waves.draw(rng, 4, (1.5, 3.0), _u(rng, 0.05, 0.12))
     reach = float(semi.max()) * (1.0 + float(lobes.amp.sum())) + rim
     ks = _slices_between(geo, an.f_post + 8.0, an.c_up - 15.0)
     site = rng.uniform()
@@ -1246,24 +1246,28 @@ def _uid(*parts: object) -> str:
 
 def _series_attrs(seed: int, content: object, rng: np.random.Generator, var: dict[str, Any],
                   geo: _Geometry) -> dict[str, Any]:
-    """Attributes shared by every slice (Patient, Study, Series, Equipment, Frame of Reference, Plane)."""
-    date = dt.date(2020, 1, 1) + dt.timedelta(days=int(seed) % 1800)
-    seconds = int(rng.integers(7 * 3600, 22 * 3600))
+    """Attributes shared by every slice (Patient, Study, Series, Equipment, Frame of Reference, Plane).
+    Patient and study attributes derive from the patient id and study UID, so series made for one study
+    agree on them."""
+    study = str(var.get("study_instance_uid") or _uid("study", seed))
+    patient = str(var.get("patient_id") or seed)
+    study_key = uuid.uuid5(uuid.NAMESPACE_OID, study).int
+    date = dt.date(2020, 1, 1) + dt.timedelta(days=study_key % 1800)
+    seconds = 7 * 3600 + study_key // 1800 % (15 * 3600)
     time = f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
-    study = var.get("study_instance_uid") or _uid("study", seed)
     return {
         "SpecificCharacterSet": "ISO_IR 100",
         "SOPClassUID": CTImageStorage,
-        "PatientName": f"PHANTOM^{seed}",
-        "PatientID": str(var.get("patient_id") or f"PHANTOM-{seed}"),
+        "PatientName": f"PHANTOM^{patient}",
+        "PatientID": patient if var.get("patient_id") else f"PHANTOM-{seed}",
         "PatientBirthDate": "",
-        "PatientSex": str(rng.choice(["M", "F", "O"])),
+        "PatientSex": "MFO"[uuid.uuid5(uuid.NAMESPACE_OID, patient).int % 3],
         "StudyInstanceUID": study,
         "StudyDate": date.strftime("%Y%m%d"),
         "StudyTime": time,
         "ReferringPhysicianName": "",
-        "StudyID": f"PH{seed % 10**12}",
-        "AccessionNumber": f"PHA{seed % 10**12}",
+        "StudyID": f"PH{study_key % 10**8}",
+        "AccessionNumber": f"PHA{study_key % 10**8}",
         "StudyDescription": "PHANTOM HEAD CT",
         "Modality": "CT",
         "SeriesInstanceUID": _uid("series", content, study),
@@ -1452,6 +1456,9 @@ def write_series(series: PhantomSeries, outdir: str | Path) -> list[Path]:
         path = out / f"IM{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
+    # A longer series written here before would leave its extra files mixed in with this one.
+    for stale in set(out.glob("IM?????.dcm")) - set(paths):
+        stale.unlink()
     return paths
 
 

@@ -178,9 +178,12 @@ def test_study_sharing_and_write_study(tmp_path: Path) -> None:
     assert a.series_instance_uid != b.series_instance_uid
     paths = phantom.write_study([a, b], tmp_path)
     assert len(paths) == 6
-    ds = pydicom.dcmread(paths[-1])
-    assert ds.PatientID == "P1" and ds.SeriesNumber == 3 and ds.PatientName == "PHANTOM^61"
-    assert ds.Manufacturer == "ihd-node phantom" and ds.BodyPartExamined == "HEAD"
+    first, last = pydicom.dcmread(paths[0]), pydicom.dcmread(paths[-1])
+    assert last.PatientID == "P1" and last.SeriesNumber == 3 and last.PatientName == "PHANTOM^P1"
+    for keyword in ("PatientName", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "StudyID"):
+        assert first.get(keyword) == last.get(keyword), keyword
+    assert last.Manufacturer == "ihd-node phantom" and last.BodyPartExamined == "HEAD"
+    assert str(phantom.make_series(62, subtypes=[], n_slices=1, size=64).datasets[0].PatientName) == "PHANTOM^62"
 
 
 def test_rsna_layout(tmp_path: Path) -> None:

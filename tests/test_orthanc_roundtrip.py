@@ -1,0 +1,92 @@
+"""The real round trip with Orthanc as the PACS, and the shipped default model.
+
+Orthanc holds a phantom study, sends it to the node with POST /modalities/ai/store, and the SR and the
+Grad-CAM secondary captures must appear in the same study in Orthanc, pass dciodvfy, and the SR must name
+the phantom's hemorrhage subtype as present.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from orthanc import ORTHANC_BINARY, Orthanc
+
+from ihd_node.config import default_config
+from ihd_node.dicom.mini_pacs import free_port
+from ihd_node.dicom.volume import CT_IMAGE_STORAGE
+from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
+from ihd_node.phantom import make_series, write_series
+from ihd_node.report.sr import FINDING_CODES
+from ihd_node.service import Node
+
+pytestmark = [
+    pytest.mark.skipif(ORTHANC_BINARY is None,
+                       reason="Orthanc is not installed (Debian package orthanc; .ci/run installs it)"),
+    pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="the shipped default model is missing"),
+]
+SUBTYPE = "subdural"
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_orthanc_sends_a_study_and_gets_sr_and_secondary_captures_back(tmp_path: Path) -> None:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", ai_ae_title="IHD_AI", ai_port=node_port).start()
+    node = None
+    try:
+        config = default_config(
+            tmp_path / "node", node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": node_port},
+            series={"quiet_seconds": 1},
+            destinations=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                           "port": orthanc.dicom_port}])
+        node = Node(config).start()
+
+        series = make_series(101, subtypes=[SUBTYPE], n_slices=24)
+        files = write_series(series, tmp_path / "study")
+        study_id = {orthanc.upload(f)["ParentStudy"] for f in files}.pop()
+        assert len(orthanc.get(f"/studies/{study_id}/instances")) == len(files)
+
+        orthanc.post("/modalities/ai/store", {"Resources": [study_id], "Synchronous": True})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = node.db.get_series(series.series_instance_uid)
+            if state is not None and state.state in ("delivered", "failed", "ignored"):
+                break
+            time.sleep(0.5)
+        assert state is not None and state.state == "delivered", state
+        instances = orthanc.get(f"/studies/{study_id}/instances")
+        results = [i for i in instances  # our outputs: SR and Secondary Capture objects, not the CT slices
+                   if orthanc.get(f"/instances/{i['ID']}/tags?simplify")["SOPClassUID"] != CT_IMAGE_STORAGE]
+        assert len(instances) > len(files) and len(results) == len(instances) - len(files)
+
+        sr_path = None
+        for item in results:
+            path = tmp_path / "from-orthanc" / f"{item['ID']}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(orthanc.download(item["ID"]))
+            ds = pydicom.dcmread(path)
+            assert ds.StudyInstanceUID == series.study_instance_uid  # filed into the same study
+            assert dciodvfy_errors(path) == [] if shutil.which("dciodvfy") else True
+            if ds.Modality == "SR":
+                sr_path = path
+            else:
+                assert ds.BurnedInAnnotation == "YES"
+                assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert sr_path is not None
+        if shutil.which("dsrdump"):
+            text = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True).stdout
+            meaning = FINDING_CODES[SUBTYPE].meaning
+            present = [line for line in text.splitlines() if meaning in line and "Present" in line]
+            assert present, f"the SR does not name {meaning} as present:\n{text}"
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
