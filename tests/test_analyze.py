@@ -1,0 +1,79 @@
+"""`ihd-node analyze` as a user runs it: a folder with shuffled slices and a stray file, JSON and table output,
+the SR and secondary captures with --out, and clear errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+
+from ihd_node.classes import CLASSES
+from ihd_node.model.checkpoint import save_checkpoint
+from ihd_node.model.network import IhdModel
+from ihd_node.model.presets import tiny_config
+from ihd_node.phantom import make_series, write_series
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ihd_node", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return save_checkpoint(path, IhdModel(tiny_config()), thresholds=dict.fromkeys(CLASSES, 0.3), name="tiny",
+                           version="0", provenance={})
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("study")
+    series = make_series(21, subtypes=["subdural"], n_slices=10, size=128)
+    write_series(series, folder / "a")
+    (folder / "notes.txt").write_text("not an image")
+    return folder, series
+
+
+def test_json_lists_series_slices_in_spatial_order_and_the_stray_file(tiny: Path, study) -> None:
+    folder, series = study
+    proc = run("analyze", str(folder), "--json", "--model", str(tiny))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["series"]) == 1
+    entry = out["series"][0]
+    assert entry["series_instance_uid"] == series.series_instance_uid
+    assert entry["study_instance_uid"] == series.study_instance_uid
+    assert entry["n_slices"] == 10 and set(entry["probabilities"]) == set(CLASSES)
+    assert [s["sop_instance_uid"] for s in entry["slices"]] == series.sop_uids_sorted  # files were shuffled
+    assert entry["positive"] == [c for c in CLASSES if entry["probabilities"][c] >= 0.3]
+    assert entry["probabilities"]["any"] == pytest.approx(max(s["probabilities"]["any"] for s in entry["slices"]))
+    assert entry["seconds"] > 0
+    assert [r["path"] for r in out["rejected"]] == [str(folder / "notes.txt")]
+    assert "not a DICOM file" in out["rejected"][0]["reason"]
+
+
+def test_out_writes_an_sr_and_captures_into_the_source_study(tiny: Path, study, tmp_path: Path) -> None:
+    folder, series = study
+    proc = run("analyze", str(folder), "--model", str(tiny), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "subdural" in proc.stdout and "NOT FOR DIAGNOSTIC USE" in proc.stdout
+    written = [pydicom.dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")]
+    modalities = sorted(ds.Modality for ds in written)
+    assert modalities.count("SR") == 1 and len(modalities) > 1
+    assert {ds.StudyInstanceUID for ds in written} == {series.study_instance_uid}
+
+
+def test_bad_paths_and_models_are_clear_errors(tiny: Path, tmp_path: Path) -> None:
+    proc = run("analyze", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "x.dcm").write_bytes(b"garbage")
+    series = make_series(22, subtypes=[], n_slices=4, size=64)
+    write_series(series, tmp_path / "s")
+    proc = run("analyze", str(tmp_path / "s"), "--model", str(tmp_path / "x.dcm"))
+    assert proc.returncode == 2 and "x.dcm" in proc.stderr and "Traceback" not in proc.stderr
