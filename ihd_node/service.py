@@ -27,7 +27,7 @@ from typing import Any
 import pydicom
 from sqlalchemy import func, select
 
-from ihd_node import nodelog
+from ihd_node import faults, nodelog
 from ihd_node.config import Config, load_config, summary
 from ihd_node.db import Database, Delivery, ResultObject, open_database, utcnow
 from ihd_node.dicom.assembler import Assembler
@@ -300,6 +300,7 @@ class Node:
         started = utcnow()
         if not self.db.set_series_state(uid, "analyzing", expect="complete", analysis_started=started):
             return  # reopened by a late instance, or already handled
+        faults.point("analysis.started")
         series = self.db.get_series(uid)
         assert series is not None
         paths = [i.path for i in self.db.series_instances(uid)]
@@ -327,6 +328,7 @@ class Node:
             write_dataset_atomic(path, ds)
             rows.append(ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path))
         report_seconds = time.perf_counter() - t0
+        faults.point("analysis.written")
 
         prediction = result.prediction
         analysis = self.db.finish_analysis(
@@ -366,7 +368,9 @@ class Node:
     def _retention(self) -> None:
         """Remove received files (and Grad-CAM images; SRs stay for revisions) of finished series."""
         now = time.monotonic()
-        if now - self._last_retention < RETENTION_EVERY_SECONDS:
+        # At least as often as the keep time, so a short one (0 = "remove at once") is honoured.
+        every = min(RETENTION_EVERY_SECONDS, max(1.0, self.config.retention.spool_keep_hours * 3600.0))
+        if now - self._last_retention < every:
             return
         self._last_retention = now
         assert self.db is not None and self.spool is not None
@@ -381,6 +385,9 @@ class Node:
 
 def serve_command(args: Any) -> int:
     """`ihd-node serve --config FILE`: run until SIGTERM or SIGINT."""
+    # Everything the node creates holds patient data: owner-only, also when started by hand (umask 022)
+    # and for folders made with mkdir(parents=True), whose parents ignore the mode (the unit sets 0077 too).
+    os.umask(0o077)
     config = load_config(args.config)
     # Under systemd (JOURNAL_STREAM set) journald adds the time stamps; elsewhere the log line carries them.
     nodelog.setup(level=logging.getLevelNamesMapping()[config.logging.level],

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from ihd_node import faults
+
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TMP_PREFIX = ".tmp-"
 
@@ -59,8 +61,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file in the same folder + fsync + rename: readers see the whole file or none."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, fault: str | None = "receive.spooled") -> None:
+    """Temp file in the same folder + fsync + rename: readers see the whole file or none.
+
+    `fault` names the crash point of ihd_node.faults passed once the file is in place (tests only)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
@@ -74,6 +78,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    if fault:
+        faults.point(fault)
 
 
 def write_dataset_atomic(path: Path, ds: Dataset) -> None:
@@ -82,7 +88,7 @@ def write_dataset_atomic(path: Path, ds: Dataset) -> None:
 
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    write_atomic(path, buf.getvalue(), mode=0o640)
+    write_atomic(path, buf.getvalue(), mode=0o600, fault=None)
 
 
 @dataclass(frozen=True)

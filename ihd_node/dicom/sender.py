@@ -18,7 +18,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +28,7 @@ from pydicom import uid as tsuid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from ihd_node import nodelog
+from ihd_node import faults, nodelog
 from ihd_node.config import Config
 from ihd_node.db import Database, Delivery, utcnow
 
@@ -97,18 +97,27 @@ def _associate(calling_aet: str, dest: object, contexts: Sequence[tuple[str, lis
     raise NoAssociation(f"no association with {dest.ae_title}@{dest.host}:{dest.port} (refused or timed out)")
 
 
-def send_files(calling_aet: str, dest: object, paths: Sequence[Path]) -> list[SendResult]:
+def send_files(calling_aet: str, dest: object, paths: Sequence[Path],
+               on_result: Callable[[SendResult], None] | None = None) -> list[SendResult]:
     """Send files over one association; raises NoAssociation when none could be made.
 
-    A connection lost half-way marks the unsent objects 'retry'.
+    A connection lost half-way marks the unsent objects 'retry'. `on_result` is called with each answer as
+    soon as it is known (the outbox books it at once, so a crash later in the batch resends only the
+    object in flight, not the ones already answered).
     """
     datasets = []
     results: list[SendResult] = []
+
+    def add(result: SendResult) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
     for path in paths:
         try:
             datasets.append((Path(path), pydicom.dcmread(path)))
         except Exception as exc:  # a damaged result file cannot become good by retrying
-            results.append(SendResult(Path(path), PROCESSING_FAILURE, f"result file unreadable: {exc}"))
+            add(SendResult(Path(path), PROCESSING_FAILURE, f"result file unreadable: {exc}"))
     contexts: dict[str, list[str]] = {}
     for _, ds in datasets:
         own = str(ds.file_meta.TransferSyntaxUID)
@@ -121,20 +130,22 @@ def send_files(calling_aet: str, dest: object, paths: Sequence[Path]) -> list[Se
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         for path, ds in datasets:
             if str(ds.SOPClassUID) not in accepted:
-                results.append(SendResult(
+                add(SendResult(
                     path, NOT_SUPPORTED, f"destination refused SOP class {ds.SOPClassUID} (nothing sent)"))
                 continue
             if not assoc.is_established:
-                results.append(SendResult(path, None, "association lost during the send"))
+                add(SendResult(path, None, "association lost during the send"))
                 continue
             try:
                 rsp = assoc.send_c_store(ds)
             except Exception as exc:
-                results.append(SendResult(path, None, f"send failed: {type(exc).__name__}: {exc}"))
+                add(SendResult(path, None, f"send failed: {type(exc).__name__}: {exc}"))
                 continue
             status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
-            results.append(SendResult(path, status, describe(status) if status is not None
-                                      else "no response (timeout or connection lost)"))
+            if status == 0x0000:
+                faults.point("delivery.stored")
+            add(SendResult(path, status, describe(status) if status is not None
+                           else "no response (timeout or connection lost)"))
     finally:
         if assoc.is_established:
             assoc.release()
@@ -201,27 +212,38 @@ class Outbox:
             for row in rows:  # an admin may put it back; until then it is retried, then fails
                 self._book(row, None, f"destination {name!r} is no longer in the config", 0.0)
             return len(rows)
-        started = time.perf_counter()
+        started = last = time.perf_counter()
+        by_path = {str(Path(r.path)): r for r in rows}
+        booked: set[int] = set()
+
+        def book(result: SendResult) -> None:
+            # Booked as each answer comes: the outbox row says "sent" as soon as the PACS has the object.
+            nonlocal last
+            row = by_path.get(str(result.path))
+            if row is None or row.id in booked:
+                return
+            now = time.perf_counter()
+            seconds, last = now - last, now
+            booked.add(row.id)
+            self._book(row, result.status, None if result.status == 0 else result.detail, seconds)
+
         try:
-            results = send_files(self.config.node.ae_title, dest, [Path(r.path) for r in rows])
+            send_files(self.config.node.ae_title, dest, [Path(r.path) for r in rows], on_result=book)
         except NoAssociation as exc:
             seconds = time.perf_counter() - started
             for row in rows:
-                self._book(row, None, str(exc), seconds)
+                if row.id not in booked:
+                    self._book(row, None, str(exc), seconds)
             return len(rows)
-        seconds = (time.perf_counter() - started) / max(len(rows), 1)
-        by_path = {str(r.path): r for r in results}
         for row in rows:
-            result = by_path.get(str(Path(row.path)))
-            if result is None:
-                self._book(row, None, "not attempted", seconds)
-            else:
-                self._book(row, result.status, None if result.status == 0 else result.detail, seconds)
+            if row.id not in booked:
+                self._book(row, None, "not attempted", 0.0)
         return len(rows)
 
     def _book(self, row: Delivery, status: int | None, error: str | None, seconds: float) -> None:
         res = self.db.record_attempt(row.id, status=status, error=error, policy=self.config.delivery,
                                      seconds=seconds)
+        faults.point("delivery.booked")
         fields = {"destination": row.destination, "sop": row.sop_instance_uid, "status": describe(status),
                   "attempt": row.attempts + 1, "outcome": res.delivery_status}
         if res.delivery_status == "sent":

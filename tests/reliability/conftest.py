@@ -78,12 +78,14 @@ class NodeProcess:
         self.env: dict[str, str] = {**os.environ, "TCP_NODELAY": "1", "OMP_NUM_THREADS": "1"}
 
     def start(self, extra_env: dict[str, str] | None = None, wait: bool = True) -> NodeProcess:
+        """Start (or restart) the node; with `wait`, return once this run's SCP listens."""
+        offset = len(self.log())  # the log is appended to across restarts: look only at this run's part
         self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in _reap
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ihd_node", "serve", "--config", str(self.config_path)],
             env={**self.env, **(extra_env or {})}, stdout=self._log, stderr=subprocess.STDOUT)
         if wait:
-            assert wait_until(lambda: "scp.listening" in self.log() or self.process.poll() is not None, 90) \
+            assert wait_until(lambda: "scp.listening" in self.log()[offset:] or self.process.poll() is not None, 90) \
                 and self.process.poll() is None, f"node did not start:\n{self.log()}"
         return self
 

@@ -1,0 +1,66 @@
+"""Fault injection for the reliability tests (tests/reliability): inert unless an environment variable is set.
+
+IHD_NODE_CRASH_AT="<point>[:N][,<point>[:N]...]"
+    The process SIGKILLs itself the N-th time (default: the first) any thread passes <point>: no clean-up,
+    no flush, no atexit - exactly what `kill -9` or the OOM killer does.
+IHD_NODE_PAUSE_AT="<point>[:N][,...]"
+    The thread that passes <point> the N-th time logs `fault.paused point=<point>` and blocks for ever, so a
+    test can `kill -9` the process from outside at a known place (other threads keep running).
+
+Before acting, a `fault.crash` / `fault.paused` line is written to the log, so a test can tell that the
+point was reached. The points (where they sit, and what the state is there):
+
+    receive.spooled    ihd_node.spool.write_atomic: a received instance's file is renamed into place and
+                       fsynced; its database row is not written and its C-STORE not answered yet
+    analysis.started   ihd_node.service: the series is "analyzing"; the model has not run yet
+    analysis.written   ihd_node.service: the result files (SR, captures) are written; the analysis and
+                       its outbox rows are not committed yet
+    delivery.stored    ihd_node.dicom.sender: the destination answered a C-STORE with success; the answer
+                       is not booked in the outbox yet (the object is in the PACS, the node does not know)
+    delivery.booked    ihd_node.dicom.sender: one answer was booked in the outbox
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from ihd_node import nodelog
+
+CRASH_ENV = "IHD_NODE_CRASH_AT"
+PAUSE_ENV = "IHD_NODE_PAUSE_AT"
+POINTS = ("receive.spooled", "analysis.started", "analysis.written", "delivery.stored", "delivery.booked")
+
+
+def _parse(text: str | None) -> dict[str, int]:
+    specs: dict[str, int] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, nth = item.partition(":")
+        if name not in POINTS:
+            raise ValueError(f"unknown fault point {name!r}; known: {', '.join(POINTS)}")
+        specs[name] = int(nth) if nth else 1
+    return specs
+
+
+_CRASH = _parse(os.environ.get(CRASH_ENV))
+_PAUSE = _parse(os.environ.get(PAUSE_ENV))
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def point(name: str) -> None:
+    """A named place where a test may kill or pause the process; does nothing unless configured."""
+    if not _CRASH and not _PAUSE:
+        return
+    with _lock:
+        _counts[name] = count = _counts.get(name, 0) + 1
+    if _CRASH.get(name) == count:
+        nodelog.warning("fault.crash", point=name, count=count)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _PAUSE.get(name) == count:
+        nodelog.warning("fault.paused", point=name, count=count)
+        threading.Event().wait()  # until the test kills the process
