@@ -21,6 +21,7 @@ from ihd_node.report.source import (
     check_groups,
     contributing_equipment,
     positive_slices,
+    series_description,
     with_type2,
 )
 from ihd_node.report.uids import result_uid
@@ -94,7 +95,7 @@ def _one_capture(volume: Volume, prediction: Prediction, index: int, number: int
     sc.BurnedInAnnotation = "YES"
     # A head is not a paired structure: saying so keeps Laterality (Type 2C) not required.
     sc.BodyPartExamined = "HEAD"
-    sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    sc.SeriesDescription = series_description(SC_SERIES_DESCRIPTION, revision)
     sc.DerivationDescription = (f"Brain window (40/80) with Grad-CAM of {', '.join(classes) or 'none'} "
                                 f"from {model.name} {model.version}; {NOT_FOR_DIAGNOSTIC_USE}")[:1024]
     sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. " + ", ".join(f"{c} {p:.2f}" for c, p in legend)

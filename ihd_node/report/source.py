@@ -89,3 +89,8 @@ def contributing_equipment(prediction: Prediction) -> hd.ContributingEquipment:
         contribution_description=f"ICH detection and Grad-CAM by {model.name} {model.version}; "
                                  f"{NOT_FOR_DIAGNOSTIC_USE}"[:1024],
     )
+
+
+def series_description(base: str, revision: int) -> str:
+    """The results' SeriesDescription; a re-analysis says which revision it is, so a viewer tells them apart."""
+    return base if revision == 0 else f"{base} (revision {revision + 1})"

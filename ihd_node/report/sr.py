@@ -36,6 +36,7 @@ from ihd_node.report.source import (
     MANUFACTURER,
     check_groups,
     contributing_equipment,
+    series_description,
     with_type2,
 )
 from ihd_node.report.uids import result_uid
@@ -167,7 +168,7 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
         previous_versions=[predecessor] if predecessor is not None else None,
         contributing_equipment=[contributing_equipment(prediction)],
     )
-    sr.SeriesDescription = SR_SERIES_DESCRIPTION
+    sr.SeriesDescription = series_description(SR_SERIES_DESCRIPTION, revision)
     sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     return sr
 
