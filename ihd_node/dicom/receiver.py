@@ -14,6 +14,7 @@ Why it looks like this:
 from __future__ import annotations
 
 import ipaddress
+import socket
 import ssl
 import threading
 import uuid
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydicom import uid as tsuid
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -134,9 +137,38 @@ class Admission:
         return any(ip in net for net in self._networks)
 
 
+def truncated(ds: Dataset) -> str | None:
+    """Why the top level of a received data set shows it was cut short, or None.
+
+    pydicom reads a value that runs past the end of the bytes without complaint (it keeps what is there),
+    so a file truncated inside an element would otherwise be stored and answered with success."""
+    for elem in ds.elements():
+        if (isinstance(elem, RawDataElement) and isinstance(elem.value, bytes)
+                and elem.length != 0xFFFFFFFF and len(elem.value) < elem.length):
+            return f"element {elem.tag} declares {elem.length} bytes, only {len(elem.value)} arrived"
+    return None
+
+
 def _clean_aet(value: object) -> str:
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     return text.strip()
+
+
+class _HandshakeInConnectionThread:
+    """The server's SSLContext, except that accepting a connection does not do the TLS handshake.
+
+    pynetdicom wraps each accepted socket in its single accept loop, handshake included and with no
+    timeout: one client that connects to a TLS port and stays silent would stop the node from accepting
+    anyone else. The handshake is done in the connection's own thread instead (Receiver._on_conn_open)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = True, **_: object) -> ssl.SSLSocket:
+        return self.context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.context, name)
 
 
 class Receiver:
@@ -151,6 +183,9 @@ class Receiver:
         self.admission = admission
         self.host, self.port = host, port
         self.ssl_context = ssl_context
+        self.handshake_timeout = acse_timeout
+        self.read_timeout = network_timeout or None  # a peer silent in the middle of a PDU (_on_conn_open)
+        self._unrequested: dict[object, str] = {}  # connections without an A-ASSOCIATE-RQ yet: peer text
         self.min_free_bytes = min_free_bytes
         self._peers: dict[object, Peer] = {}
         self._lock = threading.Lock()
@@ -178,7 +213,9 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server((self.host, self.port), block=False, ssl_context=self.ssl_context,
+        context = _HandshakeInConnectionThread(self.ssl_context) if self.ssl_context else None
+        self._server = self.ae.start_server((self.host, self.port), block=False,
+                                            ssl_context=context,  # type: ignore[arg-type]
                                             evt_handlers=handlers)
         self.port = int(self._server.server_address[1])
         nodelog.info("scp.listening", ae=self.admission.ae_title, host=self.host, port=self.port,
@@ -213,9 +250,32 @@ class Receiver:
     # -- association events --------------------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
         nodelog.debug("conn.open", peer=f"{event.address[0]}:{event.address[1]}")
+        with self._lock:
+            self._unrequested[event.assoc] = f"{event.address[0]}:{event.address[1]}"
+        # pynetdicom reads a whole PDU with blocking recv() and accepted sockets have no timeout: a peer that
+        # stops inside a PDU (garbage, an HTTP request, a PDU length it never sends) would hold the
+        # connection's thread and an association slot for ever. With a timeout the read fails and it closes.
+        event.assoc.dul.socket.socket.settimeout(self.read_timeout)
+        sock = event.assoc.dul.socket.socket if self.ssl_context else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        try:  # in this connection's thread, bounded by the ACSE timeout (see _HandshakeInConnectionThread)
+            sock.settimeout(self.handshake_timeout)
+            sock.do_handshake()
+            sock.settimeout(self.read_timeout)  # idle waits poll with select(); this bounds a stalled PDU
+        except (OSError, ValueError) as exc:
+            peer = Peer("", str(event.address[0]), int(event.address[1]), "", "")
+            reason = (f"nothing within {self.handshake_timeout:g} s" if isinstance(exc, TimeoutError)
+                      else getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
+            self._event("rejected", f"TLS handshake failed: {reason}", level="WARNING", peer=peer)
+            with self._lock:  # logged here once; not again as a connection without an association
+                self._unrequested.pop(event.assoc, None)
+            event.assoc.dul.socket.close()  # the association ends without an A-ASSOCIATE (Evt17)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        with self._lock:
+            self._unrequested.pop(assoc, None)
         rq = assoc.requestor
         calling = _clean_aet(rq.primitive.calling_ae_title)
         called = _clean_aet(rq.primitive.called_ae_title)
@@ -250,6 +310,10 @@ class Receiver:
     def _on_ended(self, event: evt.Event, how: str) -> None:
         with self._lock:
             peer = self._peers.pop(event.assoc, None)
+            unrequested = self._unrequested.pop(event.assoc, None)
+        if unrequested is not None:  # log only: port scans would otherwise fill the events table
+            nodelog.warning("conn.closed_without_association", peer=unrequested,
+                            reason="no valid A-ASSOCIATE-RQ (not a DICOM peer, garbage, or it went silent)")
         if peer is None:  # rejected, or already ended (a release is followed by the connection close)
             return
         try:
@@ -290,6 +354,9 @@ class Receiver:
         raw = rq.DataSet.getvalue()
         try:
             ds = event.dataset  # parses elements only; pixel data stays bytes
+            cut = truncated(ds)
+            if cut:
+                return self._refuse(peer, UNPARSEABLE, f"the dataset is truncated: {cut}")
             values = {k: str(ds.get(k, "") or "") for k in (
                 "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
                 "AccessionNumber", "SeriesDescription")}
@@ -312,6 +379,9 @@ class Receiver:
         ignored = None if rq_class in CT_CLASSES else NOT_ANALYSED_REASONS.get(
             rq_class, f"SOP class {rq_class} is not CT Image Storage")
         path = None
+        if ignored is None and "PixelData" not in ds:  # also what a cut in a pixel data header leaves
+            return self._refuse(peer, DATASET_MISMATCH, "CT Image Storage instance without Pixel Data "
+                                "(truncated, or not an image)", series_uid)
         if ignored is None:
             target = self.spool.path_for(study_uid, series_uid, sop_uid, sha)
             if not target.exists():  # identical bytes already spooled: nothing to write (idempotent)
@@ -342,7 +412,7 @@ class DatabaseRecorder:
     def event(self, kind: str, message: str, *, level: str = "INFO", peer: Peer | None = None,
               series_uid: str | None = None, study_uid: str | None = None) -> None:
         self.db.log_event(kind, message, level=level, series_instance_uid=series_uid,
-                          study_instance_uid=study_uid, calling_aet=peer.calling_aet[:16] if peer else None,
+                          study_instance_uid=study_uid, calling_aet=(peer.calling_aet[:16] or None) if peer else None,
                           peer_address=f"{peer.address}:{peer.port}" if peer else None)
 
     def association_ended(self, peer: Peer, how: str) -> None:
