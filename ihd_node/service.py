@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pydicom.config
 from sqlalchemy import func, select
 
 from ihd_node import faults, nodelog
@@ -388,6 +389,9 @@ def serve_command(args: Any) -> int:
     # Everything the node creates holds patient data: owner-only, also when started by hand (umask 022)
     # and for folders made with mkdir(parents=True), whose parents ignore the mode (the unit sets 0077 too).
     os.umask(0o077)
+    # pydicom's warnings about invalid values quote the value, which may be a patient's name or birth date:
+    # the node reads whatever senders send, so it does not warn about values (stdout goes to the journal).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     config = load_config(args.config)
     # Under systemd (JOURNAL_STREAM set) journald adds the time stamps; elsewhere the log line carries them.
     nodelog.setup(level=logging.getLevelNamesMapping()[config.logging.level],
