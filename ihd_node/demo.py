@@ -8,6 +8,7 @@ waits for the SR and Grad-CAM images to come back, and prints what the ER doctor
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import tempfile
 import time
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import pydicom
 
+from ihd_node import nodelog
 from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.config import default_config
 from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.errors import UserError
+from ihd_node.report.sr import FINDING_CODES
 
 SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 STUDIES = (("with hemorrhage", ["intraparenchymal", "intraventricular"], 11), ("without hemorrhage", [], 12))
@@ -44,13 +47,16 @@ def sr_findings(path: Path) -> list[str]:
                 walk(item.ContentSequence, finding)
 
     walk(sr.ContentSequence)
-    return ["  ".join(parts) for parts in lines]
+    names = {code.meaning: cls for cls, code in FINDING_CODES.items()}
+    return [f"{parts[0]:<28} ({names.get(parts[0], '?')}) " + "  ".join(parts[1:]) for parts in lines]
 
 
 def demo_command(args: argparse.Namespace) -> int:
     from ihd_node.phantom import make_series, write_series
     from ihd_node.service import Node
 
+    # The node's own event log goes to the log database here; the terminal shows what a person wants to see.
+    nodelog.setup(level=logging.WARNING)
     workdir = Path(tempfile.mkdtemp(prefix="ihd-node-demo-"))
     print(f"ihd-node demo — {NOT_FOR_DIAGNOSTIC_USE}; the shipped model is trained on synthetic head CTs only.")
     print(f"working folder: {workdir}")
@@ -85,12 +91,16 @@ def demo_command(args: argparse.Namespace) -> int:
             scs = [o for o in objects if not o.sop_class_uid.startswith(SR_STORAGE_PREFIX)]
             done = max(o.received_at for o in objects)
             print(f"  time to result: {done - sent:.1f} s after the last slice was sent")
-            for line in sr_findings(srs[0].path):
+            findings = sr_findings(srs[0].path)
+            for line in findings:
                 print(f"  {line}")
+            said_ich = any(line.startswith("Intracranial hemorrhage") and line.endswith("Present") for line in findings)
+            print(f"  the model {'agrees' if said_ich == bool(subtypes) else 'DISAGREES'} with the phantom's truth "
+                  f"({'hemorrhage' if subtypes else 'no hemorrhage'})")
             print(f"  SR: {srs[0].path}")
-            for o in scs:
-                print(f"  Grad-CAM image: {o.path}")
-        print(f"\n{NOT_FOR_DIAGNOSTIC_USE}. Results are in {pacs.folder}")
+            print(f"  Grad-CAM images: {len(scs)}" + (f", e.g. {scs[0].path}" if scs else ""))
+        print(f"\n{NOT_FOR_DIAGNOSTIC_USE}. The PACS folder with all results: {pacs.folder}")
+        print(f"The node's log database: {config.database_url} (kept with --keep)")
         return 1 if failures else 0
     finally:
         node.stop()
