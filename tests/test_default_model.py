@@ -1,0 +1,86 @@
+"""The shipped default model on held-out phantoms (seeds it was not trained on, see its model card).
+
+* `ihd-node analyze --json` on held-out phantom series reaches scan-level ROC AUC >= 0.98 for `any` and
+  >= 0.90 for each subtype.
+* Grad-CAM points at the lesion: on most positive slices the heatmap's peak lies inside the lesion mask or
+  within one cell of the CAM grid of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from ihd_node.classes import CLASSES, SUBTYPES
+from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
+from ihd_node.model.gradcam import lesion_hits
+from ihd_node.model.pipeline import Predictor
+from ihd_node.phantom import make_series, write_series
+
+pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="the shipped default model is missing")
+
+HELD_OUT_SEED = 7_000_000  # training and the model card's evaluation use other seed ranges
+N_SERIES = 40
+AUC_ANY, AUC_SUBTYPE = 0.98, 0.90
+
+
+def held_out_plan() -> list[list[str]]:
+    """Balanced: each subtype alone in 5 series, 5 series with two subtypes, 10 negative."""
+    plan: list[list[str]] = [[s] for s in SUBTYPES for _ in range(5)]
+    plan += [[SUBTYPES[k % 5], SUBTYPES[(k + 2) % 5]] for k in range(5)]
+    plan += [[] for _ in range(N_SERIES - len(plan))]
+    return plan
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("held-out")
+    truth = {}
+    for k, subtypes in enumerate(held_out_plan()):
+        series = make_series(HELD_OUT_SEED + k, subtypes=subtypes, n_slices=20)
+        write_series(series, root / f"s{k:02d}")
+        truth[series.series_instance_uid] = series.labels.max(axis=0)
+    return root, truth
+
+
+def test_analyze_json_on_held_out_phantoms_meets_the_aucs(held_out) -> None:
+    root, truth = held_out
+    proc = subprocess.run([sys.executable, "-m", "ihd_node", "analyze", str(root), "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    results = {s["series_instance_uid"]: s for s in json.loads(proc.stdout)["series"]}
+    assert set(results) == set(truth)
+    uids = sorted(truth)
+    aucs = {}
+    for k, cls in enumerate(CLASSES):
+        y = np.array([truth[u][k] for u in uids])
+        p = np.array([results[u]["probabilities"][cls] for u in uids])
+        aucs[cls] = roc_auc_score(y, p)
+    print("held-out scan-level AUC:", {c: round(a, 3) for c, a in aucs.items()})
+    assert aucs["any"] >= AUC_ANY, aucs
+    for cls in SUBTYPES:
+        assert aucs[cls] >= AUC_SUBTYPE, (cls, aucs)
+
+
+def test_grad_cam_points_at_the_lesion() -> None:
+    predictor = Predictor.load("default", device="cpu")
+    cell = None
+    hits = judged = 0
+    for k, subtypes in enumerate([["epidural"], ["subdural"], ["intraparenchymal"], ["intraventricular"],
+                                  ["subarachnoid"], ["subdural", "intraparenchymal"]]):
+        series = make_series(HELD_OUT_SEED + 500 + k, subtypes=subtypes, n_slices=20)
+        prediction = predictor.predict(series.hu, explain=True)
+        rows = series.hu.shape[1]
+        # One cell of the CNN's last-stage grid (stride 32) in the slice's pixels: "next to" the lesion.
+        cell = math.ceil(rows * 32 / predictor.config.input_size)
+        h, j = lesion_hits(prediction.heatmaps, series.masks, margin=cell)
+        hits, judged = hits + h, judged + j
+    print(f"Grad-CAM peak inside or within {cell} px of the lesion: {hits}/{judged}")
+    assert judged >= 20
+    assert hits / judged >= 0.6, f"{hits}/{judged}"
