@@ -321,7 +321,9 @@ class Receiver:
         except Exception as exc:  # the assembler's max-wait rule still completes its series
             nodelog.error("association.unrecorded", id=peer.key[:8], how=how,
                           error=f"{type(exc).__name__}: {exc}")
-        self._event("association", f"{how} id={peer.key[:8]}", peer=peer)
+        # A release pops the peer before its connection closes, so "closed" here means no A-RELEASE.
+        what = "closed without release (aborted or dropped)" if how == "closed" else how
+        self._event("association", f"{what} id={peer.key[:8]}", peer=peer)
 
     # -- DIMSE ---------------------------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
@@ -357,6 +359,8 @@ class Receiver:
             cut = truncated(ds)
             if cut:
                 return self._refuse(peer, UNPARSEABLE, f"the dataset is truncated: {cut}")
+            if raw and not len(ds):  # what pydicom returns for a cut inside an undefined-length element
+                return self._refuse(peer, UNPARSEABLE, "no element could be read (truncated, or not DICOM)")
             values = {k: str(ds.get(k, "") or "") for k in (
                 "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
                 "AccessionNumber", "SeriesDescription")}

@@ -69,7 +69,15 @@ def _thickness(headers: Sequence[Dataset]) -> float | None:
 
 def check_series(headers: Sequence[Dataset], rules: SeriesConfig | None = None) -> Eligibility:
     """Judge one series (one header per instance, duplicates already removed) by the `series` config rules."""
-    rules = rules or SeriesConfig()
+    try:
+        return _check_series(headers, rules or SeriesConfig())
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+        # Text, one value or nothing where numbers belong: ignore the series with the reason instead of
+        # leaving it "complete" for ever (the caller has no other verdict to give it).
+        return Eligibility(False, f"malformed header value ({type(exc).__name__}: {exc})"[:300])
+
+
+def _check_series(headers: Sequence[Dataset], rules: SeriesConfig) -> Eligibility:
     if not headers:
         return Eligibility(False, "the series has no instances")
 
@@ -85,7 +93,7 @@ def check_series(headers: Sequence[Dataset], rules: SeriesConfig | None = None) 
         others = ", ".join(sorted(classes - {CT_IMAGE_STORAGE}))
         return Eligibility(False, f"SOP class {others} is not CT Image Storage")
 
-    localizers = sum("LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])] for ds in headers)
+    localizers = sum("LOCALIZER" in [str(v).upper() for v in ds.get("ImageType") or []] for ds in headers)
     if localizers == len(headers) and rules.exclude_localizers:
         return Eligibility(False, "localizer (scout) series")
     if localizers:  # load_volume cannot stack scouts with axial slices

@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from ihd_node.errors import UserError
 
@@ -91,18 +92,44 @@ def slice_problem(ds: Dataset) -> str | None:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class != CT_IMAGE_STORAGE:
         return f"SOP class {sop_class or 'missing'} is not CT Image Storage"
-    for keyword in ("SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient", "ImageOrientationPatient",
-                    "PixelSpacing", "Rows", "Columns"):
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
+                    "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         if keyword not in ds:
             return f"attribute {keyword} is missing"
-    if len(ds.ImageOrientationPatient) != 6 or len(ds.ImagePositionPatient) != 3:
+    try:  # damaged senders write text, one value, or nothing where numbers belong
+        iop, ipp, spacing = (_numbers(ds, k) for k in (
+            "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"))
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (TypeError, ValueError):
+        return "ImageOrientationPatient/ImagePositionPatient/PixelSpacing/Rows/Columns malformed"
+    if len(iop) != 6 or len(ipp) != 3 or not np.isfinite(iop + ipp).all():
         return "ImageOrientationPatient/ImagePositionPatient malformed"
-    if int(ds.Rows) < 16 or int(ds.Columns) < 16 or int(ds.Rows) > 4096 or int(ds.Columns) > 4096:
-        return f"impossible image size {ds.Rows}x{ds.Columns}"
-    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    if len(spacing) != 2 or not (np.isfinite(spacing).all() and min(spacing) > 0):
+        return "PixelSpacing malformed"
+    if rows < 16 or cols < 16 or rows > 4096 or cols > 4096:
+        return f"impossible image size {rows}x{cols}"
+    image_type = [str(v).upper() for v in ds.get("ImageType") or []]
     if "LOCALIZER" in image_type:
         return "localizer (scout) image"
     return None
+
+
+def _numbers(ds: Dataset, keyword: str) -> list[float]:
+    """A multi-valued decimal attribute as floats; raises TypeError/ValueError when it is not numbers."""
+    value = ds[keyword].value
+    return [float(v) for v in (value if isinstance(value, MultiValue | list | tuple) else [value])]
+
+
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    """A single decimal attribute, the default when absent or empty; raises VolumeError when malformed."""
+    try:
+        value = float(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        raise VolumeError(f"slice {ds.get('SOPInstanceUID', '?')}: {keyword} {ds.get(keyword)!r} is not a "
+                          "number; the sender wrote a damaged header") from None
+    if not np.isfinite(value):
+        raise VolumeError(f"slice {ds.get('SOPInstanceUID', '?')}: {keyword} is not finite; damaged header")
+    return value
 
 
 def group_series(paths: Iterable[str | Path]) -> SeriesGroups:
@@ -152,10 +179,10 @@ def to_hu(ds: Dataset) -> np.ndarray:
             "send it uncompressed or in a supported transfer syntax") from None
     if pixels.ndim != 2:
         raise VolumeError(f"slice {ds.get('SOPInstanceUID', '?')}: expected one 2-D frame, got shape {pixels.shape}")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    slope = _number(ds, "RescaleSlope", 1.0)
+    intercept = _number(ds, "RescaleIntercept", 0.0)
     values = pixels.astype(np.float32)
-    if int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0 and intercept > -100:
+    if ds.get("BitsStored") == 12 and ds.get("PixelRepresentation", 0) == 0 and intercept > -100:
         values = np.mod(values + 1000.0, 4096.0)
         intercept = -1000.0
     return values * np.float32(slope) + np.float32(intercept)
@@ -200,13 +227,13 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
             sop_instance_uid=str(headers[i].SOPInstanceUID),
             sop_class_uid=str(headers[i].SOPClassUID),
             position=positions[i],
-            instance_number=int(headers[i].InstanceNumber) if headers[i].get("InstanceNumber") is not None else None,
+            instance_number=_instance_number(headers[i]),
         )
         for i in kept
     ]
     steps = np.diff([s.position for s in slices])
-    slice_spacing = float(np.median(steps)) if len(steps) else float(headers[0].get("SliceThickness", 5.0) or 5.0)
-    spacing = tuple(float(v) for v in headers[0].PixelSpacing)
+    slice_spacing = float(np.median(steps)) if len(steps) else _number(headers[0], "SliceThickness", 5.0)
+    spacing = _numbers(headers[0], "PixelSpacing")  # checked by slice_problem
     return Volume(
         study_instance_uid=str(headers[0].StudyInstanceUID),
         series_instance_uid=str(headers[0].SeriesInstanceUID),
@@ -216,6 +243,14 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
         slice_spacing=slice_spacing,
         headers=sorted_headers,
     )
+
+
+def _instance_number(ds: Dataset) -> int | None:
+    """InstanceNumber when it is an integer; it only labels slices, so a damaged one is dropped."""
+    try:
+        return int(ds.InstanceNumber) if ds.get("InstanceNumber") is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def combine_thin_slices(
