@@ -274,6 +274,7 @@ class Recorded:
 class Candidate:
     series_instance_uid: str
     rule: str  # "quiet" or "max_wait"
+    last_received: datetime | None = None  # as seen when judged; a later instance voids the judgement
 
 
 @dataclass(frozen=True)
@@ -563,7 +564,7 @@ class Database:
                 .order_by(Series.last_received)
             ).all()
         return [
-            Candidate(uid, "quiet" if released is not None and last <= quiet_before else "max_wait")
+            Candidate(uid, "quiet" if released is not None and last <= quiet_before else "max_wait", last)
             for uid, last, released in rows
         ]
 
@@ -588,12 +589,14 @@ class Database:
         reason: str | None = None,
         *,
         expect: str | Sequence[str] | None = None,
+        unchanged_since: datetime | None = None,
         completion_rule: str | None = None,
         **times: datetime,
     ) -> bool:
         """Move a series to `state`; with `expect`, only if it is in that state now (compare-and-set).
 
-        `times` sets time columns by name (completed=, analysis_started=, ...). Returns False when the series
+        With `unchanged_since`, only if no instance arrived after that time. `times` sets time columns by
+        name (completed=, analysis_started=, ...). Returns False when the series
         is missing or not in an expected state (e.g. a late instance reopened it meanwhile).
         """
         if state not in SERIES_STATES:
@@ -611,6 +614,8 @@ class Database:
                 allowed = (expect,) if isinstance(expect, str) else tuple(expect)
                 if series.state not in allowed:
                     return False
+            if unchanged_since is not None and series.last_received > unchanged_since:
+                return False
             series.state = state
             series.reason = reason
             if completion_rule is not None:
@@ -620,12 +625,18 @@ class Database:
             series.updated = utcnow()
             return True
 
-    def mark_complete(self, series_instance_uid: str, rule: str, when: datetime | None = None) -> bool:
-        """received -> complete, noting which rule fired. False if it was no longer "received"."""
+    def mark_complete(self, series_instance_uid: str, rule: str, when: datetime | None = None,
+                      last_received: datetime | None = None) -> bool:
+        """received -> complete, noting which rule fired.
+
+        False if it is no longer "received", or an instance arrived after `last_received` (the time the
+        completion was judged on): that series is not quiet after all and waits for the next tick.
+        """
         return self.set_series_state(
             series_instance_uid,
             "complete",
             expect="received",
+            unchanged_since=last_received,
             completion_rule=rule,
             completed=when or utcnow(),
         )

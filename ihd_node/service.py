@@ -177,7 +177,14 @@ class Node:
                 self.db.set_series_state(series.series_instance_uid, "complete", expect="analyzing",
                                          completion_rule=series.completion_rule)
             if series.state in ("complete", "analyzing"):
-                self.judge(series.series_instance_uid)
+                try:
+                    self.judge(series.series_instance_uid)
+                except Exception as exc:  # one bad series must not keep the node from starting
+                    reason = f"cannot be judged after restart ({type(exc).__name__}: {exc})"
+                    self.db.set_series_state(series.series_instance_uid, "failed", reason, expect="complete")
+                    self.db.log_event("error", reason, level="ERROR",
+                                      series_instance_uid=series.series_instance_uid)
+                    continue
                 requeued += 1
         with self.db.read_session() as s:
             pending = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.status == "pending"))

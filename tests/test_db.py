@@ -156,6 +156,15 @@ def test_completion_rules(db: Database) -> None:
     assert series.state == "complete" and series.completion_rule == "quiet" and series.completed == at(3)
 
 
+def test_an_instance_arriving_after_the_judgement_voids_the_completion(db: Database) -> None:
+    receive(db, "1.2.3.1", t=0)
+    db.association_released("a1", at(1))
+    [cand] = db.series_to_complete(at(3), quiet_seconds=2, max_wait_seconds=120)
+    receive(db, "1.2.3.2", t=3, assoc="a2")  # between the query and the compare-and-set
+    assert not db.mark_complete("1.2.3", cand.rule, at(3), last_received=cand.last_received)
+    assert db.get_series("1.2.3").state == "received"
+
+
 def test_state_changes_compare_and_set(db: Database) -> None:
     receive(db, "1.2.3.1")
     assert db.set_series_state(

@@ -37,7 +37,8 @@ class Assembler:
         done = []
         for cand in self.db.series_to_complete(now, self.rules.quiet_seconds, self.rules.max_wait_seconds):
             # Compare-and-set: a late instance may have reopened it since the query.
-            if not self.db.mark_complete(cand.series_instance_uid, cand.rule, when=now):
+            if not self.db.mark_complete(cand.series_instance_uid, cand.rule, when=now,
+                                         last_received=cand.last_received):
                 continue
             series = self.db.get_series(cand.series_instance_uid)
             waited = (now - series.last_received).total_seconds() if series else 0.0
