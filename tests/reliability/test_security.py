@@ -285,6 +285,8 @@ def test_tls_client_certificate_optional(pacs, certs: CertSet, make_node) -> Non
     assert echo(node.port, tls=certs.client_context()) == Outcome("accepted", status=0)
     # A certificate that is presented is still verified: one from an unknown CA is refused.
     assert echo(node.port, tls=certs.client_context(rogue=True)).kind == "failed"
+    # The node logs the failed handshake in the connection's own thread, after the client has given up.
+    assert wait_until(lambda: rejected_events(node), 10)
     [(message, _, peer, _)] = rejected_events(node)
     assert message.startswith("TLS handshake failed") and peer.startswith("127.0.0.1:")
     # dcmtk checks the node's certificate against the CA it trusts: a client trusting another CA gives up.
