@@ -115,3 +115,34 @@ def test_three_stages_resume_and_predict(rsna: Path, work: Path) -> None:
     n_val = len(json.loads((work / "splits.json").read_text())["val"])
     assert provenance["metrics"]["val"]["scan"]["n"] == n_val
     assert "validation" in provenance["metrics"]
+
+
+def test_lesion_masks_train_the_auxiliary_head(tmp_path: Path) -> None:
+    """Phantom masks are cached beside the images and drive the auxiliary map loss of the CNN stage."""
+    from ihd_node.phantom import make_series
+    from training.data import mask_size, save_manifest, write_cached_scan
+    from training.train import stage_cnn
+
+    torch.set_num_threads(2)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    scans = []
+    for i, subtypes in enumerate([["subdural"], [], ["intraparenchymal"], []]):
+        s = make_series(40 + i, subtypes=subtypes, n_slices=10, size=96)
+        scans.append(write_cached_scan(cache, s.series_instance_uid, s.series_instance_uid, s.hu,
+                                       s.sop_uids_sorted, s.labels, INPUT, masks=s.masks))
+    save_manifest(cache, scans, INPUT)
+    store = ScanStore(cache)
+    masks = store.masks(scans[0].scan_id)
+    assert masks is not None and masks.shape == (10, mask_size(INPUT), mask_size(INPUT))
+    # A slice labelled subdural has subdural bits in its mask, a negative scan has none.
+    sdh = scans[0].label_array()[:, 5] > 0
+    assert all(((masks[i] >> 4) & 1).any() for i in np.flatnonzero(sdh))
+    assert not store.masks(scans[1].scan_id).any()
+    splits = {"train": [s.scan_id for s in scans], "val": [], "test": []}
+    opts = TrainOptions(work=tmp_path, config=tiny_config("mobilenet_v3_small", INPUT), device="cpu",
+                        cnn_epochs=1, batch_size=8, epoch_size=32, lr_scale=10.0, positive_share=0.5,
+                        mask_weight=1.0, bn_momentum=0.1, verbose=False)
+    state = stage_cnn(opts, store, splits)
+    assert state["done"] and len(state["mask_head"]) >= 2  # at least one map head (weight and bias)
+    assert np.isfinite(state["history"][0]["train_loss"])

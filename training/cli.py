@@ -1,0 +1,166 @@
+"""`python -m training prepare|train|evaluate`: the paper's pipeline on data in the RSNA 2019 layout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ihd_node.errors import UserError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="compact", help="model preset: paper or compact (default compact)")
+    p.add_argument("--input-size", type=int, help="override the preset's input size (pixels)")
+    p.add_argument("--backbone", help="override the preset's backbone (a torchvision name)")
+    p.add_argument("--selector", choices=("pca", "weight_smallest", "weight_largest", "std"),
+                   help="override the feature selection method")
+    p.add_argument("--selected-dim", type=int, help="override the number of selected features")
+
+
+def model_config(args: argparse.Namespace):  # -> ModelConfig (import kept lazy)
+    from ihd_node.model.presets import BACKBONE_FEATURE_DIMS, get_preset
+
+    config = get_preset(args.preset)
+    changes: dict[str, object] = {}
+    if args.input_size:
+        changes["input_size"] = args.input_size
+    if args.backbone:
+        if args.backbone not in BACKBONE_FEATURE_DIMS:
+            raise UserError(f"--backbone {args.backbone}: not supported; choose from "
+                            f"{', '.join(BACKBONE_FEATURE_DIMS)}")
+        changes["backbone"] = args.backbone
+        changes["feature_dim"] = BACKBONE_FEATURE_DIMS[args.backbone]
+    if args.selector:
+        changes["selector"] = args.selector
+    if args.selected_dim:
+        changes["selected_dim"] = args.selected_dim
+    try:
+        return config.with_changes(**changes) if changes else config
+    except ValueError as exc:
+        raise UserError(f"model settings: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="index RSNA-layout data, cache scans at the input size, split by scan")
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder with stage_2_train.csv and stage_2_train/ (the RSNA 2019 layout)")
+    p.add_argument("--csv", type=Path, help="label CSV (default DATA/stage_2_train.csv)")
+    p.add_argument("--images", type=Path, help="folder of ID_<sop>.dcm files (default DATA/stage_2_train)")
+    p.add_argument("--work", type=Path, required=True,
+                   help="work folder for the cache, splits and stage states")
+    add_model_args(p)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of scans for validation (0.05)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="share of scans held out for evaluate")
+    p.add_argument("--group-by", choices=("scan", "patient"), default="scan",
+                   help="keep all slices of a scan (or all scans of a patient) on one side of the split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes for reading and decoding DICOM")
+
+    p = sub.add_parser("train", help="run the three stages (resumes; finished stages are skipped)")
+    p.add_argument("--work", type=Path, required=True)
+    add_model_args(p)
+    p.add_argument("--stages", default="cnn,features,sequence", help="comma-separated subset, in order")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--weights", help="local pretrained backbone state_dict (random init without it)")
+    p.add_argument("--epochs", type=int, default=3, help="CNN epochs (paper 3)")
+    p.add_argument("--lr", type=float, default=1e-4, help="CNN learning rate, first epochs (paper 1e-4)")
+    p.add_argument("--lr-drop-epoch", type=int, default=2, help="epochs at --lr before dropping it (paper 2)")
+    p.add_argument("--lr-drop", type=float, default=0.2, help="factor of the later epochs (paper 0.2 = 2e-5)")
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="multiply both learning rates (about 10 from scratch)")
+    p.add_argument("--batch-size", type=int, default=32, help="CNN batch (paper 32)")
+    p.add_argument("--epoch-size", type=int, help="slices per CNN epoch (default: all training slices)")
+    p.add_argument("--positive-share", type=float, default=0.0,
+                   help="draw this share of positive slices, spread evenly over subtypes (0 = natural)")
+    p.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = off)")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes (4-8 on a GPU machine)")
+    p.add_argument("--save-every", type=int, default=0, help="save the CNN state every N steps too")
+    p.add_argument("--pca-samples", type=int, default=30000,
+                   help="feature vectors for fitting PCA (paper 30k)")
+    p.add_argument("--seq-epochs", type=int, default=4, help="BiLSTM epochs (paper 4)")
+    p.add_argument("--seq-lr", type=float, default=1e-4, help="BiLSTM learning rate (paper 1e-4)")
+    p.add_argument("--seq-batch", type=int, default=1, help="scans per BiLSTM batch (paper 1)")
+    p.add_argument("--threshold-method", choices=("youden", "f1"), default="youden")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="ihd-node")
+    p.add_argument("--version", default="0.0.0")
+    p.add_argument("--trained-on", default="", help="text for the checkpoint provenance and model card")
+    p.add_argument("--out", type=Path, help="checkpoint path (default WORK/model.pt)")
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split; stored in its provenance")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-write", action="store_true", help="only print, leave the checkpoint as it is")
+    return parser
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    from training.data import build_cache, index_rsna, read_rsna_labels, split_groups
+
+    config = model_config(args)
+    csv_path = args.csv or args.data / "stage_2_train.csv"
+    images = args.images or args.data / "stage_2_train"
+    labels = read_rsna_labels(csv_path)
+    print(f"{len(labels)} labelled slices in {csv_path}")
+    scans, skipped = index_rsna(images, labels, workers=args.workers, group_by=args.group_by)
+    print(f"{len(scans)} scans; {len(skipped)} files left out")
+    args.work.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        (args.work / "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
+        print(f"  reasons in {args.work / 'skipped.txt'}")
+    cached, problems = build_cache(scans, labels, args.work / "cache", config.input_size,
+                                   workers=args.workers)
+    for problem in problems[:10]:
+        print(f"  scan left out: {problem}")
+    splits = split_groups(cached, args.val_fraction, args.test_fraction, seed=args.seed)
+    (args.work / "splits.json").write_text(json.dumps(splits))
+    print("splits (scans): " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from training.augment import AugmentConfig
+    from training.train import TrainOptions, run_stages
+
+    opts = TrainOptions(
+        work=args.work, config=model_config(args), device=args.device, seed=args.seed,
+        backbone_weights=args.weights, cnn_epochs=args.epochs, cnn_lr=args.lr,
+        cnn_lr_drop_epoch=args.lr_drop_epoch, cnn_lr_drop=args.lr_drop, lr_scale=args.lr_scale,
+        batch_size=args.batch_size, epoch_size=args.epoch_size, positive_share=args.positive_share,
+        augment=AugmentConfig(strength=args.augment), amp=not args.no_amp, workers=args.workers,
+        save_every=args.save_every, pca_samples=args.pca_samples, seq_epochs=args.seq_epochs,
+        seq_lr=args.seq_lr,
+        seq_batch=args.seq_batch, threshold_method=args.threshold_method, name=args.name,
+        version=args.version, trained_on=args.trained_on,
+    )
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    run_stages(opts, stages, out=args.out)
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.work, args.split, args.device, write=not args.no_write)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"prepare": prepare_command, "train": train_command, "evaluate": evaluate_command}[args.command]
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"python -m training {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,428 @@
+"""Training data: the RSNA 2019 layout read into scans, a per-scan HU cache at the model's input size,
+splits grouped by scan, and torch datasets for slices and scans.
+
+RSNA layout: `stage_2_train.csv` with rows `ID_<sop>_<subtype>,label` and one DICOM file `ID_<sop>.dcm`
+per slice in a folder. The CSV has no notion of scans, so slices are grouped by the SeriesInstanceUID in
+their headers and sorted along the patient axis by ihd_node.dicom.volume (never by file name).
+
+Cache: one uint8 `.npy` per scan holding the three windowed channels at the input size (n, 3, S, S), made
+by the model's own prepare_slices (so training sees exactly what inference sees, including how the
+windows clip before the resize at the skull edge), plus a `manifest.json` with the slice labels in
+sorted order. Decoding DICOM is the slow part of an epoch. uint8 steps are 0.3 HU in the brain window
+and 1.5 HU in the soft-tissue window, below CT noise; 3 bytes per pixel is less than float16 HU x 3.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ihd_node.classes import CLASSES
+from ihd_node.errors import UserError
+from training.progress import progress
+
+CACHE_VERSION = 2
+NO_MASK = 255  # mask value of slices without a lesion mask (bit 7 is never a subtype)
+
+
+class DataError(UserError):
+    """The training data is missing or malformed; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def read_rsna_labels(csv_path: Path) -> dict[str, np.ndarray]:
+    """`ID_<sop>_<subtype>,label` rows -> {"ID_<sop>": uint8[6] in CLASSES order}.
+
+    The key is the file stem, which is what links a row to `ID_<sop>.dcm` (in the real data the
+    SOPInstanceUID itself is `ID_<hex>`). Duplicate rows (the real CSV has some) are merged by max.
+    """
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: label file not found; pass --csv or put stage_2_train.csv in the "
+                        "data folder")
+    labels: dict[str, np.ndarray] = {}
+    seen: dict[str, set[str]] = {}
+    with csv_path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["id", "label"]:
+            raise DataError(f"{csv_path}: expected the header 'ID,Label' of stage_2_train.csv, got {header}")
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                stem, subtype = row[0].rsplit("_", 1)
+                value = int(float(row[1]))
+            except (ValueError, IndexError):
+                raise DataError(f"{csv_path}:{line_no}: cannot parse {row!r}; "
+                                "expected ID_<sop>_<subtype>,0|1") from None
+            if subtype not in CLASSES:
+                raise DataError(f"{csv_path}:{line_no}: unknown subtype {subtype!r}; "
+                                f"expected one of {CLASSES}")
+            arr = labels.setdefault(stem, np.zeros(len(CLASSES), dtype=np.uint8))
+            k = CLASSES.index(subtype)
+            arr[k] = max(arr[k], 1 if value else 0)
+            seen.setdefault(stem, set()).add(subtype)
+    incomplete = [s for s, subs in seen.items() if len(subs) != len(CLASSES)]
+    if incomplete:
+        raise DataError(f"{csv_path}: {len(incomplete)} slices lack some of the 6 label rows "
+                        f"(e.g. {incomplete[0]}); the file is truncated or not the RSNA layout")
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------- index
+
+
+@dataclass
+class ScanIndex:
+    """One scan (series): its files in sorted slice order are decided later by load_volume."""
+
+    scan_id: str  # SeriesInstanceUID
+    group: str  # what splits are grouped by (scan id, or PatientID with --group-by patient)
+    files: list[str]
+
+
+def _header_entry(path: str) -> tuple[str, str | None, str | None, str | None]:
+    """(path, series uid, patient id, problem) for one file; runs in worker processes."""
+    from ihd_node.dicom.volume import VolumeError, read_header, slice_problem
+
+    try:
+        ds = read_header(Path(path))
+    except VolumeError as exc:
+        return path, None, None, str(exc)
+    problem = slice_problem(ds)
+    if problem:
+        return path, None, None, problem
+    return path, str(ds.SeriesInstanceUID), str(ds.get("PatientID", "") or ""), None
+
+
+def _pool_map(fn: Callable, items: Sequence, workers: int, desc: str) -> list:
+    if workers <= 1 or len(items) < 64:
+        return [fn(x) for x in progress(items, desc=desc)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(progress(pool.map(fn, items, chunksize=64), total=len(items), desc=desc))
+
+
+def index_rsna(image_dir: Path, labels: dict[str, np.ndarray], workers: int = 1,
+               group_by: str = "scan") -> tuple[list[ScanIndex], list[tuple[str, str]]]:
+    """Group the labelled DICOM files of the folder into scans by reading their headers.
+
+    Returns the scans and the files left out with the reason (unlabelled, not a CT slice, unreadable).
+    """
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder not found; pass --images (the folder of "
+                        "ID_<sop>.dcm files)")
+    files = sorted(str(p) for p in image_dir.rglob("*.dcm"))
+    if not files:
+        raise DataError(f"{image_dir}: no .dcm files; pass the folder holding ID_<sop>.dcm")
+    skipped: list[tuple[str, str]] = []
+    labelled = []
+    for f in files:
+        if Path(f).stem in labels:
+            labelled.append(f)
+        else:
+            skipped.append((f, "no label rows in the CSV"))
+    if not labelled:
+        raise DataError(f"{image_dir}: none of the {len(files)} files has labels in the CSV; "
+                        "wrong folder or CSV?")
+    scans: dict[str, ScanIndex] = {}
+    for path, series, patient, problem in _pool_map(_header_entry, labelled, workers, "reading headers"):
+        if problem is not None or series is None:
+            skipped.append((path, problem or "no SeriesInstanceUID"))
+            continue
+        group = series if group_by == "scan" else (patient or series)
+        scans.setdefault(series, ScanIndex(scan_id=series, group=group, files=[])).files.append(path)
+    return sorted(scans.values(), key=lambda s: s.scan_id), skipped
+
+
+# ---------------------------------------------------------------------------------------------- windowing
+
+
+def windowed_uint8(hu: np.ndarray, size: int, chunk: int = 16) -> np.ndarray:
+    """(n, H, W) HU -> (n, 3, size, size) uint8: the model's prepare_slices before normalisation, x 255."""
+    from ihd_node.classes import CHANNEL_MEAN, CHANNEL_STD
+    from ihd_node.model.preprocess import prepare_slices
+
+    mean = torch.tensor(CHANNEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CHANNEL_STD).view(1, 3, 1, 1)
+    out = np.empty((hu.shape[0], 3, size, size), dtype=np.uint8)
+    for start in range(0, hu.shape[0], chunk):
+        x = prepare_slices(hu[start:start + chunk], size) * std + mean
+        out[start:start + chunk] = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+@dataclass
+class CachedScan:
+    """One scan in the cache: image file, sorted SOP keys, per-slice labels (n, 6), optional lesion masks."""
+
+    scan_id: str
+    group: str
+    path: str  # .npy relative to the cache folder
+    keys: list[str]
+    labels: list[list[int]]
+    mask_path: str = ""  # (n, S/4, S/4) uint8 bitmask (bit k = SUBTYPES[k]); only synthetic data has masks
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.keys)
+
+    def label_array(self) -> np.ndarray:
+        return np.asarray(self.labels, dtype=np.float32).reshape(-1, len(CLASSES))
+
+
+def scan_file_name(scan_id: str) -> str:
+    # UIDs can be long and contain only digits and dots; a hash keeps names short and filesystem-safe.
+    return hashlib.sha1(scan_id.encode()).hexdigest()[:20] + ".npy"
+
+
+def mask_size(size: int) -> int:
+    """Side of the cached lesion masks: a quarter of the input, finer than any CNN's last feature map."""
+    return max(8, size // 4)
+
+
+def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """(n, H, W) lesion bitmasks -> (n, size, size): a bit is set where the lesion covers any part of a pixel."""
+    m = torch.from_numpy(np.asarray(masks, dtype=np.uint8))
+    if m.shape[-2:] == (size, size):
+        return m.numpy().copy()
+    out = torch.zeros((m.shape[0], size, size), dtype=torch.uint8)
+    for k in range(8):
+        bit = ((m >> k) & 1).float()
+        if bit.any():
+            covered = F.interpolate(bit[:, None], size=(size, size), mode="area")[:, 0] > 0
+            out |= covered.to(torch.uint8) << k
+    return out.numpy()
+
+
+def write_cached_scan(cache_dir: Path, scan_id: str, group: str, hu: np.ndarray, keys: Sequence[str],
+                      labels: np.ndarray, size: int, masks: np.ndarray | None = None) -> CachedScan:
+    """Window and resize one sorted HU volume and store it as uint8; also used by the phantom recipe."""
+    name = scan_file_name(scan_id)
+    small = windowed_uint8(hu, size)
+    tmp = cache_dir / (name + ".tmp.npy")
+    np.save(tmp, small)
+    os.replace(tmp, cache_dir / name)
+    mask_name = ""
+    if masks is not None:
+        mask_name = name.removesuffix(".npy") + ".mask.npy"
+        np.save(cache_dir / mask_name, resize_masks(masks, mask_size(size)))
+    lab = np.asarray(labels, dtype=np.uint8).reshape(-1, len(CLASSES))
+    if len(lab) != len(keys) or len(keys) != small.shape[0]:
+        raise DataError(f"scan {scan_id}: {small.shape[0]} slices but {len(keys)} keys and "
+                        f"{len(lab)} label rows")
+    return CachedScan(scan_id=scan_id, group=group, path=name, keys=list(keys), labels=lab.tolist(),
+                      mask_path=mask_name)
+
+
+def _cache_one(job: tuple[ScanIndex, str, int, dict[str, list[int]]]) -> tuple[CachedScan | None, str | None]:
+    from ihd_node.dicom.volume import VolumeError, load_volume
+
+    scan, cache_dir, size, labels = job
+    try:
+        vol = load_volume(scan.files)
+    except VolumeError as exc:
+        return None, f"{scan.scan_id}: {exc}"
+    keys = [s.path.stem for s in vol.slices]
+    lab = np.asarray([labels[k] for k in keys], dtype=np.uint8)
+    return write_cached_scan(Path(cache_dir), scan.scan_id, scan.group, vol.hu, keys, lab, size), None
+
+
+def build_cache(scans: Sequence[ScanIndex], labels: dict[str, np.ndarray], cache_dir: Path, size: int,
+                workers: int = 1) -> tuple[list[CachedScan], list[str]]:
+    """Decode, sort and resize every scan once; scans already cached (same size) are kept."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = cache_dir / "manifest.json"
+    done: dict[str, CachedScan] = {}
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text())
+        if meta.get("size") == size and meta.get("version") == CACHE_VERSION:
+            done = {s["scan_id"]: CachedScan(**s) for s in meta["scans"] if (cache_dir / s["path"]).is_file()}
+    todo = [s for s in scans if s.scan_id not in done]
+    jobs = [(s, str(cache_dir), size, {Path(f).stem: labels[Path(f).stem].tolist() for f in s.files})
+            for s in todo]
+    problems: list[str] = []
+    for cached, problem in _pool_map(_cache_one, jobs, workers, f"caching scans at {size}px"):
+        if cached is not None:
+            done[cached.scan_id] = cached
+        if problem:
+            problems.append(problem)
+    out = [done[s.scan_id] for s in scans if s.scan_id in done]
+    save_manifest(cache_dir, out, size)
+    return out, problems
+
+
+def save_manifest(cache_dir: Path, scans: Sequence[CachedScan], size: int) -> None:
+    tmp = cache_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps({"version": CACHE_VERSION, "size": size, "scans": [asdict(s) for s in scans]}))
+    os.replace(tmp, cache_dir / "manifest.json")
+
+
+def load_manifest(cache_dir: Path) -> tuple[list[CachedScan], int]:
+    path = cache_dir / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no scan cache; run `python -m training prepare` first")
+    meta = json.loads(path.read_text())
+    return [CachedScan(**s) for s in meta["scans"]], int(meta["size"])
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def split_groups(scans: Sequence[CachedScan], val_fraction: float, test_fraction: float = 0.0,
+                 seed: int = 0) -> dict[str, list[str]]:
+    """Scan ids per split; all scans of one group land on the same side.
+
+    Groups are shuffled with a fixed seed within two strata (any hemorrhage / none), so the splits keep
+    roughly the data's share of positive scans.
+    """
+    groups: dict[str, list[CachedScan]] = {}
+    for s in scans:
+        groups.setdefault(s.group, []).append(s)
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for positive in (True, False):
+        names = sorted(g for g, ss in groups.items()
+                       if any(max(r[0] for r in s.labels) for s in ss) == positive)
+        names = [names[i] for i in rng.permutation(len(names))]
+        n_val = int(round(len(names) * val_fraction))
+        n_test = int(round(len(names) * test_fraction))
+        if val_fraction > 0 and n_val == 0 and len(names) >= 2:
+            n_val = 1
+        parts = {"val": names[:n_val], "test": names[n_val:n_val + n_test], "train": names[n_val + n_test:]}
+        for split, gs in parts.items():
+            out[split].extend(s.scan_id for g in gs for s in groups[g])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+class ScanStore:
+    """The cached scans by id, with memory-mapped HU arrays (cheap random slice access)."""
+
+    def __init__(self, cache_dir: Path, scans: Sequence[CachedScan] | None = None) -> None:
+        self.cache_dir = cache_dir
+        if scans is None:
+            scans, self.size = load_manifest(cache_dir)
+        else:
+            self.size = int(np.load(cache_dir / scans[0].path, mmap_mode="r").shape[-1]) if scans else 0
+        self.scans = {s.scan_id: s for s in scans}
+        self._arrays: dict[str, np.ndarray] = {}
+        self.max_open = 256
+
+    def _open(self, key: str, path: Path) -> np.ndarray:
+        arr = self._arrays.get(key)
+        if arr is None:
+            # Each memory map holds a file descriptor: keep a bounded set (RSNA has ~25k scans).
+            if len(self._arrays) >= self.max_open:
+                self._arrays.pop(next(iter(self._arrays)))
+            arr = np.load(path, mmap_mode="r")
+            self._arrays[key] = arr
+        return arr
+
+    def images(self, scan_id: str) -> np.ndarray:
+        """(n, 3, S, S) uint8, memory-mapped."""
+        return self._open(scan_id, self.cache_dir / self.scans[scan_id].path)
+
+    def labels(self, scan_id: str) -> np.ndarray:
+        return self.scans[scan_id].label_array()
+
+    def masks(self, scan_id: str) -> np.ndarray | None:
+        """(n, S/4, S/4) uint8 lesion bitmask, memory-mapped; None for data without masks (RSNA)."""
+        scan = self.scans[scan_id]
+        if not scan.mask_path:
+            return None
+        return self._open(scan_id + "#mask", self.cache_dir / scan.mask_path)
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Single slices as (windowed uint8 (3, S, S), labels (6,) float32).
+
+    Augmentation runs batched on the device (training/augment.py), not here.
+    """
+
+    def __init__(self, store: ScanStore, scan_ids: Iterable[str]) -> None:
+        self.store = store
+        self.items: list[tuple[str, int]] = []
+        rows = []
+        for sid in scan_ids:
+            lab = store.labels(sid)
+            self.items.extend((sid, i) for i in range(len(lab)))
+            rows.append(lab)
+        self.labels = np.concatenate(rows) if rows else np.zeros((0, len(CLASSES)), np.float32)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, labels, mask); the mask is (S/4, S/4) uint8 bits, all NO_MASK where the scan has none."""
+        sid, i = self.items[index]
+        masks = self.store.masks(sid)
+        size = mask_size(self.store.size)
+        mask = (torch.from_numpy(np.array(masks[i])) if masks is not None
+                else torch.full((size, size), NO_MASK, dtype=torch.uint8))
+        return torch.from_numpy(np.array(self.store.images(sid)[i])), torch.from_numpy(self.labels[index]), mask
+
+
+class ScanDataset(torch.utils.data.Dataset):
+    """Whole scans as (windowed uint8 (n, 3, S, S), labels (n, 6) float32, scan id)."""
+
+    def __init__(self, store: ScanStore, scan_ids: Iterable[str]) -> None:
+        self.store = store
+        self.ids = list(scan_ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        sid = self.ids[index]
+        images = torch.from_numpy(np.array(self.store.images(sid)))
+        return images, torch.from_numpy(self.store.labels(sid)), sid
+
+
+def balanced_slice_weights(labels: np.ndarray, positive_share: float = 0.5) -> np.ndarray:
+    """Sampling weights giving positives `positive_share` of draws, split evenly over the subtypes present.
+
+    A slice with several subtypes counts towards each (its weight is the sum of its subtypes' shares), so
+    rare subtypes (epidural) are drawn as often as common ones. 0 keeps the natural distribution.
+    """
+    n = len(labels)
+    if positive_share <= 0 or n == 0:
+        return np.ones(n, dtype=np.float64)
+    subtypes = labels[:, 1:] > 0.5
+    negative = ~(labels[:, 0] > 0.5)
+    present = [k for k in range(subtypes.shape[1]) if subtypes[:, k].any()]
+    w = np.zeros(n, dtype=np.float64)
+    if negative.any():
+        w[negative] = (1.0 - positive_share) / negative.sum() if present else 1.0 / negative.sum()
+    for k in present:
+        w[subtypes[:, k]] += positive_share / len(present) / subtypes[:, k].sum()
+    # `any` positives without a subtype label (should not happen) still get drawn sometimes.
+    orphan = (labels[:, 0] > 0.5) & ~subtypes.any(axis=1)
+    if orphan.any():
+        w[orphan] = positive_share / max(len(present), 1) / orphan.sum()
+    return w
+
+
+def epoch_indices(weights: np.ndarray, n_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The slice indices of one epoch, reproducible from (seed, epoch): a resumed epoch continues exactly."""
+    rng = np.random.default_rng([seed, epoch])
+    if np.allclose(weights, weights[0]) and n_samples == len(weights):
+        return rng.permutation(len(weights))
+    p = weights / weights.sum()
+    return rng.choice(len(weights), size=n_samples, replace=True, p=p)
