@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from ihd_node.classes import CLASSES, SUBTYPES
@@ -68,19 +69,27 @@ def test_analyze_json_on_held_out_phantoms_meets_the_aucs(held_out) -> None:
         assert aucs[cls] >= AUC_SUBTYPE, (cls, aucs)
 
 
+def cam_cell_pixels(predictor: Predictor, rows: int) -> int:
+    """One cell of the Grad-CAM grid in the slice's pixels: "next to" the lesion at the map's resolution."""
+    grid = []
+    handle = predictor.model.cnn.cam_layer.register_forward_hook(lambda _m, _i, out: grid.append(out.shape[-1]))
+    size = predictor.config.input_size
+    with torch.inference_mode():
+        predictor.model.cnn(torch.zeros(1, 3, size, size))
+    handle.remove()
+    return math.ceil(rows / grid[0])
+
+
 def test_grad_cam_points_at_the_lesion() -> None:
     predictor = Predictor.load("default", device="cpu")
-    cell = None
+    cell = cam_cell_pixels(predictor, 512)
     hits = judged = 0
     for k, subtypes in enumerate([["epidural"], ["subdural"], ["intraparenchymal"], ["intraventricular"],
                                   ["subarachnoid"], ["subdural", "intraparenchymal"]]):
-        series = make_series(HELD_OUT_SEED + 500 + k, subtypes=subtypes, n_slices=20)
+        series = make_series(HELD_OUT_SEED + 500 + k, subtypes=subtypes, n_slices=20, size=512)
         prediction = predictor.predict(series.hu, explain=True)
-        rows = series.hu.shape[1]
-        # One cell of the CNN's last-stage grid (stride 32) in the slice's pixels: "next to" the lesion.
-        cell = math.ceil(rows * 32 / predictor.config.input_size)
         h, j = lesion_hits(prediction.heatmaps, series.masks, margin=cell)
         hits, judged = hits + h, judged + j
     print(f"Grad-CAM peak inside or within {cell} px of the lesion: {hits}/{judged}")
     assert judged >= 20
-    assert hits / judged >= 0.6, f"{hits}/{judged}"
+    assert hits / judged >= 0.7, f"{hits}/{judged}"  # "most" positive slices; 0.81 measured

@@ -33,11 +33,13 @@ def test_every_backbone_gives_logits_features_and_a_cam_layer(name: str) -> None
     assert not any(k.startswith("cam_layer") for k in cnn.state_dict())
 
 
-def test_resnet_cam_layer_is_last_block_of_layer4() -> None:
+def test_cam_layers_resnet_last_block_of_layer4_mobilenet_small_stride16() -> None:
     cnn = _build_meta("resnext50_32x4d")
     assert cnn.cam_layer is cnn.backbone.layer4[-1]
-    cnn = _build_meta("mobilenet_v3_small")
+    cnn = _build_meta("mobilenet_v3_large")
     assert cnn.cam_layer is cnn.backbone.features[-1]
+    cnn = _build_meta("mobilenet_v3_small")  # the shipped default: a finer grid (see cnn.py)
+    assert cnn.cam_layer is cnn.backbone.features[8]
 
 
 def test_real_forward_small_input() -> None:
