@@ -174,17 +174,20 @@ class MaskHead(torch.nn.Module):
 
     Used only in training on data with lesion masks (phantoms): dense targets teach a network trained
     from scratch where to look far faster than one label per slice, and make its Grad-CAM maps point at
-    the lesion. Besides the last map (Grad-CAM's layer), the last maps at strides 8 and 16 get a head too,
+    the lesion. Besides the final map, the last maps at strides 8 and 16 get a head too,
     so early layers learn what blood looks like. Not part of the exported model.
     """
 
     def __init__(self, cnn: torch.nn.Module, input_size: int, num_classes: int,
                  strides: Sequence[int] = (8, 16)) -> None:
         super().__init__()
-        layers: list[torch.nn.Module] = [cnn.cam_layer]
+        stages = _stage_outputs(cnn)
+        # The final feature map (feature_dim channels), whatever layer inference uses for Grad-CAM.
+        last = stages[-1] if stages else cnn.cam_layer
+        layers: list[torch.nn.Module] = [last]
         shapes: dict[int, tuple[int, int]] = {}
         hooks = [m.register_forward_hook(lambda mod, i, o, k=k: shapes.__setitem__(k, tuple(o.shape[1:3])))
-                 for k, m in enumerate(_stage_outputs(cnn))]
+                 for k, m in enumerate(stages)]
         training = cnn.training
         cnn.eval()  # a probe pass must not touch BatchNorm statistics
         with torch.no_grad():
@@ -192,11 +195,10 @@ class MaskHead(torch.nn.Module):
         cnn.train(training)
         for h in hooks:
             h.remove()
-        stages = _stage_outputs(cnn)
         channels = [int(cnn.feature_dim)]
         for stride in strides:
             hits = [k for k, (_, h) in shapes.items() if h == input_size // stride]
-            if hits and stages[max(hits)] is not cnn.cam_layer:
+            if hits and stages[max(hits)] is not last:
                 layers.append(stages[max(hits)])
                 channels.append(shapes[max(hits)][0])
         self.convs = torch.nn.ModuleList(torch.nn.Conv2d(c, num_classes, kernel_size=1) for c in channels)
