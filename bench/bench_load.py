@@ -25,10 +25,8 @@ import time
 from pathlib import Path
 
 import yaml
-from pydicom.uid import CTImageStorage
-from pynetdicom import AE
 
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port
+from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_datasets
 from ihd_node.phantom import PhantomSeries, make_series
 
 NODE_AET = "IHD_AI"
@@ -70,20 +68,11 @@ class RssSampler:
 
 def send_study(port: int, series: PhantomSeries, calling: str, barrier: threading.Barrier,
                out: dict[str, object]) -> None:
+    """One association: open it, wait for the others to be open too, send every slice, release."""
     try:
-        ae = AE(ae_title=calling)
-        ae.add_requested_context(CTImageStorage, sorted({str(d.file_meta.TransferSyntaxUID)
-                                                         for d in series.datasets}))
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
-        assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
-        if not assoc.is_established:
-            out["error"] = "association not established"
-            barrier.abort()
-            return
-        barrier.wait(timeout=120)
-        out["statuses"] = [int(assoc.send_c_store(ds).get("Status", -1)) for ds in series.datasets]
-        assoc.release()
-    except Exception as exc:
+        out["statuses"] = send_datasets(series.datasets, host="127.0.0.1", port=port, called_aet=NODE_AET,
+                                        calling_aet=calling, timeout=120, barrier=barrier)
+    except Exception as exc:  # reported by the main thread
         out["error"] = f"{type(exc).__name__}: {exc}"
 
 

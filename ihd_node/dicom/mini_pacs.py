@@ -89,23 +89,43 @@ class MiniPACS:
         self.stop()
 
 
-def send_files(paths: list[Path], *, host: str, port: int, called_aet: str, calling_aet: str = "MINIPACS",
-               tls_args=None) -> list[int]:
-    """Send files over one association, as a PACS routing a study would; returns the DIMSE status of each."""
-    import pydicom
+def send_datasets(datasets: list[Dataset], *, host: str, port: int, called_aet: str,
+                  calling_aet: str = "MINIPACS", tls_args=None, timeout: float = 30.0,
+                  barrier: threading.Barrier | None = None) -> list[int]:
+    """Send data sets over one association, as a PACS routing a study would; the DIMSE status of each
+    (-1 where no status came back).
 
-    datasets = [pydicom.dcmread(p) for p in paths]
+    With `barrier`, the association waits after it is open until the barrier's other parties are open
+    too, so that several senders really overlap (a failed association aborts the barrier).
+    """
     ae = AE(ae_title=calling_aet)
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop_class)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    syntaxes: dict[str, set[str]] = {}
+    for ds in datasets:  # offer each SOP class in the transfer syntaxes the data sets are encoded in
+        syntaxes.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+    for sop_class, transfer_syntaxes in sorted(syntaxes.items()):
+        ae.add_requested_context(sop_class, sorted(transfer_syntaxes))
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
     if not assoc.is_established:
+        if barrier is not None:
+            barrier.abort()
         raise ConnectionError(f"association to {called_aet}@{host}:{port} was not established")
     statuses = []
     try:
+        if barrier is not None:
+            barrier.wait(timeout=timeout)
         for ds in datasets:
             answer = assoc.send_c_store(ds)
             statuses.append(int(answer.Status) if "Status" in answer else -1)
     finally:
         assoc.release()
     return statuses
+
+
+def send_files(paths: list[Path], *, host: str, port: int, called_aet: str, calling_aet: str = "MINIPACS",
+               tls_args=None) -> list[int]:
+    """Send files over one association (see send_datasets)."""
+    import pydicom
+
+    return send_datasets([pydicom.dcmread(p) for p in paths], host=host, port=port, called_aet=called_aet,
+                         calling_aet=calling_aet, tls_args=tls_args)

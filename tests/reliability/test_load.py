@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from conftest import NODE_AET, wait_until
-from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from ihd_node.dicom.mini_pacs import send_datasets
 from ihd_node.phantom import PhantomSeries, make_series
 
 N_ASSOCIATIONS = 8
@@ -51,22 +51,8 @@ def send_study(port: int, series: PhantomSeries, calling: str, barrier: threadin
                out: dict[str, object]) -> None:
     """One association: open it, wait for the others to be open too, send every slice, release."""
     try:
-        ae = AE(ae_title=calling)
-        ae.add_requested_context(CTImageStorage, sorted({str(d.file_meta.TransferSyntaxUID)
-                                                         for d in series.datasets}))
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-        assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
-        if not assoc.is_established:
-            out["error"] = "association not established"
-            barrier.abort()
-            return
-        barrier.wait(timeout=60)
-        statuses = []
-        for ds in series.datasets:
-            answer = assoc.send_c_store(ds)
-            statuses.append(int(answer.Status) if "Status" in answer else -1)
-        assoc.release()
-        out["statuses"] = statuses
+        out["statuses"] = send_datasets(series.datasets, host="127.0.0.1", port=port, called_aet=NODE_AET,
+                                        calling_aet=calling, timeout=60, barrier=barrier)
     except Exception as exc:  # reported by the main thread
         out["error"] = f"{type(exc).__name__}: {exc}"
 
