@@ -216,12 +216,36 @@ class DatabaseConfig(_Section):
             url = make_url(value)
         except ArgumentError:
             raise ValueError("is not an SQLAlchemy database URL") from None
+        _check_database_driver(url)
         base = (info.context or {}).get("base_dir")
         db = url.database
         if url.get_backend_name() == "sqlite" and db and db != ":memory:" and base is not None:
             if not Path(db).is_absolute():  # a relative SQLite file lies next to the config, like other paths
                 return url.set(database=str(Path(base) / db)).render_as_string(hide_password=False)
         return value
+
+
+def _check_database_driver(url: Any) -> None:
+    """The URL's database kind must be known to SQLAlchemy and its Python driver installed here.
+
+    Otherwise `serve` would pass the config check and fail opening the database (issue 7 item 11)."""
+    from sqlalchemy.exc import NoSuchModuleError
+
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(
+            f"names the database kind `{url.drivername}`, which SQLAlchemy does not know; use "
+            "sqlite:////path/ihd.sqlite or postgresql+psycopg://user@host/db"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module = getattr(exc, "name", None) or str(exc)
+        raise ValueError(
+            f"needs the Python driver `{module}`, which is not installed; install it into ihd-node's "
+            f"environment (pip install {module}) or choose an installed driver in the URL"
+        ) from None
 
 
 class SeriesConfig(_Section):
@@ -657,6 +681,53 @@ def summary(config: Config) -> list[str]:
     ]
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _writable_dir_problem(path: Path, what: str) -> str | None:
+    """Why `path` (a folder the node creates or writes into) cannot be used, or None when it can."""
+    import os
+
+    if path.exists():
+        if not path.is_dir():
+            return f"{what} {path} is not a folder; point it at a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{what} {path} is not writable by this user; chown it to the ihd-node user or choose another"
+        return None
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        return f"{what} {path} cannot be created: {base} is a file, not a folder; choose another path"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return (f"{what} {path} cannot be created: {base} is not writable by this user; create it "
+                "(owned by the ihd-node user) or choose another path")
+    return None
+
+
+def runtime_problems(config: Config) -> list[str]:
+    """What would stop `serve` on this machine although the file itself is valid: folders it cannot create
+    or write. Checked by `check-config` and at the start of `serve` (not by status/log, which only read)."""
+    from sqlalchemy.engine import make_url
+
+    where = str(config.source) if config.source else "the config"
+    problems = []
+    storage = _writable_dir_problem(Path(config.storage.dir), "storage.dir")
+    if storage:
+        problems.append(f"{storage} ({where})")
+    url = make_url(config.database_url)
+    db = url.database
+    if url.get_backend_name() == "sqlite" and db and db != ":memory:" and not db.startswith("file:"):
+        file = Path(db)
+        parent_problem = _writable_dir_problem(file.parent, "the folder of the SQLite database")
+        if file.is_dir():
+            problems.append(f"database.url: {file} is a folder, not a database file ({where})")
+        elif parent_problem and Path(config.storage.dir) not in (file.parent, *file.parent.parents):
+            problems.append(f"database.url: {parent_problem} ({where})")
+    return problems
+
+
 def check_config_command(args: Any) -> int:
     """`ihd-node check-config FILE`: validate without starting; exit 0 when fine, 2 otherwise."""
     import sys
@@ -665,6 +736,11 @@ def check_config_command(args: Any) -> int:
         config = load_config(args.file)
     except ConfigError as exc:
         print(f"ihd-node check-config: error: {exc}", file=sys.stderr)
+        return 2
+    problems = runtime_problems(config)
+    if problems:
+        for line in problems:
+            print(f"ihd-node check-config: error: {line}", file=sys.stderr)
         return 2
     print(f"{args.file}: OK")
     for line in summary(config):

@@ -40,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -351,7 +351,13 @@ class Database:
                     f"no log database at {parsed.database}; start the node once "
                     "(ihd-node serve) or check database.url in the config"
                 )
-        self.engine: Engine = create_engine(parsed, **kwargs)
+        try:
+            self.engine: Engine = create_engine(parsed, **kwargs)
+        except (NoSuchModuleError, ImportError) as exc:
+            raise DatabaseError(
+                f"cannot open {parsed.render_as_string(hide_password=True)}: {exc}; install its driver or "
+                "fix database.url"
+            ) from None
         if self.is_sqlite:
             self._sqlite_setup(busy_timeout_ms)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -379,7 +385,7 @@ class Database:
         try:
             with self._write_lock:
                 Base.metadata.create_all(self.engine)
-        except OperationalError as exc:
+        except DBAPIError as exc:  # unreachable server, no permission, a file that is not a database
             where = self.url.render_as_string(hide_password=True)
             raise DatabaseError(
                 f"cannot open the log database {where}: {exc.orig}; check database.url and that "

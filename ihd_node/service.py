@@ -29,7 +29,7 @@ import pydicom.config
 from sqlalchemy import func, select
 
 from ihd_node import faults, nodelog
-from ihd_node.config import Config, load_config, summary
+from ihd_node.config import Config, load_config, runtime_problems, summary
 from ihd_node.db import Database, Delivery, ResultObject, open_database, utcnow
 from ihd_node.dicom.assembler import Assembler
 from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
@@ -90,9 +90,13 @@ class Node:
         for line in summary(cfg):
             nodelog.info("config", line=line)
         storage = Path(cfg.storage.dir)
-        storage.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.results_dir, 0o700)
+        try:
+            storage.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.results_dir, 0o700)
+        except OSError as exc:
+            raise UserError(f"storage.dir {storage} cannot be used: {exc.strerror or exc} ({exc.filename}); "
+                            "create it for the ihd-node user or choose another storage.dir") from None
         self.spool = Spool(cfg.storage.spool_dir)
         self.db = open_database(cfg.database_url)
         self.recover()
@@ -400,6 +404,9 @@ def serve_command(args: Any) -> int:
     # the node reads whatever senders send, so it does not warn about values (stdout goes to the journal).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     config = load_config(args.config)
+    problems = runtime_problems(config)
+    if problems:
+        raise UserError("; ".join(problems))
     # Under systemd (JOURNAL_STREAM set) journald adds the time stamps; elsewhere the log line carries them.
     nodelog.setup(level=logging.getLevelNamesMapping()[config.logging.level],
                   timestamps=not os.environ.get("JOURNAL_STREAM"))
@@ -411,7 +418,18 @@ def serve_command(args: Any) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    node = Node(config).start()
+    node = Node(config)
+    try:
+        node.start()
+    except UserError:
+        node.stop()
+        raise
+    except Exception as exc:
+        # Any start-up failure is one line and exit 2 (the unit's RestartPreventExitStatus): restarting
+        # cannot fix what stopped the first start, and a traceback hides the cause from the admin.
+        node.stop()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"the node could not start: {type(exc).__name__}: {first}") from None
     try:
         while not stop.wait(1.0):
             pass
