@@ -33,7 +33,9 @@ def parse_since(text: str) -> timedelta:
 
 def _open(config_path: str) -> Database:
     config = load_config(config_path)
-    return Database(config.database_url, create=False)
+    db = Database(config.database_url, create=False)
+    db.check_schema()  # a schema from another version would answer wrongly or not at all
+    return db
 
 
 def _iso(value: datetime | None) -> str | None:

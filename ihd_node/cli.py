@@ -22,6 +22,7 @@ HANDLERS = {
     "log": "ihd_node.admin:log_command",
     "check-config": "ihd_node.config:check_config_command",
     "model": "ihd_node.model.describe:model_command",
+    "db": "ihd_node.migrations.cli:db_command",
 }
 
 
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = msub.add_parser("describe", help="the architecture of a preset or checkpoint")
     d.add_argument("name", metavar="PRESET_OR_CHECKPOINT")
     d.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("db", help="the log database's schema (migrations)")
+    dsub = p.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    d = dsub.add_parser("upgrade", help="create or migrate the schema to this version's newest")
+    d.add_argument("--config", required=True)
+    d = dsub.add_parser("current", help="which schema revision the database has (exit 1 unless current)")
+    d.add_argument("--config", required=True)
     return parser
 
 

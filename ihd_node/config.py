@@ -200,7 +200,8 @@ class StorageConfig(_Section):
 class DatabaseConfig(_Section):
     url: str | None = _f(
         None,
-        "SQLAlchemy URL of the log database; unset = `sqlite:///<storage.dir>/ihd.sqlite`.",
+        "SQLAlchemy URL of the log database; unset = `sqlite:///<storage.dir>/ihd.sqlite`. "
+        "PostgreSQL: `postgresql+psycopg://user:password@host/dbname`.",
         "sqlite:////var/lib/ihd-node/ihd.sqlite",
     )
 

@@ -47,7 +47,9 @@ from sqlalchemy.pool import StaticPool
 from ihd_node.classes import CLASSES
 from ihd_node.errors import UserError
 
-SCHEMA_VERSION = 1
+# meta.schema_version: 1 = the release before Alembic; 2 = managed by Alembic (alembic_version
+# holds the revision). The previous release refuses a value above 1.
+SCHEMA_VERSION = 2
 log = logging.getLogger("ihd_node.events")
 
 # Series life cycle (design.md): received -> complete -> analyzing -> delivering -> delivered;
@@ -308,6 +310,17 @@ def classify_status(status: int | None) -> str:
 # ---------------------------------------------------------------- the database
 
 
+def _migrations() -> Any:
+    try:
+        from ihd_node import migrations
+    except ModuleNotFoundError as exc:  # an environment installed before alembic became a dependency
+        raise DatabaseError(
+            f"the Python package {exc.name} is missing: install ihd-node's dependencies again "
+            "(`.venv/bin/pip install -e .`; pyproject.toml lists alembic and psycopg)"
+        ) from None
+    return migrations
+
+
 def _prepare_sqlite_file(database: str) -> None:
     # Owner-only: the database holds UIDs and accession numbers of real patients.
     path = Path(database)
@@ -351,12 +364,15 @@ class Database:
                     f"no log database at {parsed.database}; start the node once "
                     "(ihd-node serve) or check database.url in the config"
                 )
+        else:
+            # A server restart closes every pooled connection: test each before use instead of failing once.
+            kwargs["pool_pre_ping"] = True
         try:
             self.engine: Engine = create_engine(parsed, **kwargs)
         except (NoSuchModuleError, ImportError) as exc:
             raise DatabaseError(
                 f"cannot open {parsed.render_as_string(hide_password=True)}: {exc}; install its driver or "
-                "fix database.url"
+                "fix database.url (PostgreSQL: postgresql+psycopg://...)"
             ) from None
         if self.is_sqlite:
             self._sqlite_setup(busy_timeout_ms)
@@ -381,26 +397,38 @@ class Database:
     # -------------------------------------------------------- plumbing
 
     def create_all(self) -> None:
-        """Create missing tables and record the schema version; refuse a database from a newer version."""
+        """Make the schema current before the node runs: create it in an empty database, migrate an older
+        one where that is safe (SQLite: one process owns it), refuse anything else with what to do.
+
+        The schema belongs to Alembic (ihd_node.migrations); see there for every case."""
+        self._ensure_schema(create=True, upgrade=self.is_sqlite)
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """`ihd-node db upgrade`: create or migrate to the newest schema. Returns (revision before, after)."""
+        before, after = self._ensure_schema(create=True, upgrade=True)
+        return before.current, after.current or after.head
+
+    def check_schema(self) -> None:
+        """Readers (status, log): refuse a schema this version does not run on; write nothing."""
+        migrations = _migrations()
+        try:
+            migrations.check_schema(self.engine, where=self._where())
+        except DBAPIError as exc:
+            raise DatabaseError(f"cannot open the log database {self._where()}: {exc.orig}") from None
+
+    def _where(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+    def _ensure_schema(self, *, create: bool, upgrade: bool) -> tuple[Any, Any]:
+        migrations = _migrations()
         try:
             with self._write_lock:
-                Base.metadata.create_all(self.engine)
+                return migrations.ensure_schema(self.engine, where=self._where(), create=create, upgrade=upgrade)
         except DBAPIError as exc:  # unreachable server, no permission, a file that is not a database
-            where = self.url.render_as_string(hide_password=True)
             raise DatabaseError(
-                f"cannot open the log database {where}: {exc.orig}; check database.url and that "
+                f"cannot open the log database {self._where()}: {exc.orig}; check database.url and that "
                 "the ihd-node user may write there"
             ) from None
-        with self._write_lock:
-            with self.session() as s:
-                row = s.get(Meta, "schema_version")
-                if row is None:
-                    s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-                elif int(row.value) > SCHEMA_VERSION:
-                    raise DatabaseError(
-                        f"{self.url.render_as_string(hide_password=True)} has schema version {row.value}, "
-                        f"newer than this ihd-node ({SCHEMA_VERSION}); upgrade ihd-node or use another one"
-                    )
 
     @contextmanager
     def session(self) -> Iterator[Session]:

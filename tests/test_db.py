@@ -1,5 +1,6 @@
-"""The log database on a real SQLite file: WAL, owner-only files, idempotent receiving, completion,
-the outbox's retry bookkeeping, recovery queries and the absence of patient identity columns."""
+"""The log database on a real SQLite file and a real PostgreSQL server (tests/pg.py): WAL, owner-only
+files, idempotent receiving, completion, the outbox's retry bookkeeping, recovery queries and the absence
+of patient identity columns."""
 
 from __future__ import annotations
 
@@ -29,8 +30,20 @@ def at(seconds: float) -> datetime:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
+def sqlite_db(tmp_path: Path) -> Database:
     database = open_database(f"sqlite:///{tmp_path / 'state' / 'ihd.sqlite'}")
+    yield database
+    database.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """Everything the node records, on both databases it supports (PostgreSQL: tests/pg.py's server)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state' / 'ihd.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    database = open_database(url)
     yield database
     database.close()
 
@@ -89,7 +102,8 @@ def analyze(
     )
 
 
-def test_sqlite_file_is_wal_and_owner_only(tmp_path: Path, db: Database) -> None:
+def test_sqlite_file_is_wal_and_owner_only(tmp_path: Path, sqlite_db: Database) -> None:
+    db = sqlite_db
     path = tmp_path / "state" / "ihd.sqlite"
     assert db.journal_mode() == "wal"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -1,0 +1,28 @@
+"""Fixtures shared by every test module: one real PostgreSQL server per test session (tests/pg.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.pg import PostgresServer, why_no_postgres
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL 15 cluster of our own on a free loopback port, for the whole session."""
+    reason = why_no_postgres()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer().init().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """A new empty database on the session's server (SQLAlchemy URL, psycopg 3)."""
+    return postgres.create_database()
