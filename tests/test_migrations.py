@@ -219,3 +219,10 @@ def test_processes_starting_together_on_postgresql_create_it_once(postgres_url: 
     with db.read_session() as s:
         assert s.scalar(select(func.count()).select_from(Series)) == 0
     db.close()
+
+
+def test_an_unreachable_postgresql_is_one_clear_error() -> None:
+    from ihd_node.dicom.mini_pacs import free_port
+
+    with pytest.raises(DatabaseError, match=r"cannot open the log database postgresql\+psycopg://ihd@127.0.0.1"):
+        open_today(f"postgresql+psycopg://ihd@127.0.0.1:{free_port()}/ihd")
