@@ -20,7 +20,8 @@ from ihd_node.prediction import Prediction
 
 
 class SeriesPredictor(Protocol):
-    def predict(self, hu: np.ndarray, explain: bool = True, max_cam_slices: int | None = None) -> Prediction: ...
+    def predict(self, hu: np.ndarray, explain: bool = True, max_cam_slices: int | None = None, *,
+                pixel_spacing_mm: float = 0.5) -> Prediction: ...
 
 
 @dataclass
@@ -60,7 +61,8 @@ def analyze_series(
     hu, groups = volume.hu, [[i] for i in range(volume.n_slices)]
     if 0 < volume.slice_spacing < thin_slice_mm:
         hu, groups = combine_thin_slices(volume.hu, volume.slice_spacing, target_mm=slab_mm)
-    prediction = predictor.predict(hu, explain=explain, max_cam_slices=max_cam_slices)
+    prediction = predictor.predict(hu, explain=explain, max_cam_slices=max_cam_slices,
+                                   pixel_spacing_mm=float(min(volume.pixel_spacing)))
     finished = time.perf_counter()
     return SeriesAnalysis(
         volume=volume,

@@ -71,7 +71,8 @@ def analyze_command(args: argparse.Namespace) -> int:
     rejected = [(str(p), reason) for p, reason in groups.rejected]
     if not groups.series:
         print("no usable CT series among the given files", file=sys.stderr)
-    predictor = Predictor.load(args.model, device=args.device) if groups.series else None
+    predictor = (Predictor.load(args.model, device=args.device, explain=args.explain)
+                 if groups.series else None)
     summaries = []
     for series_uid, paths in groups.series.items():
         started = time.perf_counter()

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the SR and Grad-CAM secondary captures into this folder")
     p.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM heatmaps")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--explain", choices=["decision", "cnn"], default="decision",
+                   help="what the heatmaps explain: the final (BiLSTM) decision or the per-slice CNN")
 
     p = sub.add_parser("demo", help="end-to-end demo: node + small PACS + two phantom studies")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")

@@ -358,6 +358,10 @@ class ModelSection(_Section):
         "default", "`default` (the shipped model) or the path of a checkpoint file.", "default", min_length=1
     )
     device: str = _f("auto", "`auto` (a GPU when present), `cpu`, `cuda` or `cuda:N`.", "auto")
+    explain: Literal["decision", "cnn"] = _f(
+        "decision", "What the Grad-CAM heatmaps explain: `decision` (the final BiLSTM output of the slice, "
+        "back-propagated through the sequence model) or `cnn` (the paper's per-slice CNN).", "decision"
+    )
 
     @field_validator("checkpoint")
     @classmethod

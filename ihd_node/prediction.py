@@ -35,6 +35,7 @@ class Prediction:
     # (slice, class) -> heatmap (rows, cols) in [0, 1], only for pairs judged positive
     heatmaps: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
+    explained: str = ""  # what the heatmaps explain: "decision" (the BiLSTM output), "cnn", "" (none made)
 
     def threshold(self, cls: str) -> float:
         return float(self.model.thresholds.get(cls, 0.5))

@@ -273,7 +273,8 @@ class Node:
             return self.predictor
         from ihd_node.model.pipeline import Predictor  # torch only in this thread's path
 
-        predictor = Predictor.load(self.config.model.checkpoint_path, device=self.config.model.device)
+        predictor = Predictor.load(self.config.model.checkpoint_path, device=self.config.model.device,
+                                   explain=self.config.model.explain)
         predictor.thresholds.update(self.config.analysis.thresholds)  # admin overrides per class
         ident = predictor.identity
         nodelog.info("model.loaded", name=ident.name, version=ident.version, device=str(predictor.device))

@@ -102,3 +102,63 @@ def test_lesion_hits_reads_phantom_bitmasks() -> None:
                 (1, "subdural"): on_sdh}
     # (2, any) and (1, subdural) have no such lesion: not judged.
     assert lesion_hits(heatmaps, masks) == (2, 3)
+
+
+def _forward_keeping(model, images: torch.Tensor, batch: int):
+    """The pipeline's forward pass: CAM activations as leaves, per batch; (acts, cnn_logits, features, logits)."""
+    from ihd_node.model.gradcam import frozen
+
+    acts = []
+
+    def keep(_m, _i, out):
+        leaf = out.detach().requires_grad_(True)
+        acts.append(leaf)
+        return leaf
+
+    with frozen(model):
+        handle = model.cnn.cam_layer.register_forward_hook(keep)
+        parts = [model.forward_features(images[i:i + batch]) for i in range(0, images.shape[0], batch)]
+        handle.remove()
+        cnn_logits, features = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        logits = model.sequence_logits(features[None], cnn_logits[None])[0]
+    return acts, cnn_logits, features, logits
+
+
+@pytest.mark.parametrize("explain", ["decision", "cnn"])
+def test_maps_from_kept_activations_equal_the_direct_gradient(explain: str) -> None:
+    """Batched pull-back through the CNN tail == each target's own full backward to its slice."""
+    from ihd_node.model.gradcam import cams_from_activations
+    from ihd_node.model.network import IhdModel
+    from ihd_node.model.presets import tiny_config
+
+    torch.manual_seed(0)
+    model = IhdModel(tiny_config(backbone="mobilenet_v3_small")).eval()
+    torch.nn.init.normal_(model.selector.components, std=0.1)
+    images = _images(7)
+    acts, cnn_logits, features, logits = _forward_keeping(model, images, batch=3)
+    outputs = logits if explain == "decision" else cnn_logits
+    targets = [(0, 1), (2, 0), (2, 3), (4, 5), (6, 0), (3, 2)]
+    maps = cams_from_activations(acts, (cnn_logits, features), outputs, targets, out_size=(40, 40))
+    for k, (index, cls) in enumerate(targets):
+        b, row = index // 3, index % 3
+        (grad,) = torch.autograd.grad(outputs[index, cls], acts[b], retain_graph=True)
+        weights = grad[row].mean(dim=(1, 2), keepdim=True)
+        cam = torch.relu((weights * acts[b].detach()[row]).sum(dim=0))[None, None]
+        cam = F.interpolate(cam, size=(40, 40), mode="bilinear", align_corners=False)[0, 0]
+        want = cam / cam.max() if cam.max() > 0 else cam
+        torch.testing.assert_close(maps[k], want, atol=1e-4, rtol=1e-4)
+    if explain == "decision":
+        # The BiLSTM mixes slices: the decision's map is not the CNN's.
+        cnn_maps = cams_from_activations(acts, (cnn_logits, features), cnn_logits, targets, out_size=(40, 40))
+        assert not torch.allclose(maps, cnn_maps, atol=1e-3)
+
+
+def test_mask_heatmap_keeps_only_the_mask_and_rescales() -> None:
+    from ihd_node.model.gradcam import mask_heatmap
+
+    heat = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    mask = np.zeros((10, 10), bool)
+    mask[2:5, 2:5] = True
+    out = mask_heatmap(heat, mask)
+    assert out[~mask].max() == 0 and out[mask].max() == pytest.approx(1.0)
+    assert not mask_heatmap(heat, np.zeros((10, 10), bool)).any()

@@ -99,3 +99,24 @@ def test_bad_input_and_device(model: IhdModel) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("explain", ["decision", "cnn"])
+def test_heatmaps_stay_inside_the_intracranial_space(model: IhdModel, explain: str) -> None:
+    from ihd_node.intracranial import intracranial_mask
+    from tests.test_report_common import head_slice
+
+    hu = np.stack([head_slice(96, z, bleed=z in (2, 3)) for z in range(6)])
+    predictor = Predictor.from_model(model, {c: 0.0 for c in CLASSES}, "tiny", "0.1", explain=explain)
+    pred = predictor.predict(hu)
+    assert pred.explained == explain and len(pred.heatmaps) == 6 * len(CLASSES)
+    for (index, _cls), heat in pred.heatmaps.items():
+        inside = intracranial_mask(hu[index])
+        assert heat[~inside].max() == 0.0
+        assert heat[inside].max() in (0.0, pytest.approx(1.0))
+    assert any(h.max() > 0 for h in pred.heatmaps.values())
+
+
+def test_explain_mode_is_checked(model: IhdModel) -> None:
+    with pytest.raises(UserError, match="explain"):
+        Predictor.from_model(model, {}, "t", "0", explain="lstm")

@@ -247,10 +247,17 @@ These numbers measure how well the model separates this generator's phantoms; th
 real CT.
 
 ## Grad-CAM
-Heatmaps come from the last block of the CNN's stride-16 stage (a 16x16 grid at 256 px) rather than
-the final stage, whose 8x8 grid is too coarse for thin bleeds. `tests/test_default_model.py` checks
-that the map's peak lies on or within one grid cell of the lesion on most positive slices of held-out
-phantoms (115 of 142 slices when this model was built; 63 of 142 with the final stage).
+The outputs (secondary captures, SR regions) use **decision Grad-CAM** (`model.explain: decision`, the
+default): the final BiLSTM logit of the slice is back-propagated through the sequence model and the PCA
+feature selection into the CNN's CAM layer, so the map explains the finding as reported, not the per-slice
+CNN. `model.explain: cnn` gives the paper's CNN-only maps. Either way the activations come from the forward
+pass that made the prediction, and every map is cut to the slice's intracranial space (skull, scalp and
+air never carry heat). The CAM layer is the last block of the CNN's stride-16 stage (a 16x16 grid at
+256 px) rather than the final stage, whose 8x8 grid is too coarse for thin bleeds.
+`tests/test_default_model.py` checks on held-out phantoms that the map's peak lies on or within one grid
+cell of the lesion on most positive slices, and for the decision maps at least as often as for the CNN
+maps: decision 129 of 142 slices, CNN 121 of 142 (both masked; 115 of 142 for unmasked CNN maps when this
+model was built, 63 of 142 with the final stage).
 
 ## How to reproduce
 `make train-phantom` (= `python -m training.phantom_recipe --out ihd_node/weights/default.pt`):

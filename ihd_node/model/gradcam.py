@@ -20,7 +20,7 @@ from ihd_node.classes import SUBTYPES
 
 
 @contextmanager
-def _frozen(module: nn.Module) -> Iterator[None]:
+def frozen(module: nn.Module) -> Iterator[None]:
     """No parameter gradients and eval mode: autograd then records nothing before the CAM layer."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     training = module.training
@@ -64,7 +64,7 @@ def grad_cam(cnn: nn.Module, images: torch.Tensor, targets: Sequence[tuple[int, 
         captured.append(leaf)
         return leaf
 
-    with torch.inference_mode(False), torch.enable_grad(), _frozen(cnn):
+    with torch.inference_mode(False), torch.enable_grad(), frozen(cnn):
         # Created here so it is a normal tensor (written in place) even when called in inference mode.
         result = torch.zeros((len(targets), *out_size), dtype=torch.float32)
         handle = cnn.cam_layer.register_forward_hook(hook)
@@ -125,3 +125,63 @@ def lesion_hits(heatmaps: dict[tuple[int, str], np.ndarray], masks: np.ndarray,
         judged += 1
         hits += peak_in_mask(heat, mask, margin)
     return hits, judged
+
+
+EXPLAIN_MODES = ("decision", "cnn")
+
+
+def cams_from_activations(acts: Sequence[torch.Tensor], slice_outputs: Sequence[torch.Tensor],
+                          outputs: torch.Tensor, targets: Sequence[tuple[int, int]],
+                          out_size: tuple[int, int]) -> torch.Tensor:
+    """Grad-CAM from activations kept by the forward pass -> (len(targets), rows, cols) float32, CPU.
+
+    `acts` are the CAM layer's outputs of consecutive slice batches, each a leaf that requires grad.
+    `slice_outputs` are what the CNN made of them per slice (its logits and pooled features, (n, ...)
+    each, concatenated over the batches); `outputs` (n, classes) are the logits to explain, computed from
+    slice_outputs: the CNN's own, or the BiLSTM's, which mix every slice. A target's map is weighted by
+    the gradient of its logit with respect to its own slice's activations.
+
+    The CNN handles each slice alone, so that gradient is (d logit / d slice_outputs[slice]) pulled back
+    through that slice's CNN tail. The first factor comes from one cheap backward per target through the
+    sequence model only; the pull-back then runs batched, one backward per round in which each slice
+    has at most one target (other slices' tails do not touch a slice's activations).
+    """
+    result = torch.zeros((len(targets), *out_size), dtype=torch.float32)
+    if not targets:
+        return result
+    starts = [0]
+    for a in acts:
+        starts.append(starts[-1] + a.shape[0])
+    by_slice: dict[int, list[tuple[int, int]]] = {}  # slice -> [(position in targets, class)]
+    for pos, (index, cls) in enumerate(targets):
+        by_slice.setdefault(int(index), []).append((pos, int(cls)))
+    # d logit / d (this slice's CNN outputs), for each target.
+    upstream: dict[int, list[torch.Tensor]] = {}
+    for pos, (index, cls) in enumerate(targets):
+        grads = torch.autograd.grad(outputs[index, cls], list(slice_outputs), retain_graph=True,
+                                    allow_unused=True)
+        upstream[pos] = [torch.zeros_like(t[index]) if g is None else g[index]
+                         for g, t in zip(grads, slice_outputs, strict=True)]
+    rounds = max(len(v) for v in by_slice.values())
+    for r in range(rounds):
+        rows = [(index, *items[r]) for index, items in sorted(by_slice.items()) if r < len(items)]
+        surrogate = sum((up * t[index]).sum() for index, pos, _ in rows
+                        for up, t in zip(upstream[pos], slice_outputs, strict=True))
+        grads = torch.autograd.grad(surrogate, list(acts), retain_graph=True, allow_unused=True)
+        for index, pos, _ in rows:
+            b = max(j for j in range(len(acts)) if starts[j] <= index)
+            row = index - starts[b]
+            grad = grads[b]
+            if grad is None:
+                continue
+            weights = grad[row:row + 1].mean(dim=(2, 3), keepdim=True)
+            cam = torch.relu((weights * acts[b].detach()[row:row + 1]).sum(dim=1))
+            result[pos] = _normalise(cam.float(), out_size)[0].cpu()
+    return result
+
+
+def mask_heatmap(heat: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Heat outside the mask set to zero, the rest rescaled so its peak is 1 (all zero for an empty mask)."""
+    out = np.where(mask, np.asarray(heat, dtype=np.float32), np.float32(0.0))
+    peak = float(out.max()) if out.size else 0.0
+    return out / peak if peak > 0 else np.zeros_like(out)

@@ -1,4 +1,11 @@
-"""HU volume in, Prediction out: preprocessing, batched CNN, selector + BiLSTM, Grad-CAM on positives."""
+"""HU volume in, Prediction out: preprocessing, batched CNN, selector + BiLSTM, Grad-CAM on positives.
+
+Grad-CAM explains the decision by default (`explain="decision"`): the final BiLSTM logit of a slice is
+back-propagated through the sequence model and the feature selection (PCA is linear) into the CNN's CAM
+layer. `explain="cnn"` gives the paper's maps of the per-slice CNN. Either way the CAM layer's activations
+come from the one forward pass that made the prediction (no second CNN run), and every map is kept
+inside the slice's intracranial space.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,9 @@ import torch
 
 from ihd_node.classes import CLASSES
 from ihd_node.errors import UserError
+from ihd_node.intracranial import intracranial_mask
 from ihd_node.model.checkpoint import load_checkpoint
-from ihd_node.model.gradcam import grad_cam
+from ihd_node.model.gradcam import EXPLAIN_MODES, cams_from_activations, frozen, mask_heatmap
 from ihd_node.model.network import IhdModel
 from ihd_node.model.preprocess import prepare_slices
 from ihd_node.prediction import ModelIdentity, Prediction
@@ -34,7 +42,11 @@ class Predictor:
     """A loaded model ready to analyse series; safe to share between threads (calls are serialised)."""
 
     def __init__(self, model: IhdModel, thresholds: dict[str, float], name: str, version: str, *,
-                 trained_on: str = "", device: str | torch.device = "cpu", batch_size: int = 16) -> None:
+                 trained_on: str = "", device: str | torch.device = "cpu", batch_size: int = 16,
+                 explain: str = "decision") -> None:
+        if explain not in EXPLAIN_MODES:
+            raise UserError(f"explain {explain!r} is not known; use one of {', '.join(EXPLAIN_MODES)}")
+        self.explain = explain  # what the heatmaps explain: the final decision or the per-slice CNN
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         # channels_last convolutions are 20-40 % faster on the CPU (oneDNN) and suit GPUs too.
@@ -48,22 +60,24 @@ class Predictor:
         self._lock = threading.Lock()  # Grad-CAM toggles requires_grad and hooks on the shared model
 
     @classmethod
-    def load(cls, checkpoint: str | Path = "default", device: str | torch.device = "auto") -> Predictor:
+    def load(cls, checkpoint: str | Path = "default", device: str | torch.device = "auto",
+             explain: str = "decision") -> Predictor:
         loaded = load_checkpoint(checkpoint)
         return cls(loaded.model, loaded.thresholds, loaded.name, loaded.version,
-                   trained_on=str(loaded.provenance.get("data", "")), device=device)
+                   trained_on=str(loaded.provenance.get("data", "")), device=device, explain=explain)
 
     @classmethod
     def from_model(cls, model: IhdModel, thresholds: dict[str, float], name: str, version: str,
-                   device: str | torch.device = "cpu") -> Predictor:
-        return cls(model, thresholds, name, version, device=device)
+                   device: str | torch.device = "cpu", explain: str = "decision") -> Predictor:
+        return cls(model, thresholds, name, version, device=device, explain=explain)
 
     @property
     def identity(self) -> ModelIdentity:
         return ModelIdentity(name=self.name, version=self.version, thresholds=dict(self.thresholds),
                              trained_on=self.trained_on)
 
-    def predict(self, hu: np.ndarray, explain: bool = True, max_cam_slices: int | None = None) -> Prediction:
+    def predict(self, hu: np.ndarray, explain: bool = True, max_cam_slices: int | None = None, *,
+                pixel_spacing_mm: float = 0.5) -> Prediction:
         """Probabilities per slice and per series for HU slices (n, rows, cols) in spatial order.
 
         Heatmaps are computed for the (slice, class) pairs judged positive (subtypes and `any`); with
@@ -79,22 +93,63 @@ class Predictor:
         with self._lock:
             x = prepare_slices(hu, cfg.input_size, self.device, windows=cfg.windows, mean=cfg.mean,
                                std=cfg.std).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                parts = [self.model.forward_features(x[i:i + self.batch_size])
-                         for i in range(0, x.shape[0], self.batch_size)]
-                cnn_logits = torch.cat([p[0] for p in parts]).float()
-                features = torch.cat([p[1] for p in parts]).float()
-                logits = self.model.sequence_logits(features.unsqueeze(0), cnn_logits.unsqueeze(0))[0]
-                probs = torch.sigmoid(logits).cpu().numpy().astype(np.float64)
-            heatmaps: dict[tuple[int, str], np.ndarray] = {}
             if explain:
-                pairs = self.cam_pairs(probs, max_cam_slices)
-                if pairs:
-                    maps = grad_cam(self.model.cnn, x, [(i, CLASSES.index(c)) for i, c in pairs],
-                                    out_size=(hu.shape[1], hu.shape[2]), batch_size=self.batch_size)
-                    heatmaps = {pair: maps[k].numpy() for k, pair in enumerate(pairs)}
+                probs, heatmaps = self._predict_explained(x, hu, max_cam_slices, pixel_spacing_mm)
+            else:
+                with torch.inference_mode():
+                    cnn_logits, features = self._cnn(x)
+                    logits = self.model.sequence_logits(features.unsqueeze(0), cnn_logits.unsqueeze(0))[0]
+                    probs = torch.sigmoid(logits).cpu().numpy().astype(np.float64)
+                heatmaps = {}
         return Prediction(slice_probabilities=probs, series_probabilities=probs.max(axis=0),
-                          model=self.identity, heatmaps=heatmaps, seconds=time.perf_counter() - start)
+                          model=self.identity, heatmaps=heatmaps, seconds=time.perf_counter() - start,
+                          explained=self.explain if explain else "")
+
+    def _cnn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CNN over all slices in batches of batch_size (bounded memory): (logits (n, 6), features)."""
+        parts = [self.model.forward_features(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
+
+    def _predict_explained(self, x: torch.Tensor, hu: np.ndarray, max_cam_slices: int | None,
+                           pixel_spacing_mm: float) -> tuple[np.ndarray, dict[tuple[int, str], np.ndarray]]:
+        """One forward pass that keeps the CAM layer's activations as graph leaves, then Grad-CAM from them.
+
+        Parameters are frozen, so autograd records only what follows the CAM layer (the CNN's last
+        blocks, the selector and the BiLSTM), not the backbone before it.
+        """
+        acts: list[torch.Tensor] = []
+
+        def keep(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+            leaf = output.detach().requires_grad_(True)  # the graph starts here
+            acts.append(leaf)
+            return leaf
+
+        with torch.inference_mode(False), torch.enable_grad(), frozen(self.model):
+            if x.is_inference():
+                x = x.clone()
+            handle = self.model.cnn.cam_layer.register_forward_hook(keep)
+            try:
+                cnn_logits, features = self._cnn(x)
+            finally:
+                handle.remove()
+            # cuDNN's LSTM cannot run backward in eval mode; the native kernel can (same numbers).
+            with torch.backends.cudnn.flags(enabled=False):
+                logits = self.model.sequence_logits(features.unsqueeze(0), cnn_logits.unsqueeze(0))[0]
+            probs = torch.sigmoid(logits.detach()).cpu().numpy().astype(np.float64)
+            pairs = self.cam_pairs(probs, max_cam_slices)
+            if not pairs:
+                return probs, {}
+            outputs = logits if self.explain == "decision" else cnn_logits
+            maps = cams_from_activations(acts, (cnn_logits, features), outputs,
+                                         [(i, CLASSES.index(c)) for i, c in pairs],
+                                         out_size=(hu.shape[1], hu.shape[2]))
+        masks: dict[int, np.ndarray] = {}
+        heatmaps = {}
+        for k, (i, c) in enumerate(pairs):
+            if i not in masks:
+                masks[i] = intracranial_mask(hu[i], pixel_spacing_mm)
+            heatmaps[(i, c)] = mask_heatmap(maps[k].numpy(), masks[i])
+        return probs, heatmaps
 
     def cam_pairs(self, probs: np.ndarray, max_cam_slices: int | None = None) -> list[tuple[int, str]]:
         """(slice, class) pairs at or above the class threshold, slices ordered by their highest positive
