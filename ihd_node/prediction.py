@@ -5,11 +5,28 @@ The report and the node read it without importing the model code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ihd_node.classes import CLASSES
+
+
+def positive_mask(probabilities: np.ndarray, thresholds: Mapping[str, float]) -> np.ndarray:
+    """Which classes are judged present, for one row (6,) or many rows (n, 6) of probabilities.
+
+    The one place where probabilities become findings. Each class is compared with its own threshold,
+    then THE consistency rule: a subtype present means an intracranial haemorrhage is present, so `any`
+    is present whenever a subtype is, even below its own threshold (the per-class thresholds are tuned
+    independently, e.g. a low intraventricular one). The SR, the captures, `analyze` and the log
+    database all read findings through this function (via Prediction), never from raw thresholds.
+    """
+    probs = np.asarray(probabilities, dtype=np.float64)
+    limits = np.asarray([float(thresholds.get(c, 0.5)) for c in CLASSES])
+    mask = probs >= limits
+    mask[..., 0] |= mask[..., 1:].any(axis=-1)
+    return mask
 
 
 @dataclass(frozen=True)
@@ -50,10 +67,16 @@ class Prediction:
         return {c: float(p) for c, p in zip(CLASSES, self.slice_probabilities[index], strict=True)}
 
     def positive_classes(self) -> list[str]:
-        """Classes whose series probability reaches the class threshold, in CLASSES order."""
-        return [c for c in CLASSES if self.series_probability(c) >= self.threshold(c)]
+        """Classes present in the series (positive_mask's rule), in CLASSES order."""
+        mask = positive_mask(self.series_probabilities, self.model.thresholds)
+        return [c for c, hit in zip(CLASSES, mask, strict=True) if hit]
+
+    def slice_positive_classes(self, index: int) -> list[str]:
+        """Classes present on one model slice (positive_mask's rule), in CLASSES order."""
+        mask = positive_mask(self.slice_probabilities[index], self.model.thresholds)
+        return [c for c, hit in zip(CLASSES, mask, strict=True) if hit]
 
     def positive_slices(self, cls: str) -> list[int]:
-        """Indices of the slices whose probability for `cls` reaches its threshold."""
-        column = self.slice_probabilities[:, CLASSES.index(cls)]
-        return [int(i) for i in np.flatnonzero(column >= self.threshold(cls))]
+        """Indices of the model slices on which `cls` is present (positive_mask's rule)."""
+        mask = positive_mask(self.slice_probabilities, self.model.thresholds)
+        return [int(i) for i in np.flatnonzero(mask[:, CLASSES.index(cls)])]

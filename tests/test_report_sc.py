@@ -49,6 +49,7 @@ def test_one_capture_per_positive_slice(positive, tmp_path):
         assert sc.SeriesInstanceUID not in (volume.series_instance_uid,)
         assert sc.SeriesDescription == SC_SERIES_DESCRIPTION
         assert list(sc.ImageType) == ["DERIVED", "SECONDARY"]
+        assert sc.ConversionType == "WSD"  # drawn by software, not digitised video (DI)
         assert sc.BurnedInAnnotation == "YES"
         assert sc.SamplesPerPixel == 3 and sc.PhotometricInterpretation == "RGB"
         assert sc.InstanceNumber == n + 1

@@ -23,6 +23,7 @@ from ihd_node.report import build_results
 from ihd_node.report.sr import FINDING_CODES, SR_SERIES_DESCRIPTION, build_sr
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+FINDING_VALUES = {code.value for code in FINDING_CODES.values()}
 
 
 def dsrdump(path) -> str:
@@ -61,7 +62,7 @@ def group_images(group) -> list[str]:
 
 def group_presence(group) -> str:
     for c in group.ContentSequence:
-        if c.ValueType == "CODE" and c.ConceptCodeSequence[0].CodeValue in ("121053", "121054"):
+        if c.ValueType == "CODE" and c.ConceptCodeSequence[0].CodeValue in ("52101004", "272519000"):
             return c.ConceptCodeSequence[0].CodeMeaning
     raise AssertionError("no Present/Absent item")
 
@@ -111,6 +112,15 @@ def test_positive_sr_structure(positive, tmp_path):
     assert sorted(evidence) == sorted(s.sop_instance_uid for s in volume.slices)
     texts = " ".join(t.TextValue for t in content_items(sr, "TEXT"))
     assert "NOT FOR DIAGNOSTIC USE" in texts and "threshold=0.5000" in texts
+    # Every group names where the finding lies: (363698007, SCT, "Finding Site") = intracranial structure.
+    for group in groups.values():
+        sites = [c.ConceptCodeSequence[0] for c in group.ContentSequence
+                 if c.ConceptNameCodeSequence[0].CodeValue == "363698007"]
+        assert [(s.CodeValue, s.CodingSchemeDesignator) for s in sites] == [("128319008", "SCT")]
+    # Present/Absent from CID 241 (SNOMED CT), not the retired DCM 121053/121054.
+    evaluations = {c.ConceptCodeSequence[0].CodeValue for g in groups.values() for c in g.ContentSequence
+                   if c.ValueType == "CODE" and c.ConceptNameCodeSequence[0].CodeValue in FINDING_VALUES}
+    assert evaluations == {"52101004", "272519000"}
 
 
 @needs("dciodvfy")
@@ -120,9 +130,9 @@ def test_positive_sr_validates_and_renders(positive, tmp_path):
     path = write(build_sr(volume, prediction), tmp_path / "sr.dcm")
     check_dciodvfy(path)
     text = dsrdump(path)
-    assert re.search(r'"Cerebral hemorrhage"\)=\(121053,DCM,"Present"\)', text), text
-    assert re.search(r'"Intracranial hemorrhage"\)=\(121053,DCM,"Present"\)', text), text
-    assert re.search(r'"Subdural hemorrhage"\)=\(121054,DCM,"Absent"\)', text), text
+    assert re.search(r'"Cerebral hemorrhage"\)=\(52101004,SCT,"Present"\)', text), text
+    assert re.search(r'"Intracranial hemorrhage"\)=\(52101004,SCT,"Present"\)', text), text
+    assert re.search(r'"Subdural hemorrhage"\)=\(272519000,SCT,"Absent"\)', text), text
     assert "intraparenchymal" in text and "NOT FOR DIAGNOSTIC USE" in text
     assert "UNVERIFIED" in text
 
@@ -138,8 +148,8 @@ def test_negative_sr_says_absent(tmp_path):
     groups = finding_groups(reread(sr, tmp_path / "again.dcm"))
     assert all(group_presence(g) == "Absent" and group_images(g) == [] for g in groups.values())
     text = dsrdump(path)
-    assert text.count('(121054,DCM,"Absent")') == len(CLASSES)
-    assert '(121053,DCM,"Present")' not in text
+    assert text.count('(272519000,SCT,"Absent")') == len(CLASSES)
+    assert '(52101004,SCT,"Present")' not in text
     assert "No intracranial hemorrhage detected" in text
 
 

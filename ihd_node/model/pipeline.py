@@ -23,7 +23,7 @@ from ihd_node.model.checkpoint import load_checkpoint
 from ihd_node.model.gradcam import EXPLAIN_MODES, cams_from_activations, frozen, mask_heatmap
 from ihd_node.model.network import IhdModel
 from ihd_node.model.preprocess import prepare_slices
-from ihd_node.prediction import ModelIdentity, Prediction
+from ihd_node.prediction import ModelIdentity, Prediction, positive_mask
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -154,8 +154,7 @@ class Predictor:
     def cam_pairs(self, probs: np.ndarray, max_cam_slices: int | None = None) -> list[tuple[int, str]]:
         """(slice, class) pairs at or above the class threshold, slices ordered by their highest positive
         probability, cut to max_cam_slices slices (each keeps all its positive classes)."""
-        thr = np.asarray([self.thresholds[c] for c in CLASSES])
-        positive = probs >= thr  # (n, 6)
+        positive = positive_mask(probs, self.thresholds)  # (n, 6), the report's own rule
         slices = np.flatnonzero(positive.any(axis=1))
         strength = np.where(positive, probs, -1.0).max(axis=1)
         slices = sorted(slices.tolist(), key=lambda i: -strength[i])

@@ -22,6 +22,7 @@ from ihd_node.report.source import (
     contributing_equipment,
     positive_slices,
     series_description,
+    set_character_set,
     with_type2,
 )
 from ihd_node.report.uids import result_uid
@@ -43,11 +44,9 @@ def patient_orientation(ds: Dataset) -> tuple[str, str]:
 
 def shown_classes(prediction: Prediction, index: int) -> list[str]:
     """Classes to draw on one slice: the positive subtypes; `any` alone when no subtype is positive."""
-    probs = prediction.slice_probability_dict(index)
-    subtypes = [c for c in SUBTYPES if probs[c] >= prediction.threshold(c)]
-    if subtypes:
-        return subtypes
-    return ["any"] if probs["any"] >= prediction.threshold("any") else []
+    present = prediction.slice_positive_classes(index)
+    subtypes = [c for c in SUBTYPES if c in present]
+    return subtypes or [c for c in present if c == "any"]
 
 
 def _references(volume: Volume, originals: Sequence[int]) -> list[Dataset]:
@@ -92,6 +91,7 @@ def _one_capture(volume: Volume, prediction: Prediction, index: int, number: int
         contributing_equipment=[contributing_equipment(prediction)],
     )
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"  # workstation: drawn by software from other images, not digitised video
     sc.BurnedInAnnotation = "YES"
     # A head is not a paired structure: saying so keeps Laterality (Type 2C) not required.
     sc.BodyPartExamined = "HEAD"
@@ -101,6 +101,7 @@ def _one_capture(volume: Volume, prediction: Prediction, index: int, number: int
     sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. " + ", ".join(f"{c} {p:.2f}" for c, p in legend)
     sc.SourceImageSequence = _references(volume, originals)
     sc.ReferencedImageSequence = _references(volume, [shown])
+    set_character_set(sc, volume.headers[shown])
     return sc
 
 

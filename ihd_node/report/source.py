@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from copy import deepcopy
+from io import BytesIO
 
 import highdicom as hd
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 import ihd_node
@@ -30,14 +37,102 @@ def _date(value: object) -> str:
     return digits if len(digits) == 8 else ""
 
 
-def with_type2(ds: Dataset) -> Dataset:
-    """A copy of a source header that highdicom can build from, without changing what is valid.
+# The character set highdicom is handed: it validates SpecificCharacterSet against a list that lacks the
+# code-extension forms (empty first value, "\\ISO 2022 IR 87"), GB18030-style terms with extensions and
+# "ISO_IR 6". The text is decoded first, so this label only has to be one highdicom accepts; the results
+# are labelled with result_character_set() afterwards (set_character_set).
+BUILD_CHARACTER_SET = "ISO_IR 192"
+UTF8 = "ISO_IR 192"
+_TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 
-    Missing Type 2 patient/study attributes are added empty (sparse sources: anonymisers, some
-    modalities). Values highdicom refuses and would fail the whole result on (PatientSex "U",
-    dates with dashes) are repaired or emptied: empty is DICOM's way to say "unknown".
+
+def _charset_terms(ds: Dataset) -> list[str]:
+    value = ds.get("SpecificCharacterSet")
+    if value is None:
+        return []
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    return [str(v or "").strip() for v in values]
+
+
+def _texts(ds: Dataset) -> list[str]:
+    """Every decoded text value of a data set, nested sequences included."""
+    out = []
+    for elem in ds.iterall():
+        if elem.VR not in _TEXT_VRS or elem.value is None or elem.keyword == "SpecificCharacterSet":
+            continue
+        values = elem.value if isinstance(elem.value, (list, tuple, MultiValue)) else [elem.value]
+        out.extend(str(v) for v in values if v not in (None, ""))
+    return out
+
+
+def _round_trips(result: Dataset, terms: list[str]) -> bool:
+    """Whether pydicom writes every text of `result` in these character set terms and reads it back equal."""
+    probe = Dataset()
+    for elem in result:
+        if elem.keyword not in ("PixelData", "SpecificCharacterSet"):
+            probe.add(elem)  # shared, not copied: writing does not change an element
+    before = _texts(probe)
+    if terms:
+        probe.SpecificCharacterSet = terms
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "replacement characters": judged by the comparison below
+            write_dataset(buffer, probe)
+            back = read_dataset(BytesIO(buffer.getvalue()), is_implicit_VR=False, is_little_endian=True)
+            back.decode()
+    except (UnicodeError, LookupError, ValueError):
+        return False
+    return _texts(back) == before
+
+
+def result_character_set(source: Dataset, result: Dataset) -> list[str]:
+    """The SpecificCharacterSet to write a result in: the source's own, whenever it can carry the text.
+
+    Keeping the source's terms keeps the copied names byte-identical to the source (dcentvfy compares
+    bytes), including the ISO 2022 code-extension forms. Sources with no value or "ISO_IR 6" (not a
+    defined term, read as the default repertoire) stay on the default repertoire when all text is ASCII.
+    Unknown terms, or text the source's set cannot encode, give UTF-8 (ISO_IR 192), which can carry any
+    decoded text. [] means "no SpecificCharacterSet" (default repertoire).
     """
+    terms = _charset_terms(source)
+    texts = _texts(result)
+    if all(t in ("", "ISO_IR 6") for t in terms):
+        return [] if all(t.isascii() for t in texts) else [UTF8]
+    if any(t not in python_encoding for t in terms):
+        return [UTF8]
+    return terms if _round_trips(result, terms) else [UTF8]
+
+
+def set_character_set(result: Dataset, source: Dataset) -> None:
+    """Label a built result with result_character_set(); pydicom encodes its (decoded) text on writing."""
+    terms = result_character_set(source, result)
+    if not terms:
+        if "SpecificCharacterSet" in result:
+            del result.SpecificCharacterSet
+    else:
+        result.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
+
+
+def _decoded(ds: Dataset) -> Dataset:
+    """A copy whose text is Python str, decoded with the source's own character set by pydicom."""
     out = deepcopy(ds)
+    out.decode()  # a PersonName keeps the bytes it came in; pydicom writes them again in the same set
+    out.SpecificCharacterSet = BUILD_CHARACTER_SET
+    return out
+
+
+def with_type2(ds: Dataset) -> Dataset:
+    """A decoded copy of a source header that highdicom can build from, without changing what is valid.
+
+    Text is decoded with the source's character set and the copy labelled BUILD_CHARACTER_SET (see
+    set_character_set for the label the results get). Missing Type 2 patient/study attributes are added
+    empty (sparse sources: anonymisers, some modalities). Values highdicom refuses and would fail the
+    whole result on (PatientSex "U", dates with dashes) are repaired or emptied: empty is DICOM's way to
+    say "unknown".
+    """
+    out = _decoded(ds)
     for keyword in TYPE2_SOURCE_ATTRIBUTES:
         if keyword not in out:
             setattr(out, keyword, None)

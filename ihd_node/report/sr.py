@@ -16,7 +16,8 @@ Codes (the README documents them):
     epidural          99IHD EDH      Epidural hemorrhage            private: SNOMED code not verified
     intraventricular  99IHD IVH      Intraventricular hemorrhage    private: SNOMED code not verified
     procedure         SCT 303653007  Computed tomography of head
-    present/absent    DCM 121053 / 121054
+    present/absent    SCT 52101004 "Present" / SCT 272519000 "Absent" (CID 241 Present/Absent Only)
+    finding site      SCT 128319008  Intracranial structure         (CID 7140; pydicom code dictionary)
     probability       DCM 122157 "Probability", unit UCUM "{probability}"
     free-text note    UMLS C0034375 "Qualitative Evaluations" container, DCM 121106 "Comment"
 """
@@ -37,6 +38,7 @@ from ihd_node.report.source import (
     check_groups,
     contributing_equipment,
     series_description,
+    set_character_set,
     with_type2,
 )
 from ihd_node.report.uids import result_uid
@@ -52,6 +54,11 @@ FINDING_CODES: dict[str, hd.sr.CodedConcept] = {
     "subdural": hd.sr.CodedConcept("35486000", "SCT", "Subdural hemorrhage"),
 }
 PROCEDURE_REPORTED = hd.sr.CodedConcept("303653007", "SCT", "Computed tomography of head")
+# CID 241 "Present/Absent Only" (PS3.16): the SNOMED CT codes that replace the retired DCM 121053/121054.
+PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
+# Where every finding lies (CID 7140 "Brain Structures for Reporting"); one site for all six classes.
+FINDING_SITE = hd.sr.CodedConcept("128319008", "SCT", "Intracranial structure")
 PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "Probability")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 
@@ -73,7 +80,7 @@ def _source_images(volume: Volume, prediction: Prediction, cls: str,
 def _finding_group(volume: Volume, prediction: Prediction, cls: str, groups: list[list[int]],
                    revision: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     model = prediction.model
-    present = cls in prediction.positive_classes()
+    present = cls in prediction.positive_classes()  # the consistency rule lives in Prediction
     concept = FINDING_CODES[cls]
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name, version=model.version,
@@ -89,7 +96,7 @@ def _finding_group(volume: Volume, prediction: Prediction, cls: str, groups: lis
         unit=PROBABILITY_UNIT,
     )
     evaluation = hd.sr.QualitativeEvaluation(
-        name=concept, value=codes.DCM.Present if present else codes.DCM.Absent,
+        name=concept, value=PRESENT if present else ABSENT,
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
@@ -97,6 +104,7 @@ def _finding_group(volume: Volume, prediction: Prediction, cls: str, groups: lis
         algorithm_id=algorithm,
         measurements=[probability],
         qualitative_evaluations=[evaluation],
+        finding_sites=[hd.sr.FindingSite(anatomic_location=FINDING_SITE)],
         source_images=_source_images(volume, prediction, cls, groups) if present else None,
     )
 
@@ -170,6 +178,7 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
     )
     sr.SeriesDescription = series_description(SR_SERIES_DESCRIPTION, revision)
     sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+    set_character_set(sr, volume.headers[0])
     return sr
 
 
