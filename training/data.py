@@ -18,9 +18,10 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from ihd_node.classes import CLASSES
 from ihd_node.errors import UserError
 from training.progress import progress
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: thin series cached as slabs, as the node sees them
 NO_MASK = 255  # mask value of slices without a lesion mask (bit 7 is never a subtype)
 
 
@@ -86,64 +87,78 @@ def read_rsna_labels(csv_path: Path) -> dict[str, np.ndarray]:
 
 @dataclass
 class ScanIndex:
-    """One scan (series): its files in sorted slice order are decided later by load_volume."""
+    """One scan (series): its files; the sorted slice order is decided when it is loaded."""
 
     scan_id: str  # SeriesInstanceUID
-    group: str  # what splits are grouped by (scan id, or PatientID with --group-by patient)
+    patient: str  # PatientID ("" when absent); splits group by it by default
     files: list[str]
 
 
-def _header_entry(path: str) -> tuple[str, str | None, str | None, str | None]:
-    """(path, series uid, patient id, problem) for one file; runs in worker processes."""
-    from ihd_node.dicom.volume import VolumeError, read_header, slice_problem
-
-    try:
-        ds = read_header(Path(path))
-    except VolumeError as exc:
-        return path, None, None, str(exc)
-    problem = slice_problem(ds)
-    if problem:
-        return path, None, None, problem
-    return path, str(ds.SeriesInstanceUID), str(ds.get("PatientID", "") or ""), None
-
-
-def _pool_map(fn: Callable, items: Sequence, workers: int, desc: str) -> list:
-    if workers <= 1 or len(items) < 64:
-        return [fn(x) for x in progress(items, desc=desc)]
+def _pool_imap(fn: Callable, items: Sequence, workers: int, desc: str, chunksize: int = 64) -> Iterator:
+    """fn over items in order, results as they come (so callers can record each one at once)."""
+    if workers <= 1 or len(items) < 2:
+        yield from (fn(x) for x in progress(items, desc=desc))
+        return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(progress(pool.map(fn, items, chunksize=64), total=len(items), desc=desc))
+        yield from progress(pool.map(fn, items, chunksize=chunksize), total=len(items), desc=desc)
 
 
-def index_rsna(image_dir: Path, labels: dict[str, np.ndarray], workers: int = 1,
-               group_by: str = "scan") -> tuple[list[ScanIndex], list[tuple[str, str]]]:
-    """Group the labelled DICOM files of the folder into scans by reading their headers.
-
-    Returns the scans and the files left out with the reason (unlabelled, not a CT slice, unreadable).
-    """
+def list_images(image_dir: Path) -> list[str]:
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder not found; pass --images (the folder of "
                         "ID_<sop>.dcm files)")
     files = sorted(str(p) for p in image_dir.rglob("*.dcm"))
     if not files:
         raise DataError(f"{image_dir}: no .dcm files; pass the folder holding ID_<sop>.dcm")
-    skipped: list[tuple[str, str]] = []
+    return files
+
+
+def index_rsna(image_dir: Path, labels: dict[str, np.ndarray], workers: int = 1,
+               header_cache: Path | None = None) -> tuple[list[ScanIndex], list[tuple[str, str]], int]:
+    """Group the labelled DICOM files of the folder into scans by reading their headers.
+
+    Headers go through the header index (header_cache, WORK/headers.jsonl): files read by an earlier run
+    and unchanged since are not read again. Returns the scans, the files left out with a short reason
+    (no label rows, not DICOM, not a CT slice, ...) and the number of files found.
+    """
+    from training.rsna import HeaderIndex, header_record
+
+    files = list_images(image_dir)
+    rejected: list[tuple[str, str]] = []
     labelled = []
     for f in files:
         if Path(f).stem in labels:
             labelled.append(f)
         else:
-            skipped.append((f, "no label rows in the CSV"))
-    if not labelled:
-        raise DataError(f"{image_dir}: none of the {len(files)} files has labels in the CSV; "
-                        "wrong folder or CSV?")
+            rejected.append((f, "no label rows in the CSV"))
+    index = HeaderIndex(header_cache) if header_cache is not None else None
+    records = {}
+    todo = []
+    for f in labelled:
+        rec = index.fresh(f) if index is not None else None
+        if rec is None:
+            todo.append(f)
+        else:
+            records[f] = rec
+    if records:
+        print(f"headers of {len(records)} files reused from {header_cache}", flush=True)
+    batch = []
+    for rec in _pool_imap(header_record, todo, workers, "reading headers", chunksize=256):
+        records[rec.path] = rec
+        batch.append(rec)
+        if index is not None and len(batch) >= 1000:
+            index.add(batch)
+            batch = []
+    if index is not None and batch:
+        index.add(batch)
     scans: dict[str, ScanIndex] = {}
-    for path, series, patient, problem in _pool_map(_header_entry, labelled, workers, "reading headers"):
-        if problem is not None or series is None:
-            skipped.append((path, problem or "no SeriesInstanceUID"))
+    for f in labelled:
+        rec = records[f]
+        if rec.problem is not None or rec.series is None:
+            rejected.append((f, rec.problem or "attribute SeriesInstanceUID missing"))
             continue
-        group = series if group_by == "scan" else (patient or series)
-        scans.setdefault(series, ScanIndex(scan_id=series, group=group, files=[])).files.append(path)
-    return sorted(scans.values(), key=lambda s: s.scan_id), skipped
+        scans.setdefault(rec.series, ScanIndex(scan_id=rec.series, patient=rec.patient, files=[])).files.append(f)
+    return sorted(scans.values(), key=lambda s: s.scan_id), rejected, len(files)
 
 
 # ---------------------------------------------------------------------------------------------- windowing
@@ -176,6 +191,8 @@ class CachedScan:
     keys: list[str]
     labels: list[list[int]]
     mask_path: str = ""  # (n, S/4, S/4) uint8 bitmask (bit k = SUBTYPES[k]); only synthetic data has masks
+    patient: str = ""  # PatientID, for splits by patient
+    dropped: list[list[str]] = field(default_factory=list)  # [path, reason] of slices left out
 
     @property
     def n_slices(self) -> int:
@@ -229,41 +246,89 @@ def write_cached_scan(cache_dir: Path, scan_id: str, group: str, hu: np.ndarray,
                       mask_path=mask_name)
 
 
-def _cache_one(job: tuple[ScanIndex, str, int, dict[str, list[int]]]) -> tuple[CachedScan | None, str | None]:
-    from ihd_node.dicom.volume import VolumeError, load_volume
+def _cache_one(job: tuple[ScanIndex, str, int, dict[str, list[int]]]
+               ) -> tuple[CachedScan | None, list[tuple[str, str]]]:
+    """Load, slab, window and store one scan; runs in worker processes. Returns the dropped files too."""
+    from ihd_node.dicom.volume import VolumeError
+    from training.rsna import load_training_scan
 
     scan, cache_dir, size, labels = job
     try:
-        vol = load_volume(scan.files)
+        loaded = load_training_scan(scan.files)
     except VolumeError as exc:
-        return None, f"{scan.scan_id}: {exc}"
-    keys = [s.path.stem for s in vol.slices]
-    lab = np.asarray([labels[k] for k in keys], dtype=np.uint8)
-    return write_cached_scan(Path(cache_dir), scan.scan_id, scan.group, vol.hu, keys, lab, size), None
+        reason = str(exc)
+        return None, [(f, f"scan unusable: {reason}") for f in scan.files]
+    # A slab is positive for a class when any of its slices is (the node reports slabs the same way).
+    lab = np.stack([np.max([labels[k] for k in members], axis=0) for members in loaded.members])
+    keys = ["+".join(members) for members in loaded.members]
+    cached = write_cached_scan(Path(cache_dir), scan.scan_id, scan.patient or scan.scan_id, loaded.hu, keys,
+                               lab, size)
+    cached.patient = scan.patient
+    cached.dropped = [list(d) for d in loaded.dropped]
+    return cached, loaded.dropped
 
 
-def build_cache(scans: Sequence[ScanIndex], labels: dict[str, np.ndarray], cache_dir: Path, size: int,
-                workers: int = 1) -> tuple[list[CachedScan], list[str]]:
-    """Decode, sort and resize every scan once; scans already cached (same size) are kept."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = cache_dir / "manifest.json"
+PROGRESS_FILE = "done.jsonl"
+PAUSE_ENV = "IHD_TRAINING_PAUSE_AFTER_SCANS"
+
+
+def _read_done(cache_dir: Path, size: int) -> dict[str, CachedScan]:
+    """Scans finished by earlier runs (manifest and the per-scan progress file) whose files still exist."""
     done: dict[str, CachedScan] = {}
+    manifest = cache_dir / "manifest.json"
     if manifest.is_file():
         meta = json.loads(manifest.read_text())
         if meta.get("size") == size and meta.get("version") == CACHE_VERSION:
-            done = {s["scan_id"]: CachedScan(**s) for s in meta["scans"] if (cache_dir / s["path"]).is_file()}
+            done = {s["scan_id"]: CachedScan(**s) for s in meta["scans"]}
+    progress_path = cache_dir / PROGRESS_FILE
+    if progress_path.is_file():
+        with progress_path.open() as fh:
+            for line in fh:
+                try:
+                    entry = json.loads(line)
+                    if entry["size"] == size and entry["version"] == CACHE_VERSION:
+                        scan = CachedScan(**entry["scan"])
+                        done[scan.scan_id] = scan
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill
+    return {k: s for k, s in done.items() if (cache_dir / s.path).is_file()}
+
+
+def build_cache(scans: Sequence[ScanIndex], labels: dict[str, np.ndarray], cache_dir: Path, size: int,
+                workers: int = 1) -> tuple[list[CachedScan], list[tuple[str, str]], int]:
+    """Decode, sort, slab and resize every scan once; each finished scan is recorded at once
+    (cache/done.jsonl), so an interrupted run resumes where it stopped.
+
+    Returns the cached scans (in the order given), the files left out with a short reason, and how many
+    scans were reused from earlier runs.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done = _read_done(cache_dir, size)
+    wanted = {s.scan_id for s in scans}
+    reused = len(wanted & set(done))
+    rejected = [(p, why) for s in scans if s.scan_id in done for p, why in done[s.scan_id].dropped]
     todo = [s for s in scans if s.scan_id not in done]
     jobs = [(s, str(cache_dir), size, {Path(f).stem: labels[Path(f).stem].tolist() for f in s.files})
             for s in todo]
-    problems: list[str] = []
-    for cached, problem in _pool_map(_cache_one, jobs, workers, f"caching scans at {size}px"):
-        if cached is not None:
+    pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)  # test hook: stop here to be killed
+    finished = 0
+    with (cache_dir / PROGRESS_FILE).open("a") as log:
+        for cached, dropped in _pool_imap(_cache_one, jobs, workers, f"caching scans at {size}px", chunksize=1):
+            rejected.extend(dropped)
+            if cached is None:
+                continue
             done[cached.scan_id] = cached
-        if problem:
-            problems.append(problem)
+            log.write(json.dumps({"size": size, "version": CACHE_VERSION, "scan": asdict(cached)}) + "\n")
+            log.flush()
+            finished += 1
+            if pause_after and finished >= pause_after:
+                print(f"paused after {finished} scans ({PAUSE_ENV})", flush=True)
+                while True:
+                    time.sleep(60)
     out = [done[s.scan_id] for s in scans if s.scan_id in done]
     save_manifest(cache_dir, out, size)
-    return out, problems
+    (cache_dir / PROGRESS_FILE).unlink(missing_ok=True)  # everything in it is in the manifest now
+    return out, rejected, reused
 
 
 def save_manifest(cache_dir: Path, scans: Sequence[CachedScan], size: int) -> None:
