@@ -29,19 +29,36 @@ def test_pca_in_torch_equals_sklearn_transform() -> None:
     assert set(selector.state_dict()) == {"mean", "components"}
 
 
-def test_weight_selectors_rank_by_summed_absolute_head_weight() -> None:
+def test_weight_selectors_summed_reading_ranks_by_summed_absolute_head_weight() -> None:
     x = _features(d=8)
     weight = np.zeros((6, 8))
     # |w| summed over classes: feature j scores [3, 0.5, 7, 1, 6, 0.1, 2, 4]
     weight[0] = [3, -0.5, 1, 1, -6, 0.1, 2, -4]
     weight[1] = [0, 0, -6, 0, 0, 0, 0, 0]
-    largest = fit_selector("weight_largest", x, 3, head_weight=weight)
-    smallest = fit_selector("weight_smallest", x, 3, head_weight=weight)
+    largest = fit_selector("weight_largest", x, 3, head_weight=weight, weight_reading="summed")
+    smallest = fit_selector("weight_smallest", x, 3, head_weight=weight, weight_reading="summed")
     assert isinstance(largest, IndexSelector)
     assert largest.indices.tolist() == [2, 4, 7]
     assert smallest.indices.tolist() == [5, 1, 3]
     assert (largest.kind, smallest.kind) == ("weight_largest", "weight_smallest")
     np.testing.assert_array_equal(largest(torch.from_numpy(x)).numpy(), x[:, [2, 4, 7]])
+
+
+def test_weight_selectors_default_to_the_papers_per_class_reading() -> None:
+    """"the lowest or highest weights (in absolute value) for each output class": classes take turns."""
+    x = _features(d=8)
+    weight = np.zeros((6, 8))
+    weight[0] = [3, -0.5, 1, 1, -6, 0.1, 2, -4]  # class 0: largest |w| at 4, smallest at 5
+    weight[1] = [0, 0, -6, 0, 0, 0, 0, 0]  # class 1: largest at 2; the other classes tie (lowest index)
+    largest = fit_selector("weight_largest", x, 3, head_weight=weight)
+    smallest = fit_selector("weight_smallest", x, 3, head_weight=weight)
+    assert largest.indices.tolist() == [4, 2, 0]  # summed would give [2, 4, 7]
+    assert smallest.indices.tolist() == [5, 0, 1]
+    # Every feature once, however many are asked for.
+    every = fit_selector("weight_largest", x, 8, head_weight=weight)
+    assert sorted(every.indices.tolist()) == list(range(8))
+    with pytest.raises(ValueError, match="weight_reading"):
+        fit_selector("weight_largest", x, 3, head_weight=weight, weight_reading="mean")
 
 
 def test_std_selector_keeps_the_most_varying_features() -> None:

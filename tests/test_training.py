@@ -1,69 +1,216 @@
-"""A tiny run of the three training stages on phantoms written in the RSNA 2019 layout, resume, and a
-trained checkpoint used through the node's Predictor."""
+"""Training on files shaped like the real RSNA 2019 set (exactly its attributes, mixed encodings, a corrupt
+and a non-DICOM file, duplicate CSV rows): prepare (resumable, fails loudly), the three stages on a tiny
+model, evaluation on a split and on the CQ500 layout, and the checkpoint used through the node's Predictor."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 
+from ihd_node.classes import CLASSES
 from ihd_node.model.presets import tiny_config
 from training.augment import AugmentConfig, Augmenter, to_input
 from training.cli import main as training_main
-from training.data import ScanStore, read_rsna_labels
+from training.data import PAUSE_ENV, PROGRESS_FILE, ScanStore, read_rsna_labels
+from training.fixtures import RSNA_ATTRIBUTES, RsnaFixture, write_cq500_fixture, write_rsna_fixture
+from training.rsna import lenient_uids, load_training_scan
 from training.train import TrainOptions, run_stages
 
 INPUT = 64
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads are many times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
-def rsna(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ihd_node.phantom import write_rsna_layout
+def rsna(tmp_path_factory: pytest.TempPathFactory) -> RsnaFixture:
+    return write_rsna_fixture(tmp_path_factory.mktemp("rsna"), n_scans=24, seed=100, size=INPUT, n_slices=8)
 
-    root = tmp_path_factory.mktemp("rsna")
-    write_rsna_layout(root, n_series=8, seed=5, size=96, n_slices=10)
-    return root
+
+def _prepare_args(fx: RsnaFixture, work: Path, *extra: str) -> list[str]:
+    return ["prepare", "--data", str(fx.root), "--work", str(work), "--input-size", str(INPUT),
+            "--val-fraction", "0.25", "--test-fraction", "0.15", "--seed", "1", *extra]
 
 
 @pytest.fixture(scope="module")
-def work(rsna: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def work(rsna: RsnaFixture, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("work")
-    code = training_main(["prepare", "--data", str(rsna), "--work", str(work), "--input-size", str(INPUT),
-                          "--val-fraction", "0.25", "--test-fraction", "0.0", "--seed", "1"])
-    assert code == 0
+    assert training_main(_prepare_args(rsna, work)) == 0
     return work
 
 
-def test_prepare_groups_slices_into_sorted_scans(rsna: Path, work: Path) -> None:
-    labels = read_rsna_labels(rsna / "stage_2_train.csv")
+def test_fixture_carries_exactly_the_real_attribute_set(rsna: RsnaFixture) -> None:
+    from ihd_node.dicom.volume import slice_problem
+    from ihd_node.spool import valid_uid
+
+    encodings, sizes, windows, media = set(), set(), set(), set()
+    quirk = 0
+    with lenient_uids():
+        for stems in rsna.scans.values():
+            for stem in stems:
+                if stem in rsna.bad_files:
+                    continue
+                ds = pydicom.dcmread(rsna.root / "stage_2_train" / f"{stem}.dcm")
+                assert {e.keyword for e in ds} == set(RSNA_ATTRIBUTES)
+                assert ds.SOPInstanceUID == stem and stem.startswith("ID_")
+                encodings.add((int(ds.PixelRepresentation), int(ds.BitsStored)))
+                quirk += int(ds.BitsStored == 12 and float(ds.RescaleIntercept) > -100)
+                sizes.add((int(ds.Rows), int(ds.Columns)))
+                windows.add(isinstance(ds.WindowCenter, pydicom.multival.MultiValue))
+                media.add("MediaStorageSOPClassUID" in ds.file_meta)
+        # The node stays strict: no SOP class, and `ID_<hex>` is no UID it would accept on the network.
+        assert "SOP class" in (slice_problem(ds) or "")
+    assert not valid_uid(stem)
+    assert encodings >= {(0, 12), (0, 16), (1, 16)} and quirk > 0
+    assert len(sizes) >= 3 and (INPUT, INPUT - 8) in sizes  # larger and non-square images too
+    assert windows == {True, False} and media == {True, False}
+    rows = (rsna.csv_path).read_text().splitlines()[1:]
+    assert len(rows) > len(set(rows))  # duplicate rows
+    orders = {tuple(r.rsplit(",", 1)[0].rsplit("_", 1)[1] for r in rows[i:i + 6]) for i in range(0, 60, 6)}
+    assert len(orders) > 1  # subtype order varies
+
+
+def test_prepare_reads_the_real_attribute_set(rsna: RsnaFixture, work: Path) -> None:
+    labels = read_rsna_labels(rsna.csv_path)
     store = ScanStore(work / "cache")
-    assert len(store.scans) == 8 and store.size == INPUT
-    assert sum(s.n_slices for s in store.scans.values()) == len(labels)
+    assert set(store.scans) == set(rsna.scans) and store.size == INPUT
+    # The corrupt slice is dropped (its scan stays), the non-DICOM file is left out, both with reasons.
+    skipped = dict(line.split("\t") for line in (work / "skipped.txt").read_text().splitlines())
+    assert sorted(skipped.values()) == ["not DICOM", "pixel data cannot be decoded"]
+    assert {Path(p).stem for p in skipped} == set(rsna.bad_files)
+    thin_scan = next(s for s, stems in rsna.scans.items() if len(stems) == 32)
     for scan in store.scans.values():
         images = store.images(scan.scan_id)
         assert images.shape == (scan.n_slices, 3, INPUT, INPUT) and images.dtype == np.uint8
-        # Labels follow the sorted slice order and come from the CSV rows of those very files.
-        assert np.array_equal(scan.label_array(), np.stack([labels[k] for k in scan.keys]))
+        # Labels follow the sorted order; a slab is positive where any of its slices is.
+        expected = np.stack([np.max([labels[k] for k in key.split("+")], axis=0) for key in scan.keys])
+        assert np.array_equal(scan.label_array(), expected)
+    # The 1.25 mm scan became 5 mm slabs of four slices, as the node would analyse it.
+    assert store.scans[thin_scan].n_slices == 8
+    assert all(len(k.split("+")) == 4 for k in store.scans[thin_scan].keys)
+    # Splits by patient (the default): no patient on two sides, every scan somewhere.
     splits = json.loads((work / "splits.json").read_text())
-    train, val = set(splits["train"]), set(splits["val"])
-    assert train and val and not train & val and train | val == set(store.scans)
+    side = {}
+    for split, ids in splits.items():
+        for sid in ids:
+            assert side.setdefault(rsna.patients[sid], split) == split
+    assert sorted(sid for ids in splits.values() for sid in ids) == sorted(rsna.scans)
+    assert splits["train"] and splits["val"] and splits["test"]
+    assert len((work / "headers.jsonl").read_text().splitlines()) == rsna.n_files
 
 
-def test_cache_matches_inference_preprocessing(rsna: Path, work: Path) -> None:
-    from ihd_node.dicom.volume import load_volume
+def test_training_reader_matches_the_node(tmp_path: Path, rsna: RsnaFixture, work: Path) -> None:
+    """Same input at training and inference: sort, HU, slabs as ihd_node.analysis; cache = prepare_slices."""
+    from ihd_node.dicom.volume import combine_thin_slices, load_volume
     from ihd_node.model.preprocess import prepare_slices
+    from ihd_node.phantom import make_series, write_series
+
+    s = make_series(3, n_slices=20, size=INPUT, thin=True, slice_spacing=1.0, encoding="rsna_quirk")
+    write_series(s, tmp_path)
+    files = sorted(str(p) for p in tmp_path.glob("*.dcm"))
+    ours = load_training_scan(files)
+    vol = load_volume(files)
+    slabs, groups = combine_thin_slices(vol.hu, vol.slice_spacing, 5.0)
+    assert np.array_equal(ours.hu, slabs) and len(groups) == len(ours.members) == 4
+    assert [[Path(p).stem for p in g] for g in ours.members] == \
+        [[vol.slices[i].path.stem for i in g] for g in groups]
 
     store = ScanStore(work / "cache")
-    scan = next(iter(store.scans.values()))
-    files = [rsna / "stage_2_train" / f"{k}.dcm" for k in scan.keys]
-    vol = load_volume(files[::-1])  # any file order: load_volume sorts along the slice normal
-    expected = prepare_slices(vol.hu, INPUT)
+    scan = store.scans[sorted(rsna.scans)[4]]
+    loaded = load_training_scan([str(rsna.root / "stage_2_train" / f"{k}.dcm") for k in scan.keys][::-1])
     got = to_input(torch.from_numpy(np.array(store.images(scan.scan_id))))
     # uint8 storage: at most half a step of 1/255 in window units, divided by the channel std (~0.29).
-    assert torch.allclose(got, expected, atol=0.5 / 255 / 0.28 + 1e-5)
+    assert torch.allclose(got, prepare_slices(loaded.hu, INPUT), atol=0.5 / 255 / 0.28 + 1e-5)
+
+
+def test_prepare_resumes_after_kill_and_reuses_headers(rsna: RsnaFixture, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    env = {**os.environ, PAUSE_ENV: "5", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "training", *_prepare_args(rsna, work)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    progress = work / "cache" / PROGRESS_FILE
+    deadline = time.monotonic() + 120
+    try:
+        while not (progress.is_file() and len(progress.read_text().splitlines()) >= 5):
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "prepare did not cache 5 scans in 120 s"
+            time.sleep(0.1)
+        time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # kill -9: no clean-up, like a crash or the OOM killer
+        proc.wait()
+    assert not (work / "cache" / "manifest.json").exists() and not (work / "splits.json").exists()
+    finished = [json.loads(line)["scan"] for line in progress.read_text().splitlines()]
+    assert len(finished) == 5
+    mtimes = {s["path"]: (work / "cache" / s["path"]).stat().st_mtime_ns for s in finished}
+
+    out = subprocess.run([sys.executable, "-m", "training", *_prepare_args(rsna, work)], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(5 reused from an earlier run)" in out.stdout
+    assert f"headers of {rsna.n_files} files reused" in out.stdout
+    assert all((work / "cache" / p).stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert len(ScanStore(work / "cache").scans) == len(rsna.scans)
+
+
+def test_dry_run_reports_scans_disk_and_time(rsna: RsnaFixture, work: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert training_main(_prepare_args(rsna, work, "--dry-run", "--workers", "4")) == 0
+    out = capsys.readouterr().out
+    n_slices = rsna.n_files - 1  # the non-DICOM file is left out before
+    assert f"dry run: {len(rsna.scans)} scans, {n_slices} slices (1 of {rsna.n_files} files left out)" in out
+    assert "GB at 64px" in out and "min with --workers 4" in out
+
+
+def test_prepare_fails_loudly_with_reasons(rsna: RsnaFixture, work: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # No usable file at all: non-zero, each reason with its count.
+    data = tmp_path / "data"
+    (data / "stage_2_train").mkdir(parents=True)
+    rows = ["ID,Label"]
+    for i in range(3):
+        (data / "stage_2_train" / f"ID_00{i}.dcm").write_bytes(b"not dicom")
+        rows += [f"ID_00{i}_{c},0" for c in CLASSES]
+    with lenient_uids():
+        mr = pydicom.dcmread(rsna.root / "stage_2_train" / f"{rsna.scans[sorted(rsna.scans)[0]][0]}.dcm")
+        mr.Modality = "MR"
+        mr.save_as(data / "stage_2_train" / "ID_mr.dcm")
+    rows += [f"ID_mr_{c},0" for c in CLASSES]
+    (data / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
+    assert training_main(["prepare", "--data", str(data), "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable scans among 4 files" in err
+    assert "       3  not DICOM" in err and "       1  modality MR is not CT" in err
+    # More than the allowed share left out: non-zero, no splits written (the cache is kept for a rerun).
+    splits_before = (work / "splits.json").read_text()
+    (work / "splits.json").unlink()
+    try:
+        assert training_main(_prepare_args(rsna, work, "--max-rejected", "0.005")) == 2
+        err = capsys.readouterr().err
+        assert f"2 of {rsna.n_files} files" in err and "more than --max-rejected" in err
+        assert "1  pixel data cannot be decoded" in err
+        assert not (work / "splits.json").exists()
+    finally:
+        (work / "splits.json").write_text(splits_before)
 
 
 def test_augmentation_keeps_shape_and_range() -> None:
@@ -73,8 +220,8 @@ def test_augmentation_keeps_shape_and_range() -> None:
     assert torch.equal(Augmenter(AugmentConfig.off())(images), to_input(images))
 
 
-def test_three_stages_resume_and_predict(rsna: Path, work: Path) -> None:
-    torch.set_num_threads(2)
+def test_three_stages_resume_evaluate_and_cq500(rsna: RsnaFixture, work: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     config = tiny_config("mobilenet_v3_small", INPUT)
     opts = TrainOptions(work=work, config=config, device="cpu", cnn_epochs=1, batch_size=8, epoch_size=48,
                         lr_scale=10.0, positive_share=0.5, seq_epochs=1, pca_samples=2000, verbose=False)
@@ -94,27 +241,82 @@ def test_three_stages_resume_and_predict(rsna: Path, work: Path) -> None:
     assert index["cnn_run"] == cnn_state2["run_id"]
     seq_state = torch.load(work / "sequence" / "state.pt", weights_only=True)
     assert seq_state["epoch"] == 2 and seq_state["features_run"] == index["run_id"]
-    # A rerun of the finished run skips every stage (state files untouched).
     mtimes = {p: p.stat().st_mtime_ns for p in [work / "cnn" / "state.pt", work / "sequence" / "state.pt"]}
     run_stages(more)
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
 
-    # The checkpoint works in the node's own Predictor and the CLI evaluation writes its metrics into it.
-    from ihd_node.dicom.volume import load_volume
+    # The checkpoint works in the node's Predictor; evaluate reports the paper's metric and stores it.
     from ihd_node.model.checkpoint import load_checkpoint
     from ihd_node.model.pipeline import Predictor
 
     store = ScanStore(work / "cache")
-    scan = next(iter(store.scans.values()))
-    vol = load_volume([rsna / "stage_2_train" / f"{k}.dcm" for k in scan.keys])
-    pred = Predictor.load(work / "model.pt", device="cpu").predict(vol.hu, explain=False)
+    scan = store.scans[sorted(rsna.scans)[3]]
+    loaded = load_training_scan([str(rsna.root / "stage_2_train" / f"{k}.dcm") for k in scan.keys])
+    pred = Predictor.load(work / "model.pt", device="cpu").predict(loaded.hu, explain=False)
     assert pred.slice_probabilities.shape == (scan.n_slices, 6)
+    capsys.readouterr()
     assert training_main(["evaluate", "--checkpoint", str(work / "model.pt"), "--work", str(work),
-                          "--split", "val", "--device", "cpu"]) == 0
+                          "--split", "test", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "slice level" in out and "scan level" in out and "weighted log loss" in out
     provenance = load_checkpoint(work / "model.pt").provenance
-    n_val = len(json.loads((work / "splits.json").read_text())["val"])
-    assert provenance["metrics"]["val"]["scan"]["n"] == n_val
+    n_test = len(json.loads((work / "splits.json").read_text())["test"])
+    assert provenance["metrics"]["test"]["scan"]["n"] == n_test
     assert "validation" in provenance["metrics"]
+
+    # External validation on the CQ500 layout: majority of three readers, scan level, the node's path.
+    cq = write_cq500_fixture(tmp_path / "cq500", n_scans=6, size=INPUT)
+    from training.cq500 import choose_series, read_cq500_reads
+
+    truth = read_cq500_reads(cq.reads)
+    assert {k: v.tolist() for k, v in truth.items()} == {k: v.tolist() for k, v in cq.truth.items()}
+    choice = choose_series(cq.root / "CQ500CT0 CQ500CT0")
+    assert choice.paths is not None and choice.paths[0].parent.name == "CT 5mm"  # not the 1.25 mm series
+    assert training_main(["evaluate", "--checkpoint", str(work / "model.pt"), "--cq500", str(cq.root),
+                          "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CQ500 (6 scans, majority of 3 readers)" in out and "weighted log loss" in out
+    assert load_checkpoint(work / "model.pt").provenance["metrics"]["cq500"]["scan"]["n"] == 6
+
+    # A CQ500 folder with nothing usable: non-zero, with the reasons.
+    empty = tmp_path / "cq_empty"
+    (empty / "CQ500CT0 CQ500CT0" / "Unknown Study" / "CT 5mm").mkdir(parents=True)
+    (empty / "CQ500CT0 CQ500CT0" / "Unknown Study" / "CT 5mm" / "CT000000.dcm").write_bytes(b"junk")
+    (empty / "reads.csv").write_text(cq.reads.read_text())
+    assert training_main(["evaluate", "--checkpoint", str(work / "model.pt"), "--cq500", str(empty),
+                          "--device", "cpu", "--no-write"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 6 scans" in err and "5  no folder for this scan" in err and "no CT series" in err
+
+
+def test_backbone_weights_imagenet_file_and_paper_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import torchvision
+
+    from ihd_node.errors import UserError
+    from ihd_node.model.cnn import SliceCNN
+    from training.weights import resolve_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # Offline and not in the hub cache: a clear error naming the URL and where to put the file.
+    with pytest.raises(UserError) as err:
+        resolve_weights("imagenet", "mobilenet_v3_small", preset="compact", from_scratch=False, download=False)
+    target = tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    assert str(target) in str(err.value) and "https://download.pytorch.org/" in str(err.value)
+    # The file where torchvision keeps it (as a download or a copy would leave it) is used.
+    reference = torchvision.models.mobilenet_v3_small(weights=None)
+    target.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), target)
+    path = resolve_weights("imagenet", "mobilenet_v3_small", preset="paper", from_scratch=False, download=False)
+    assert path == str(target)
+    cnn = SliceCNN("mobilenet_v3_small", weights_path=path)
+    assert torch.equal(cnn.backbone.features[0][0].weight, reference.features[0][0].weight)
+    # The paper preset refuses random initialisation unless asked for; before touching any data.
+    assert training_main(["train", "--work", str(tmp_path / "nowork"), "--preset", "paper"]) == 2
+    assert "--from-scratch" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no such file"):
+        resolve_weights(str(tmp_path / "missing.pth"), "resnet18", preset="compact", from_scratch=False)
+    assert resolve_weights(None, "resnext101_32x8d", preset="paper", from_scratch=True) is None
 
 
 def test_lesion_masks_train_the_auxiliary_head(tmp_path: Path) -> None:
@@ -123,7 +325,6 @@ def test_lesion_masks_train_the_auxiliary_head(tmp_path: Path) -> None:
     from training.data import mask_size, save_manifest, write_cached_scan
     from training.train import stage_cnn
 
-    torch.set_num_threads(2)
     cache = tmp_path / "cache"
     cache.mkdir()
     scans = []
@@ -146,3 +347,22 @@ def test_lesion_masks_train_the_auxiliary_head(tmp_path: Path) -> None:
     state = stage_cnn(opts, store, splits)
     assert state["done"] and len(state["mask_head"]) >= 2  # at least one map head (weight and bias)
     assert np.isfinite(state["history"][0]["train_loss"])
+
+
+def test_losses_eq1_is_the_papers_plain_sum_and_weighted_the_metric() -> None:
+    from training.metrics import weighted_log_loss
+    from training.train import TrainingError, loss_function
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0, 0.0], [-1.0, 0.0, 2.0, 1.0, -2.0, 3.0]])
+    targets = torch.tensor([[1.0, 0, 1, 0, 1, 0], [0.0, 0, 0, 1, 0, 1]])
+    p = torch.sigmoid(logits)
+    bce = -(targets * p.log() + (1 - targets) * (1 - p).log())
+    opts = TrainOptions(work=Path("."), config=tiny_config("mobilenet_v3_small", INPUT))
+    assert opts.loss == "eq1"  # the paper's default
+    torch.testing.assert_close(loss_function(opts)(logits, targets), bce.sum(dim=1).mean())
+    opts.loss = "weighted"
+    assert float(loss_function(opts)(logits, targets)) == pytest.approx(
+        weighted_log_loss(targets.numpy(), p.numpy()), rel=1e-5)
+    opts.loss = "focal"
+    with pytest.raises(TrainingError, match="unknown loss"):
+        loss_function(opts)

@@ -71,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--stages", default="cnn,features,sequence", help="comma-separated subset, in order")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--weights", help="local pretrained backbone state_dict (random init without it)")
+    p.add_argument("--weights", help="pretrained backbone: 'imagenet' (torchvision's weights, downloaded "
+                                     "once into the torch hub cache) or a local state_dict FILE")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="random initialisation without --weights (the paper preset refuses it otherwise)")
+    p.add_argument("--offline", action="store_true",
+                   help="never download: --weights imagenet must already be in the torch hub cache")
+    p.add_argument("--weight-reading", choices=("per_class", "summed"), default="per_class",
+                   help="weight_smallest/largest selectors: top features per class in turn (paper) or "
+                        "by |weight| summed over classes")
     p.add_argument("--epochs", type=int, default=3, help="CNN epochs (paper 3)")
     p.add_argument("--lr", type=float, default=1e-4, help="CNN learning rate, first epochs (paper 1e-4)")
     p.add_argument("--lr-drop-epoch", type=int, default=2, help="epochs at --lr before dropping it (paper 2)")
@@ -91,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-epochs", type=int, default=4, help="BiLSTM epochs (paper 4)")
     p.add_argument("--seq-lr", type=float, default=1e-4, help="BiLSTM learning rate (paper 1e-4)")
     p.add_argument("--seq-batch", type=int, default=1, help="scans per BiLSTM batch (paper 1)")
+    p.add_argument("--loss", choices=("eq1", "weighted"), default="eq1",
+                   help="eq1: the paper's Eq. 1, BCE summed over the 6 classes (default); weighted: the "
+                        "challenge metric (any x2, / 7)")
+    p.add_argument("--seq-clip", type=float, default=5.0,
+                   help="clip the BiLSTM gradient norm to this (not in the paper; 0 = off)")
     p.add_argument("--threshold-method", choices=("youden", "f1"), default="youden")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="ihd-node")
@@ -98,10 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained-on", default="", help="text for the checkpoint provenance and model card")
     p.add_argument("--out", type=Path, help="checkpoint path (default WORK/model.pt)")
 
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split; stored in its provenance")
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split or on CQ500; stored in its "
+                                         "provenance")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--work", type=Path, help="prepared work folder (with --split)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--cq500", type=Path,
+                   help="CQ500 folder (reads.csv + scan folders): external validation, scan level")
+    p.add_argument("--max-rejected", type=float, default=0.1,
+                   help="CQ500: fail when more than this share of scans cannot be evaluated (0.1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write", action="store_true", help="only print, leave the checkpoint as it is")
     return parser
@@ -197,16 +215,20 @@ def dry_run_report(args: argparse.Namespace, scans: list, size: int, rejected: l
 def train_command(args: argparse.Namespace) -> int:
     from training.augment import AugmentConfig
     from training.train import TrainOptions, run_stages
+    from training.weights import resolve_weights
 
+    config = model_config(args)
+    weights = resolve_weights(args.weights, config.backbone, preset=args.preset,
+                              from_scratch=args.from_scratch, download=not args.offline)
     opts = TrainOptions(
-        work=args.work, config=model_config(args), device=args.device, seed=args.seed,
-        backbone_weights=args.weights, cnn_epochs=args.epochs, cnn_lr=args.lr,
+        work=args.work, config=config, device=args.device, seed=args.seed, weight_reading=args.weight_reading,
+        backbone_weights=weights, cnn_epochs=args.epochs, cnn_lr=args.lr,
         cnn_lr_drop_epoch=args.lr_drop_epoch, cnn_lr_drop=args.lr_drop, lr_scale=args.lr_scale,
         batch_size=args.batch_size, epoch_size=args.epoch_size, positive_share=args.positive_share,
         augment=AugmentConfig(strength=args.augment), amp=not args.no_amp, workers=args.workers,
         save_every=args.save_every, pca_samples=args.pca_samples, seq_epochs=args.seq_epochs,
-        seq_lr=args.seq_lr,
-        seq_batch=args.seq_batch, threshold_method=args.threshold_method, name=args.name,
+        seq_lr=args.seq_lr, seq_batch=args.seq_batch, loss=args.loss, seq_clip=args.seq_clip,
+        threshold_method=args.threshold_method, name=args.name,
         version=args.version, trained_on=args.trained_on,
     )
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -215,6 +237,14 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    if args.cq500 is not None:
+        from training.cq500 import evaluate_cq500
+
+        evaluate_cq500(args.checkpoint, args.cq500, args.device, max_rejected=args.max_rejected,
+                       write=not args.no_write)
+        return 0
+    if args.work is None:
+        raise UserError("evaluate needs --work WORK (a prepared folder, with --split) or --cq500 DIR")
     from training.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.work, args.split, args.device, write=not args.no_write)

@@ -192,7 +192,7 @@ class Cq500Fixture:
 
 
 def write_cq500_fixture(root: Path, n_scans: int = 6, seed: int = 700, size: int = 64,
-                        n_slices: int = 8) -> Cq500Fixture:
+                        n_slices: int = 12) -> Cq500Fixture:
     """The CQ500 layout: `CQ500CT<i> CQ500CT<i>/Unknown Study/<series>/CT*.dcm` and reads.csv
     (`name,Category,R1:ICH,...,R3:MidlineShift`). Each study has a 5 mm series; every other study also a
     thin series (the node's choice must pick one). One radiologist disagrees on some findings, so only

@@ -283,7 +283,7 @@ def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads:
         work=work, config=config, device="cpu", seed=recipe.seed, cnn_epochs=recipe.cnn_epochs,
         cnn_lr=recipe.cnn_lr, lr_scale=recipe.lr_scale, batch_size=recipe.batch_size,
         epoch_size=recipe.cnn_epoch_size, positive_share=recipe.positive_share, augment=recipe.augment,
-        mask_weight=recipe.mask_weight, bn_momentum=recipe.bn_momentum, val_every_epoch=False,
+        mask_weight=recipe.mask_weight, bn_momentum=recipe.bn_momentum, val_every_epoch=False, loss="weighted",
         seq_epochs=recipe.seq_epochs, seq_lr=1e-4 * recipe.seq_lr_scale / recipe.lr_scale, name=MODEL_NAME,
         version=MODEL_VERSION, verbose=verbose,
         trained_on=f"synthetic head-CT phantoms (ihd_node.phantom), {recipe.train_series} series, "

@@ -66,8 +66,11 @@ class TrainOptions:
     weight_decay: float = 0.0
     bn_momentum: float | None = None  # e.g. 0.1 from scratch (MobileNet's default 0.01 lags a short run)
     mask_weight: float = 0.0  # weight of the auxiliary lesion-map loss on data with masks (phantoms)
+    loss: str = "eq1"  # "eq1": the paper's Eq. 1 (plain sum over classes); "weighted": the challenge metric
+    seq_clip: float = 5.0  # BiLSTM gradient-norm clipping (not in the paper; 0 = off)
     # Stage 2.
     pca_samples: int = 30000
+    weight_reading: str = "per_class"  # weight_* selectors: "per_class" (paper) or "summed" over classes
     # Stage 3 (paper: Adam 1e-4, 4 epochs, one scan per batch).
     seq_epochs: int = 4
     seq_lr: float = 1e-4
@@ -130,10 +133,25 @@ def load_splits(work: Path) -> dict[str, list[str]]:
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Training loss = the evaluation metric: BCE per class weighted 2:1:..:1, divided by the weight sum."""
+    """The challenge metric as a loss: BCE per class weighted 2:1:..:1, divided by the weight sum."""
     w = torch.tensor(CLASS_WEIGHTS, device=logits.device, dtype=torch.float32)
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     return (bce * w).sum(dim=-1).mean() / w.sum()
+
+
+def multi_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The paper's Eq. 1: BCE summed over the six classes (all weighted 1), averaged over the samples."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    return bce.sum(dim=-1).mean()
+
+
+LOSSES = {"eq1": multi_bce, "weighted": weighted_bce}
+
+
+def loss_function(opts: TrainOptions):  # -> Callable[[Tensor, Tensor], Tensor]
+    if opts.loss not in LOSSES:
+        raise TrainingError(f"unknown loss {opts.loss!r}; use {' or '.join(LOSSES)}")
+    return LOSSES[opts.loss]
 
 
 def _check_config(state: dict[str, Any], opts: TrainOptions, stage: str) -> None:
@@ -268,6 +286,7 @@ def stage_cnn(opts: TrainOptions, store: ScanStore, splits: dict[str, list[str]]
         epoch, step, history = int(state["epoch"]), int(state["step"]), list(state.get("history", []))
         _log(opts, f"stage cnn: resuming at epoch {epoch + 1}, step {step}")
 
+    criterion = loss_function(opts)
     train = SliceDataset(store, splits["train"])
     if len(train) == 0:
         raise TrainingError("the training split has no slices; prepare more scans or use a smaller "
@@ -309,7 +328,7 @@ def stage_cnn(opts: TrainOptions, store: ScanStore, splits: dict[str, list[str]]
                 x = augmenter(images)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 logits, _ = cnn(x)
-            loss = weighted_bce(logits, labels)
+            loss = criterion(logits, labels)
             if mask_head is not None:
                 loss = loss + opts.mask_weight * mask_head.loss(maps, has_mask)
             optimiser.zero_grad(set_to_none=True)
@@ -397,7 +416,8 @@ def stage_features(opts: TrainOptions, store: ScanStore, splits: dict[str, list[
     offsets: dict[str, list[int]] = {}
     pos = 0
     for sid in progress(scan_ids, desc="extracting features", enabled=opts.verbose):
-        logits, feats = cnn_outputs(cnn, torch.from_numpy(np.array(store.images(sid))), device, amp=opts.amp)
+        # float32, as the node runs the model: the BiLSTM learns from the features it will be given.
+        logits, feats = cnn_outputs(cnn, torch.from_numpy(np.array(store.images(sid))), device, amp=False)
         n = logits.shape[0]
         raw[pos:pos + n] = feats.numpy().astype(np.float16)
         logits_all[pos:pos + n] = logits.numpy()
@@ -417,7 +437,8 @@ def stage_features(opts: TrainOptions, store: ScanStore, splits: dict[str, list[
     _log(opts, f"fitting {opts.config.selector} selector {dim} -> {opts.config.selected_dim} on "
                f"{len(train_rows)} vectors")
     selector = fit_selector(opts.config.selector, np.asarray(raw[train_rows], dtype=np.float32),
-                            opts.config.selected_dim, head_weight, seed=opts.seed)
+                            opts.config.selected_dim, head_weight, seed=opts.seed,
+                            weight_reading=opts.weight_reading)
     selected = np.zeros((total, opts.config.selected_dim), dtype=np.float32)
     with torch.no_grad():
         for start in range(0, total, 8192):
@@ -509,6 +530,7 @@ def stage_sequence(opts: TrainOptions, store: ScanStore, splits: dict[str, list[
         _log(opts, f"stage sequence: resuming at epoch {epoch + 1}")
     data = ScanFeatures(opts, store)
     train_ids = list(splits["train"])
+    criterion = loss_function(opts)
 
     def save(done: bool) -> None:
         _atomic_save({"config": opts.config.to_dict(), "options": opts.jsonable(), "epoch": epoch,
@@ -526,10 +548,11 @@ def stage_sequence(opts: TrainOptions, store: ScanStore, splits: dict[str, list[
             feats, probs, labels = feats.to(device), probs.to(device), labels.to(device)
             logits = model(feats, probs, lengths if len(idx) > 1 else None)
             mask = torch.arange(feats.shape[1], device=device)[None, :] < lengths.to(device)[:, None]
-            loss = weighted_bce(logits[mask], labels[mask])
+            loss = criterion(logits[mask], labels[mask])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            if opts.seq_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.seq_clip)
             optimiser.step()
             running = 0.95 * running + 0.05 * loss.item() if seen else loss.item()
             seen += 1

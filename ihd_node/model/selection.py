@@ -71,12 +71,32 @@ def _top(scores: np.ndarray, k: int, largest: bool) -> np.ndarray:
     return order[:k]
 
 
+def per_class_top(weight: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """k feature indices chosen class by class in turn: each class adds its best not yet chosen feature
+    (by |weight| of that class), so every output class gets about k / classes features of its own."""
+    ranked = [_top(np.abs(row), row.size, largest) for row in weight]
+    chosen: list[int] = []
+    taken = np.zeros(weight.shape[1], dtype=bool)
+    cursor = [0] * len(ranked)
+    while len(chosen) < k:
+        for c, order in enumerate(ranked):
+            while cursor[c] < order.size and taken[order[cursor[c]]]:
+                cursor[c] += 1
+            if cursor[c] < order.size and len(chosen) < k:
+                taken[order[cursor[c]]] = True
+                chosen.append(int(order[cursor[c]]))
+    return np.asarray(chosen, dtype=np.int64)
+
+
 def fit_selector(kind: str, features: np.ndarray, out_dim: int,
-                 head_weight: np.ndarray | None = None, *, seed: int = 0) -> FeatureSelector:
+                 head_weight: np.ndarray | None = None, *, seed: int = 0,
+                 weight_reading: str = "per_class") -> FeatureSelector:
     """Fit a selector on un-augmented CNN features (N, D).
 
-    weight_*: score of a feature = |weight| of the CNN's linear head summed over the 6 classes, the
-    paper's "features with the largest/smallest weights in absolute value" (Table 2).
+    weight_*: the paper's "features with the lowest or highest weights (in absolute value) for each output
+    class" (section 3.2). weight_reading "per_class" (default) reads it literally: the classes take
+    turns, each adding its own next best feature by |weight| of its row of the CNN's linear head;
+    "summed" ranks features once by |weight| summed over the 6 classes.
     """
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2:
@@ -100,8 +120,13 @@ def fit_selector(kind: str, features: np.ndarray, out_dim: int,
     weight = np.asarray(head_weight, dtype=np.float64)
     if weight.ndim != 2 or weight.shape[1] != d:
         raise ValueError(f"head_weight must be (classes, {d}), got {weight.shape}")
+    largest = kind == "weight_largest"
+    if weight_reading == "per_class":
+        return IndexSelector(per_class_top(weight, out_dim, largest), in_dim=d, kind=kind)
+    if weight_reading != "summed":
+        raise ValueError(f"unknown weight_reading {weight_reading!r}; use per_class or summed")
     scores = np.abs(weight).sum(axis=0)
-    return IndexSelector(_top(scores, out_dim, largest=kind == "weight_largest"), in_dim=d, kind=kind)
+    return IndexSelector(_top(scores, out_dim, largest=largest), in_dim=d, kind=kind)
 
 
 def build_selector(kind: str, in_dim: int, out_dim: int) -> FeatureSelector:
