@@ -1,4 +1,9 @@
-"""`ihd-node analyze`: run the model on DICOM files or folders without the network, for checks and audits."""
+"""`ihd-node analyze`: run the model on DICOM files or folders without the network, for checks and audits.
+
+Each series is judged by the node's own eligibility rules (ihd_node.dicom.select.judge_series with the
+default `series` settings): what `serve` would ignore is refused with the reason, unless --force, and
+then every output says the series was forced.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,24 @@ from pathlib import Path
 
 from ihd_node.analysis import SeriesAnalysis, analyze_series
 from ihd_node.classes import CLASSES, NOT_FOR_DIAGNOSTIC_USE
-from ihd_node.dicom.volume import VolumeError, group_series
+from ihd_node.config import SeriesConfig
+from ihd_node.dicom.select import Eligibility, judge_series
+from ihd_node.dicom.volume import VolumeError, group_series, slice_headers
+
+FORCED_NOTE = "FORCED: the node would not analyse this series ({reason}); this result is outside its rules"
 
 
-def series_summary(analysis: SeriesAnalysis, seconds: float) -> dict:
+def series_summary(analysis: SeriesAnalysis, seconds: float, verdict: Eligibility | None = None) -> dict:
     """The JSON shape of one analysed series (documented in the README)."""
     prediction = analysis.prediction
     per_slice = analysis.original_slice_probabilities()
+    forced = verdict is not None and not verdict.ok
     return {
         "study_instance_uid": analysis.volume.study_instance_uid,
         "series_instance_uid": analysis.volume.series_instance_uid,
+        "eligible": not forced,
+        "forced": forced,
+        "eligibility": verdict.reason if verdict is not None else None,
         "n_slices": analysis.volume.n_slices,
         "n_model_slices": len(analysis.slice_groups),
         "probabilities": prediction.probabilities(),
@@ -50,9 +63,11 @@ def write_results(analysis: SeriesAnalysis, out_dir: Path) -> list[Path]:
     return written
 
 
-def print_table(summaries: list[dict], rejected: list[tuple[str, str]]) -> None:
+def print_table(summaries: list[dict], rejected: list[tuple[str, str]], refused: list[tuple[str, str]]) -> None:
     for s in summaries:
         print(f"series {s['series_instance_uid']}  ({s['n_slices']} slices, {s['seconds']:.2f} s)")
+        if s["forced"]:
+            print("  " + FORCED_NOTE.format(reason=s["eligibility"]))
         for cls in CLASSES:
             p = s["probabilities"][cls]
             flag = "POSITIVE" if cls in s["positive"] else ""
@@ -61,35 +76,51 @@ def print_table(summaries: list[dict], rejected: list[tuple[str, str]]) -> None:
             print(f"  wrote {path}")
     for path, reason in rejected:
         print(f"skipped {path}: {reason}")
+    for uid, reason in refused:
+        print(f"refused series {uid}: {reason} (the node would not analyse it; --force analyses it anyway)")
     print(NOT_FOR_DIAGNOSTIC_USE)
 
 
 def analyze_command(args: argparse.Namespace) -> int:
-    from ihd_node.model.pipeline import Predictor
-
     groups = group_series(args.paths)
     rejected = [(str(p), reason) for p, reason in groups.rejected]
-    if not groups.series:
-        print("no usable CT series among the given files", file=sys.stderr)
-    predictor = (Predictor.load(args.model, device=args.device, explain=args.explain)
-                 if groups.series else None)
-    summaries = []
+    refused: list[tuple[str, str]] = []
+    chosen: list[tuple[str, list[Path], Eligibility]] = []
     for series_uid, paths in groups.series.items():
+        try:
+            verdict = judge_series(slice_headers(paths), SeriesConfig())
+        except VolumeError as exc:
+            verdict = Eligibility(False, str(exc))
+        if verdict.ok or args.force:
+            chosen.append((series_uid, paths, verdict))
+        else:
+            refused.append((series_uid, verdict.reason))
+    if not chosen:
+        print("nothing to analyse: no eligible CT series among the given files"
+              + (" (--force analyses refused series anyway)" if refused else ""), file=sys.stderr)
+    predictor = None
+    if chosen:  # torch is imported only when there is something to analyse
+        from ihd_node.model.pipeline import Predictor
+
+        predictor = Predictor.load(args.model, device=args.device, explain=args.explain)
+    summaries = []
+    for series_uid, paths, verdict in chosen:
         started = time.perf_counter()
         try:
             analysis = analyze_series(paths, predictor, explain=not args.no_gradcam and bool(args.out))
         except VolumeError as exc:
             rejected.append((f"series {series_uid}", str(exc)))
             continue
-        summary = series_summary(analysis, time.perf_counter() - started)
+        summary = series_summary(analysis, time.perf_counter() - started, verdict)
         if args.out:
             summary["written"] = [str(p) for p in write_results(analysis, Path(args.out))]
         summaries.append(summary)
     if args.json:
         json.dump({"series": summaries,
                    "rejected": [{"path": p, "reason": r} for p, r in rejected],
+                   "refused": [{"series_instance_uid": u, "reason": r} for u, r in refused],
                    "note": NOT_FOR_DIAGNOSTIC_USE}, sys.stdout, indent=2)
         print()
     else:
-        print_table(summaries, rejected)
-    return 0 if summaries or not groups.series else 1
+        print_table(summaries, rejected, refused)
+    return 0 if summaries else 1

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="checkpoint file (default: the shipped model)")
     p.add_argument("--out", help="also write the SR and Grad-CAM secondary captures into this folder")
     p.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM heatmaps")
+    p.add_argument("--force", action="store_true",
+                   help="also analyse series the node would refuse (too few slices, not a head CT, ...); "
+                        "the output marks them FORCED")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--explain", choices=["decision", "cnn"], default="decision",
                    help="what the heatmaps explain: the final (BiLSTM) decision or the per-slice CNN")

@@ -277,6 +277,11 @@ class SeriesConfig(_Section):
     min_slice_thickness_mm: Num | None = _f(None, "Thinner slices: ignored; unset = no limit.", 0.5, ge=0)
     max_slice_thickness_mm: Num | None = _f(10.0, "Thicker slices: ignored; unset = no limit.", 10, gt=0)
     exclude_localizers: Bool = _f(True, "Ignore series whose ImageType says LOCALIZER.")
+    require_head: Bool = _f(
+        True,
+        "Ignore series that are not a head CT: BodyPartExamined naming another region, or no sampled "
+        "slice showing a skull ring around intracranial-density tissue (README: eligibility).",
+    )
     description_include: Regex = _f(
         None,
         "If set, only series whose SeriesDescription matches this regex (case-insensitive search).",

@@ -33,8 +33,9 @@ from ihd_node.config import Config, load_config, runtime_problems, summary
 from ihd_node.db import Database, Delivery, ResultObject, open_database, utcnow
 from ihd_node.dicom.assembler import Assembler
 from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
-from ihd_node.dicom.select import check_series, read_headers
+from ihd_node.dicom.select import judge_series
 from ihd_node.dicom.sender import Outbox
+from ihd_node.dicom.volume import VolumeError, slice_headers
 from ihd_node.errors import UserError
 from ihd_node.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
 
@@ -244,9 +245,11 @@ class Node:
         study_uid = series.study_instance_uid if series else None
         paths = [i.path for i in self.db.series_instances(series_uid)]
         try:
-            headers = read_headers(paths)
+            refs = slice_headers(paths)
         except Exception as exc:
-            reason = f"an instance file cannot be read ({type(exc).__name__}: {exc})"
+            # VolumeError names the file and the damage (e.g. an Enhanced CT without its frame groups).
+            reason = str(exc) if isinstance(exc, VolumeError) else (
+                f"an instance file cannot be read ({type(exc).__name__}: {exc})")
             if series is not None and series.spool_removed is not None:
                 reason = ("late instance after the series' files were removed (retention.spool_keep_hours); "
                           "the series cannot be analysed again")
@@ -254,7 +257,7 @@ class Node:
                 self.db.log_event("error", reason, level="ERROR", series_instance_uid=series_uid,
                                   study_instance_uid=study_uid)
             return
-        verdict = check_series(headers, self.config.series)
+        verdict = judge_series(refs, self.config.series)
         if not verdict.ok:
             if self.db.set_series_state(series_uid, "ignored", verdict.reason, expect="complete"):
                 self.db.log_event("ignored", verdict.reason, series_instance_uid=series_uid,

@@ -17,6 +17,7 @@ from ihd_node.model.checkpoint import save_checkpoint
 from ihd_node.model.network import IhdModel
 from ihd_node.model.presets import tiny_config
 from ihd_node.phantom import make_series, write_series
+from tests.trunk import cross_section, write_ct_series
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -75,5 +76,51 @@ def test_bad_paths_and_models_are_clear_errors(tiny: Path, tmp_path: Path) -> No
     (tmp_path / "x.dcm").write_bytes(b"garbage")
     series = make_series(22, subtypes=[], n_slices=4, size=64)
     write_series(series, tmp_path / "s")
-    proc = run("analyze", str(tmp_path / "s"), "--model", str(tmp_path / "x.dcm"))
+    proc = run("analyze", str(tmp_path / "s"), "--model", str(tmp_path / "x.dcm"), "--force")
     assert proc.returncode == 2 and "x.dcm" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def refusable(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What `serve` ignores: one 128x128 slice, four 16x16 slices, and an abdomen CT of 12 slices."""
+    root = tmp_path_factory.mktemp("refusable")
+    one = make_series(23, subtypes=["subdural"], n_slices=12, size=128)
+    write_series(one, root / "all")
+    (root / "single").mkdir()
+    (root / "all" / sorted(p.name for p in (root / "all").iterdir())[0]).rename(root / "single" / "one.dcm")
+    write_ct_series([cross_section("abdomen", 16, seed=i) for i in range(4)], root / "tiny", fov_mm=400.0)
+    write_ct_series([cross_section("abdomen", 64, seed=i) for i in range(12)], root / "abdomen")
+    return {k: root / k for k in ("single", "tiny", "abdomen")}
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("single", "too few slices: 1 < 10"),
+    ("tiny", "too few slices: 4 < 10"),
+    ("abdomen", "does not look like a head CT"),
+])
+def test_what_serve_refuses_is_refused_with_the_reason_and_exit_1(tiny: Path, refusable, case: str,
+                                                                    reason: str) -> None:
+    proc = run("analyze", str(refusable[case]), "--json", "--model", str(tiny))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["series"] == [] and len(out["refused"]) == 1 and reason in out["refused"][0]["reason"]
+    assert "nothing to analyse" in proc.stderr and "--force" in proc.stderr
+    if case == "abdomen":
+        text = run("analyze", str(refusable[case]), "--model", str(tiny))
+        assert text.returncode == 1 and "POSITIVE" not in text.stdout and reason in text.stdout
+
+
+def test_force_analyses_a_refused_series_and_says_so(tiny: Path, refusable) -> None:
+    proc = run("analyze", str(refusable["abdomen"]), "--json", "--force", "--model", str(tiny))
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads(proc.stdout)["series"][0]
+    assert entry["forced"] is True and entry["eligible"] is False
+    assert "does not look like a head CT" in entry["eligibility"]
+    text = run("analyze", str(refusable["abdomen"]), "--force", "--model", str(tiny))
+    assert text.returncode == 0 and "FORCED: the node would not analyse this series" in text.stdout
+
+
+def test_an_eligible_series_is_not_marked_forced(tiny: Path, study) -> None:
+    folder, _ = study
+    entry = json.loads(run("analyze", str(folder), "--json", "--force", "--model", str(tiny)).stdout)["series"][0]
+    assert entry["forced"] is False and entry["eligible"] is True and "head" in entry["eligibility"]

@@ -98,7 +98,9 @@ def test_description_rules_and_missing_geometry(tmp_path: Path) -> None:
     broken = series(12)
     del broken[2].ImagePositionPatient
     assert "lack ImagePositionPatient" in check_series(broken).reason
-    enhanced = series(12)
-    for ds in enhanced:
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
-    assert "Enhanced CT" in check_series(enhanced).reason
+    mixed = series(12)
+    mixed[3].SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # a frame header of an Enhanced CT among slices
+    assert "mixes CT Image Storage and Enhanced CT" in check_series(mixed).reason
+    mr = series(12)
+    mr[0].SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    assert "is not CT Image Storage or Enhanced CT" in check_series(mr).reason

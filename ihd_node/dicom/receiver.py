@@ -7,8 +7,8 @@ Why it looks like this:
 - Admission (called AE, calling AE, source address, queue limit) is decided in EVT_REQUESTED, so a
   refusal is a proper A-ASSOCIATE-RJ and the log line can name the peer's address and AE title.
 - Every storage SOP class is accepted: PACS routing rules often send whole studies, and a refused
-  context makes some PACS retry the study for ever. Only CT Image Storage is spooled; other classes
-  (Enhanced CT included, see README) are answered 0x0000 and recorded as ignored with the reason.
+  context makes some PACS retry the study for ever. CT Image Storage and (Legacy Converted) Enhanced CT
+  are spooled; other classes are answered 0x0000 and recorded as ignored with the reason (README).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from pydicom import uid as tsuid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
 from ihd_node import nodelog
 from ihd_node.db import Database, Series, Study, utcnow
-from ihd_node.dicom.select import ENHANCED_CT_REASON
+from ihd_node.dicom.volume import CT_CLASSES
 from ihd_node.spool import Spool, sha256_hex, valid_uid, write_atomic
 
 # Uncompressed, deflated and the common compressed syntaxes (all decodable by pydicom + pylibjpeg).
@@ -62,8 +62,6 @@ DATASET_MISMATCH = 0xA900  # required UID missing, or dataset and request disagr
 CANNOT_UNDERSTAND = 0xC000  # a UID that is not a valid DICOM UID (path characters, too long)
 UNPARSEABLE = 0xC210  # the dataset bytes cannot be parsed
 
-CT_CLASSES = {str(CTImageStorage)}
-NOT_ANALYSED_REASONS = {str(EnhancedCTImageStorage): ENHANCED_CT_REASON}
 
 
 @dataclass(frozen=True)
@@ -380,8 +378,8 @@ class Receiver:
                                 "SOP Instance/Class UID of the dataset differ from the request's", series_uid)
 
         sha = sha256_hex(raw)
-        ignored = None if rq_class in CT_CLASSES else NOT_ANALYSED_REASONS.get(
-            rq_class, f"SOP class {rq_class} is not CT Image Storage")
+        ignored = None if rq_class in CT_CLASSES else (
+            f"SOP class {rq_class} is not CT Image Storage or Enhanced CT Image Storage")
         path = None
         if ignored is None and "PixelData" not in ds:  # also what a cut in a pixel data header leaves
             return self._refuse(peer, DATASET_MISMATCH, "CT Image Storage instance without Pixel Data "

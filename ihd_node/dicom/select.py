@@ -2,7 +2,9 @@
 
 The node receives whatever the PACS routes to it (scouts, dose reports, coronal reformats, our own
 results); only axial CT stacks of a sensible size are analysed. Everything else is recorded as
-"ignored" with the reason, so an admin can see why a study got no result.
+"ignored" with the reason, so an admin can see why a study got no result. `judge_series` adds the
+head check (ihd_node.dicom.anatomy), which looks at a few images; `serve` and `analyze` both use it.
+Enhanced CT frames are judged as slices (ihd_node.dicom.volume.slice_headers).
 """
 
 from __future__ import annotations
@@ -13,14 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from ihd_node.config import SeriesConfig
-from ihd_node.dicom.volume import CT_IMAGE_STORAGE
-
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-ENHANCED_CT_REASON = "Enhanced CT (multi-frame) is not analysed yet; send classic CT Image Storage"
+from ihd_node.dicom.anatomy import body_part_problem, head_problem, sample_indices
+from ihd_node.dicom.volume import CT_CLASSES, SliceHeader, VolumeError, slice_headers, slices_hu
 
 
 @dataclass(frozen=True)
@@ -30,8 +29,34 @@ class Eligibility:
 
 
 def read_headers(paths: Iterable[str | Path]) -> list[Dataset]:
-    """Headers without pixel data; unreadable files raise (the caller records the reason)."""
-    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    """One flat header per slice (Enhanced CT: per frame), without pixel data; unreadable files raise."""
+    return [r.ds for r in slice_headers(paths)]
+
+
+def judge_series(refs: Sequence[SliceHeader], rules: SeriesConfig | None = None) -> Eligibility:
+    """The node's whole verdict on one series: the header rules, then (series.require_head) the head check."""
+    rules = rules or SeriesConfig()
+    headers = [r.ds for r in refs]
+    verdict = check_series(headers, rules)
+    if not verdict.ok or not rules.require_head:
+        return verdict
+    problem = body_part_problem(headers)
+    if problem:
+        return Eligibility(False, problem)
+    try:  # header values were checked by check_series
+        normal = _normal(headers[0])
+        assert normal is not None
+        order = sorted(range(len(refs)), key=lambda i: float(np.dot(
+            [float(v) for v in headers[i].ImagePositionPatient], normal)))
+        sample = [refs[order[i]] for i in sample_indices(len(order))]
+        images = slices_hu(sample)
+        spacing = [float(v) for v in headers[0].PixelSpacing]
+    except VolumeError as exc:
+        return Eligibility(False, str(exc))
+    problem = head_problem(images, (spacing[0], spacing[1]))
+    if problem:
+        return Eligibility(False, problem)
+    return Eligibility(True, verdict.reason + ", head")
 
 
 def _normal(ds: Dataset) -> np.ndarray | None:
@@ -87,11 +112,11 @@ def _check_series(headers: Sequence[Dataset], rules: SeriesConfig) -> Eligibilit
         return Eligibility(False, f"modality {', '.join(bad)} is not {'/'.join(rules.modalities)}")
 
     classes = {str(ds.get("SOPClassUID", "")) for ds in headers}
-    if ENHANCED_CT_IMAGE_STORAGE in classes:
-        return Eligibility(False, ENHANCED_CT_REASON)
-    if classes != {CT_IMAGE_STORAGE}:
-        others = ", ".join(sorted(classes - {CT_IMAGE_STORAGE}))
-        return Eligibility(False, f"SOP class {others} is not CT Image Storage")
+    if not classes <= CT_CLASSES:
+        others = ", ".join(sorted(classes - CT_CLASSES))
+        return Eligibility(False, f"SOP class {others} is not CT Image Storage or Enhanced CT Image Storage")
+    if len(classes) > 1:  # one stack is one kind of object; a mix is two reconstructions under one UID
+        return Eligibility(False, "series mixes CT Image Storage and Enhanced CT instances")
 
     localizers = sum("LOCALIZER" in [str(v).upper() for v in ds.get("ImageType") or []] for ds in headers)
     if localizers == len(headers) and rules.exclude_localizers:

@@ -2,6 +2,11 @@
 
 Sorting uses the position along the slice normal (ImagePositionPatient . normal of
 ImageOrientationPatient), never file name or InstanceNumber, which scanners and PACS reorder.
+
+Enhanced CT (and Legacy Converted Enhanced CT) put a whole series in one multi-frame file: each frame
+becomes one slice, its geometry and rescale taken from the per-frame functional groups, else the shared
+ones (PS3.3 C.7.6.16). `slice_headers` flattens those into one header per slice, so eligibility and
+loading treat both kinds alike.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ from pydicom.multival import MultiValue
 from ihd_node.errors import UserError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+MULTIFRAME_CT_CLASSES = frozenset({ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_IMAGE_STORAGE})
+CT_CLASSES = frozenset({CT_IMAGE_STORAGE, *MULTIFRAME_CT_CLASSES})
+# Top-level elements a flattened frame header does not carry (pixels, and the groups it was built from).
+_FRAME_SKIP = ("PixelData", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+               "NumberOfFrames")
 
 
 class VolumeError(UserError):
@@ -34,6 +46,7 @@ class SliceInfo:
     sop_class_uid: str
     position: float  # mm along the slice normal
     instance_number: int | None
+    frame_number: int | None = None  # 1-based frame of a multi-frame (Enhanced CT) instance, else None
 
 
 @dataclass
@@ -85,13 +98,96 @@ def read_header(path: Path) -> Dataset:
         raise VolumeError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc}); resend the file") from None
 
 
+@dataclass(frozen=True)
+class SliceHeader:
+    """One slice as stored: its file, its frame (0-based) in a multi-frame file, and a flat header that has
+    the slice's own ImagePositionPatient, PixelSpacing, Rescale... at the top level (no pixel data)."""
+
+    path: Path
+    frame: int | None
+    ds: Dataset
+
+
+def is_multiframe_ct(ds: Dataset) -> bool:
+    return str(ds.get("SOPClassUID", "")) in MULTIFRAME_CT_CLASSES
+
+
+def _group_item(ds: Dataset, keyword: str) -> Dataset | None:
+    """The first item of a functional group macro sequence, or None."""
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def frame_headers(ds: Dataset) -> list[Dataset]:
+    """An Enhanced CT header flattened into one header per frame; raises VolumeError naming what is missing.
+
+    Each frame's attributes come from its PerFrameFunctionalGroupsSequence item, else from the
+    SharedFunctionalGroupsSequence (PS3.3 C.7.6.16.1): Plane Position, Plane Orientation, Pixel Measures,
+    Pixel Value Transformation and CT Image Frame Type (FrameType becomes ImageType, so scout frames read
+    as LOCALIZER).
+    """
+    uid = ds.get("SOPInstanceUID", "?")
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 0)
+    except (TypeError, ValueError):
+        raise VolumeError(f"Enhanced CT {uid}: NumberOfFrames {ds.get('NumberOfFrames')!r} is not a number; "
+                          "the sender wrote a damaged header") from None
+    if n_frames < 1:
+        raise VolumeError(f"Enhanced CT {uid}: NumberOfFrames is missing or 0; the file holds no frames")
+    shared = _group_item(ds, "SharedFunctionalGroupsSequence") or Dataset()
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != n_frames:
+        raise VolumeError(f"Enhanced CT {uid}: {len(per_frame)} per-frame functional group items for "
+                          f"{n_frames} frames; the file is damaged (PS3.3 C.7.6.16)")
+    base = Dataset()
+    for elem in ds:
+        if elem.keyword not in _FRAME_SKIP:
+            base.add(elem)
+    flat: list[Dataset] = []
+    for item in per_frame:
+        frame = Dataset()
+        frame.update(base)
+
+        def group(keyword: str, item: Dataset = item) -> Dataset | None:
+            return _group_item(item, keyword) or _group_item(shared, keyword)
+
+        for sequence, keywords in (
+            ("PlanePositionSequence", ("ImagePositionPatient",)),
+            ("PlaneOrientationSequence", ("ImageOrientationPatient",)),
+            ("PixelMeasuresSequence", ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices")),
+            ("PixelValueTransformationSequence", ("RescaleIntercept", "RescaleSlope", "RescaleType")),
+            ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth")),
+        ):
+            found = group(sequence)
+            for keyword in keywords:
+                if found is not None and keyword in found:
+                    frame[keyword] = found[keyword]
+        frame_type = group("CTImageFrameTypeSequence")
+        if frame_type is not None and "FrameType" in frame_type:
+            frame.ImageType = frame_type.FrameType
+        flat.append(frame)
+    return flat
+
+
+def slice_headers(paths: Iterable[str | Path]) -> list[SliceHeader]:
+    """One flat header per slice: a classic CT file is one slice, an Enhanced CT file one per frame."""
+    out: list[SliceHeader] = []
+    for path in map(Path, paths):
+        ds = read_header(path)
+        if is_multiframe_ct(ds):
+            out.extend(SliceHeader(path, i, f) for i, f in enumerate(frame_headers(ds)))
+        else:
+            out.append(SliceHeader(path, None, ds))
+    return out
+
+
 def slice_problem(ds: Dataset) -> str | None:
-    """Why a header is not a usable axial-type CT slice, or None when it is."""
+    """Why a (flat) header is not a usable axial-type CT slice, or None when it is."""
     if ds.get("Modality", "") != "CT":
         return f"modality {ds.get('Modality', 'missing')!r} is not CT"
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class != CT_IMAGE_STORAGE:
-        return f"SOP class {sop_class or 'missing'} is not CT Image Storage"
+    if sop_class not in CT_CLASSES:
+        return f"SOP class {sop_class or 'missing'} is not CT Image Storage or Enhanced CT Image Storage"
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
                     "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
         if keyword not in ds:
@@ -139,10 +235,11 @@ def group_series(paths: Iterable[str | Path]) -> SeriesGroups:
     for path in iter_files(paths):
         try:
             ds = read_header(path)
+            flat = frame_headers(ds) if is_multiframe_ct(ds) else [ds]
         except VolumeError as exc:
             rejected.append((path, str(exc).split(": ", 1)[-1]))
             continue
-        problem = slice_problem(ds)
+        problem = next(filter(None, map(slice_problem, flat)), None)
         if problem:
             rejected.append((path, problem))
             continue
@@ -165,18 +262,24 @@ def slice_position(ds: Dataset, normal: np.ndarray) -> float:
     return float(np.dot(np.asarray([float(v) for v in ds.ImagePositionPatient]), normal))
 
 
-def to_hu(ds: Dataset) -> np.ndarray:
-    """Pixel data in HU (float32), with the known BitsStored-12 scanner quirk corrected.
-
-    Some scanners store unsigned 12-bit values with an intercept near 0 where -1024 was meant;
-    adding 1000 with wrap at 4096 and using intercept -1000 restores the right HU (RSNA 2019 data).
-    """
+def _pixels(ds: Dataset) -> np.ndarray:
     try:
-        pixels = ds.pixel_array
+        return ds.pixel_array
     except Exception as exc:
         raise VolumeError(
             f"slice {ds.get('SOPInstanceUID', '?')}: pixel data cannot be decoded ({type(exc).__name__}: {exc}); "
             "send it uncompressed or in a supported transfer syntax") from None
+
+
+def to_hu(ds: Dataset, pixels: np.ndarray | None = None) -> np.ndarray:
+    """Pixel data in HU (float32), with the known BitsStored-12 scanner quirk corrected.
+
+    `pixels`: this slice's frame when `ds` is a flat frame header (its rescale applies), else ds's own.
+    Some scanners store unsigned 12-bit values with an intercept near 0 where -1024 was meant;
+    adding 1000 with wrap at 4096 and using intercept -1000 restores the right HU (RSNA 2019 data).
+    """
+    if pixels is None:
+        pixels = _pixels(ds)
     if pixels.ndim != 2:
         raise VolumeError(f"slice {ds.get('SOPInstanceUID', '?')}: expected one 2-D frame, got shape {pixels.shape}")
     slope = _number(ds, "RescaleSlope", 1.0)
@@ -188,15 +291,38 @@ def to_hu(ds: Dataset) -> np.ndarray:
     return values * np.float32(slope) + np.float32(intercept)
 
 
+def slices_hu(refs: Sequence[SliceHeader]) -> list[np.ndarray]:
+    """The HU images of the given slices; a multi-frame file is read and decoded once for all its frames."""
+    frames: dict[Path, np.ndarray] = {}
+    out = []
+    for ref in refs:
+        if ref.frame is None:
+            out.append(to_hu(ref.ds, _pixels(pydicom.dcmread(ref.path))))
+            continue
+        if ref.path not in frames:
+            frames[ref.path] = _pixels(pydicom.dcmread(ref.path))
+        stack = frames[ref.path]
+        stack = stack[None] if stack.ndim == 2 else stack  # pydicom gives 2-D for a single frame
+        if ref.frame >= stack.shape[0]:
+            raise VolumeError(f"{ref.path}: frame {ref.frame + 1} is missing from the pixel data "
+                              f"({stack.shape[0]} frames); the file is truncated")
+        out.append(to_hu(ref.ds, stack[ref.frame]))
+    return out
+
+
 def load_volume(paths: Sequence[str | Path]) -> Volume:
     """Load one series: read headers, sort along the patient axis, check geometry, convert to HU."""
     if not paths:
         raise VolumeError("the series has no files")
-    headers = [read_header(Path(p)) for p in paths]
-    for ds, p in zip(headers, paths, strict=True):
-        problem = slice_problem(ds)
+    refs = slice_headers(paths)
+    if not refs:
+        raise VolumeError("the series has no slices")
+    headers = [r.ds for r in refs]
+    for ref in refs:
+        problem = slice_problem(ref.ds)
         if problem:
-            raise VolumeError(f"{p}: {problem}")
+            where = f"{ref.path}" + (f" frame {ref.frame + 1}" if ref.frame is not None else "")
+            raise VolumeError(f"{where}: {problem}")
     series_uids = {str(ds.SeriesInstanceUID) for ds in headers}
     if len(series_uids) != 1:
         raise VolumeError(f"files belong to {len(series_uids)} series; analyse one series at a time")
@@ -218,16 +344,16 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
             continue
         kept.append(i)
 
-    full = [pydicom.dcmread(Path(paths[i])) for i in kept]
-    hu = np.stack([to_hu(ds) for ds in full]).astype(np.float32)
+    hu = np.stack(slices_hu([refs[i] for i in kept])).astype(np.float32)
     sorted_headers = [headers[i] for i in kept]
     slices = [
         SliceInfo(
-            path=Path(paths[i]),
+            path=refs[i].path,
             sop_instance_uid=str(headers[i].SOPInstanceUID),
             sop_class_uid=str(headers[i].SOPClassUID),
             position=positions[i],
             instance_number=_instance_number(headers[i]),
+            frame_number=None if refs[i].frame is None else refs[i].frame + 1,
         )
         for i in kept
     ]

@@ -55,6 +55,8 @@ def _references(volume: Volume, originals: Sequence[int]) -> list[Dataset]:
         item = Dataset()
         item.ReferencedSOPClassUID = volume.slices[o].sop_class_uid
         item.ReferencedSOPInstanceUID = volume.slices[o].sop_instance_uid
+        if volume.slices[o].frame_number is not None:  # a frame of an Enhanced CT instance
+            item.ReferencedFrameNumber = volume.slices[o].frame_number
         items.append(item)
     return items
 

@@ -74,7 +74,10 @@ def _source_images(volume: Volume, prediction: Prediction, cls: str,
         model_slices = [int(prediction.slice_probabilities[:, CLASSES.index(cls)].argmax())]
     originals = sorted({o for m in model_slices for o in groups[m]})
     slices = [volume.slices[o] for o in originals]
-    return [hd.sr.SourceImageForMeasurementGroup(s.sop_class_uid, s.sop_instance_uid) for s in slices]
+    return [hd.sr.SourceImageForMeasurementGroup(
+        s.sop_class_uid, s.sop_instance_uid,
+        referenced_frame_numbers=None if s.frame_number is None else [s.frame_number])  # Enhanced CT frame
+        for s in slices]
 
 
 def _finding_group(volume: Volume, prediction: Prediction, cls: str, groups: list[list[int]],

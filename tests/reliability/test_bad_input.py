@@ -56,7 +56,6 @@ from pydicom.uid import (
 )
 
 from ihd_node.dicom.mini_pacs import MiniPACS, send_files
-from ihd_node.dicom.select import ENHANCED_CT_REASON
 from ihd_node.phantom import make_series, write_series
 from ihd_node.spool import dataset_bytes, valid_uid
 
@@ -143,7 +142,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iter
     root = tmp_path_factory.mktemp("bad-input")
     (root / "node").mkdir()
     with MiniPACS(root / "pacs", ae_title=PACS_AET) as pacs:
-        node = NodeProcess(root / "node", tiny_checkpoint, pacs, node={"network_timeout": NETWORK_TIMEOUT})
+        # The bad input here is noise images (ct_slice): the head check is not what is under test.
+        node = NodeProcess(root / "node", tiny_checkpoint, pacs, node={"network_timeout": NETWORK_TIMEOUT},
+                           series={"require_head": False})
         node.start()
         try:
             yield Env(root, node, pacs)
@@ -417,7 +418,7 @@ def test_sop_classes_not_analysed_are_accepted_and_ignored(env: Env) -> None:
             dst = env.root / f"nonct-{name}"
             series_uid, sop_class = _copy_with_new_uids(corpus / name, dst)
             files.append(dst)
-            expected[series_uid] = f"SOP class {sop_class} is not CT Image Storage"
+            expected[series_uid] = f"SOP class {sop_class} is not CT Image Storage or Enhanced CT Image Storage"
     assert len(files) >= 3
     run = env.storescu(files)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -436,8 +437,9 @@ def test_sop_classes_not_analysed_are_accepted_and_ignored(env: Env) -> None:
     for ds in mislabeled:
         ds.Modality = "MR"
     assert send_files_ds(env, [enhanced]) == [SUCCESS]
-    assert env.series(enhanced_series) == ("ignored", ENHANCED_CT_REASON)
-    TALLY.add("Enhanced CT (multi-frame)", "0x0000, series recorded as ignored with the reason")
+    state, reason = env.settle(enhanced_series)
+    assert state == "failed" and "NumberOfFrames is missing" in reason
+    TALLY.add("Enhanced CT without frames (a CT slice relabelled)", f"0x0000, series {state}: {reason}")
     assert send_files_ds(env, mislabeled) == [SUCCESS] * SLICES
     state, reason = env.settle(mr_series)
     assert (state, reason) == ("ignored", "modality MR is not CT")
