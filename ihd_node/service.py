@@ -35,7 +35,7 @@ from ihd_node.dicom.assembler import Assembler
 from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.dicom.select import judge_series
 from ihd_node.dicom.sender import Outbox
-from ihd_node.dicom.volume import VolumeError, slice_headers
+from ihd_node.dicom.volume import FrameGroupsError, slice_headers
 from ihd_node.errors import UserError
 from ihd_node.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
 
@@ -246,10 +246,12 @@ class Node:
         paths = [i.path for i in self.db.series_instances(series_uid)]
         try:
             refs = slice_headers(paths)
+        except FrameGroupsError as exc:  # a damaged Enhanced CT from the sender: bad input, not a node failure
+            if self.db.set_series_state(series_uid, "ignored", str(exc), expect="complete"):
+                self.db.log_event("ignored", str(exc), series_instance_uid=series_uid, study_instance_uid=study_uid)
+            return
         except Exception as exc:
-            # VolumeError names the file and the damage (e.g. an Enhanced CT without its frame groups).
-            reason = str(exc) if isinstance(exc, VolumeError) else (
-                f"an instance file cannot be read ({type(exc).__name__}: {exc})")
+            reason = f"an instance file cannot be read ({type(exc).__name__}: {exc})"
             if series is not None and series.spool_removed is not None:
                 reason = ("late instance after the series' files were removed (retention.spool_keep_hours); "
                           "the series cannot be analysed again")

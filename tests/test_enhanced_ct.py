@@ -6,23 +6,31 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from ihd_node.dicom.mini_pacs import MiniPACS, send_files
 from ihd_node.dicom.select import judge_series
 from ihd_node.dicom.volume import VolumeError, load_volume, slice_headers
+from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
+from ihd_node.model.presets import tiny_config
 from ihd_node.phantom import make_series, write_series
 from ihd_node.service import Node
 from tests.enhanced_ct import enhanced_from_slices
-from tests.test_service import SR_CLASS, node_config, predictor, wait_until  # noqa: F401 (fixture)
+from tests.test_service import SR_CLASS, THRESHOLDS, node_config, wait_until
 
 N = 12
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    torch.manual_seed(0)
+    return Predictor.from_model(IhdModel(tiny_config()), THRESHOLDS, "tiny-random", "0")
 
 
 @pytest.fixture(scope="module")

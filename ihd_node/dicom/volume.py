@@ -37,6 +37,10 @@ class VolumeError(UserError):
     """A series cannot become a volume; the message names the cause and what to do."""
 
 
+class FrameGroupsError(VolumeError):
+    """An Enhanced CT whose frames cannot be described (bad input from the sender, not a node failure)."""
+
+
 @dataclass(frozen=True)
 class SliceInfo:
     """One slice of a sorted volume: where it came from and where it lies."""
@@ -130,14 +134,14 @@ def frame_headers(ds: Dataset) -> list[Dataset]:
     try:
         n_frames = int(ds.get("NumberOfFrames") or 0)
     except (TypeError, ValueError):
-        raise VolumeError(f"Enhanced CT {uid}: NumberOfFrames {ds.get('NumberOfFrames')!r} is not a number; "
+        raise FrameGroupsError(f"Enhanced CT {uid}: NumberOfFrames {ds.get('NumberOfFrames')!r} is not a number; "
                           "the sender wrote a damaged header") from None
     if n_frames < 1:
-        raise VolumeError(f"Enhanced CT {uid}: NumberOfFrames is missing or 0; the file holds no frames")
+        raise FrameGroupsError(f"Enhanced CT {uid}: NumberOfFrames is missing or 0; the file holds no frames")
     shared = _group_item(ds, "SharedFunctionalGroupsSequence") or Dataset()
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != n_frames:
-        raise VolumeError(f"Enhanced CT {uid}: {len(per_frame)} per-frame functional group items for "
+        raise FrameGroupsError(f"Enhanced CT {uid}: {len(per_frame)} per-frame functional group items for "
                           f"{n_frames} frames; the file is damaged (PS3.3 C.7.6.16)")
     base = Dataset()
     for elem in ds:
