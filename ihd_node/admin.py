@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,7 +17,7 @@ from sqlalchemy import func, select
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import load_config
-from ihd_node.db import Analysis, Database, Delivery, Series, Study, utcnow
+from ihd_node.db import Analysis, Database, Delivery, NodeRun, Series, Study, utcnow
 from ihd_node.errors import UserError
 
 IN_FLIGHT = ("received", "complete", "analyzing", "delivering")
@@ -142,6 +143,7 @@ def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
     return {
         "generated_at": _iso(now),
         "database": db.url.render_as_string(hide_password=True),
+        "node": node_data(db.node_runs(), now),
         "in_flight": [row(x) for x in series],
         "outbox": {
             "pending": int(count or 0),
@@ -152,6 +154,62 @@ def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
         "failed_series": [row(x) for x in failed_series],
         "failed_deliveries": [delivery(d) for d in failed_deliveries],
     }
+
+
+def node_data(runs: Sequence[NodeRun], now: datetime) -> dict[str, Any]:
+    """Is a node process running on this database, and which one holds the work (newest run first)?
+
+    state: running (heartbeat within three periods), not_responding (no clean stop, heartbeat too old:
+    killed, crashed or hung), stopped (clean stop, or a run ended without one and nothing runs now) or
+    never_started."""
+
+    def run(r: NodeRun) -> dict[str, Any]:
+        return {
+            "node_id": r.node_id, "host": r.host, "pid": r.pid, "version": r.version,
+            "started_at": _iso(r.started_at), "last_heartbeat": _iso(r.heartbeat_at),
+            "seconds_since_heartbeat": _seconds(now, r.heartbeat_at),
+            "heartbeat_seconds": r.heartbeat_seconds,
+            "stopped_at": _iso(r.stopped_at), "stop_reason": r.stop_reason,
+        }
+
+    live = [r for r in runs if r.alive(now)]
+    if live:
+        state, since, current = "running", live[0].started_at, live[0]
+    elif not runs:
+        state, since, current = "never_started", None, None
+    elif runs[0].stopped_at is None:
+        state, since, current = "not_responding", runs[0].heartbeat_at, runs[0]
+    else:
+        state, since, current = "stopped", runs[0].stopped_at, runs[0]
+    return {
+        "state": state,
+        "since": _iso(since),
+        "current": run(current) if current is not None else None,
+        "running": [run(r) for r in live],
+        "recent_runs": [run(r) for r in runs],
+    }
+
+
+def format_node(node: dict[str, Any]) -> list[str]:
+    cur = node["current"]
+    if node["state"] == "never_started":
+        return ["Node: never started on this database (no heartbeat booked)"]
+    where = f"{cur['host']} pid {cur['pid']}"
+    if node["state"] == "running":
+        lines = [f"Node: RUNNING since {_short(cur['started_at'])} as {where} "
+                 f"(heartbeat {_age(cur['seconds_since_heartbeat'])} ago)"]
+        lines += [f"  also running: {r['host']} pid {r['pid']} since {_short(r['started_at'])}"
+                  for r in node["running"][1:]]
+        return lines
+    if node["state"] == "not_responding":
+        return [f"Node: NOT RUNNING - {where} gave its last heartbeat {_short(cur['last_heartbeat'])} "
+                "without a clean stop (killed, crashed or hung); its work resumes at the next start"]
+    return [f"Node: STOPPED since {_short(cur['stopped_at'])} ({cur['stop_reason']}; was {where})"]
+
+
+def _short(value: str | None) -> str:
+    """An ISO time as `YYYY-MM-DD HH:MM:SS UTC` (status lines must fit 100 columns)."""
+    return "-" if not value else value[:19].replace("T", " ") + " UTC"
 
 
 def _age(seconds: float | None) -> str:
@@ -175,9 +233,15 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def format_status(data: dict[str, Any]) -> str:
-    lines = [f"ihd-node status at {data['generated_at']} ({data['database']})"]
+    """The text `ihd-node status` prints; every line fits a 100-column terminal (the JSON has it all)."""
+    database = data["database"]
+    if len(database) > WIDTH - 10:  # a long path: keep both ends
+        database = database[:30] + "..." + database[-(WIDTH - 43):]
+    lines = [f"ihd-node status at {_short(data['generated_at'])}", f"database: {database}"]
+    lines += [_fit(x) for x in format_node(data["node"])]
+    running = data["node"]["state"] == "running"
     flight = data["in_flight"]
-    lines.append(f"\nIn flight: {len(flight)} series" + ("" if flight else " (idle)"))
+    lines.append(f"\nIn flight: {_n(len(flight), 'series', 'series')}" + ("" if flight else " (idle)"))
     if flight:
         rows = []
         for x in flight:
@@ -187,51 +251,76 @@ def format_status(data: dict[str, Any]) -> str:
                 detail = f"{x['objects_sent']} sent, {x['objects_pending']} pending"
             else:
                 detail = x["reason"] or ""
-            rows.append(
-                (
-                    x["state"],
-                    x["accession_number"],
-                    x["series_description"],
-                    x["n_instances"],
-                    _age(x["seconds_since_last_instance"]),
-                    detail,
-                    x["series_instance_uid"],
-                )
-            )
-        lines += [
-            "  " + r
-            for r in _table(
-                ("STATE", "ACCESSION", "SERIES", "IMAGES", "LAST IMAGE", "DETAIL", "SERIES UID"), rows
-            )
-        ]
+            rows.append((x["state"], x["accession_number"], _clip(x["series_description"], 24),
+                         x["n_instances"], _age(x["seconds_since_last_instance"]), _clip(detail, 30)))
+        table = _table(("STATE", "ACCESSION", "SERIES", "IMAGES", "LAST IMAGE", "DETAIL"), rows)
+        lines.append("  " + table[0])
+        for x, row in zip(flight, table[1:], strict=True):
+            lines += ["  " + row, f"    series {x['series_instance_uid']}"]
     out = data["outbox"]
-    lines.append(
-        f"\nOutbox: {out['pending']} object(s) pending"
+    lines.append(_fit(
+        f"\nOutbox: {_n(out['pending'], 'object')} pending"
         + (
-            f", oldest queued {out['oldest_pending_since']}, next attempt {out['next_attempt_at']}"
+            f" since {_short(out['oldest_pending_since'])}; next attempt "
+            + (_short(out["next_attempt_at"]) if running else "when the node runs again")
             if out["pending"]
             else ""
         )
-    )
+    ))
+    # One line per destination (not per object): an outage of one PACS is one problem.
+    by_dest: dict[str, list[dict[str, Any]]] = {}
     for d in out["retrying"]:
-        lines.append(
-            f"  retrying {d['destination']}: {d['sop_instance_uid']} after {d['attempts']} attempt(s), "
-            f"next {d['next_attempt_at']}: {d['last_error'] or _status_hex(d['last_status'])}"
-        )
+        by_dest.setdefault(d["destination"], []).append(d)
+    for dest, rows_ in by_dest.items():
+        last = max(rows_, key=lambda d: d["updated_at"] or "")
+        lines.append(_fit(
+            f"  retrying {dest}: {_n(len(rows_), 'object')}, {_n(last['attempts'], 'attempt')} so far, next "
+            f"{_short(last['next_attempt_at']) if running else 'when the node runs again'}: "
+            f"{last['last_error'] or _status_hex(last['last_status'])}"
+        ))
     failed = data["failed_series"]
     if failed:
-        lines.append(f"\nFailed series: {len(failed)}")
+        lines.append(f"\nFailed series: {len(failed)} (re-send with `ihd-node retry SERIES_UID` or --failed)")
         for x in failed:
-            lines.append(f"  {x['accession_number'] or '-'}  {x['series_instance_uid']}: {x['reason']}")
+            lines.append(_fit(f"  {x['accession_number'] or '-'}  series {x['series_instance_uid']}: "
+                              f"{x['reason']}"))
     if data["failed_deliveries"]:
         lines.append("\nFailed deliveries:")
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for d in data["failed_deliveries"]:
-            lines.append(
-                f"  {d['status']} by {d['destination']} after {d['attempts']} attempt(s): "
-                f"{d['sop_instance_uid']} (series {d['series_instance_uid']}): "
-                f"{d['last_error'] or _status_hex(d['last_status'])}"
-            )
+            groups.setdefault((d["series_instance_uid"], d["destination"], d["status"]), []).append(d)
+        for (series_uid, dest, status), rows_ in groups.items():
+            d = rows_[0]
+            lines.append(_fit(
+                f"  {status} by {dest} after {_n(d['attempts'], 'attempt')}: {_n(len(rows_), 'object')} of "
+                f"series {series_uid}: {d['last_error'] or _status_hex(d['last_status'])}"
+            ))
     return "\n".join(lines)
+
+
+WIDTH = 100  # the terminal width `status` and `log` fit (issue 7 item 16)
+
+
+def _n(count: int, noun: str, plural: str | None = None) -> str:
+    """`1 object`, `3 objects`."""
+    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
+
+
+def _clip(text: str | None, width: int) -> str | None:
+    if text is None or len(text) <= width:
+        return text
+    return text[: width - 1] + "~"
+
+
+def _fit(text: str, indent: str = "      ") -> str:
+    """Wrap a long line to WIDTH columns (continuation lines indented); UIDs are never broken."""
+    lead = text[: len(text) - len(text.lstrip("\n"))]
+    body = text[len(lead):]
+    if len(body) <= WIDTH:
+        return text
+    # Only words longer than a whole line are broken (never a UID: at most 64 characters).
+    return lead + textwrap.fill(body, WIDTH, subsequent_indent=indent,
+                                break_on_hyphens=False)
 
 
 def _status_hex(status: int | None) -> str:
@@ -360,38 +449,30 @@ def _stages_text(st: dict[str, float | None]) -> str:
 
 
 def format_log(data: dict[str, Any]) -> str:
+    """One block per series: a table line, then its description and UID, then its stages; <= 100 columns."""
     studies = data["studies"]
-    lines = [f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} since {data['since']}"]
+    lines = [f"{_n(len(studies), 'study', 'studies')} since {_short(data['since'])}"]
+    entries = [(st, x) for st in studies for x in st["series"]]
     rows = []
-    for st in studies:
-        for x in st["series"]:
-            ttr = x["time_to_result_seconds"]
-            rows.append(
-                (
-                    (x["last_received"] or "")[:19].replace("T", " "),
-                    st["accession_number"],
-                    f"{x['series_description'] or '-'} ({x['n_instances']})",
-                    x["state"],
-                    _findings_text(x),
-                    "-" if ttr is None else f"{ttr:.1f} s",
-                    _stages_text(x["stages"]) or "-",
-                    x["series_instance_uid"],
-                )
-            )
-    if rows:
-        lines += _table(
-            (
-                "LAST IMAGE (UTC)",
-                "ACCESSION",
-                "SERIES (IMAGES)",
-                "STATE",
-                "FINDINGS",
-                "RESULT IN",
-                "STAGES (s)",
-                "SERIES UID",
-            ),
-            rows,
-        )
+    for st, x in entries:
+        ttr = x["time_to_result_seconds"]
+        rows.append(((x["last_received"] or "")[5:19].replace("T", " "), st["accession_number"], x["state"],
+                     "-" if ttr is None else f"{ttr:.1f} s", ""))
+    if not rows:
+        return "\n".join(lines)
+    table = _table(("LAST IMAGE", "ACCESSION", "STATE", "RESULT IN", "FINDINGS"), rows)
+    lines.append(table[0] + "  (times UTC)")
+    column = len(table[0]) - len("FINDINGS")
+    for (_st, x), row in zip(entries, table[1:], strict=True):
+        findings = textwrap.wrap(_findings_text(x) or "-", max(WIDTH - column, 30),
+                                 break_long_words=False)
+        lines.append(row.ljust(column) + findings[0])
+        lines += [" " * column + more for more in findings[1:]]
+        lines.append(_fit(f"    {x['series_description'] or '-'} ({_n(x['n_instances'], 'image')}), "
+                          f"series {x['series_instance_uid']}"))
+        stages = _stages_text(x["stages"])
+        if stages:
+            lines.append(_fit(f"    stages (s): {stages}"))
     return "\n".join(lines)
 
 
@@ -403,4 +484,53 @@ def log_command(args: Any) -> int:
     finally:
         db.close()
     print(json.dumps(data, indent=2) if args.json else format_log(data))
+    return 0
+
+
+# ---------------------------------------------------------------- retry
+
+
+def retry_command(args: Any) -> int:
+    """`ihd-node retry SERIES_UID | --failed`: re-queue failed and rejected result deliveries.
+
+    Only the outbox rows change; the running node's delivery thread picks them up within a second (it
+    polls the outbox), or the next start does. Nothing is analysed again."""
+    config = load_config(args.config)
+    db = Database(config.database_url, create=False)
+    try:
+        if args.series_uid:
+            series = db.get_series(args.series_uid)
+            if series is None:
+                raise UserError(f"no series {args.series_uid} in the log database; `ihd-node status` lists "
+                                "the failed ones")
+        done = db.requeue_failed_deliveries(args.series_uid)
+        if args.series_uid and not done:
+            raise UserError(
+                f"series {args.series_uid} ({series.state}) has no failed or rejected result delivery to "
+                "re-send" + (f": {series.reason}" if series.reason else "")
+                + ("; a series that failed before delivery needs the study sent again" if series.state
+                   == "failed" else ""))
+        if not done:
+            print("no failed or rejected deliveries: nothing to re-send")
+            return 0
+        total = sum(done.values())
+        db.log_event("retry", f"re-queued {total} result deliveries of {len(done)} series by ihd-node retry")
+        known = {d.name for d in config.destinations}
+        with db.read_session() as s:
+            gone = sorted({d for (d,) in s.execute(select(Delivery.destination).where(
+                Delivery.status == "pending", Delivery.destination.not_in(known))).all()})
+        node = node_data(db.node_runs(), utcnow())
+    finally:
+        db.close()
+    for uid, n in done.items():
+        print(f"re-queued {n} object(s) of series {uid}")
+    if gone:
+        print(f"warning: destination(s) {', '.join(gone)} are no longer in {args.config}; "
+              "those objects will fail again")
+    if node["state"] == "running":
+        cur = node["current"]
+        print(f"the running node ({cur['host']} pid {cur['pid']}) sends them now; "
+              "follow with `ihd-node status`")
+    else:
+        print("no node is running on this database: they are sent when `ihd-node serve` starts")
     return 0

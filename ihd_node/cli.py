@@ -20,6 +20,7 @@ HANDLERS = {
     "echo": "ihd_node.dicom.sender:echo_command",
     "status": "ihd_node.admin:status_command",
     "log": "ihd_node.admin:log_command",
+    "retry": "ihd_node.admin:retry_command",
     "check-config": "ihd_node.config:check_config_command",
     "model": "ihd_node.model.describe:model_command",
     "db": "ihd_node.migrations.cli:db_command",
@@ -74,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--since", default="24h", help="e.g. 30m, 2h, 7d")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("retry", help="re-send result deliveries that failed or were rejected",
+                       description="Put failed and rejected result deliveries (of each series' latest "
+                       "analysis) back into the outbox; the running node sends them within a second, "
+                       "or the next start does. Nothing is analysed again.")
+    p.add_argument("--config", required=True, help="path of config.yaml")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("series_uid", nargs="?", metavar="SERIES_UID",
+                       help="the source SeriesInstanceUID (as `ihd-node status` shows it)")
+    which.add_argument("--failed", action="store_true", help="every series with a failed or rejected delivery")
 
     p = sub.add_parser("check-config", help="validate a config file without starting")
     p.add_argument("file")

@@ -164,6 +164,10 @@ class NodeConfig(_Section):
     dimse_timeout: Num = _f(30.0, "Seconds to wait for DIMSE messages.", 30, gt=0)
     network_timeout: Num = _f(30.0, "Seconds of silence before an idle association is closed.", 30, gt=0)
     max_pdu: Int = _f(0, "Largest PDU the node accepts, bytes; 0 = no limit.", 0, ge=0)
+    heartbeat_seconds: Num = _f(
+        10.0, "How often the running node books a heartbeat (`ihd-node status` tells running from stopped).", 10,
+        gt=0,
+    )
     tls: InboundTLS = _f(InboundTLS, "DICOM TLS for inbound associations.")
 
     def address_allowed(self, address: str) -> bool:

@@ -259,6 +259,31 @@ class Event(Base):
     peer_address: Mapped[str | None] = mapped_column(String(64))
 
 
+class NodeRun(Base):
+    """One run of `ihd-node serve`: who holds the work, and whether it is still alive (issue 7 item 12).
+
+    The process writes `heartbeat_at` every `heartbeat_seconds`; a clean stop (SIGTERM) sets `stopped_at`.
+    A run with neither a recent heartbeat nor `stopped_at` ended without a clean stop (kill -9, crash,
+    power loss); the next start books it as such."""
+
+    __tablename__ = "node_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(200), unique=True)  # host:pid:start time, as logged
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    heartbeat_seconds: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stop_reason: Mapped[str | None] = mapped_column(Text)
+
+    def alive(self, now: datetime) -> bool:
+        """Not stopped, and a heartbeat within three periods (one missed beat is not yet death)."""
+        late = (now - self.heartbeat_at).total_seconds()
+        return self.stopped_at is None and late <= 3 * self.heartbeat_seconds + 2
+
+
 # ---------------------------------------------------------------- small result types
 
 
@@ -896,6 +921,41 @@ class Database:
             )
             return int(result.rowcount or 0)
 
+    def requeue_failed_deliveries(
+        self, series_instance_uid: str | None = None, now: datetime | None = None
+    ) -> dict[str, int]:
+        """Put failed/rejected deliveries of each series' latest analysis back into the outbox (`ihd-node
+        retry`): due now, attempts and the give-up clock start afresh (the attempt history stays in
+        delivery_attempts), and a series that failed because of them is "delivering" again. Only the latest
+        analysis: older ones were superseded. Returns {series UID: deliveries re-queued}."""
+        now = now or utcnow()
+        with self.session() as s:
+            query = select(Delivery).where(Delivery.status.in_(("failed", "rejected")))
+            if series_instance_uid is not None:
+                query = query.join(Series, Delivery.series_id == Series.id).where(
+                    Series.series_instance_uid == series_instance_uid
+                )
+            rows = list(s.scalars(query.order_by(Delivery.id)))
+            latest = dict(
+                s.execute(
+                    select(Analysis.series_id, func.max(Analysis.id))
+                    .where(Analysis.series_id.in_({d.series_id for d in rows}))
+                    .group_by(Analysis.series_id)
+                ).all()
+            ) if rows else {}
+            done: dict[str, int] = {}
+            for d in rows:
+                if d.analysis_id != latest.get(d.series_id):
+                    continue
+                d.status, d.attempts, d.next_attempt_at = "pending", 0, now
+                d.created_at = d.updated_at = now
+                d.last_error = f"re-queued by `ihd-node retry`; before: {d.last_error or d.last_status}"
+                series = d.series
+                if series.state == "failed":
+                    series.state, series.reason, series.updated = "delivering", None, now
+                done[series.series_instance_uid] = done.get(series.series_instance_uid, 0) + 1
+            return done
+
     def latest_analysis(self, series_instance_uid: str) -> Analysis | None:
         with self.read_session() as s:
             return s.scalars(
@@ -905,6 +965,51 @@ class Database:
                 .order_by(Analysis.revision.desc())
                 .limit(1)
             ).one_or_none()
+
+    # -------------------------------------------------------- node runs (heartbeat)
+
+    def start_run(
+        self, *, host: str, pid: int, version: str | None, heartbeat_seconds: float, now: datetime | None = None
+    ) -> NodeRun:
+        """Book this process as a running node; runs that never stopped cleanly are closed as such."""
+        now = now or utcnow()
+        with self.session() as s:
+            for old in s.scalars(select(NodeRun).where(NodeRun.stopped_at.is_(None))):
+                if (old.host == host and old.pid == pid) or not old.alive(now):
+                    old.stopped_at = old.heartbeat_at
+                    old.stop_reason = "ended without a clean stop (killed, crashed or power lost)"
+            run = NodeRun(
+                node_id=f"{host}:{pid}:{now.isoformat(timespec='seconds')}",
+                host=host,
+                pid=pid,
+                version=version,
+                started_at=now,
+                heartbeat_at=now,
+                heartbeat_seconds=heartbeat_seconds,
+            )
+            s.add(run)
+            s.flush()
+            return run
+
+    def heartbeat(self, run_id: int, now: datetime | None = None) -> None:
+        with self.session() as s:
+            s.execute(update(NodeRun).where(NodeRun.id == run_id).values(heartbeat_at=now or utcnow()))
+
+    def stop_run(self, run_id: int, reason: str, now: datetime | None = None) -> None:
+        now = now or utcnow()
+        with self.session() as s:
+            s.execute(
+                update(NodeRun)
+                .where(NodeRun.id == run_id)
+                .values(heartbeat_at=now, stopped_at=now, stop_reason=reason)
+            )
+
+    def node_runs(self, limit: int = 10) -> list[NodeRun]:
+        """The latest runs, newest first."""
+        with self.read_session() as s:
+            return list(
+                s.scalars(select(NodeRun).order_by(NodeRun.started_at.desc(), NodeRun.id.desc()).limit(limit))
+            )
 
     # -------------------------------------------------------- audit trail
 

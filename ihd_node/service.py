@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -28,9 +29,9 @@ import pydicom
 import pydicom.config
 from sqlalchemy import func, select
 
-from ihd_node import faults, nodelog
+from ihd_node import __version__, faults, nodelog
 from ihd_node.config import Config, load_config, runtime_problems, summary
-from ihd_node.db import Database, Delivery, ResultObject, open_database, utcnow
+from ihd_node.db import Database, Delivery, NodeRun, ResultObject, open_database, utcnow
 from ihd_node.dicom.assembler import Assembler
 from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.dicom.select import judge_series
@@ -80,6 +81,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._last_retention = 0.0
         self._stopping = False
+        self._run: NodeRun | None = None
 
     # -- life cycle ----------------------------------------------------------------------------------
     @property
@@ -100,16 +102,21 @@ class Node:
                             "create it for the ihd-node user or choose another storage.dir") from None
         self.spool = Spool(cfg.storage.spool_dir)
         self.db = open_database(cfg.database_url)
+        self._run = self.db.start_run(host=socket.gethostname(), pid=os.getpid(), version=__version__,
+                                      heartbeat_seconds=cfg.node.heartbeat_seconds)
+        nodelog.info("node.run", node_id=self._run.node_id)
+        self._spawn("heartbeat", self._heartbeat)
         self.recover()
 
         self._spawn("inference", self._worker)
         self._model_ready.wait()
         if self._model_error is not None:
-            self.stop()
             err = self._model_error
-            raise err if isinstance(err, UserError) else UserError(
+            error = err if isinstance(err, UserError) else UserError(
                 f"the model could not be loaded ({type(err).__name__}: {err}); check model.checkpoint "
                 "and model.device in the config")
+            self.stop(f"start-up failed: {error}")
+            raise error
 
         assembler = Assembler(self.db, cfg.series, self.judge)
         self._spawn("assembler", lambda: assembler.run(self._stop, also=self._retention))
@@ -127,15 +134,24 @@ class Node:
         try:
             self.receiver.start()
         except OSError as exc:
-            self.stop()
-            raise UserError(f"cannot listen on {cfg.node.host}:{cfg.node.port} ({exc}); another program uses "
-                            "the port or the address is not on this machine: change node.port / node.host"
-                            ) from None
+            error = UserError(f"cannot listen on {cfg.node.host}:{cfg.node.port} ({exc}); another program uses "
+                              "the port or the address is not on this machine: change node.port / node.host")
+            self.stop(f"start-up failed: {error}")
+            raise error from None
         self.db.log_event("node", f"started ae={cfg.node.ae_title} port={self.receiver.port} "
                           f"destinations={len(cfg.destinations)}")
         return self
 
-    def stop(self) -> None:
+    def _heartbeat(self) -> None:
+        """Book that this process is alive, so `ihd-node status` can tell running from gone."""
+        assert self.db is not None and self._run is not None
+        while not self._stop.wait(self.config.node.heartbeat_seconds):
+            try:
+                self.db.heartbeat(self._run.id)
+            except Exception as exc:  # a busy or briefly unreachable database must not end the node
+                nodelog.warning("heartbeat.failed", error=f"{type(exc).__name__}: {exc}")
+
+    def stop(self, reason: str = "stopped") -> None:
         """Stop accepting, let the current analysis and send finish, close the database."""
         if self._stopping:
             return
@@ -152,7 +168,9 @@ class Node:
                                 note="its series is resumed at the next start")
         if self.db is not None:
             try:
-                self.db.log_event("node", "stopped")
+                self.db.log_event("node", reason)
+                if self._run is not None:
+                    self.db.stop_run(self._run.id, reason)
             finally:
                 self.db.close()
 
@@ -418,8 +436,11 @@ def serve_command(args: Any) -> int:
                   timestamps=not os.environ.get("JOURNAL_STREAM"))
     stop = threading.Event()
 
+    received: list[str] = []
+
     def _on_signal(signum: int, _frame: object) -> None:
         nodelog.info("signal", name=signal.Signals(signum).name)
+        received.append(signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
@@ -427,18 +448,18 @@ def serve_command(args: Any) -> int:
     node = Node(config)
     try:
         node.start()
-    except UserError:
-        node.stop()
+    except UserError as exc:
+        node.stop(f"start-up failed: {exc}")
         raise
     except Exception as exc:
         # Any start-up failure is one line and exit 2 (the unit's RestartPreventExitStatus): restarting
         # cannot fix what stopped the first start, and a traceback hides the cause from the admin.
-        node.stop()
+        node.stop(f"start-up failed: {type(exc).__name__}")
         first = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(f"the node could not start: {type(exc).__name__}: {first}") from None
     try:
         while not stop.wait(1.0):
             pass
     finally:
-        node.stop()
+        node.stop(f"clean stop on {received[0]}" if received else "stopped")
     return 0

@@ -148,8 +148,11 @@ def test_status_shows_in_flight_outbox_and_failures(populated: Path) -> None:
     assert fd["status"] == "rejected" and fd["last_status"] == 0xA900
     text = format_status(data)
     assert "In flight: 3 series" in text and "association open" in text and "0 sent, 1 pending" in text
-    assert "Outbox: 1 object(s) pending" in text and "connection refused" in text
-    assert "rejected by pacs after 1 attempt(s)" in text and "Dataset does not match SOP class" in text
+    assert "Outbox: 1 object pending" in text and "connection refused" in text
+    assert "retrying pacs: 1 object, 1 attempt so far" in text
+    assert "rejected by pacs after 1 attempt: 1 object of series 3.1.1" in text
+    assert "Dataset does not match SOP class" in text
+    assert "Node: never started on this database" in text
     db.close()
 
 
@@ -198,3 +201,31 @@ def test_cli_without_database_does_not_create_one(tmp_path: Path) -> None:
     proc = run_cli("status", "--config", str(config))
     assert proc.returncode == 2 and "no log database" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "state").exists()
+
+
+LONG_UID = "1.2.826.0.1.3680043.8.498." + "1234567890" * 3 + "12345678"  # 64 characters, the most a UI has
+
+
+def test_status_and_log_fit_100_columns_with_the_longest_values(tmp_path: Path) -> None:
+    """Issue 7 item 16: 64-character UIDs, 16-character accessions, long descriptions and errors."""
+    assert len(LONG_UID) == 64
+    db = open_database(f"sqlite:///{tmp_path / 'ihd.sqlite'}")
+    policy = default_config(tmp_path).delivery
+    for k, (state_positive, error) in enumerate([({}, None), ({"any": 0.9, "epidural": 0.8, "subdural": 0.7,
+                                                  "intraparenchymal": 0.6, "intraventricular": 0.55,
+                                                  "subarachnoid": 0.5}, "x" * 150)]):
+        series = LONG_UID[:-1] + str(k)
+        receive(db, LONG_UID[:-2] + str(k) + "9", series, 1, 100 - k, "ACC4567890123456",
+                desc="HEAD ROUTINE AXIAL 5.0 MM BRAIN KERNEL H30S WITH A DESCRIPTION THAT IS LONG")
+        db.set_series_state(series, "analyzing", analysis_started=ago(90))
+        analyze(db, series, state_positive, t=80)
+        [d] = db.due_deliveries(NOW)
+        db.record_attempt(d.id, status=None if k else 0xA900, error=error or "refused " * 20, policy=policy,
+                          now=ago(70))
+    db.start_run(host="h" * 60, pid=4194304, version="0.1.0", heartbeat_seconds=10, now=ago(5))
+    text = format_status(status_data(db, NOW)) + "\n" + format_log(log_data(db, timedelta(hours=1), NOW))
+    db.close()
+    long = [line for line in text.splitlines() if len(line) > 100]
+    assert not long, "\n".join(long)
+    assert LONG_UID[:-1] + "1" in text and "1 image)" in text and "1 images" not in text
+    assert "intraventricular 0.55," in text and "Node: RUNNING" in text

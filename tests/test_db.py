@@ -426,3 +426,46 @@ def test_instance_arriving_during_analysis_keeps_series_open(db: Database) -> No
     assert (
         len(db.due_deliveries(at(10))) == 2
     )  # these results still go out; the next analysis supersedes them
+
+
+def test_node_runs_heartbeat_and_unclean_ends(db: Database) -> None:
+    """Issue 7 item 12: a run is alive while it beats; the next start closes runs that never stopped."""
+    first = db.start_run(host="pacs-ai", pid=100, version="0.1.0", heartbeat_seconds=10, now=at(0))
+    assert first.node_id == "pacs-ai:100:2025-01-01T12:00:00+00:00"
+    db.heartbeat(first.id, now=at(25))
+    [run] = db.node_runs()
+    assert run.alive(at(25 + 32)) and not run.alive(at(25 + 33))  # three periods + 2 s of grace
+    # kill -9: no stop booked. A later start (another pid) closes it at its last heartbeat.
+    second = db.start_run(host="pacs-ai", pid=200, version="0.1.0", heartbeat_seconds=10, now=at(100))
+    newest, old = db.node_runs()
+    assert newest.id == second.id and newest.stopped_at is None
+    assert old.stopped_at == at(25) and old.stop_reason.startswith("ended without a clean stop")
+    db.stop_run(second.id, "clean stop on SIGTERM", now=at(130))
+    [newest, _] = db.node_runs()
+    assert newest.stopped_at == at(130) and not newest.alive(at(130))
+    # A second node process on the same database while the first is alive is not closed by it.
+    a = db.start_run(host="a", pid=1, version=None, heartbeat_seconds=10, now=at(200))
+    db.start_run(host="b", pid=1, version=None, heartbeat_seconds=10, now=at(205))
+    assert next(r for r in db.node_runs() if r.id == a.id).stopped_at is None
+
+
+def test_requeue_failed_deliveries_of_the_latest_analysis(db: Database) -> None:
+    """Issue 7 item 13: failed and rejected rows go back to pending, the series to delivering."""
+    receive(db, "1.2.3.1")
+    analyze(db, n_objects=2, destinations=("pacs", "archive"), t=10)
+    rows = db.due_deliveries(at(10))
+    for d in rows:
+        status = None if d.destination == "pacs" else 0xA900
+        db.record_attempt(d.id, status=status, error="down" if status is None else None,
+                          policy=POLICY, now=at(10 + 86400))  # past give-up: failed at once
+    assert db.get_series("1.2.3").state == "failed"
+    assert db.requeue_failed_deliveries("9.9.9") == {}
+    assert db.requeue_failed_deliveries("1.2.3", now=at(90000)) == {"1.2.3": 4}
+    assert db.get_series("1.2.3").state == "delivering" and db.get_series("1.2.3").reason is None
+    due = db.due_deliveries(at(90000))
+    assert len(due) == 4 and all(d.attempts == 0 and d.status == "pending" for d in due)
+    assert all(d.last_error.startswith("re-queued by `ihd-node retry`") for d in due)
+    for d in due:
+        db.record_attempt(d.id, status=0, policy=POLICY, now=at(90001))
+    assert db.get_series("1.2.3").state == "delivered"
+    assert db.requeue_failed_deliveries() == {}
