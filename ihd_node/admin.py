@@ -496,7 +496,7 @@ def retry_command(args: Any) -> int:
     Only the outbox rows change; the running node's delivery thread picks them up within a second (it
     polls the outbox), or the next start does. Nothing is analysed again."""
     config = load_config(args.config)
-    db = Database(config.database_url, create=False)
+    db = _open(args.config)
     try:
         if args.series_uid:
             series = db.get_series(args.series_uid)
