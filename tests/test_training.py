@@ -264,6 +264,28 @@ def test_three_stages_resume_evaluate_and_cq500(rsna: RsnaFixture, work: Path, t
     assert provenance["metrics"]["test"]["scan"]["n"] == n_test
     assert "validation" in provenance["metrics"]
 
+    # Flip test-time augmentation (an option beyond the paper): the mean over the scan and its mirror image.
+    from training.evaluate import FlipTTA, predict_cached
+
+    ids = json.loads((work / "splits.json").read_text())["test"][:2]
+    model = load_checkpoint(work / "model.pt").model
+    _, plain = predict_cached(model, store, ids, torch.device("cpu"), verbose=False)
+    _, flipped = predict_cached(model, store, ids, torch.device("cpu"), verbose=False, tta="flip")
+    x = to_input(torch.from_numpy(np.array(store.images(ids[0]))))
+    with torch.no_grad():
+        mirror = torch.sigmoid(model(x.flip(-1))).numpy()
+    gap = float(np.abs(mirror - plain[0]).max())  # a tiny model barely cares about the mirror, but does
+    assert gap > 0
+    np.testing.assert_allclose(flipped[0], (plain[0] + mirror) / 2, rtol=0, atol=gap / 10)
+    predictor = Predictor.load(work / "model.pt", device="cpu")
+    both = FlipTTA(predictor).predict(loaded.hu)
+    np.testing.assert_allclose(both.slice_probabilities, (pred.slice_probabilities + predictor.predict(
+        np.ascontiguousarray(loaded.hu[:, :, ::-1]), explain=False).slice_probabilities) / 2, atol=1e-6)
+    assert training_main(["evaluate", "--checkpoint", str(work / "model.pt"), "--work", str(work),
+                          "--split", "test", "--device", "cpu", "--tta", "flip"]) == 0
+    assert "flip test-time augmentation" in capsys.readouterr().out
+    assert load_checkpoint(work / "model.pt").provenance["metrics"]["test+flip"]["scan"]["n"] == n_test
+
     # External validation on the CQ500 layout: majority of three readers, scan level, the node's path.
     cq = write_cq500_fixture(tmp_path / "cq500", n_scans=6, size=INPUT)
     from training.cq500 import choose_series, read_cq500_reads
@@ -277,6 +299,10 @@ def test_three_stages_resume_evaluate_and_cq500(rsna: RsnaFixture, work: Path, t
     out = capsys.readouterr().out
     assert "CQ500 (6 scans, majority of 3 readers)" in out and "weighted log loss" in out
     assert load_checkpoint(work / "model.pt").provenance["metrics"]["cq500"]["scan"]["n"] == 6
+    assert training_main(["evaluate", "--checkpoint", str(work / "model.pt"), "--cq500", str(cq.root),
+                          "--device", "cpu", "--tta", "flip"]) == 0
+    assert "flip test-time augmentation" in capsys.readouterr().out
+    assert load_checkpoint(work / "model.pt").provenance["metrics"]["cq500+flip"]["scan"]["n"] == 6
 
     # A CQ500 folder with nothing usable: non-zero, with the reasons.
     empty = tmp_path / "cq_empty"

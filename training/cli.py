@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CQ500: fail when more than this share of scans cannot be evaluated (0.1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write", action="store_true", help="only print, leave the checkpoint as it is")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average with the left-right mirror image (not in the paper; the node does "
+                        "not do it); stored as <split>+flip")
     return parser
 
 
@@ -241,13 +244,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
         from training.cq500 import evaluate_cq500
 
         evaluate_cq500(args.checkpoint, args.cq500, args.device, max_rejected=args.max_rejected,
-                       write=not args.no_write)
+                       write=not args.no_write, tta=args.tta)
         return 0
     if args.work is None:
         raise UserError("evaluate needs --work WORK (a prepared folder, with --split) or --cq500 DIR")
     from training.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, args.work, args.split, args.device, write=not args.no_write)
+    evaluate_checkpoint(args.checkpoint, args.work, args.split, args.device, write=not args.no_write,
+                        tta=args.tta)
     return 0
 
 

@@ -118,7 +118,7 @@ def choose_series(folder: Path, slab_mm: float = 5.0) -> SeriesChoice:
 
 
 def evaluate_cq500(checkpoint: Path, root: Path, device: str = "auto", max_rejected: float = 0.1,
-                   write: bool = True, verbose: bool = True) -> dict[str, Any]:
+                   write: bool = True, verbose: bool = True, tta: str = "none") -> dict[str, Any]:
     """Scan-level metrics of the checkpoint on CQ500 against the readers' majority vote."""
     from ihd_node.analysis import analyze_series
     from ihd_node.dicom.volume import VolumeError
@@ -130,7 +130,11 @@ def evaluate_cq500(checkpoint: Path, root: Path, device: str = "auto", max_rejec
 
     truth = read_cq500_reads(root / "reads.csv")
     folders = find_scan_folders(root, list(truth))
-    predictor = Predictor.load(checkpoint, device=device)
+    predictor: Any = Predictor.load(checkpoint, device=device)
+    if tta == "flip":
+        from training.evaluate import FlipTTA
+
+        predictor = FlipTTA(predictor)
     names, probs, rejected = [], [], []
     for name in progress(sorted(truth), desc="CQ500 scans", enabled=verbose):
         folder = folders.get(name)
@@ -164,8 +168,8 @@ def evaluate_cq500(checkpoint: Path, root: Path, device: str = "auto", max_rejec
                          f"more than --max-rejected {max_rejected:.0%}; reasons above")
     labels = np.stack([truth[n] for n in names])
     metrics = {"scan": level_metrics(labels, np.stack(probs), predictor.thresholds)}
-    print(f"CQ500 ({len(names)} scans, majority of 3 readers), checkpoint thresholds:\n"
-          f"{format_metrics(metrics)}")
+    print(f"CQ500 ({len(names)} scans, majority of 3 readers), checkpoint thresholds"
+          f"{', flip test-time augmentation' if tta == 'flip' else ''}:\n{format_metrics(metrics)}")
     if write:
-        store_metrics(checkpoint, "cq500", metrics)
+        store_metrics(checkpoint, "cq500" if tta == "none" else f"cq500+{tta}", metrics)
     return metrics

@@ -21,15 +21,42 @@ from training.progress import progress
 
 @torch.no_grad()
 def predict_cached(model: torch.nn.Module, store: ScanStore, scan_ids: Sequence[str], device: torch.device,
-                   verbose: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Whole-model per-slice probabilities for cached scans (the cache holds prepare_slices' output)."""
+                   verbose: bool = True, tta: str = "none") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Whole-model per-slice probabilities for cached scans (the cache holds prepare_slices' output).
+
+    tta "flip": the mean of the probabilities of the scan and of its left-right mirror image (the whole
+    model, BiLSTM included, runs on each). Not in the paper; the node does not do it.
+    """
     model.eval().to(device)
     labels, probs = [], []
     for sid in progress(scan_ids, desc="evaluating", enabled=verbose):
         x = to_input(torch.from_numpy(np.array(store.images(sid))).to(device))
-        probs.append(torch.sigmoid(model(x)).float().cpu().numpy())
+        p = torch.sigmoid(model(x)).float()
+        if tta == "flip":
+            p = (p + torch.sigmoid(model(x.flip(-1))).float()) / 2
+        probs.append(p.cpu().numpy())
         labels.append(store.labels(sid))
     return labels, probs
+
+
+class FlipTTA:
+    """A predictor that averages the node's Predictor over the volume and its left-right mirror image
+    (for `evaluate --cq500 --tta flip`); probabilities only, no heatmaps."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.predictor = predictor
+        self.thresholds = predictor.thresholds
+
+    def predict(self, hu: np.ndarray, explain: bool = False, max_cam_slices: int | None = None,
+                **geometry: Any) -> Any:
+        from dataclasses import replace
+
+        # geometry (e.g. pixel_spacing_mm) goes through as the node's analysis passes it.
+        plain = self.predictor.predict(hu, explain=False, **geometry)
+        mirrored = self.predictor.predict(np.ascontiguousarray(hu[:, :, ::-1]), explain=False, **geometry)
+        probs = (plain.slice_probabilities + mirrored.slice_probabilities) / 2
+        return replace(plain, slice_probabilities=probs, series_probabilities=probs.max(axis=0),
+                       seconds=plain.seconds + mirrored.seconds)
 
 
 def predict_volumes(checkpoint: str | Path, volumes: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -69,7 +96,7 @@ def store_provenance(checkpoint: Path, values: dict[str, Any]) -> None:
 
 
 def evaluate_checkpoint(checkpoint: Path, work: Path, split: str = "test", device: str = "auto",
-                        write: bool = True, verbose: bool = True) -> dict[str, Any]:
+                        write: bool = True, verbose: bool = True, tta: str = "none") -> dict[str, Any]:
     """Evaluate a checkpoint on one split of a prepared work folder; print and (optionally) store."""
     from ihd_node.model.checkpoint import load_checkpoint
     from training.train import TrainingError, load_splits, resolve_device
@@ -83,9 +110,11 @@ def evaluate_checkpoint(checkpoint: Path, work: Path, split: str = "test", devic
     if not ids:
         raise TrainingError(f"split {split!r} of {work} is empty; prepare with --test-fraction or use "
                             "--split val")
-    labels, probs = predict_cached(loaded.model, store, ids, resolve_device(device), verbose)
+    labels, probs = predict_cached(loaded.model, store, ids, resolve_device(device), verbose, tta=tta)
     metrics = evaluate_scans(labels, probs, loaded.thresholds)
-    print(f"{split} split of {work} ({len(ids)} scans), checkpoint thresholds:\n{format_metrics(metrics)}")
+    key = split if tta == "none" else f"{split}+{tta}"
+    print(f"{split} split of {work} ({len(ids)} scans), checkpoint thresholds"
+          f"{', flip test-time augmentation' if tta == 'flip' else ''}:\n{format_metrics(metrics)}")
     if write:
-        store_metrics(checkpoint, split, metrics)
+        store_metrics(checkpoint, key, metrics)
     return metrics
