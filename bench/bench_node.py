@@ -38,7 +38,7 @@ def main() -> None:
         pacs = MiniPACS(root / "pacs", ae_title="PACS").start()
         port = free_port()
         config = default_config(root / "node", node={"host": "127.0.0.1", "port": port},
-                                series={"quiet_seconds": args.quiet},
+                                series={"quiet_seconds": args.quiet, "check_coverage": False},
                                 destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                                                "port": pacs.port}])
         node = Node(config).start()

@@ -263,9 +263,25 @@ class SeriesConfig(_Section):
     )
     max_wait_seconds: Num = _f(
         120.0,
-        "A series is complete this long after its last instance even if the association is still open.",
+        "A series is complete this long after its last instance even if the association is still open, "
+        "or while the completion checks still hold it back; then its result is marked PRELIMINARY.",
         120,
         gt=0,
+    )
+    check_geometry: Bool = _f(
+        True,
+        "Hold a quiet series back while its slices leave a gap in the middle (instances still missing).",
+    )
+    check_coverage: Bool = _f(
+        True,
+        "Hold a quiet series back while its stack does not reach past the cranial cavity at both ends "
+        "(skull base and vertex).",
+    )
+    trust_mpps: list[AETitle] = _f(
+        lambda: ["*"],
+        "Calling AE titles whose MPPS COMPLETED instance lists the node waits for; `*` = any; "
+        "empty = MPPS is answered but not used.",
+        ["CT1"],
     )
     modalities: list[str] = _f(lambda: ["CT"], "Modalities analyzed.", ["CT"])
     require_axial: Bool = _f(True, "Only axial series (slice normal near the head-foot axis).")
@@ -319,6 +335,10 @@ class SeriesConfig(_Section):
             raise ValueError("max_slice_thickness_mm is below min_slice_thickness_mm; make it larger")
         return self
 
+    def mpps_trusted(self, calling_aet: str | None) -> bool:
+        """Whether an MPPS from this calling AE title is evidence of which instances a series has."""
+        return "*" in self.trust_mpps or (calling_aet or "").strip() in self.trust_mpps
+
     def description_allowed(self, description: str | None) -> bool:
         """Apply description_include/description_exclude to a SeriesDescription."""
         text = description or ""
@@ -352,6 +372,11 @@ class Destination(_Section):
     host: Host = _f(..., "Host name or IP address of the destination.", "127.0.0.1")
     port: Port = _f(..., "The destination's DICOM port.", 4242)
     timeout: Num = _f(30.0, "Seconds for connect, association and each C-STORE.", 30, gt=0)
+    count_instances: Bool = _f(
+        False,
+        "Before a quiet series is judged complete, ask this destination (C-FIND) how many instances of the "
+        "series it holds, and wait while the node has fewer.",
+    )
     tls: OutboundTLS = _f(OutboundTLS, "DICOM TLS to this destination.")
 
     @field_validator("name")

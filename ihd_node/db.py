@@ -244,6 +244,46 @@ class DeliveryAttempt(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
 
 
+class Completion(Base):
+    """One judgement "this series is complete": the rule that fired, the evidence, and whether the result
+    must go out PRELIMINARY because the checks still said "incomplete" when max_wait ran out."""
+
+    __tablename__ = "completions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    rule: Mapped[str] = mapped_column(String(16))  # quiet / max_wait / mpps
+    n_instances: Mapped[int] = mapped_column(Integer)
+    evidence: Mapped[str] = mapped_column(Text)  # what the checks said
+    preliminary: Mapped[str | None] = mapped_column(Text)  # why the series may be incomplete; None = complete
+
+
+class Mpps(Base):
+    """A Modality Performed Procedure Step the node received (N-CREATE, then N-SETs)."""
+
+    __tablename__ = "mpps"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # IN PROGRESS / COMPLETED / DISCONTINUED
+    calling_aet: Mapped[str | None] = mapped_column(String(16))
+    trusted: Mapped[int] = mapped_column(Integer, default=0)  # series.trust_mpps allowed the caller
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class MppsInstance(Base):
+    """One instance an MPPS lists (PerformedSeriesSequence > ReferencedImageSequence)."""
+
+    __tablename__ = "mpps_instances"
+    __table_args__ = (UniqueConstraint("mpps_id", "sop_instance_uid"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mpps_id: Mapped[int] = mapped_column(ForeignKey("mpps.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+
+
 class Event(Base):
     """The audit trail admins read. UIDs as plain text: events also name series never stored."""
 
@@ -699,6 +739,98 @@ class Database:
             completion_rule=rule,
             completed=when or utcnow(),
         )
+
+    # -------------------------------------------------------- completion evidence and MPPS
+
+    def record_completion(self, series_instance_uid: str, *, rule: str, n_instances: int, evidence: str,
+                          preliminary: str | None, at: datetime | None = None) -> None:
+        with self.session() as s:
+            s.add(Completion(series_instance_uid=series_instance_uid, at=at or utcnow(), rule=rule,
+                             n_instances=n_instances, evidence=evidence, preliminary=preliminary))
+
+    def latest_completion(self, series_instance_uid: str) -> Completion | None:
+        with self.read_session() as s:
+            return s.scalars(
+                select(Completion)
+                .where(Completion.series_instance_uid == series_instance_uid)
+                .order_by(Completion.id.desc())
+                .limit(1)
+            ).one_or_none()
+
+    def note_series_waiting(self, series_instance_uid: str, reason: str) -> bool:
+        """Keep a received series' reason up to date with what holds it back (no state change)."""
+        with self.session() as s:
+            result = s.execute(
+                update(Series)
+                .where(Series.series_instance_uid == series_instance_uid, Series.state == "received")
+                .values(reason=reason[:2000])
+            )
+            return bool(result.rowcount)
+
+    def save_mpps(self, sop_instance_uid: str, *, status: str, calling_aet: str | None, trusted: bool,
+                  study_instance_uid: str | None, instances: Sequence[tuple[str, str, str | None]] | None,
+                  now: datetime | None = None) -> tuple[str | None, str]:
+        """Create or update one MPPS; `instances` (series UID, SOP UID, class UID) replaces its list when
+        given. Returns (previous status or None when new, status now)."""
+        now = now or utcnow()
+        with self.session() as s:
+            row = s.scalars(select(Mpps).where(Mpps.sop_instance_uid == sop_instance_uid)).one_or_none()
+            previous = None if row is None else row.status
+            if row is None:
+                row = Mpps(sop_instance_uid=sop_instance_uid, created_at=now, status=status)
+                s.add(row)
+            row.status, row.updated_at = status, now
+            row.calling_aet = (calling_aet or row.calling_aet or "")[:16] or None
+            row.trusted = int(trusted)
+            row.study_instance_uid = study_instance_uid or row.study_instance_uid
+            s.flush()
+            if instances is not None:
+                s.execute(MppsInstance.__table__.delete().where(MppsInstance.mpps_id == row.id))
+                seen = set()
+                for series_uid, sop_uid, class_uid in instances:
+                    if sop_uid in seen:
+                        continue
+                    seen.add(sop_uid)
+                    s.add(MppsInstance(mpps_id=row.id, series_instance_uid=series_uid[:64],
+                                       sop_instance_uid=sop_uid[:64], sop_class_uid=(class_uid or "")[:64] or None))
+            return previous, status
+
+    def get_mpps(self, sop_instance_uid: str) -> Mpps | None:
+        with self.read_session() as s:
+            return s.scalars(select(Mpps).where(Mpps.sop_instance_uid == sop_instance_uid)).one_or_none()
+
+    def mpps_instance_count(self, sop_instance_uid: str) -> int:
+        with self.read_session() as s:
+            return int(s.scalar(
+                select(func.count()).select_from(MppsInstance).join(Mpps, Mpps.id == MppsInstance.mpps_id)
+                .where(Mpps.sop_instance_uid == sop_instance_uid)) or 0)
+
+    def mpps_lists(self, series_instance_uid: str) -> list[tuple[str, frozenset[str]]]:
+        """(MPPS UID, SOP Instance UIDs listed for this series) of each trusted COMPLETED MPPS."""
+        with self.read_session() as s:
+            rows = s.execute(
+                select(Mpps.sop_instance_uid, MppsInstance.sop_instance_uid)
+                .join(MppsInstance, MppsInstance.mpps_id == Mpps.id)
+                .where(MppsInstance.series_instance_uid == series_instance_uid, Mpps.status == "COMPLETED",
+                       Mpps.trusted == 1)
+            ).all()
+        lists: dict[str, set[str]] = {}
+        for mpps_uid, sop_uid in rows:
+            lists.setdefault(mpps_uid, set()).add(sop_uid)
+        return [(k, frozenset(v)) for k, v in sorted(lists.items())]
+
+    def series_with_mpps(self) -> list[str]:
+        """Received series that a trusted COMPLETED MPPS lists (they may be complete before the quiet time)."""
+        with self.read_session() as s:
+            return list(
+                s.scalars(
+                    select(Series.series_instance_uid)
+                    .join(MppsInstance, MppsInstance.series_instance_uid == Series.series_instance_uid)
+                    .join(Mpps, Mpps.id == MppsInstance.mpps_id)
+                    .where(Series.state == "received", Mpps.status == "COMPLETED", Mpps.trusted == 1)
+                    .distinct()
+                )
+            )
 
     def get_series(self, series_instance_uid: str) -> Series | None:
         with self.read_session() as s:

@@ -13,6 +13,7 @@ revision 0 is the first analysis of a series, each re-analysis (late instances) 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -33,6 +34,8 @@ from ihd_node import __version__, faults, nodelog
 from ihd_node.config import Config, load_config, runtime_problems, summary
 from ihd_node.db import Database, Delivery, NodeRun, ResultObject, open_database, utcnow
 from ihd_node.dicom.assembler import Assembler
+from ihd_node.dicom.completion import CompletionJudge, MppsList
+from ihd_node.dicom.mpps import MppsScp
 from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.dicom.select import judge_series
 from ihd_node.dicom.sender import Outbox
@@ -118,7 +121,7 @@ class Node:
             self.stop(f"start-up failed: {error}")
             raise error
 
-        assembler = Assembler(self.db, cfg.series, self.judge)
+        assembler = Assembler(self.db, cfg.series, self.judge, judge=self._completion_judge())
         self._spawn("assembler", lambda: assembler.run(self._stop, also=self._retention))
         outbox = Outbox(self.db, cfg)
         self._spawn("delivery", lambda: outbox.run(self._stop, self._wake_delivery))
@@ -130,7 +133,7 @@ class Node:
             ssl_context=server_ssl_context(cfg.node.tls), min_free_bytes=cfg.storage.min_free_mb << 20,
             max_associations=cfg.node.max_associations, acse_timeout=cfg.node.acse_timeout,
             dimse_timeout=cfg.node.dimse_timeout, network_timeout=cfg.node.network_timeout,
-            max_pdu=cfg.node.max_pdu)
+            max_pdu=cfg.node.max_pdu, mpps=MppsScp(self.db, cfg.series.mpps_trusted))
         try:
             self.receiver.start()
         except OSError as exc:
@@ -141,6 +144,28 @@ class Node:
         self.db.log_event("node", f"started ae={cfg.node.ae_title} port={self.receiver.port} "
                           f"destinations={len(cfg.destinations)}")
         return self
+
+    def _completion_judge(self) -> CompletionJudge:
+        """The evidence the assembler weighs before calling a quiet series complete (see completion.py)."""
+        assert self.db is not None
+        db, rules = self.db, self.config.series
+        counted = [d for d in self.config.destinations if d.count_instances]
+
+        def mpps_lists(series_uid: str) -> list[MppsList]:
+            return [MppsList(uid, sops) for uid, sops in db.mpps_lists(series_uid)]
+
+        def pacs_count(study_uid: str, series_uid: str) -> list[tuple[str, int]]:
+            from ihd_node.dicom.sender import count_series_instances
+
+            found = []
+            for dest in counted:
+                n = count_series_instances(dest, self.config.node.ae_title, study_uid, series_uid)
+                if n is not None:
+                    found.append((dest.name, n))
+            return found
+
+        return CompletionJudge(check_geometry=rules.check_geometry, check_coverage=rules.check_coverage,
+                               mpps_lists=mpps_lists, pacs_count=pacs_count if counted else None)
 
     def _heartbeat(self) -> None:
         """Book that this process is alive, so `ihd-node status` can tell running from gone."""
@@ -353,9 +378,15 @@ class Node:
 
         revision = series.revision  # analyses done before this one; the report's revision counter
         t0 = time.perf_counter()
+        predecessor = self._previous_sr(uid, revision)
+        completion = self.db.latest_completion(uid)
+        result.prediction = dataclasses.replace(
+            result.prediction, incomplete=completion.preliminary if completion else None,
+            replaces_preliminary=str(predecessor.SOPInstanceUID) if predecessor is not None and str(
+                predecessor.get("CompletionFlag", "")) == "PARTIAL" else None)
         objects = build_results(result.volume, result.prediction, max_secondary_captures=max_sc,
                                 slice_groups=result.slice_groups, revision=revision,
-                                predecessor=self._previous_sr(uid, revision)).all()
+                                predecessor=predecessor).all()
         folder = self.results_dir / uid / f"r{revision}"
         rows = []
         for ds in objects:
@@ -384,7 +415,8 @@ class Node:
             self.db.set_series_state(uid, "received", "late instance during analysis",
                                      expect=("delivering", "analyzed", "delivered", "failed"))
         positives = ",".join(prediction.positive_classes()) or "none"
-        self.db.log_event("analysis", f"revision={analysis.revision} positive={positives} "
+        preliminary = " PRELIMINARY (series may be incomplete)" if prediction.incomplete else ""
+        self.db.log_event("analysis", f"revision={analysis.revision}{preliminary} positive={positives} "
                           f"p_any={prediction.probabilities()['any']:.3f} slices={result.volume.n_slices} "
                           f"model_slices={len(result.slice_groups)} objects={len(rows)} "
                           f"seconds={(utcnow() - started).total_seconds():.2f}",

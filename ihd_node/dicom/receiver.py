@@ -32,6 +32,7 @@ from sqlalchemy import select
 
 from ihd_node import nodelog
 from ihd_node.db import Database, Series, Study, utcnow
+from ihd_node.dicom.mpps import MPPS_SOP_CLASS, MppsScp
 from ihd_node.dicom.volume import CT_CLASSES
 from ihd_node.spool import Spool, sha256_hex, valid_uid, write_atomic
 
@@ -175,7 +176,7 @@ class Receiver:
     def __init__(self, spool: Spool, recorder: Recorder, admission: Admission, *, host: str = "0.0.0.0",
                  port: int = 11112, ssl_context: ssl.SSLContext | None = None, min_free_bytes: int = 0,
                  max_associations: int = 16, acse_timeout: float = 30, dimse_timeout: float = 60,
-                 network_timeout: float = 60, max_pdu: int = 0) -> None:
+                 network_timeout: float = 60, max_pdu: int = 0, mpps: MppsScp | None = None) -> None:
         self.spool = spool
         self.recorder = recorder
         self.admission = admission
@@ -188,6 +189,7 @@ class Receiver:
         self._peers: dict[object, Peer] = {}
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self.mpps = mpps  # also an MPPS SCP (N-CREATE / N-SET) when given
 
         ae = AE(ae_title=admission.ae_title)
         ae.maximum_associations = max_associations
@@ -197,6 +199,8 @@ class Receiver:
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        if mpps is not None:
+            ae.add_supported_context(MPPS_SOP_CLASS, [tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian])
         self.ae = ae
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -211,6 +215,8 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        if self.mpps is not None:
+            handlers += [(evt.EVT_N_CREATE, self._on_mpps, ["create"]), (evt.EVT_N_SET, self._on_mpps, ["set"])]
         context = _HandshakeInConnectionThread(self.ssl_context) if self.ssl_context else None
         self._server = self.ae.start_server((self.host, self.port), block=False,
                                             ssl_context=context,  # type: ignore[arg-type]
@@ -328,6 +334,18 @@ class Receiver:
         peer = self._peer(event)
         nodelog.info("echo", calling_ae=peer.calling_aet if peer else None)
         return SUCCESS
+
+    def _on_mpps(self, event: evt.Event, what: str) -> tuple[int, Dataset | None]:
+        peer = self._peer(event)
+        if peer is None or self.mpps is None:
+            return 0x0110, None
+        try:
+            handler = self.mpps.on_create if what == "create" else self.mpps.on_set
+            return handler(event, peer.calling_aet)
+        except Exception as exc:  # a damaged request or the database: answer a failure, log why
+            self._event("error", f"MPPS N-{what.upper()} failed: {type(exc).__name__}: {exc}; answered 0x0110",
+                        level="ERROR", peer=peer)
+            return 0x0110, None
 
     def _on_store(self, event: evt.Event) -> int:
         peer = self._peer(event)

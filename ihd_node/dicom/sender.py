@@ -170,6 +170,41 @@ def echo(calling_aet: str, dest: object) -> tuple[bool, str]:
     return True, f"{(time.perf_counter() - started) * 1000:.0f} ms"
 
 
+def count_series_instances(dest: object, calling_aet: str, study_uid: str, series_uid: str) -> int | None:
+    """NumberOfSeriesRelatedInstances the destination reports for one series (Study Root C-FIND, SERIES
+    level); 0 when it does not know the series, None when it cannot be asked (logged)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyFind
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    query.NumberOfSeriesRelatedInstances = ""
+    try:
+        assoc = _associate(calling_aet, dest, [(str(StudyFind), [tsuid.ExplicitVRLittleEndian,
+                                                                 tsuid.ImplicitVRLittleEndian])])
+    except NoAssociation as exc:
+        nodelog.warning("count.no_association", destination=getattr(dest, "name", "?"), error=str(exc))
+        return None
+    counts: list[int] = []
+    try:
+        for status, identifier in assoc.send_c_find(query, StudyFind):
+            code = int(status.Status) if status is not None and "Status" in status else None
+            if code is None or code not in (0x0000, 0xFF00, 0xFF01):
+                nodelog.warning("count.failed", destination=getattr(dest, "name", "?"),
+                                status="no answer" if code is None else f"0x{code:04X}")
+                return None
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                value = identifier.get("NumberOfSeriesRelatedInstances")
+                if value not in (None, ""):
+                    counts.append(int(value))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return max(counts, default=0)
+
+
 def echo_command(args) -> int:
     """`ihd-node echo --config FILE`: C-ECHO each destination; non-zero exit when any failed."""
     from ihd_node.config import load_config

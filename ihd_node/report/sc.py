@@ -25,6 +25,7 @@ from ihd_node.report.source import (
     set_character_set,
     with_type2,
 )
+from ihd_node.report.sr import PRELIMINARY_LINE
 from ihd_node.report.uids import result_uid
 
 SC_SERIES_DESCRIPTION = f"ICH AI Grad-CAM - {NOT_FOR_DIAGNOSTIC_USE}"
@@ -71,6 +72,8 @@ def _one_capture(volume: Volume, prediction: Prediction, index: int, number: int
     heat = {c: prediction.heatmaps[(index, c)] for c in classes if (index, c) in prediction.heatmaps}
     legend = [("any", probs["any"])] + [(c, probs[c]) for c in classes if c != "any"]
     title = f"ICH AI {model.name} {model.version} - image {shown + 1}/{volume.n_slices}"[:80]
+    if prediction.incomplete:  # burned in: a viewer may show nothing but the pixels
+        title = f"{PRELIMINARY_LINE} - {title}"
     pixels = render(volume.hu[shown], heat, legend, title)
 
     ref = with_type2(volume.headers[shown])
@@ -101,6 +104,8 @@ def _one_capture(volume: Volume, prediction: Prediction, index: int, number: int
     sc.DerivationDescription = (f"Brain window (40/80) with Grad-CAM of {', '.join(classes) or 'none'} "
                                 f"from {model.name} {model.version}; {NOT_FOR_DIAGNOSTIC_USE}")[:1024]
     sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. " + ", ".join(f"{c} {p:.2f}" for c, p in legend)
+    if prediction.incomplete:
+        sc.ImageComments = f"{PRELIMINARY_LINE}: {prediction.incomplete}"[:9000] + ". " + sc.ImageComments
     sc.SourceImageSequence = _references(volume, originals)
     sc.ReferencedImageSequence = _references(volume, [shown])
     set_character_set(sc, volume.headers[shown])

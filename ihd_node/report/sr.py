@@ -63,6 +63,7 @@ PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "Probability")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 
 SR_SERIES_DESCRIPTION = f"ICH AI Results - {NOT_FOR_DIAGNOSTIC_USE}"
+PRELIMINARY_LINE = "PRELIMINARY - series may be incomplete"
 
 
 def _source_images(volume: Volume, prediction: Prediction, cls: str,
@@ -121,8 +122,14 @@ def summary_text(prediction: Prediction) -> str:
         finding = f"Algorithm findings: {found}."
     else:
         finding = "No intracranial hemorrhage detected by the algorithm (all findings absent)."
-    return (f"{NOT_FOR_DIAGNOSTIC_USE}. Research software output from {model.name} {model.version}, "
+    text = (f"{NOT_FOR_DIAGNOSTIC_USE}. Research software output from {model.name} {model.version}, "
             f"not verified by a physician. {finding}")
+    if prediction.incomplete:
+        text = f"{PRELIMINARY_LINE}: {prediction.incomplete}. {text}"
+    if prediction.replaces_preliminary:
+        text += (f" This result, on the complete series, replaces the PRELIMINARY result "
+                 f"{prediction.replaces_preliminary}.")
+    return text
 
 
 def _note_container(prediction: Prediction) -> hd.sr.ContainerContentItem:
@@ -171,7 +178,7 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
         sop_instance_uid=uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        is_complete=True,
+        is_complete=prediction.incomplete is None,  # CompletionFlag PARTIAL for a PRELIMINARY result
         is_final=False,  # PreliminaryFlag PRELIMINARY: no physician has verified it
         is_verified=False,  # VerificationFlag UNVERIFIED
         institution_name=institution_name,

@@ -1,0 +1,229 @@
+"""Never report on half a series: completion evidence (geometry, head coverage) on phantom files, and the
+whole node on loopback with the shipped default model:
+(a) a console pushing a 24-slice head CT one association per image, top half first, pausing 4 s after 12
+    images, gets exactly one SR, on the complete series, naming the subdural bleed of the lower half;
+(c) a series with a slice missing in the middle waits, then goes out PRELIMINARY with the gap named; the
+    missing slice then gives a complete revision that says it replaces the PRELIMINARY result."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from ihd_node.config import default_config
+from ihd_node.db import Event
+from ihd_node.dicom.completion import CompletionJudge, HeaderCache, SliceGeometry, find_gaps, read_geometry
+from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_datasets
+from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
+from ihd_node.model.pipeline import Predictor
+from ihd_node.phantom import make_series, write_series
+from ihd_node.service import Node
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEED = 1300  # its subdural lies on slices 5-11 of 24 (checked in console_series)
+GEOMETRY = {"n_slices": 24, "size": 256, "slice_spacing": 7.0, "tilt_deg": 0.0, "shuffle": False}
+
+
+def console_series() -> list[Dataset]:
+    """24 slices, skull base to vertex, inferior first: a subdural bleed in the lower half only.
+
+    The same seed gives the same head with or without blood (phantom.py), so the upper 12 slices come from
+    the bleed-free head: the upper half alone is a negative study."""
+    bleed = make_series(SEED, subtypes=["subdural"], **GEOMETRY)
+    clean = make_series(SEED, subtypes=[], **GEOMETRY)
+    assert bleed.encoding == clean.encoding
+    assert bleed.labels[:12, 5].any()
+    out = []
+    for k, ds in enumerate(bleed.datasets):
+        ds = copy.deepcopy(ds)
+        if k >= 12:
+            ds.PixelData = clean.datasets[k].PixelData
+        out.append(ds)
+    return out
+
+
+def write(datasets: list[Dataset], folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, ds in enumerate(datasets):
+        path = folder / f"{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(str(path))
+    return paths
+
+
+# ------------------------------------------------------------------ the checks on their own
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
+    """(SOP UID, path) of a head phantom's 24 slices, inferior to superior."""
+    series = make_series(7, subtypes=[], **{**GEOMETRY, "size": 192})
+    paths = write_series(series, tmp_path_factory.mktemp("head"))
+    by_uid = {read_geometry(str(p)).sop_instance_uid: str(p) for p in paths}
+    return [(uid, by_uid[uid]) for uid in series.sop_uids_sorted]
+
+
+def test_a_whole_head_passes_and_half_a_head_is_held_back_by_coverage(files) -> None:
+    judge = CompletionJudge()
+    assert judge.evidence("1.2", "1.2.3", files).complete
+    top = judge.evidence("1.2", "1.2.4", files[12:])
+    assert not top.complete
+    assert top.holds[0].startswith("coverage: bottom slice") and "does not reach the skull base" in top.holds[0]
+    bottom = judge.evidence("1.2", "1.2.5", files[:12])
+    assert "top slice" in bottom.holds[0] and "does not reach the vertex" in bottom.holds[0]
+
+
+def test_a_gap_in_the_middle_is_held_back_by_geometry_and_named(files) -> None:
+    judge = CompletionJudge(check_coverage=False)
+    evidence = judge.evidence("1.2", "1.2.6", files[:9] + files[11:])
+    [hold] = evidence.holds
+    assert hold.startswith("geometry: gap of 21.0 mm") and "about 2 slice(s) missing" in hold
+    # A protocol that changes spacing part way (3.5 mm below, 7 mm above) is one contiguous run.
+    positions = [3.5 * k for k in range(9)] + [28.0 + 7.0 * k for k in range(1, 12)]
+    assert find_gaps([SliceGeometry("", "", z, (0, 0, 1), None, 0.5) for z in positions]) == []
+    positions.remove(49.0)
+    [gap] = find_gaps([SliceGeometry("", "", z, (0, 0, 1), None, 0.5) for z in positions])
+    assert gap.startswith("gap of 14.0 mm between slices at 42.0 and 56.0 mm")
+
+
+def test_headers_are_read_once_per_instance(files) -> None:
+    cache = HeaderCache()
+    judge = CompletionJudge(check_coverage=False, cache=cache)
+    judge.evidence("1.2", "1.2.7", files[:20], version=1)
+    assert cache.reads == 20
+    judge.evidence("1.2", "1.2.7", files, version=2)  # four more arrived: four more header reads
+    assert cache.reads == 24
+    judge.evidence("1.2", "1.2.7", files, version=2)
+    assert cache.reads == 24
+
+
+# ------------------------------------------------------------------ the node on loopback
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.skip("the shipped default model is missing")
+    torch.set_num_threads(1)
+    return Predictor.load("default", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory, predictor: Predictor) -> Iterator[tuple[Node, MiniPACS]]:
+    root = tmp_path_factory.mktemp("node")
+    with MiniPACS(root / "pacs", ae_title="PACS") as pacs:
+        config = default_config(root / "state", node={"ae_title": "IHD_AI", "host": "127.0.0.1",
+                                                      "port": free_port()},
+                                series={"quiet_seconds": 1.0, "max_wait_seconds": 8.0},
+                                storage={"min_free_mb": 0}, analysis={"max_secondary_captures": 2},
+                                destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                                               "port": pacs.port}])
+        node = Node(config, predictor=predictor).start()
+        try:
+            yield node, pacs
+        finally:
+            node.stop()
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def srs(pacs: MiniPACS, study_uid: str) -> list[Dataset]:
+    return [pydicom.dcmread(o.path) for o in pacs.objects(study_uid) if o.sop_class_uid == SR_CLASS]
+
+
+def summary(sr: Dataset) -> str:
+    def walk(items):
+        for item in items:
+            if "TextValue" in item:
+                yield str(item.TextValue)
+            yield from walk(item.get("ContentSequence", []))
+    [text] = [t for t in walk(sr.ContentSequence) if "not verified by a physician" in t]
+    return text
+
+
+def events(node: Node, uid: str, kind: str) -> list[str]:
+    with node.db.read_session() as s:
+        return [e.message for e in s.scalars(select(Event).where(
+            Event.series_instance_uid == uid, Event.kind == kind).order_by(Event.id))]
+
+
+def test_console_pushing_top_half_first_gets_one_sr_on_the_complete_series(running) -> None:
+    node, pacs = running
+    datasets = console_series()
+    uid, study = str(datasets[0].SeriesInstanceUID), str(datasets[0].StudyInstanceUID)
+    top_first = datasets[12:][::-1] + datasets[:12][::-1]  # vertex down, as the console reconstructs
+    for k, ds in enumerate(top_first):
+        assert send_datasets([ds], host="127.0.0.1", port=node.port, called_aet="IHD_AI",
+                             calling_aet="CT1") == [0]  # one association per image
+        if k == 11:
+            time.sleep(4.0)  # the console pauses: 4 s, four times quiet_seconds
+            assert node.db.get_series(uid).state == "received"  # held back, not analysed
+            assert node.db.latest_analysis(uid) is None
+    assert wait_until(lambda: node.db.get_series(uid).state == "delivered")
+    time.sleep(0.5)
+    [sr] = srs(pacs, study)  # exactly one SR
+    assert sr.CompletionFlag == "COMPLETE"
+    assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+               .ReferencedSOPSequence) == 24
+    assert "subdural" in summary(sr) and "PRELIMINARY" not in summary(sr)
+    analysis = node.db.latest_analysis(uid)
+    assert analysis.revision == 1 and analysis.n_slices == 24 and "subdural" in analysis.positives()
+    [held] = events(node, uid, "held")
+    assert held.startswith("instances=12; coverage: bottom slice") and "skull base" in held
+    completion = node.db.latest_completion(uid)
+    assert completion.preliminary is None and completion.rule == "quiet"
+    assert completion.evidence == "checks passed: geometry, coverage"
+
+
+def test_missing_middle_slice_waits_then_goes_out_preliminary_and_the_revision_replaces_it(running) -> None:
+    node, pacs = running
+    series = make_series(SEED + 1, subtypes=["subdural"], **GEOMETRY)
+    uid, study = series.series_instance_uid, series.study_instance_uid
+    missing = series.datasets[15]
+    sent_at = time.monotonic()
+    assert send_datasets(series.datasets[:15] + series.datasets[16:], host="127.0.0.1", port=node.port,
+                         called_aet="IHD_AI", calling_aet="CT1") == [0] * 23
+    time.sleep(3.0)  # well past quiet_seconds: held back by the gap
+    assert node.db.get_series(uid).state == "received" and not srs(pacs, study)
+    assert "gap of 14.0 mm" in (node.db.get_series(uid).reason or ""), events(node, uid, "held")
+    assert wait_until(lambda: node.db.get_series(uid).state == "delivered")
+    assert time.monotonic() - sent_at >= 8.0  # max_wait_seconds
+    [first] = srs(pacs, study)
+    assert first.CompletionFlag == "PARTIAL"
+    text = summary(first)
+    assert text.startswith("PRELIMINARY - series may be incomplete: geometry: gap of 14.0 mm")
+    assert "about 1 slice(s) missing" in text
+    captures = [pydicom.dcmread(o.path) for o in pacs.objects(study) if o.sop_class_uid != SR_CLASS]
+    assert captures and all(str(c.ImageComments).startswith("PRELIMINARY - series may be incomplete")
+                            for c in captures)
+    assert node.db.latest_completion(uid).rule == "max_wait"
+    assert "PRELIMINARY" in events(node, uid, "complete")[0]
+
+    # The missing slice arrives: the revision is complete and says what it replaces.
+    assert send_datasets([missing], host="127.0.0.1", port=node.port, called_aet="IHD_AI",
+                         calling_aet="CT1") == [0]
+    assert wait_until(lambda: node.db.latest_analysis(uid).revision == 2
+                      and node.db.get_series(uid).state == "delivered")
+    time.sleep(0.5)
+    second = next(sr for sr in srs(pacs, study) if sr.SOPInstanceUID != first.SOPInstanceUID)
+    assert second.CompletionFlag == "COMPLETE"
+    assert f"replaces the PRELIMINARY result {first.SOPInstanceUID}" in summary(second)
+    assert "PRELIMINARY - series may be incomplete" not in summary(second)
+    ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
