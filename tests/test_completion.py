@@ -184,8 +184,9 @@ def test_console_pushing_top_half_first_gets_one_sr_on_the_complete_series(runni
     assert "subdural" in summary(sr) and "PRELIMINARY" not in summary(sr)
     analysis = node.db.latest_analysis(uid)
     assert analysis.revision == 1 and analysis.n_slices == 24 and "subdural" in analysis.positives()
-    [held] = events(node, uid, "held")
-    assert held.startswith("instances=12; coverage: bottom slice") and "skull base" in held
+    held = events(node, uid, "held")  # one per change of reason (a loaded machine may see 13, 14, ... too)
+    assert held[0].startswith("instances=12; coverage: bottom slice") and "skull base" in held[0]
+    assert all(h.startswith("instances=") and "instances=24" not in h for h in held)
     completion = node.db.latest_completion(uid)
     assert completion.preliminary is None and completion.rule == "quiet"
     assert completion.evidence == "checks passed: geometry, coverage"
