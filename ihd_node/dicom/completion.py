@@ -76,7 +76,7 @@ class Evidence:
             return f"proved by {self.proof}"
         if self.holds:
             return "; ".join(self.holds)
-        return f"checks passed: {', '.join(self.passed) or 'none enabled'}"
+        return f"checks passed: {', '.join(self.passed)}" if self.passed else "no evidence either way"
 
 
 class HeaderCache:
@@ -288,6 +288,7 @@ class CompletionJudge:
                 nodelog.warning("completion.pacs_count_failed", series=series_uid,
                                 error=f"{type(exc).__name__}: {exc}")
                 counts = []
+            counts = [(name, n) for name, n in counts if n > 0]  # 0: the PACS does not know it (yet)
             more = [(name, n) for name, n in counts if n > len(have)]
             if more:
                 name, n = max(more, key=lambda x: x[1])
