@@ -1,7 +1,7 @@
 """Completion evidence (issue 13): each "series complete" judgement, and received MPPS with their lists.
 
-Revision ID: 0003_completion_evidence
-Revises: 0002_managed_by_alembic
+Revision ID: 0004_completion_evidence
+Revises: 0003_node_runs
 """
 
 from collections.abc import Sequence
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_completion_evidence"
-down_revision: str | None = "0002_managed_by_alembic"
+revision: str = "0004_completion_evidence"
+down_revision: str | None = "0003_node_runs"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
