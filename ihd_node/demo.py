@@ -73,8 +73,8 @@ def demo_command(args: argparse.Namespace) -> int:
     try:
         failures = 0
         for label, subtypes, seed in STUDIES:
-            # 6 mm: the 28 slices reach from below the skull base to the vertex, as the node expects
-            series = make_series(seed, subtypes=subtypes, n_slices=28, slice_spacing=6.0)
+            # 5.5 mm: the 28 slices reach from below the skull base to the vertex, as the node expects
+            series = make_series(seed, subtypes=subtypes, n_slices=28, slice_spacing=5.5)
             files = write_series(series, workdir / "studies" / label.replace(" ", "-"))
             started = time.time()
             statuses = send_files(files, host="127.0.0.1", port=node_port, called_aet="IHD_AI",
