@@ -179,6 +179,9 @@ def test_dry_run_reports_scans_disk_and_time(rsna: RsnaFixture, work: Path,
     n_slices = rsna.n_files - 1  # the non-DICOM file is left out before
     assert f"dry run: {len(rsna.scans)} scans, {n_slices} slices (1 of {rsna.n_files} files left out)" in out
     assert "GB at 64px" in out and "min with --workers 4" in out
+    # The dry run fails like the real run when too many files would be left out.
+    assert training_main(_prepare_args(rsna, work, "--dry-run", "--max-rejected", "0.001")) == 2
+    assert f"1 of {rsna.n_files} files (0.5%) were left out" in capsys.readouterr().err
 
 
 def test_prepare_fails_loudly_with_reasons(rsna: RsnaFixture, work: Path, tmp_path: Path,

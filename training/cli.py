@@ -139,6 +139,16 @@ def format_reasons(rejected: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {n:>8}  {why}" for why, n in reason_counts(rejected))
 
 
+def check_rejected(rejected: list[tuple[str, str]], n_files: int, max_share: float) -> None:
+    from training.data import DataError
+
+    share = len(rejected) / max(n_files, 1)
+    if share > max_share:
+        raise DataError(f"{len(rejected)} of {n_files} files ({share:.1%}) were left out, more than "
+                        f"--max-rejected {max_share:.1%}; reasons:\n{format_reasons(rejected)}\n"
+                        "fix the data (or the --data/--images/--csv paths), or raise --max-rejected")
+
+
 def prepare_command(args: argparse.Namespace) -> int:
     from training.data import DataError, build_cache, index_rsna, read_rsna_labels, split_groups
 
@@ -155,7 +165,9 @@ def prepare_command(args: argparse.Namespace) -> int:
         raise DataError(f"{images}: no usable scans among {n_files} files; files left out per reason:\n"
                         + format_reasons(rejected))
     if args.dry_run:
-        return dry_run_report(args, scans, config.input_size, rejected, n_files)
+        dry_run_report(args, scans, config.input_size, rejected, n_files)
+        check_rejected(rejected, n_files, args.max_rejected)
+        return 0
     cached, dropped, reused = build_cache(scans, labels, args.work / "cache", config.input_size,
                                           workers=args.workers)
     rejected = rejected + dropped
@@ -167,11 +179,7 @@ def prepare_command(args: argparse.Namespace) -> int:
               + format_reasons(rejected))
     if not cached:
         raise DataError(f"no scan could be cached; files left out per reason:\n{format_reasons(rejected)}")
-    share = len(rejected) / max(n_files, 1)
-    if share > args.max_rejected:
-        raise DataError(f"{len(rejected)} of {n_files} files ({share:.1%}) were left out, more than "
-                        f"--max-rejected {args.max_rejected:.1%}; reasons:\n{format_reasons(rejected)}\n"
-                        "fix the data (or the --data/--images/--csv paths), or raise --max-rejected")
+    check_rejected(rejected, n_files, args.max_rejected)
     for scan in cached:
         scan.group = (scan.patient or scan.scan_id) if args.group_by == "patient" else scan.scan_id
     splits = split_groups(cached, args.val_fraction, args.test_fraction, seed=args.seed)
@@ -181,7 +189,7 @@ def prepare_command(args: argparse.Namespace) -> int:
 
 
 def dry_run_report(args: argparse.Namespace, scans: list, size: int, rejected: list[tuple[str, str]],
-                   n_files: int) -> int:
+                   n_files: int) -> None:
     """What a full run will take, measured on a few scans: slices, cache disk, time with --workers."""
     import time
 
@@ -212,7 +220,6 @@ def dry_run_report(args: argparse.Namespace, scans: list, size: int, rejected: l
     print(f"time: about {hours * 60:.1f} min with --workers {args.workers} "
           f"({per_slice * 1000:.1f} ms per slice measured on {decoded} slices here; headers are indexed "
           f"already and reused)")
-    return 0
 
 
 def train_command(args: argparse.Namespace) -> int:
