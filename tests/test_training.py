@@ -161,7 +161,9 @@ def test_prepare_resumes_after_kill_and_reuses_headers(rsna: RsnaFixture, tmp_pa
     assert len(finished) == 5
     mtimes = {s["path"]: (work / "cache" / s["path"]).stat().st_mtime_ns for s in finished}
 
-    out = subprocess.run([sys.executable, "-m", "training", *_prepare_args(rsna, work)], cwd=ROOT,
+    # The rerun uses worker processes (the pool path), the killed run did not.
+    out = subprocess.run([sys.executable, "-m", "training", *_prepare_args(rsna, work, "--workers", "2")],
+                         cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True,
                          timeout=300)

@@ -107,7 +107,8 @@ def list_images(image_dir: Path) -> list[str]:
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder not found; pass --images (the folder of "
                         "ID_<sop>.dcm files)")
-    files = sorted(str(p) for p in image_dir.rglob("*.dcm"))
+    # Absolute paths: the header index stays valid whichever way the folder is named on a later run.
+    files = sorted(str(p) for p in image_dir.resolve().rglob("*.dcm"))
     if not files:
         raise DataError(f"{image_dir}: no .dcm files; pass the folder holding ID_<sop>.dcm")
     return files
