@@ -298,7 +298,9 @@ def test_three_stages_resume_evaluate_and_cq500(rsna: RsnaFixture, work: Path, t
     truth = read_cq500_reads(cq.reads)
     assert {k: v.tolist() for k, v in truth.items()} == {k: v.tolist() for k, v in cq.truth.items()}
     choice = choose_series(cq.root / "CQ500CT0 CQ500CT0")
-    assert choice.paths is not None and choice.paths[0].parent.name == "CT 5mm"  # not the 1.25 mm series
+    # The node's ranking: not the 1.25 mm series, not the bone kernel (more slices, lower series number).
+    assert choice.paths is not None and choice.paths[0].parent.name == "CT 5mm"
+    assert len(list((cq.root / "CQ500CT0 CQ500CT0" / "Unknown Study").iterdir())) == 3
     assert training_main(["evaluate", "--checkpoint", str(work / "model.pt"), "--cq500", str(cq.root),
                           "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -87,34 +87,34 @@ class SeriesChoice:
     description: str  # the chosen series, or why none could be used
 
 
-def choose_series(folder: Path, slab_mm: float = 5.0) -> SeriesChoice:
-    """Among the series of a scan that the node would analyse, the one with slices closest to slab_mm
-    (the thickness the model was trained on); ties go to the series with more slices."""
+def choose_series(folder: Path) -> SeriesChoice:
+    """The series of a scan the node would analyse: among those `check_series` accepts, the best by the
+    node's own study-level ranking (ihd_node.dicom.choice: soft-tissue kernel, axial, 2.5-5 mm slices,
+    coverage, noise), so a bone-kernel or thin reconstruction is not scored in place of the standard one."""
+    from ihd_node.dicom.choice import profile, rank
     from ihd_node.dicom.select import check_series, read_headers
-    from ihd_node.dicom.volume import group_series, slice_normal, slice_position
+    from ihd_node.dicom.volume import group_series, slice_headers
 
     groups = group_series([folder])
     if not groups.series:
         reasons = sorted({why for _, why in groups.rejected})
         return SeriesChoice(None, "no CT series" + (f" ({'; '.join(reasons[:2])})" if reasons else ""))
-    best: tuple[float, int, list[Path]] | None = None
+    candidates: dict[str, list[Path]] = {}
+    profiles = []
     verdicts = []
     for paths in groups.series.values():
-        headers = read_headers(paths)
-        verdict = check_series(headers)
+        verdict = check_series(read_headers(paths))
         if not verdict.ok:
             verdicts.append(verdict.reason)
             continue
-        normal = slice_normal(headers[0])
-        positions = sorted(slice_position(ds, normal) for ds in headers)
-        steps = np.diff(positions)
-        spacing = float(np.median(steps)) if len(steps) else slab_mm
-        key = (abs(spacing - slab_mm), -len(paths), sorted(paths))
-        if best is None or key[:2] < best[:2]:
-            best = key
-    if best is None:
+        p = profile(slice_headers(paths), measure_noise=True)
+        candidates[p.series_instance_uid] = paths
+        profiles.append(p)
+    if not profiles:
         return SeriesChoice(None, "no eligible series (" + "; ".join(sorted(set(verdicts))[:2]) + ")")
-    return SeriesChoice(best[2], f"{len(best[2])} slices in {best[2][0].parent.name}")
+    best = rank(profiles)[0]
+    paths = sorted(candidates[best.series_instance_uid])
+    return SeriesChoice(paths, f"{best.label()}, {len(paths)} slices")
 
 
 def evaluate_cq500(checkpoint: Path, root: Path, device: str = "auto", max_rejected: float = 0.1,

@@ -195,8 +195,8 @@ def write_cq500_fixture(root: Path, n_scans: int = 6, seed: int = 700, size: int
                         n_slices: int = 12) -> Cq500Fixture:
     """The CQ500 layout: `CQ500CT<i> CQ500CT<i>/Unknown Study/<series>/CT*.dcm` and reads.csv
     (`name,Category,R1:ICH,...,R3:MidlineShift`). Each study has a 5 mm series; every other study also a
-    thin series (the node's choice must pick one). One radiologist disagrees on some findings, so only
-    the majority vote gives the truth."""
+    thin series, the first also a bone-kernel series (the node's choice must pick the 5 mm soft one).
+    One radiologist disagrees on some findings, so only the majority vote gives the truth."""
     from ihd_node.phantom import make_series
 
     root.mkdir(parents=True, exist_ok=True)
@@ -215,6 +215,12 @@ def write_cq500_fixture(root: Path, n_scans: int = 6, seed: int = 700, size: int
                                study_instance_uid=s.study_instance_uid, patient_id=f"CQ500-CT-{i}",
                                series_number=3)
             _write_series(thin.datasets, study_dir / "CT PLAIN THIN")
+        if i == 0:  # a bone reconstruction with more slices and a lower series number: still not chosen
+            bone = make_series(seed + i, subtypes=list(subtypes), n_slices=n_slices * 2, size=size,
+                               slice_spacing=5.0, series_description="CT 5mm BONE",
+                               study_instance_uid=s.study_instance_uid, patient_id=f"CQ500-CT-{i}",
+                               series_number=1)
+            _write_series(bone.datasets, study_dir / "CT 5mm BONE")
         label = s.labels.max(axis=0)
         truth[f"CQ500-CT-{i}"] = label.astype(np.uint8)
         row: list[object] = [f"CQ500-CT-{i}", "B1"]
