@@ -96,10 +96,13 @@ class Assembler:
         series = self.db.get_series(series_uid)
         if series is None:
             return None
-        instances = [(i.sop_instance_uid, i.path) for i in self.db.series_instances(series_uid)]
+        version = (series.n_instances, series.last_received)
         try:
-            return self.judge.evidence(series.study_instance_uid, series_uid, instances,
-                                       version=(series.n_instances, series.last_received))
+            cached = self.judge.lookup(series_uid, version)
+            if cached is not None:
+                return cached
+            instances = [(i.sop_instance_uid, i.path) for i in self.db.series_instances(series_uid)]
+            return self.judge.evidence(series.study_instance_uid, series_uid, instances, version=version)
         except Exception as exc:  # unreadable file and the like: eligibility names it; the timers decide
             nodelog.warning("completion.check_failed", series=series_uid, error=f"{type(exc).__name__}: {exc}")
             return None

@@ -250,7 +250,7 @@ class CompletionJudge:
                  version: object = None) -> Evidence:
         """`instances`: (SOP Instance UID, spool path) of what the node holds. `version` keys the cache
         (e.g. the series' instance count and last arrival): same version, same evidence, no new reads."""
-        key = (len(instances), version, self._mpps_version(series_uid))
+        key = (len(instances) if version is None else version, self._mpps_version(series_uid))
         cached = self._cache.get(series_uid)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -259,6 +259,13 @@ class CompletionJudge:
         if len(self._cache) > 5000:  # finished series are never asked again
             self._cache.pop(next(iter(self._cache)))
         return result
+
+    def lookup(self, series_uid: str, version: object) -> Evidence | None:
+        """The cached evidence when nothing changed since (a held series is asked at every tick)."""
+        cached = self._cache.get(series_uid)
+        if cached is not None and cached[0] == (version, self._mpps_version(series_uid)):
+            return cached[1]
+        return None
 
     def forget(self, series_uid: str) -> None:
         self._cache.pop(series_uid, None)
