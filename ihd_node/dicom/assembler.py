@@ -41,6 +41,7 @@ class Assembler:
 
     def tick(self, now: datetime | None = None) -> list[Candidate]:
         """Complete every series that is due now; returns those completed by this tick."""
+        live = now is None  # a real tick: "completed" is stamped after the checks ran (their cost shows)
         now = now or utcnow()
         done = []
         candidates = self.db.series_to_complete(now, self.rules.quiet_seconds, self.rules.max_wait_seconds)
@@ -63,7 +64,7 @@ class Assembler:
                         continue
                     rule, preliminary = "max_wait", "; ".join(evidence.holds)
             # Compare-and-set: a late instance may have reopened it since the query.
-            if not self.db.mark_complete(cand.series_instance_uid, rule, when=now,
+            if not self.db.mark_complete(cand.series_instance_uid, rule, when=utcnow() if live else now,
                                          last_received=cand.last_received):
                 continue
             self._held.pop(cand.series_instance_uid, None)
