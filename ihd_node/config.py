@@ -297,6 +297,12 @@ class SeriesConfig(_Section):
     min_slice_thickness_mm: Num | None = _f(None, "Thinner slices: ignored; unset = no limit.", 0.5, ge=0)
     max_slice_thickness_mm: Num | None = _f(10.0, "Thicker slices: ignored; unset = no limit.", 10, gt=0)
     exclude_localizers: Bool = _f(True, "Ignore series whose ImageType says LOCALIZER.")
+    selection: Literal["best_per_study", "every_series"] = _f(
+        "best_per_study",
+        "best_per_study: once no series of the study is still arriving, analyse only its best eligible "
+        "series (soft-tissue kernel, axial, 2.5-5 mm, head coverage; README: study-level choice) and record "
+        "the others as not_chosen with the reason; every_series: analyse each eligible series.",
+    )
     require_head: Bool = _f(
         True,
         "Ignore series that are not a head CT: BodyPartExamined naming another region, or no sampled "

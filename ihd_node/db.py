@@ -62,6 +62,7 @@ SERIES_STATES = (
     "delivering",
     "delivered",
     "ignored",
+    "not_chosen",  # eligible, but another series of its study was analysed instead (series.selection)
     "failed",
 )
 UNFINISHED_STATES = ("received", "complete", "analyzing")
@@ -874,7 +875,7 @@ class Database:
             return list(
                 s.scalars(
                     select(Series).where(
-                        Series.state.in_(("delivered", "analyzed", "ignored")),
+                        Series.state.in_(("delivered", "analyzed", "ignored", "not_chosen")),
                         Series.spool_removed.is_(None),
                         Series.updated <= before,
                     )

@@ -2,8 +2,9 @@
 
 Threads (one job each, all state in the database so a restart resumes):
 - pynetdicom's SCP threads: receive into the spool (ihd_node.dicom.receiver);
-- assembler: completes series, judges them (ihd_node.dicom.select), queues the eligible ones, and
-  removes expired spool folders;
+- assembler: completes series, judges them (ihd_node.dicom.select), queues the eligible ones (with
+  series.selection best_per_study: the best of each study, ihd_node.dicom.study), and removes expired
+  spool folders;
 - ONE inference worker: owns the model (torch is imported there only), analyses queued series,
   writes the result files and records analysis + outbox rows in one transaction;
 - delivery: sends due outbox rows (ihd_node.dicom.sender.Outbox).
@@ -39,6 +40,7 @@ from ihd_node.dicom.mpps import MppsScp
 from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.dicom.select import judge_series
 from ihd_node.dicom.sender import Outbox
+from ihd_node.dicom.study import ANALYSED, StudyChoice
 from ihd_node.dicom.volume import FrameGroupsError, slice_headers
 from ihd_node.errors import UserError
 from ihd_node.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
@@ -82,6 +84,7 @@ class Node:
         self._model_ready = threading.Event()
         self._model_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._choice: StudyChoice | None = None  # set in start() when series.selection is best_per_study
         self._last_retention = 0.0
         self._stopping = False
         self._run: NodeRun | None = None
@@ -109,6 +112,8 @@ class Node:
                                       heartbeat_seconds=cfg.node.heartbeat_seconds)
         nodelog.info("node.run", node_id=self._run.node_id)
         self._spawn("heartbeat", self._heartbeat)
+        if cfg.series.selection == "best_per_study":
+            self._choice = StudyChoice(self.db, cfg.series, self._enqueue, self._is_queued)
         self.recover()
 
         self._spawn("inference", self._worker)
@@ -282,7 +287,13 @@ class Node:
 
     # -- selection and queue -------------------------------------------------------------------------
     def judge(self, series_uid: str) -> None:
-        """A complete series: ignored (with the reason) or queued for the model."""
+        """A complete series: ignored (with the reason) or eligible; then the study's choice, or queued."""
+        study_uid = self._judge(series_uid)
+        if self._choice is not None and study_uid is not None:
+            self._choice.decide(study_uid)  # also after an ignored one: the study may now be complete
+
+    def _judge(self, series_uid: str) -> str | None:
+        """Judge one series; eligible ones are queued at once only with series.selection every_series."""
         assert self.db is not None
         series = self.db.get_series(series_uid)
         study_uid = series.study_instance_uid if series else None
@@ -292,7 +303,7 @@ class Node:
         except FrameGroupsError as exc:  # a damaged Enhanced CT from the sender: bad input, not a node failure
             if self.db.set_series_state(series_uid, "ignored", str(exc), expect="complete"):
                 self.db.log_event("ignored", str(exc), series_instance_uid=series_uid, study_instance_uid=study_uid)
-            return
+            return study_uid
         except Exception as exc:
             reason = f"an instance file cannot be read ({type(exc).__name__}: {exc})"
             if series is not None and series.spool_removed is not None:
@@ -301,19 +312,34 @@ class Node:
             if self.db.set_series_state(series_uid, "failed", reason, expect="complete"):
                 self.db.log_event("error", reason, level="ERROR", series_instance_uid=series_uid,
                                   study_instance_uid=study_uid)
-            return
+            return study_uid
         verdict = judge_series(refs, self.config.series)
         if not verdict.ok:
             if self.db.set_series_state(series_uid, "ignored", verdict.reason, expect="complete"):
                 self.db.log_event("ignored", verdict.reason, series_instance_uid=series_uid,
                                   study_instance_uid=study_uid)
-            return
+        elif self._choice is None:
+            self._enqueue(series_uid, verdict.reason)
+        return study_uid
+
+    def _enqueue(self, series_uid: str, why: str) -> None:
         with self._queue_lock:
             if series_uid in self._queued:
                 return
             self._queued.add(series_uid)
         self._queue.put(series_uid)
-        nodelog.info("analysis.queued", series=series_uid, waiting=self._queue.qsize(), why=verdict.reason)
+        nodelog.info("analysis.queued", series=series_uid, waiting=self._queue.qsize(), why=why)
+
+    def _is_queued(self, series_uid: str) -> bool:
+        with self._queue_lock:
+            return series_uid in self._queued
+
+    def _choose_again(self, series_uid: str) -> None:
+        """The chosen series could not be analysed: let the study's next best one have its turn."""
+        assert self.db is not None
+        series = self.db.get_series(series_uid)
+        if self._choice is not None and series is not None and series.state == "failed":
+            self._choice.decide(series.study_instance_uid)
 
     # -- inference worker ----------------------------------------------------------------------------
     def _load_predictor(self) -> Any:
@@ -350,6 +376,7 @@ class Node:
                 reason = f"analysis failed: {type(exc).__name__}: {exc}"
                 if self.db.set_series_state(uid, "failed", reason, expect="analyzing"):
                     self.db.log_event("analysis", reason, level="ERROR", series_instance_uid=uid)
+            self._choose_again(uid)
 
     def _analyse(self, uid: str, predictor: Any) -> None:
         from ihd_node.analysis import analyze_series
@@ -378,7 +405,7 @@ class Node:
 
         revision = series.revision  # analyses done before this one; the report's revision counter
         t0 = time.perf_counter()
-        predecessor = self._previous_sr(uid, revision)
+        predecessor = self._previous_sr(uid, revision, series.study_instance_uid)
         completion = self.db.latest_completion(uid)
         result.prediction = dataclasses.replace(
             result.prediction, incomplete=completion.preliminary if completion else None,
@@ -422,15 +449,27 @@ class Node:
                           f"seconds={(utcnow() - started).total_seconds():.2f}",
                           series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
 
-    def _previous_sr(self, uid: str, revision: int) -> pydicom.Dataset | None:
-        """The SR of the previous revision, for the revised SR's PredecessorDocumentsSequence."""
+    def _previous_sr(self, uid: str, revision: int, study_uid: str) -> pydicom.Dataset | None:
+        """The SR of the previous revision, for the revised SR's PredecessorDocumentsSequence; for a first
+        analysis chosen over an already analysed series of the study (best_per_study), that series' SR."""
         if revision == 0:
-            return None
+            return self._study_previous_sr(uid, study_uid)
         found = sorted((self.results_dir / uid / f"r{revision - 1}").glob("SR_*.dcm"))
         if not found:
             nodelog.warning("analysis.no_predecessor", series=uid, revision=revision)
             return None
         return pydicom.dcmread(found[0])
+
+    def _study_previous_sr(self, uid: str, study_uid: str) -> pydicom.Dataset | None:
+        if self._choice is None:
+            return None
+        earlier = [x for x in self._choice.study_series(study_uid)
+                   if x.series_instance_uid != uid and x.revision > 0 and x.state in ANALYSED]
+        if not earlier:
+            return None
+        last = max(earlier, key=lambda x: x.analysis_finished or x.updated)
+        found = sorted((self.results_dir / last.series_instance_uid / f"r{last.revision - 1}").glob("SR_*.dcm"))
+        return pydicom.dcmread(found[0]) if found else None
 
     # -- retention -----------------------------------------------------------------------------------
     def _retention(self) -> None:

@@ -26,6 +26,12 @@ def test_phantom_heads_pass(seed: int, size: int, n: int) -> None:
     assert best.enclosed_share > 0.5 and best.density_share > 0.9 and best.fat_share < 0.01
 
 
+def test_a_noisy_bone_kernel_head_passes() -> None:
+    series = make_series(70, n_slices=12, size=64, noise_sigma=60.0)
+    ps = float(series.datasets[0].PixelSpacing[0])
+    assert head_problem([series.hu[i] for i in sample_indices(12)], (ps, ps)) is None
+
+
 @pytest.mark.parametrize("kind", ["abdomen", "chest", "pelvis", "water"])
 @pytest.mark.parametrize("size", [64, 512])
 def test_trunk_and_water_fail_with_the_figures(kind: str, size: int) -> None:

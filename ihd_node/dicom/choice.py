@@ -118,8 +118,10 @@ def kernel_of(headers: Sequence) -> tuple[str, str]:
 
 
 def image_noise(hu: np.ndarray) -> float | None:
-    """Robust noise (HU) in soft tissue: MAD of the difference to a 3x3 mean, inside eroded 0-80 HU areas."""
-    tissue = ndimage.binary_erosion((hu > 0) & (hu < 80), iterations=2)
+    """Robust noise (HU) in soft tissue: MAD of the difference to a 3x3 mean, where the smoothed image is
+    0-80 HU (smoothed, so that a noisy bone-kernel image still finds its brain)."""
+    smooth = ndimage.gaussian_filter(hu.astype(np.float32), 2.0)
+    tissue = ndimage.binary_erosion((smooth > 0) & (smooth < 80), iterations=2)
     if tissue.sum() < 50:
         return None
     residual = (hu - ndimage.uniform_filter(hu, 3))[tissue]
