@@ -157,3 +157,39 @@ def _events(node: Node, kind: str) -> list:
 
     with node.db.read_session() as s:
         return list(s.scalars(select(Event).where(Event.kind == kind)))
+
+
+def test_when_the_chosen_series_cannot_be_loaded_the_next_best_is_analysed(tmp_path: Path,
+                                                                           predictor: Predictor) -> None:
+    brain = series_of(72, 2, "HEAD 5.0", "FC21", slice_spacing=5.0)
+    bone = series_of(72, 3, "HEAD 5.0", "FC30", slice_spacing=5.0)
+    # The lowest slice (not among those the head check reads) has half its pixel data: the load fails.
+    [broken] = [ds for ds in brain.datasets if ds.SOPInstanceUID == brain.sop_uids_sorted[0]]
+    broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]
+    with MiniPACS(tmp_path / "pacs", ae_title="PACS") as pacs:
+        node = Node(node_config(tmp_path / "node", pacs), predictor=predictor).start()
+        try:
+            assert send_datasets([*brain.datasets, *bone.datasets], host="127.0.0.1", port=node.port,
+                                 called_aet="IHD_AI", calling_aet="PACS") == [0] * 2 * N
+            assert wait_until(lambda: node.db.get_series(bone.series_instance_uid).state == "delivered", 60)
+            assert node.db.get_series(brain.series_instance_uid).state == "failed"
+            [sr] = sr_series(pacs)
+            assert referenced_series(sr) == bone.series_instance_uid
+        finally:
+            node.stop()
+
+
+def test_every_series_analyses_each_reconstruction(tmp_path: Path, predictor: Predictor) -> None:
+    brain = series_of(73, 2, "HEAD 5.0", "FC21", slice_spacing=5.0)
+    bone = series_of(73, 3, "HEAD 5.0", "FC30", slice_spacing=5.0)
+    with MiniPACS(tmp_path / "pacs", ae_title="PACS") as pacs:
+        node = Node(node_config(tmp_path / "node", pacs, selection="every_series"), predictor=predictor).start()
+        try:
+            assert send_datasets([*brain.datasets, *bone.datasets], host="127.0.0.1", port=node.port,
+                                 called_aet="IHD_AI", calling_aet="PACS") == [0] * 2 * N
+            assert wait_until(lambda: all(node.db.get_series(s.series_instance_uid).state == "delivered"
+                                          for s in (brain, bone)), 60)
+            assert sorted(map(referenced_series, sr_series(pacs))) == sorted(
+                [brain.series_instance_uid, bone.series_instance_uid])
+        finally:
+            node.stop()

@@ -3,7 +3,7 @@
 The model was trained on head CT only; a chest or abdomen CT sent by a routing rule must not come back
 "POSITIVE". Headers alone cannot tell: BodyPartExamined is optional and descriptions are free text, so
     1. BodyPartExamined naming another body region (CHEST, ABDOMEN, ...) refuses at once;
-    2. the images decide, on a few slices from the middle of the stack: a head slice shows a closed
+    2. the images decide, on nine slices spread over the stack: a head slice shows a closed
        bone ring (the skull) that encloses most of the cross-section, and what it encloses is
        intracranial-density tissue (brain, CSF, blood: about -10..100 HU) with next to no fat or air.
        Trunk slices fail this: the spinal canal is the only closed bone ring in the chest and abdomen
@@ -37,7 +37,10 @@ MIN_ENCLOSED_MM2 = 2500.0  # intracranial area of a small child's head at the sk
 MIN_ENCLOSED_SHARE = 0.35  # of the body's cross-section; a mid-level head slice reaches ~0.6-0.8
 MIN_DENSITY_SHARE = 0.70  # of the enclosed area at intracranial density
 MAX_FAT_SHARE = 0.05
-SAMPLE_AT = (0.2, 0.35, 0.5, 0.65, 0.8)  # fractions of the sorted stack looked at
+# Fractions of the sorted stack looked at: spread over all of it, as a short stack may cover only the skull
+# base (orbits and the anterior fossa floor break the ring) plus a few cerebral slices above it.
+SAMPLE_AT = (0.05, 0.15, 0.27, 0.39, 0.5, 0.61, 0.73, 0.85, 0.95)
+CLOSE_MM = 3.0  # gaps in the skull ring up to ~2x this are closed; intercostal spaces are wider
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def look(hu: np.ndarray, pixel_spacing: tuple[float, float]) -> SliceLook:
     """Measure one slice (HU, rows x cols) for the skull-ring test."""
     px_mm2 = float(pixel_spacing[0]) * float(pixel_spacing[1])
     # Close gaps of a few mm (sutures, foramina, thin temporal squama) so the ring reads as closed.
-    radius = max(1, int(round(2.0 / max(min(pixel_spacing), 0.1))))
+    radius = max(1, int(round(CLOSE_MM / max(min(pixel_spacing), 0.1))))
     structure = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), radius)
     bone = ndimage.binary_closing(hu > BONE_HU, structure=structure, border_value=0)
     enclosed = ndimage.binary_fill_holes(bone) & ~bone
