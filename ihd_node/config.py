@@ -483,6 +483,81 @@ class LoggingConfig(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+def _url_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        value.format(StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3", AccessionNumber="A1")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"is not a valid template ({exc}); use {{StudyInstanceUID}}, {{SeriesInstanceUID}} or "
+            "{AccessionNumber} as placeholders"
+        ) from None
+    return value
+
+
+UrlTemplate = Annotated[str | None, AfterValidator(_url_template)]
+
+
+class AlertChannel(_Section):
+    name: str = _f(..., "Short name used in the log database (one alert per series, revision and channel).", "er")
+    kind: Literal["webhook", "teams", "slack", "email"] = _f(
+        ..., "`webhook` (generic JSON POST), `teams` / `slack` (incoming-webhook formats) or `email` (SMTP).",
+        "teams",
+    )
+    url: str | None = _f(None, "The webhook's URL (webhook, teams, slack).", "https://hooks.example.org/T0/B0")
+    timeout: Num = _f(10.0, "Seconds for connect and answer.", 10, gt=0)
+    smtp_host: str | None = _f(None, "SMTP server (email).", "smtp.example.org")
+    smtp_port: Port = _f(587, "SMTP port (email; 587 = submission with STARTTLS).", 587)
+    starttls: Bool = _f(True, "Upgrade the SMTP connection with STARTTLS before sending (email).")
+    ca_certificates: FilePath = _f(
+        None, "PEM CA bundle to verify the SMTP or HTTPS server; unset = the system's.", "/etc/ihd-node/ca.crt"
+    )
+    username: str | None = _f(None, "SMTP login user (email); unset = no login.", "ihd-node")
+    password_file: FilePath = _f(None, "File holding the SMTP password (email).", "/etc/ihd-node/smtp.pass")
+    sender: str | None = _f(None, "From address (email).", "ihd-node@hospital.example")
+    recipients: list[str] = _f(list, "To addresses (email).", ["er-radiology@hospital.example"])
+
+    @model_validator(mode="after")
+    def _complete(self) -> AlertChannel:
+        if self.kind == "email":
+            if not self.smtp_host or not self.sender or not self.recipients:
+                raise ValueError("kind email needs smtp_host, sender and recipients; set them")
+        elif not self.url or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"kind {self.kind} needs url (http:// or https://); set it")
+        return self
+
+
+class AlertsConfig(_Section):
+    channels: list[AlertChannel] = _f(list, "Where a positive finding is announced; empty = no alerts.")
+    console_url: str | None = _f(
+        None, "Base URL of the node's web console as the reader reaches it; adds a link to the study page.",
+        "https://ihd-node.hospital.example",
+    )
+    viewer_url: UrlTemplate = _f(
+        None, "Viewer link template; placeholders {StudyInstanceUID}, {SeriesInstanceUID}, {AccessionNumber}.",
+        "https://ohif.hospital.example/viewer?StudyInstanceUIDs={StudyInstanceUID}",
+    )
+    include_patient_data: Bool = _f(
+        False, "Also put patient name, ID and birth date in alerts (see the README's warning first).",
+    )
+
+    @field_validator("channels")
+    @classmethod
+    def _unique(cls, value: list[AlertChannel]) -> list[AlertChannel]:
+        names = [c.name for c in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"name `{dupes[0]}` is used twice; give each channel its own name")
+        return value
+
+    def channel(self, name: str) -> AlertChannel:
+        for channel in self.channels:
+            if channel.name == name:
+                return channel
+        raise KeyError(name)
+
+
 class Config(_Section):
     node: NodeConfig = _f(NodeConfig, "How the node listens and whom it lets in.")
     storage: StorageConfig = _f(StorageConfig, "Where received data lies.")
@@ -491,7 +566,8 @@ class Config(_Section):
     destinations: list[Destination] = _f(list, "Where results are sent (C-STORE).")
     model: ModelSection = _f(ModelSection, "Which model runs where.")
     analysis: AnalysisConfig = _f(AnalysisConfig, "Queue and result options.")
-    delivery: DeliveryConfig = _f(DeliveryConfig, "Outbox retry policy.")
+    delivery: DeliveryConfig = _f(DeliveryConfig, "Outbox retry policy (result deliveries and alerts).")
+    alerts: AlertsConfig = _f(AlertsConfig, "Notifications of positive findings.")
     retention: RetentionConfig = _f(RetentionConfig, "Spool clean-up.")
     logging: LoggingConfig = _f(LoggingConfig, "Log output.")
 

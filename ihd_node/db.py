@@ -245,6 +245,28 @@ class DeliveryAttempt(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
 
 
+class Alert(Base):
+    """The alert outbox: one row per (series, analysis revision, channel), written in the analysis' own
+    transaction, so a crash after the analysis cannot lose the alert and a retry cannot double it."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("series_id", "revision", "channel"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("analyses.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending / sent / failed / rejected
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    series: Mapped[Series] = relationship(lazy="joined")
+
+
 class Completion(Base):
     """One judgement "this series is complete": the rule that fired, the evidence, and whether the result
     must go out PRELIMINARY because the checks still said "incomplete" when max_wait ran out."""
@@ -904,6 +926,7 @@ class Database:
         n_slices: int,
         objects: Sequence[ResultObject],
         destinations: Sequence[str],
+        alert_channels: Sequence[str] = (),
         n_model_slices: int | None = None,
         sr_sop_instance_uid: str | None = None,
         n_secondary_captures: int = 0,
@@ -951,6 +974,10 @@ class Database:
             for dest in destinations:
                 for obj in objects:
                     _enqueue(s, analysis, series, dest, obj, now)
+            if analysis.positive_classes:  # alerts announce positive findings only
+                for channel in alert_channels:
+                    s.add(Alert(analysis_id=analysis.id, series=series, revision=analysis.revision, channel=channel,
+                                status="pending", attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
             began = started or series.analysis_started
             reopened = series.state == "received" and began is not None and series.last_received > began
             if not reopened:  # a late instance during the analysis put it back to "received": keep that
@@ -1088,6 +1115,64 @@ class Database:
                     series.state, series.reason, series.updated = "delivering", None, now
                 done[series.series_instance_uid] = done.get(series.series_instance_uid, 0) + 1
             return done
+
+    # -------------------------------------------------------- alert outbox
+
+    def due_alerts(self, now: datetime | None = None, limit: int = 50) -> list[Alert]:
+        now = now or utcnow()
+        with self.read_session() as s:
+            return list(
+                s.scalars(
+                    select(Alert)
+                    .where(Alert.status == "pending", Alert.next_attempt_at <= now)
+                    .order_by(Alert.next_attempt_at, Alert.id)
+                    .limit(limit)
+                )
+            )
+
+    def next_alert_time(self) -> datetime | None:
+        with self.read_session() as s:
+            return s.scalar(select(func.min(Alert.next_attempt_at)).where(Alert.status == "pending"))
+
+    def record_alert_attempt(
+        self, alert_id: int, *, outcome: str, error: str | None, policy: Any, now: datetime | None = None
+    ) -> Alert:
+        """Book one alert attempt. outcome: sent, retry (backoff until policy.give_up_after_seconds, then
+        failed) or rejected (the receiving server refused the content: resending cannot help)."""
+        now = now or utcnow()
+        with self.session() as s:
+            a = s.get(Alert, alert_id)
+            if a is None:
+                raise ValueError(f"no alert with id {alert_id}")
+            a.attempts += 1
+            a.last_error = error
+            a.updated_at = now
+            if outcome == "sent":
+                a.status, a.sent_at = "sent", now
+            elif outcome == "rejected":
+                a.status = "rejected"
+            elif (now - a.created_at).total_seconds() >= policy.give_up_after_seconds:
+                a.status = "failed"
+                a.last_error = f"gave up after {a.attempts} attempts: {error or 'no answer'}"
+            else:
+                a.next_attempt_at = now + timedelta(seconds=policy.backoff(a.attempts))
+            s.flush()
+            return a
+
+    def series_alerts(self, series_instance_uid: str) -> list[Alert]:
+        with self.read_session() as s:
+            return list(
+                s.scalars(
+                    select(Alert)
+                    .join(Series, Alert.series_id == Series.id)
+                    .where(Series.series_instance_uid == series_instance_uid)
+                    .order_by(Alert.id)
+                )
+            )
+
+    def get_analysis(self, analysis_id: int) -> Analysis | None:
+        with self.read_session() as s:
+            return s.get(Analysis, analysis_id)
 
     def latest_analysis(self, series_instance_uid: str) -> Analysis | None:
         with self.read_session() as s:

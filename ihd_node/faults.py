@@ -18,6 +18,8 @@ point was reached. The points (where they sit, and what the state is there):
     delivery.stored    ihd_node.dicom.sender: the destination answered a C-STORE with success; the answer
                        is not booked in the outbox yet (the object is in the PACS, the node does not know)
     delivery.booked    ihd_node.dicom.sender: one answer was booked in the outbox
+    alert.sending      ihd_node.alerts: an alert row is due (the analysis is committed); nothing sent yet
+    alert.accepted     ihd_node.alerts: the receiving server accepted the alert; not booked yet
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from ihd_node import nodelog
 
 CRASH_ENV = "IHD_NODE_CRASH_AT"
 PAUSE_ENV = "IHD_NODE_PAUSE_AT"
-POINTS = ("receive.spooled", "analysis.started", "analysis.written", "delivery.stored", "delivery.booked")
+POINTS = ("receive.spooled", "analysis.started", "analysis.written", "delivery.stored", "delivery.booked",
+          "alert.sending", "alert.accepted")
 
 
 def _parse(text: str | None) -> dict[str, int]:

@@ -7,7 +7,8 @@ Threads (one job each, all state in the database so a restart resumes):
   spool folders;
 - ONE inference worker: owns the model (torch is imported there only), analyses queued series,
   writes the result files and records analysis + outbox rows in one transaction;
-- delivery: sends due outbox rows (ihd_node.dicom.sender.Outbox).
+- delivery: sends due outbox rows (ihd_node.dicom.sender.Outbox);
+- alerts (when alerts.channels is set): announces positive findings (ihd_node.alerts.AlertOutbox).
 Result files lie under <storage>/results/<SeriesUID>/r<revision>/{SR,SC}_<SOPInstanceUID>.dcm;
 revision 0 is the first analysis of a series, each re-analysis (late instances) adds one.
 """
@@ -32,6 +33,7 @@ import pydicom.config
 from sqlalchemy import func, select
 
 from ihd_node import __version__, faults, nodelog
+from ihd_node.alerts import AlertOutbox
 from ihd_node.config import Config, load_config, runtime_problems, summary
 from ihd_node.db import Database, Delivery, NodeRun, ResultObject, open_database, utcnow
 from ihd_node.dicom.assembler import Assembler
@@ -81,6 +83,7 @@ class Node:
         self._queue_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_delivery = threading.Event()
+        self._wake_alerts = threading.Event()
         self._model_ready = threading.Event()
         self._model_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
@@ -130,6 +133,9 @@ class Node:
         self._spawn("assembler", lambda: assembler.run(self._stop, also=self._retention))
         outbox = Outbox(self.db, cfg)
         self._spawn("delivery", lambda: outbox.run(self._stop, self._wake_delivery))
+        if cfg.alerts.channels:
+            alerts = AlertOutbox(self.db, cfg, self.results_dir)
+            self._spawn("alerts", lambda: alerts.run(self._stop, self._wake_alerts))
 
         admission = Admission(ae_title=cfg.node.ae_title, allowed_calling_aets=cfg.node.allowed_calling_aets,
                               allowed_networks=cfg.node.allowed_addresses, refuse_reason=self._busy)
@@ -190,6 +196,7 @@ class Node:
             self.receiver.stop()  # new associations are refused (_busy), open ones aborted: senders resend
         self._stop.set()
         self._wake_delivery.set()
+        self._wake_alerts.set()
         deadline = time.monotonic() + STOP_JOIN_SECONDS
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -431,11 +438,13 @@ class Node:
             thresholds=dict(prediction.model.thresholds), n_slices=result.volume.n_slices,
             n_model_slices=len(result.slice_groups), objects=rows,
             destinations=[d.name for d in cfg.destinations],
+            alert_channels=[c.name for c in cfg.alerts.channels],
             sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
             n_secondary_captures=len(objects) - 1, started=started,
             timings={"load": result.timings.get("load_seconds", 0.0),
                      "inference": result.timings.get("predict_seconds", 0.0), "report": report_seconds})
         self._wake_delivery.set()
+        self._wake_alerts.set()
         after = self.db.get_series(uid)
         if after is not None and after.last_received > started:
             # A late instance arrived while the model ran: these results go out, and the series runs again.
