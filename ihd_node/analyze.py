@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from ihd_node.classes import CLASSES, NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.config import SeriesConfig
 from ihd_node.dicom.select import Eligibility, judge_series
 from ihd_node.dicom.volume import VolumeError, group_series, slice_headers
+from ihd_node.errors import UserError
 
 FORCED_NOTE = "FORCED: the node would not analyse this series ({reason}); this result is outside its rules"
 
@@ -50,22 +52,42 @@ def series_summary(analysis: SeriesAnalysis, seconds: float, verdict: Eligibilit
 
 def write_results(analysis: SeriesAnalysis, out_dir: Path) -> list[Path]:
     """Write the SR and the Grad-CAM secondary captures the node would send, one folder per series."""
-    from ihd_node.report import build_results
+    from ihd_node.report import build_results, result_file_name
 
     results = build_results(analysis.volume, analysis.prediction, slice_groups=analysis.slice_groups)
     folder = out_dir / analysis.volume.series_instance_uid
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for ds in [results.sr, *results.secondary_captures]:
-        path = folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        written.append(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for ds in [results.sr, *results.secondary_captures]:
+            path = folder / result_file_name(ds)
+            ds.save_as(path, enforce_file_format=True)
+            written.append(path)
+    except OSError as exc:  # e.g. the disk filled up half-way
+        raise UserError(f"--out {out_dir}: cannot write {exc.filename or folder}: {exc.strerror or exc}; "
+                        "free space or choose another folder") from None
     return written
+
+
+def check_out_dir(out: str) -> Path:
+    """--out must be a folder this user can write (created if missing): checked before any analysis."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); "
+                        "choose a folder you can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder is not writable by this user; choose another")
+    return path
 
 
 def print_table(summaries: list[dict], rejected: list[tuple[str, str]], refused: list[tuple[str, str]]) -> None:
     for s in summaries:
-        print(f"series {s['series_instance_uid']}  ({s['n_slices']} slices, {s['seconds']:.2f} s)")
+        n = s["n_slices"]
+        print(f"series {s['series_instance_uid']}  ({n} slice{'' if n == 1 else 's'}, {s['seconds']:.2f} s)")
         if s["forced"]:
             print("  " + FORCED_NOTE.format(reason=s["eligibility"]))
         for cls in CLASSES:
@@ -82,6 +104,7 @@ def print_table(summaries: list[dict], rejected: list[tuple[str, str]], refused:
 
 
 def analyze_command(args: argparse.Namespace) -> int:
+    out_dir = check_out_dir(args.out) if args.out else None
     groups = group_series(args.paths)
     rejected = [(str(p), reason) for p, reason in groups.rejected]
     refused: list[tuple[str, str]] = []
@@ -112,8 +135,8 @@ def analyze_command(args: argparse.Namespace) -> int:
             rejected.append((f"series {series_uid}", str(exc)))
             continue
         summary = series_summary(analysis, time.perf_counter() - started, verdict)
-        if args.out:
-            summary["written"] = [str(p) for p in write_results(analysis, Path(args.out))]
+        if out_dir is not None:
+            summary["written"] = [str(p) for p in write_results(analysis, out_dir)]
         summaries.append(summary)
     if args.json:
         json.dump({"series": summaries,

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pydicom
+from sqlalchemy.engine import make_url
 
 from ihd_node import nodelog
 from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE
@@ -57,20 +58,22 @@ def demo_command(args: argparse.Namespace) -> int:
 
     # The node's own event log goes to the log database here; the terminal shows what a person wants to see.
     nodelog.setup(level=logging.WARNING)
+    keep = bool(getattr(args, "keep", False))
     workdir = Path(tempfile.mkdtemp(prefix="ihd-node-demo-"))
     print(f"ihd-node demo — {NOT_FOR_DIAGNOSTIC_USE}; the shipped model is trained on synthetic head CTs only.")
-    print(f"working folder: {workdir}")
-    pacs = MiniPACS(workdir / "pacs", ae_title="DEMO_PACS").start()
-    node_port = free_port()
-    config = default_config(
-        workdir / "node",
-        node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": node_port},
-        destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
-    )
-    node = Node(config)
-    node.start()
-    print(f"node IHD_AI listening on 127.0.0.1:{node_port}; receiving PACS DEMO_PACS on 127.0.0.1:{pacs.port}")
+    print(f"working folder: {workdir}" + ("" if keep else " (removed at the end; --keep keeps it)"))
+    pacs = node = None
     try:
+        pacs = MiniPACS(workdir / "pacs", ae_title="DEMO_PACS").start()
+        node_port = free_port()
+        config = default_config(
+            workdir / "node",
+            node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": node_port},
+            destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
+        )
+        node = Node(config)
+        node.start()
+        print(f"node IHD_AI listening on 127.0.0.1:{node_port}; receiving PACS DEMO_PACS on 127.0.0.1:{pacs.port}")
         failures = 0
         for label, subtypes, seed in STUDIES:
             # 5.5 mm: the 28 slices reach from below the skull base to the vertex, as the node expects
@@ -98,16 +101,27 @@ def demo_command(args: argparse.Namespace) -> int:
             said_ich = any(line.startswith("Intracranial hemorrhage") and line.endswith("Present") for line in findings)
             print(f"  the model {'agrees' if said_ich == bool(subtypes) else 'DISAGREES'} with the phantom's truth "
                   f"({'hemorrhage' if subtypes else 'no hemorrhage'})")
-            print(f"  SR: {srs[0].path}")
-            print(f"  Grad-CAM images: {len(scs)}" + (f", e.g. {scs[0].path}" if scs else ""))
-        print(f"\n{NOT_FOR_DIAGNOSTIC_USE}. The PACS folder with all results: {pacs.folder}")
-        print(f"The node's log database: {config.database_url} (kept with --keep)")
+            # Paths only when they will still exist after the demo.
+            print(f"  SR: {srs[0].path if keep else srs[0].path.name}")
+            print(f"  Grad-CAM images: {len(scs)}"
+                  + (f", e.g. {scs[0].path if keep else scs[0].path.name}" if scs else ""))
+        print(f"\n{NOT_FOR_DIAGNOSTIC_USE}.")
+        if keep:
+            database = make_url(config.database_url).database
+            print(f"Kept: the PACS folder with all results {pacs.folder}; the node's log database "
+                  f"{database} (sqlite3 -readonly FILE, or ihd-node status with a config whose "
+                  f"storage.dir is {config.storage.dir}).")
+        else:
+            print(f"Nothing kept: {workdir} is removed now (ihd-node demo --keep keeps the results and the "
+                  "log database).")
         return 1 if failures else 0
     finally:
-        node.stop()
-        pacs.stop()
-        if not getattr(args, "keep", False):
-            shutil.rmtree(workdir / "node", ignore_errors=True)
+        if node is not None:
+            node.stop()
+        if pacs is not None:
+            pacs.stop()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def wait_for_results(pacs: MiniPACS, study_uid: str, since: float) -> list:

@@ -1249,7 +1249,9 @@ def _series_attrs(seed: int, content: object, rng: np.random.Generator, var: dic
     """Attributes shared by every slice (Patient, Study, Series, Equipment, Frame of Reference, Plane).
     Patient and study attributes derive from the patient id and study UID, so series made for one study
     agree on them."""
-    study = str(var.get("study_instance_uid") or _uid("study", seed))
+    # The study names the content too: one seed with other subtypes is another study (its own Study UID and
+    # accession number), not a second series of one study that a PACS would merge (issue 7 item 16).
+    study = str(var.get("study_instance_uid") or _uid("study", *content))
     patient = str(var.get("patient_id") or seed)
     study_key = uuid.uuid5(uuid.NAMESPACE_OID, study).int
     date = dt.date(2020, 1, 1) + dt.timedelta(days=study_key % 1800)

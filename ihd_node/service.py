@@ -388,7 +388,7 @@ class Node:
     def _analyse(self, uid: str, predictor: Any) -> None:
         from ihd_node.analysis import analyze_series
         from ihd_node.dicom.volume import VolumeError
-        from ihd_node.report import build_results
+        from ihd_node.report import build_results, result_file_name
 
         assert self.db is not None
         cfg = self.config
@@ -424,8 +424,7 @@ class Node:
         folder = self.results_dir / uid / f"r{revision}"
         rows = []
         for ds in objects:
-            kind = "SR" if ds.Modality == "SR" else "SC"
-            path = folder / f"{kind}_{ds.SOPInstanceUID}.dcm"
+            path = folder / result_file_name(ds)
             write_dataset_atomic(path, ds)
             rows.append(ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path))
         report_seconds = time.perf_counter() - t0

@@ -64,10 +64,32 @@ def test_out_writes_an_sr_and_captures_into_the_source_study(tiny: Path, study, 
     proc = run("analyze", str(folder), "--model", str(tiny), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert "subdural" in proc.stdout and "NOT FOR DIAGNOSTIC USE" in proc.stdout
-    written = [pydicom.dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")]
+    files = sorted((tmp_path / "out").rglob("*.dcm"))
+    written = [pydicom.dcmread(p) for p in files]
     modalities = sorted(ds.Modality for ds in written)
     assert modalities.count("SR") == 1 and len(modalities) > 1
+    # The same file names as the node's results folder: SR_ and SC_ (a capture's Modality is OT).
+    assert {p.name[:3] for p in files} == {"SR_", "SC_"}
+    assert all(p.name == f"{'SR' if ds.Modality == 'SR' else 'SC'}_{ds.SOPInstanceUID}.dcm"
+               for p, ds in zip(files, written, strict=True))
     assert {ds.StudyInstanceUID for ds in written} == {series.study_instance_uid}
+
+
+def test_out_that_cannot_be_a_folder_is_a_clear_error(tiny: Path, study, tmp_path: Path) -> None:
+    folder, _ = study
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("x")
+    for out, words in ((a_file, "is a file, not a folder"), (a_file / "sub", "cannot create the folder")):
+        proc = run("analyze", str(folder), "--model", str(tiny), "--out", str(out))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+        assert proc.stderr.startswith(f"ihd-node analyze: error: --out {out}: {words}"), proc.stderr
+
+
+def test_one_slice_is_not_slices(tiny: Path, refusable) -> None:
+    text = run("analyze", str(refusable["single"]), "--force", "--model", str(tiny))
+    assert text.returncode == 0, text.stderr
+    assert "(1 slice," in text.stdout and "1 slices" not in text.stdout
 
 
 def test_bad_paths_and_models_are_clear_errors(tiny: Path, tmp_path: Path) -> None:

@@ -68,3 +68,30 @@ def test_cli_json_and_summary(capsys) -> None:
     assert "mobilenet_v3_small" in capsys.readouterr().out
     assert main(["model", "describe", "nonexistent"]) == 2
     assert "paper" in capsys.readouterr().err
+
+
+def test_checkpoint_summary_is_readable_and_hides_training_paths(tmp_path, capsys) -> None:
+    """Issue 7 item 16: a short provenance summary, not kilobytes of JSON, and no training machine paths."""
+    per_class = {c: {"auc": 0.9, "sensitivity": 0.8, "specificity": 0.7, "threshold": 0.5} for c in CLASSES}
+    provenance = {
+        "data": "synthetic phantoms, 420 series", "date": "2026-11-26", "splits": {"train": 420, "val": 60},
+        "training": {"work": "/home/trainer/secret-project/run7", "device": "cuda", "seed": 3, "cnn_epochs": 3,
+                     "cnn_lr": 1e-4, "seq_epochs": 6, "seq_lr": 5e-5, "augment": {"flip": 0.5}},
+        "history": {"cnn": [{"epoch": i, "train_loss": 0.3, "seconds": 100.0} for i in range(200)]},
+        "threshold_method": "youden", "recipe_seconds": 846.0,
+        "metrics": {"validation": {"slice": {"n": 1791, "classes": per_class},
+                                   "scan": {"n": 60, "classes": per_class}}},
+        "checkpoint_dir": "C:\\Users\\trainer\\ckpt",
+    }
+    path = save_checkpoint(tmp_path / "m.pt", IhdModel(tiny_config()), thresholds={c: 0.4 for c in CLASSES},
+                           name="tiny", version="3.0", provenance=provenance)
+    assert main(["model", "describe", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert len(text) < 2500 and max(len(line) for line in text.splitlines()) <= 100, text
+    assert "trainer" not in text and "secret-project" not in text and '{"' not in text, text
+    assert "trained on  synthetic phantoms, 420 series (2026-11-26)" in text
+    assert "validation, 60 scans: AUC any 0.900" in text and "seed 3" in text and "history: see --json" in text
+    assert main(["model", "describe", str(path), "--json"]) == 0
+    full = capsys.readouterr().out
+    assert "trainer" not in full and '".../run7"' in full and '".../ckpt"' in full
+    assert len(json.loads(full)["provenance"]["history"]["cnn"]) == 200  # the full record stays in --json

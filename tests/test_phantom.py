@@ -85,10 +85,16 @@ def test_deterministic_per_seed_and_varied_between_seeds() -> None:
     assert c.study_instance_uid != a.study_instance_uid and not np.array_equal(c.hu, a.hu)
     for uid in (a.study_instance_uid, a.series_instance_uid, *a.sop_uids_sorted):
         assert uid.startswith("2.25.") and len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
-    # Subtypes do not change the head or the acquisition, only the blood (and the UIDs: other content).
+    # Subtypes do not change the head or the acquisition, only the blood (and the UIDs: other content). Other
+    # blood is another study: its own Study UID and accession number (a PACS would merge one study's series).
     neg = phantom.make_series(9, subtypes=[], n_slices=5, size=96)
+    ivh = phantom.make_series(9, subtypes=["intraventricular"], n_slices=5, size=96)
     assert neg.pixel_spacing == a.pixel_spacing and neg.slice_spacing == a.slice_spacing
-    assert neg.study_instance_uid == a.study_instance_uid and neg.series_instance_uid != a.series_instance_uid
+    assert len({s.study_instance_uid for s in (a, neg, ivh)}) == 3
+    assert len({s.series_instance_uid for s in (a, neg, ivh)}) == 3
+    assert len({str(s.datasets[0].AccessionNumber) for s in (a, neg, ivh)}) == 3
+    assert len({str(s.datasets[0].StudyID) for s in (a, neg, ivh)}) == 3
+    assert a.datasets[0].PatientID == neg.datasets[0].PatientID  # the same (synthetic) patient
     assert neg.encoding == a.encoding and np.array_equal(neg.tissue == T["bone"], a.tissue == T["bone"])
 
 

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification
 
 from ihd_node import faults, nodelog
 from ihd_node.config import Config
-from ihd_node.db import Database, Delivery, utcnow
+from ihd_node.db import AttemptResult, Database, Delivery, utcnow
 
 NOT_SUPPORTED = 0x0122  # booked when the destination did not accept the SOP class's presentation context
 PROCESSING_FAILURE = 0x0110  # booked when a result file cannot be read
@@ -241,12 +241,30 @@ class Outbox:
         return booked
 
     def _deliver(self, name: str, rows: list[Delivery]) -> int:
+        # Answers that are not "sent" are logged once per destination and pass, not once per object: a PACS
+        # outage is one problem, and 16 captures x every retry drowned the journal (issue 7 item 16).
+        problems: list[tuple[Delivery, AttemptResult, str | None]] = []
+        try:
+            self._deliver_rows(name, rows, problems)
+        finally:
+            self._log_problems(name, problems)
+        return len(rows)
+
+    def _deliver_rows(self, name: str, rows: list[Delivery],
+                      problems: list[tuple[Delivery, AttemptResult, str | None]]) -> None:
+        def book_one(row: Delivery, status: int | None, error: str | None, seconds: float,
+                     now: datetime | None = None) -> None:
+            res = self._book(row, status, error, seconds, now)
+            if res.delivery_status != "sent":
+                problems.append((row, res, error))
+
         try:
             dest = self.config.destination(name)
         except KeyError:
+            now = utcnow()
             for row in rows:  # an admin may put it back; until then it is retried, then fails
-                self._book(row, None, f"destination {name!r} is no longer in the config", 0.0)
-            return len(rows)
+                book_one(row, None, f"destination {name!r} is no longer in the config", 0.0, now)
+            return
         started = last = time.perf_counter()
         by_path = {str(Path(r.path)): r for r in rows}
         booked: set[int] = set()
@@ -260,34 +278,51 @@ class Outbox:
             now = time.perf_counter()
             seconds, last = now - last, now
             booked.add(row.id)
-            self._book(row, result.status, None if result.status == 0 else result.detail, seconds)
+            book_one(row, result.status, None if result.status == 0 else result.detail, seconds)
 
         try:
             send_files(self.config.node.ae_title, dest, [Path(r.path) for r in rows], on_result=book)
         except NoAssociation as exc:
             seconds = time.perf_counter() - started
+            now = utcnow()  # one time for the batch: its rows stay due together, one retry pass each time
             for row in rows:
                 if row.id not in booked:
-                    self._book(row, None, str(exc), seconds)
-            return len(rows)
+                    book_one(row, None, str(exc), seconds, now)
+            return
         for row in rows:
             if row.id not in booked:
-                self._book(row, None, "not attempted", 0.0)
-        return len(rows)
+                book_one(row, None, "not attempted", 0.0)
 
-    def _book(self, row: Delivery, status: int | None, error: str | None, seconds: float) -> None:
+    @staticmethod
+    def _log_problems(name: str, problems: list[tuple[Delivery, AttemptResult, str | None]]) -> None:
+        """One WARNING per destination and outcome for this pass (per-object detail at DEBUG)."""
+        by_outcome: dict[str, list[tuple[Delivery, AttemptResult, str | None]]] = {}
+        for item in problems:
+            by_outcome.setdefault(item[1].delivery_status, []).append(item)
+        for outcome, items in by_outcome.items():
+            errors = sorted({e or "" for _, _, e in items})
+            fields: dict[str, object] = {"destination": name, "objects": len(items),
+                                         "attempt": max(row.attempts + 1 for row, _, _ in items),
+                                         "error": errors[0] if len(errors) == 1 else
+                                         f"{errors[0]} (and {len(errors) - 1} other errors)"}
+            if outcome == "pending":
+                nexts = [res.next_attempt_at for _, res, _ in items if res.next_attempt_at is not None]
+                retry_in = (min(nexts) - utcnow()).total_seconds() if nexts else None
+                nodelog.warning("delivery.retry", **fields, retry_in_s=retry_in)
+            else:
+                nodelog.warning(f"delivery.{outcome}", **fields)
+
+    def _book(self, row: Delivery, status: int | None, error: str | None, seconds: float,
+              now: datetime | None = None) -> AttemptResult:
         res = self.db.record_attempt(row.id, status=status, error=error, policy=self.config.delivery,
-                                     seconds=seconds)
+                                     seconds=seconds, now=now)
         faults.point("delivery.booked")
         fields = {"destination": row.destination, "sop": row.sop_instance_uid, "status": describe(status),
                   "attempt": row.attempts + 1, "outcome": res.delivery_status}
         if res.delivery_status == "sent":
             nodelog.info("delivery.sent", **fields)
-        elif res.delivery_status == "pending":
-            retry_in = (res.next_attempt_at - utcnow()).total_seconds() if res.next_attempt_at else None
-            nodelog.warning("delivery.retry", **fields, error=error, retry_in_s=retry_in)
         else:
-            nodelog.warning(f"delivery.{res.delivery_status}", **fields, error=error)
+            nodelog.debug(f"delivery.{res.delivery_status}", **fields, error=error)
         if res.series_state:
             level = "INFO" if res.series_state == "delivered" else "WARNING"
             series = self.db.get_series(res.series_instance_uid)
@@ -295,6 +330,7 @@ class Outbox:
                               + (f": {series.reason}" if series and series.reason else ""), level=level,
                               series_instance_uid=res.series_instance_uid,
                               study_instance_uid=series.study_instance_uid if series else None)
+        return res
 
     def seconds_to_next(self, cap: float = 1.0) -> float:
         when = self.db.next_delivery_time()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
+import textwrap
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -70,8 +72,79 @@ def describe(preset_or_checkpoint: str) -> dict[str, Any]:
         "created": str(data.get("created", "")),
         "weights_dtype": str(data.get("weights_dtype", "")),
         "thresholds": dict(data["thresholds"]),
-        "provenance": dict(data["provenance"]),
+        "provenance": _redact_paths(dict(data["provenance"])),
     }
+
+
+def _redact_paths(value: Any) -> Any:
+    """Absolute paths of the machine that trained the model say nothing about it and leak that machine's
+    layout: keep only the last part (issue 7 item 16)."""
+    if isinstance(value, dict):
+        return {k: _redact_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value)):
+        name = (PurePosixPath(value) if value.startswith("/") else PureWindowsPath(value)).name
+        return f".../{name}" if name else "..."
+    return value
+
+
+def _provenance_lines(prov: dict[str, Any]) -> list[str]:
+    """A readable summary of a checkpoint's provenance: data, training, validation figures (the rest: --json)."""
+    lines: list[str] = []
+    shown: set[str] = set()
+
+    def add(label: str, text: str) -> None:
+        lines.append(textwrap.fill(text, 100, initial_indent=f"{label:<12}", subsequent_indent=" " * 12))
+
+    if "data" in prov:
+        add("trained on", f"{prov['data']}" + (f" ({prov['date']})" if "date" in prov else ""))
+        shown |= {"data", "date"}
+    splits = prov.get("splits")
+    if isinstance(splits, dict):
+        add("splits", ", ".join(f"{k} {v}" for k, v in splits.items()))
+        shown.add("splits")
+    tr = prov.get("training")
+    if isinstance(tr, dict):
+        parts = [f"{tr['device']}" if "device" in tr else "", f"seed {tr['seed']}" if "seed" in tr else ""]
+        if "cnn_epochs" in tr:
+            parts.append(f"CNN {tr['cnn_epochs']} epochs (lr {tr.get('cnn_lr', '?')})")
+        if "seq_epochs" in tr:
+            parts.append(f"sequence {tr['seq_epochs']} epochs (lr {tr.get('seq_lr', '?')})")
+        if "backbone_weights" in tr:
+            parts.append(f"backbone start: {tr['backbone_weights'] or 'random init'}")
+        add("training", ", ".join(x for x in parts if x))
+        shown.add("training")
+    if "threshold_method" in prov:
+        add("thresholds", f"chosen by {prov['threshold_method']}")
+        shown.add("threshold_method")
+    metrics = prov.get("metrics")
+    if isinstance(metrics, dict):
+        for split, levels in metrics.items():
+            if not isinstance(levels, dict):
+                continue
+            level = "scan" if "scan" in levels else next(iter(levels), None)
+            m = levels.get(level) if level else None
+            if not isinstance(m, dict) or not isinstance(m.get("classes"), dict):
+                continue
+            aucs = ", ".join(f"{c} {v['auc']:.3f}" for c, v in m["classes"].items()
+                             if isinstance(v, dict) and isinstance(v.get("auc"), (int, float)))
+            add("metrics", f"{split.replace('_', ' ')}, {m.get('n', '?')} {level}s: AUC {aucs}")
+        shown.add("metrics")
+    if "recipe_seconds" in prov:
+        add("took", f"{float(prov['recipe_seconds']) / 60:.0f} min to train")
+        shown.add("recipe_seconds")
+    for key, value in prov.items():  # anything else that is short; long structures only in --json
+        if key in shown:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        if len(text) <= 80:
+            add(key.replace("_", " ")[:11], text)
+            shown.add(key)
+    rest = [k for k in prov if k not in shown]
+    if rest:
+        add("more", f"{', '.join(rest)}: see --json")
+    return lines
 
 
 def _summary(d: dict[str, Any]) -> str:
@@ -91,9 +164,9 @@ def _summary(d: dict[str, Any]) -> str:
     if d["source"] == "checkpoint":
         created = d["created"] or "unknown"
         lines.append(f"version     {d['version']} (created {created}, weights {d['weights_dtype']})")
-        lines.append("thresholds  " + ", ".join(f"{k} {v:.3f}" for k, v in d["thresholds"].items()))
-        for key, value in d["provenance"].items():
-            lines.append(f"provenance  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
+        lines.append(textwrap.fill(", ".join(f"{k} {v:.3f}" for k, v in d["thresholds"].items()), 100,
+                                   initial_indent="thresholds  ", subsequent_indent=" " * 12))
+        lines += _provenance_lines(d["provenance"])
     return "\n".join(lines)
 
 

@@ -17,8 +17,15 @@ from ihd_node.prediction import Prediction
 from ihd_node.report.sc import SC_SERIES_DESCRIPTION, build_secondary_captures
 from ihd_node.report.sr import SR_SERIES_DESCRIPTION, build_sr
 
-__all__ = ["ResultObjects", "build_results", "build_sr", "build_secondary_captures",
+__all__ = ["ResultObjects", "build_results", "build_sr", "build_secondary_captures", "result_file_name",
            "SR_SERIES_DESCRIPTION", "SC_SERIES_DESCRIPTION"]
+
+
+def result_file_name(ds: Dataset) -> str:
+    """`SR_<SOPInstanceUID>.dcm` or `SC_<SOPInstanceUID>.dcm`: one naming for `serve` and `analyze --out`
+    (a capture's Modality is OT, which named the files OT_ in one place and SC_ in the other)."""
+    kind = "SR" if ds.Modality == "SR" else "SC"
+    return f"{kind}_{ds.SOPInstanceUID}.dcm"
 
 
 @dataclass

@@ -61,6 +61,12 @@ def test_status_tells_running_stopped_and_dead(tmp_path: Path, pacs, make_node) 
 
     assert store(study.files, node.port) == [0x0000] * N
     assert wait_until(lambda: (node.query("SELECT max(attempts) FROM deliveries")[0][0] or 0) >= 2, 60)
+    # Issue 7 item 16: during the outage, one WARNING per destination and retry, not one per object.
+    attempts = node.query("SELECT max(attempts) FROM deliveries")[0][0]
+    retries = [line for line in node.log().splitlines() if "WARNING delivery.retry" in line]
+    assert 1 <= len(retries) <= attempts + 1, retries
+    assert all("destination=pacs" in line and "objects=3" in line and "cannot connect" in line
+               for line in retries), retries
     beat = last_heartbeat(node)
     assert wait_until(lambda: last_heartbeat(node) > beat, 10)  # it beats while the node runs
 
