@@ -8,6 +8,8 @@ whole node on loopback with the shipped default model:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -228,3 +230,32 @@ def test_missing_middle_slice_waits_then_goes_out_preliminary_and_the_revision_r
     assert "PRELIMINARY - series may be incomplete" not in summary(second)
     ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+# ------------------------------------------------------------------ the PRELIMINARY objects on their own
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (dicom3tools)")
+def test_preliminary_sr_and_captures_say_so_and_stay_valid(tmp_path: Path) -> None:
+    from test_report_common import dciodvfy, make_prediction, make_volume
+
+    from ihd_node.report import build_results
+
+    volume = make_volume(tmp_path, n=6, bleed_slices=(2, 3))
+    why = "geometry: gap of 10.0 mm between slices at 5.0 and 15.0 mm (about 1 slice(s) missing)"
+    prediction = dataclasses.replace(make_prediction(6, {"intraparenchymal": [2, 3]}), incomplete=why)
+    objects = build_results(volume, prediction, max_secondary_captures=2)
+    assert objects.sr.CompletionFlag == "PARTIAL"
+    assert summary(objects.sr).startswith(f"PRELIMINARY - series may be incomplete: {why}. NOT FOR DIAGNOSTIC")
+    assert objects.secondary_captures
+    for k, ds in enumerate(objects.all()):
+        path = tmp_path / f"{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        errors, _ = dciodvfy(path)
+        assert not errors, "\n".join(errors)
+    for sc in objects.secondary_captures:
+        assert str(sc.ImageComments).startswith(f"PRELIMINARY - series may be incomplete: {why}")
+    complete = build_results(volume, make_prediction(6, {"intraparenchymal": [2, 3]}))
+    assert complete.sr.CompletionFlag == "COMPLETE" and "PRELIMINARY" not in summary(complete.sr)
+    # Burned in: the capture's pixels differ from the complete result's (the legend title says PRELIMINARY).
+    assert (objects.secondary_captures[0].pixel_array != complete.secondary_captures[0].pixel_array).any()
