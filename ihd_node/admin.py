@@ -21,6 +21,7 @@ from ihd_node.db import Analysis, Database, Delivery, NodeRun, Series, Study, ut
 from ihd_node.errors import UserError
 
 IN_FLIGHT = ("received", "complete", "analyzing", "delivering")
+WAITING = "waiting for the rest of the series"  # series.reason while the completion checks hold it back
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -245,7 +246,9 @@ def format_status(data: dict[str, Any]) -> str:
     if flight:
         rows = []
         for x in flight:
-            if x["state"] == "received":
+            if x["state"] == "received" and (x["reason"] or "").startswith(WAITING):
+                detail = "held: " + x["reason"].split("): ", 1)[-1]  # what the completion checks miss
+            elif x["state"] == "received":
                 detail = "association open" if x["association_open"] else "waiting for quiet time"
             elif x["state"] == "delivering":
                 detail = f"{x['objects_sent']} sent, {x['objects_pending']} pending"

@@ -20,6 +20,7 @@ import torch
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from ihd_node.admin import format_status, status_data
 from ihd_node.config import default_config
 from ihd_node.db import Event
 from ihd_node.dicom.completion import CompletionJudge, HeaderCache, SliceGeometry, find_gaps, read_geometry
@@ -205,6 +206,7 @@ def test_missing_middle_slice_waits_then_goes_out_preliminary_and_the_revision_r
     # Past quiet_seconds: held back by the gap (waited for, not slept: the machine may be loaded).
     assert wait_until(lambda: "gap of 14.0 mm" in (node.db.get_series(uid).reason or ""), 7.0)
     assert node.db.get_series(uid).state == "received" and not srs(pacs, study)
+    assert "held: geometry: gap of 14" in format_status(status_data(node.db))  # what `ihd-node status` shows
     assert wait_until(lambda: node.db.get_series(uid).state == "delivered")
     assert time.monotonic() - sent_at >= 8.0  # max_wait_seconds
     [first] = srs(pacs, study)

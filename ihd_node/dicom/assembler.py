@@ -115,8 +115,8 @@ class Assembler:
             return
         self._held[series_uid] = reason
         series = self.db.get_series(series_uid)
-        waiting = f"waiting for the rest of the series (at most series.max_wait_seconds " \
-                  f"{self.rules.max_wait_seconds:g} s after the last instance): {reason}"
+        waiting = (f"waiting for the rest of the series (at most series.max_wait_seconds "
+                   f"{self.rules.max_wait_seconds:g} s after the last instance): {reason}")  # admin.WAITING
         self.db.note_series_waiting(series_uid, waiting)
         self.db.log_event("held", f"instances={series.n_instances if series else '?'}; {reason}",
                           series_instance_uid=series_uid,
