@@ -28,6 +28,7 @@ HANDLERS = {
     "check-config": "ihd_node.config:check_config_command",
     "model": "ihd_node.model.describe:model_command",
     "db": "ihd_node.migrations.cli:db_command",
+    "web-user": "ihd_node.web.server:web_user_command",
 }
 
 
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("series_uid", nargs="?", metavar="SERIES_UID",
                        help="the source SeriesInstanceUID (as `ihd-node status` shows it)")
     which.add_argument("--failed", action="store_true", help="every series with a failed or rejected delivery")
+
+    p = sub.add_parser("web-user", help="add or change a web console user (basic-auth users file)",
+                       description="Asks for the password (or reads one line from stdin when it is not a "
+                       "terminal) and writes USER:pbkdf2_sha256$... into FILE (created 0600).")
+    p.add_argument("file", help="the users file (web.auth.users_file)")
+    p.add_argument("user")
 
     p = sub.add_parser("check-config", help="validate a config file without starting")
     p.add_argument("file", metavar="FILE", help="path of the config file to check")

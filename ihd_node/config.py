@@ -558,6 +558,49 @@ class AlertsConfig(_Section):
         raise KeyError(name)
 
 
+class WebAuth(_Section):
+    token_file: FilePath = _f(
+        None, "File holding a bearer token (`Authorization: Bearer TOKEN`; scripts, Prometheus).",
+        "/etc/ihd-node/web.token",
+    )
+    users_file: FilePath = _f(
+        None, "Basic-auth users, one `user:hash` a line (`ihd-node web-user FILE USER` writes them).",
+        "/etc/ihd-node/web.users",
+    )
+
+    @property
+    def configured(self) -> bool:
+        return self.token_file is not None or self.users_file is not None
+
+
+class WebConfig(_Section):
+    enabled: Bool = _f(True, "Serve the web console, /healthz and /metrics.")
+    host: Host = _f("127.0.0.1", "Address of the console; anything but loopback needs `auth`.", "127.0.0.1")
+    port: Annotated[int, Field(strict=True, ge=0, le=65535)] = _f(
+        8112, "TCP port of the console (0 = any free port).", 8112
+    )
+    refresh_seconds: Int = _f(5, "How often the console pages reload themselves.", 5, ge=1)
+    auth: WebAuth = _f(WebAuth, "Who may see the console and use its actions (re-send, re-analyse).")
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @model_validator(mode="after")
+    def _auth_beyond_loopback(self) -> WebConfig:
+        if self.enabled and not self.loopback and not self.auth.configured:
+            raise ValueError(
+                f"host {self.host} is reachable from other machines but auth is not set; set auth.token_file "
+                "or auth.users_file, or keep host 127.0.0.1 (TLS: put a reverse proxy in front, see the README)"
+            )
+        return self
+
+
 class Config(_Section):
     node: NodeConfig = _f(NodeConfig, "How the node listens and whom it lets in.")
     storage: StorageConfig = _f(StorageConfig, "Where received data lies.")
@@ -568,6 +611,7 @@ class Config(_Section):
     analysis: AnalysisConfig = _f(AnalysisConfig, "Queue and result options.")
     delivery: DeliveryConfig = _f(DeliveryConfig, "Outbox retry policy (result deliveries and alerts).")
     alerts: AlertsConfig = _f(AlertsConfig, "Notifications of positive findings.")
+    web: WebConfig = _f(WebConfig, "The web console, /healthz and /metrics.")
     retention: RetentionConfig = _f(RetentionConfig, "Spool clean-up.")
     logging: LoggingConfig = _f(LoggingConfig, "Log output.")
 
@@ -762,8 +806,9 @@ def load_config(path: str | Path) -> Config:
 
 def default_config(tmpdir: str | Path, **sections: Any) -> Config:
     """A Config built in code (demo, tests): storage and database under tmpdir; sections override defaults,
-    e.g. default_config(tmp, node={"port": 5104}, destinations=[{...}])."""
-    data: dict[str, Any] = {"storage": {"dir": str(tmpdir)}}
+    e.g. default_config(tmp, node={"port": 5104}, destinations=[{...}]). The web console takes any free port
+    (many nodes run side by side in tests); `node.web.port` says which."""
+    data: dict[str, Any] = {"storage": {"dir": str(tmpdir)}, "web": {"port": 0}}
     for name, value in sections.items():
         if isinstance(value, Mapping) and isinstance(data.get(name), Mapping):
             data[name] = {**data[name], **value}

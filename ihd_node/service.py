@@ -91,6 +91,8 @@ class Node:
         self._last_retention = 0.0
         self._stopping = False
         self._run: NodeRun | None = None
+        self._predictor_loaded: Any = None
+        self.web: Any = None
 
     # -- life cycle ----------------------------------------------------------------------------------
     @property
@@ -152,9 +154,41 @@ class Node:
                               "the port or the address is not on this machine: change node.port / node.host")
             self.stop(f"start-up failed: {error}")
             raise error from None
+        self._start_web()
         self.db.log_event("node", f"started ae={cfg.node.ae_title} port={self.receiver.port} "
                           f"destinations={len(cfg.destinations)}")
         return self
+
+    # -- web: /healthz, /metrics, console --------------------------------------------------------------
+    def _start_web(self) -> None:
+        if not self.config.web.enabled:
+            return
+        assert self.db is not None
+        try:
+            from ihd_node.web.app import make_web_server
+        except ModuleNotFoundError as exc:  # an environment installed before the console's dependencies
+            self.db.log_event("web", f"console not started: the Python package {exc.name} is missing; install "
+                              "ihd-node's dependencies again (pip install -e .)", level="WARNING")
+            return
+        try:
+            self.web = make_web_server(self).start()
+        except OSError as exc:
+            # The console is for admins; DICOM intake matters more than a busy port, so the node runs on.
+            self.db.log_event("web", f"console not started: cannot listen on {self.config.web.host}:"
+                              f"{self.config.web.port} ({exc.strerror or exc}); change web.port", level="WARNING")
+
+    def model_name(self) -> str | None:
+        """The loaded model's name and version (None while none is loaded)."""
+        if not self._model_ready.is_set() or self._model_error is not None or self._predictor_loaded is None:
+            return None
+        ident = self._predictor_loaded.identity
+        return f"{ident.name} {ident.version}"
+
+    def dead_threads(self) -> list[str]:
+        return [t.name for t in self._threads if not t.is_alive()] if not self._stopping else []
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
 
     def _completion_judge(self) -> CompletionJudge:
         """The evidence the assembler weighs before calling a quiet series complete (see completion.py)."""
@@ -192,6 +226,8 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
+        if self.web is not None:
+            self.web.stop()
         if self.receiver is not None:
             self.receiver.stop()  # new associations are refused (_busy), open ones aborted: senders resend
         self._stop.set()
@@ -368,6 +404,7 @@ class Node:
             self._model_error = exc
             self._model_ready.set()
             return
+        self._predictor_loaded = predictor
         self._model_ready.set()
         while not self._stop.is_set():
             try:

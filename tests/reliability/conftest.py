@@ -71,6 +71,7 @@ class NodeProcess:
             "model": {"checkpoint": str(checkpoint), "device": "cpu"},
             "analysis": {"max_secondary_captures": 2},
             "delivery": {"retry_initial_seconds": 0.2, "retry_max_seconds": 1.0},
+            "web": {"port": 0},  # any free port: many nodes run side by side
         }
         for section, values in overrides.items():
             config[section] = values if not isinstance(values, dict) else {**config.get(section, {}), **values}

@@ -1,0 +1,36 @@
+"""Wires the running node to its web server: which path shows what."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ihd_node.web.health import readiness
+from ihd_node.web.metrics import Live, registry
+from ihd_node.web.server import Request, Response, WebServer, as_json, disk_free, text
+
+
+def make_web_server(node: Any) -> WebServer:
+    """`node` is the running ihd_node.service.Node."""
+    cfg = node.config
+    db = node.db
+    spool_dir = Path(cfg.storage.spool_dir)
+
+    def live() -> Live:
+        return Live(queue_depth=node.queue_depth(), model_loaded=node.model_name() is not None,
+                    spool_free_bytes=disk_free(spool_dir))
+
+    def healthz(_r: Request) -> Response:
+        checks = readiness(db, spool_dir, cfg.storage.min_free_mb, node.model_name, node.dead_threads)
+        ready = all(c.ok for c in checks)
+        return as_json(200 if ready else 503, {"status": "ready" if ready else "not ready",
+                                               "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}})
+
+    def liveness(_r: Request) -> Response:
+        dead = node.dead_threads()
+        return text(503, f"threads stopped: {', '.join(dead)}\n") if dead else text(200, "alive\n")
+
+    server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"}, registry=registry(db, live))
+    server.routes.update({("GET", "/healthz"): healthz, ("GET", "/healthz/live"): liveness,
+                          ("GET", "/metrics"): server.metrics})
+    return server

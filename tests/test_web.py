@@ -1,0 +1,137 @@
+"""The node's web side (issue 12): /healthz, /metrics and the console, on a node that has received a positive
+and a negative study over real C-STORE associations, analysed them with the shipped default model and sent
+the results to a MiniPACS. The node listens beyond loopback (0.0.0.0) with a users file and a token, as an
+admin would set it up; one node for the whole module.
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ihd_node.config import default_config
+from ihd_node.demo import STUDIES
+from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_files
+from ihd_node.phantom import make_series, write_series
+from ihd_node.service import Node
+from ihd_node.web.server import hash_password
+
+USER, PASSWORD, TOKEN = "admin", "correct horse battery", "t0ken-for-prometheus"
+
+
+@dataclass
+class Site:
+    node: Node
+    pacs: MiniPACS
+    base: str
+    db_path: Path
+    studies: dict[str, tuple[str, str, list[str]]]  # label -> (study UID, series UID, truth)
+
+
+def wait_until(condition, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("web")
+    (root / "users").write_text(f"# console users\n{USER}:{hash_password(PASSWORD, iterations=1000)}\n")
+    (root / "token").write_text(TOKEN + "\n")
+    with MiniPACS(root / "pacs", ae_title="PACS") as pacs:
+        config = default_config(
+            root / "node", node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": free_port()},
+            storage={"min_free_mb": 0}, model={"checkpoint": "default", "device": "cpu"},
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+            web={"host": "0.0.0.0", "port": free_port(),
+                 "auth": {"users_file": str(root / "users"), "token_file": str(root / "token")}})
+        node = Node(config).start()
+        try:
+            studies = {}
+            for label, subtypes, seed in STUDIES:  # the demo's studies: the default model gets both right
+                series = make_series(seed, subtypes=subtypes, n_slices=28, slice_spacing=5.5)
+                files = write_series(series, root / "studies" / label.replace(" ", "-"))
+                assert all(s == 0 for s in send_files(files, host="127.0.0.1", port=node.port, called_aet="IHD_AI"))
+                studies[label] = (series.study_instance_uid, series.series_instance_uid, subtypes)
+            db_path = Path(config.storage.dir) / "ihd.sqlite"
+
+            def delivered() -> bool:
+                with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+                    return conn.execute("SELECT count(*) FROM series WHERE state = 'delivered'").fetchone()[0] == 2
+            assert wait_until(delivered, 120)
+            yield Site(node, pacs, f"http://127.0.0.1:{node.web.port}", db_path, studies)
+        finally:
+            node.stop()
+
+
+def get(url: str, auth: str | None = None, method: str = "GET", data: bytes | None = None,
+        headers: dict | None = None) -> tuple[int, str, dict]:
+    request = urllib.request.Request(url, method=method, data=data, headers=dict(headers or {}))
+    if auth:
+        request.add_header("Authorization", auth)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+def basic(user: str = USER, password: str = PASSWORD) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def sql(site: Site, query: str) -> int:
+    with sqlite3.connect(f"file:{site.db_path}?mode=ro", uri=True) as conn:
+        return conn.execute(query).fetchone()[0]
+
+
+def test_healthz_is_public_and_says_ready(site: Site) -> None:
+    status, body, _ = get(site.base + "/healthz")
+    assert status == 200, body
+    assert '"status": "ready"' in body
+    for check in ("database", "spool_disk", "model", "threads"):
+        assert f'"{check}"' in body
+    assert get(site.base + "/healthz/live")[0] == 200
+
+
+def test_metrics_need_auth_parse_and_match_the_database(site: Site) -> None:
+    assert get(site.base + "/metrics")[0] == 401
+    assert get(site.base + "/metrics", "Bearer wrong")[0] == 401
+    assert get(site.base + "/metrics", basic(password="wrong"))[0] == 401
+    status, body, _ = get(site.base + "/metrics", f"Bearer {TOKEN}")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("ihd_instances_received_total", ())] == sql(site, "SELECT count(*) FROM instances") == 56
+    assert samples[("ihd_series", (("state", "delivered"),))] == 2
+    positive = sql(site, "SELECT count(*) FROM analyses WHERE positive_classes != ''")
+    assert positive == 1  # the default model is right about both studies
+    assert samples[("ihd_analyses_total", (("result", "positive"),))] == positive
+    assert samples[("ihd_analyses_total", (("result", "negative"),))] == 1
+    assert samples[("ihd_time_to_result_seconds_count", ())] == 2
+    assert samples[("ihd_model_seconds_count", ())] == sql(
+        site, "SELECT count(*) FROM analyses WHERE inference_seconds IS NOT NULL")
+    assert samples[("ihd_model_seconds_sum", ())] == pytest.approx(
+        sql(site, "SELECT sum(inference_seconds) FROM analyses"))
+    failures = sum(v for (name, _), v in samples.items() if name == "ihd_delivery_failures_total")
+    assert failures == sql(site, "SELECT count(*) FROM delivery_attempts WHERE outcome != 'sent'")
+    assert samples[("ihd_deliveries", (("status", "sent"),))] == sql(
+        site, "SELECT count(*) FROM deliveries WHERE status = 'sent'")
+    assert samples[("ihd_model_loaded", ())] == 1
+    assert samples[("ihd_queue_depth", ())] == 0
+    # The same figures for a basic-auth user.
+    assert get(site.base + "/metrics", basic())[0] == 200
