@@ -1,6 +1,9 @@
-"""Grad-CAM secondary captures: valid SC objects, one per positive slice, heat drawn where it is hot."""
+"""Secondary captures: a summary for every series, one per positive slice, heat where it is hot, text
+only in the bands around the slice."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -14,8 +17,15 @@ from test_report_common import (
     write,
 )
 
-from ihd_node.report.overlay import CLASS_COLOURS, brain_window, render
-from ihd_node.report.sc import SC_SERIES_DESCRIPTION, build_secondary_captures, patient_orientation
+from ihd_node.report.overlay import CLASS_COLOURS, LegendLine, Orientation, brain_window, render
+from ihd_node.report.sc import (
+    SC_SERIES_DESCRIPTION,
+    build_secondary_captures,
+    edge_letters,
+    patient_orientation,
+    slice_picture,
+    source_line,
+)
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SIZE = 128
@@ -26,9 +36,13 @@ def peak(shape: tuple[int, int]) -> tuple[int, int]:
     return int(0.45 * shape[0]), int(0.35 * shape[1])
 
 
-def is_red(pixel: np.ndarray) -> bool:
-    r, g, b = (int(v) for v in pixel)
-    return r > 150 and r > g + 60 and r > b + 60
+WHEN = datetime(2024, 1, 2, 10, 30, tzinfo=UTC)
+
+
+def is_heat(pixel: np.ndarray, cls: str = "intraparenchymal") -> bool:
+    """Closer to the class colour than to any grey: heat drawn there."""
+    pixel = pixel.astype(int)
+    return bool(np.abs(pixel - np.asarray(CLASS_COLOURS[cls])).sum() < np.abs(pixel - pixel.mean()).sum())
 
 
 @pytest.fixture
@@ -38,11 +52,14 @@ def positive(tmp_path):
     return volume, prediction
 
 
-def test_one_capture_per_positive_slice(positive, tmp_path):
+def test_summary_then_one_capture_per_positive_slice(positive, tmp_path):
     volume, prediction = positive
-    scs = build_secondary_captures(volume, prediction)
-    assert len(scs) == 2
-    for n, (sc, index) in enumerate(zip(scs, (2, 3), strict=True)):
+    scs = build_secondary_captures(volume, prediction, analysed_at=WHEN)
+    assert len(scs) == 3
+    summary = reread(scs[0], tmp_path / "summary.dcm")
+    assert summary.InstanceNumber == 1
+    assert "Intracranial hemorrhage suspected: intraparenchymal (0.95)" in summary.ImageComments
+    for n, (sc, index) in enumerate(zip(scs[1:], (2, 3), strict=True)):
         sc = reread(sc, tmp_path / f"sc{n}.dcm")
         assert sc.SOPClassUID == SC_IMAGE_STORAGE
         assert sc.StudyInstanceUID == volume.study_instance_uid
@@ -52,30 +69,52 @@ def test_one_capture_per_positive_slice(positive, tmp_path):
         assert sc.ConversionType == "WSD"  # drawn by software, not digitised video (DI)
         assert sc.BurnedInAnnotation == "YES"
         assert sc.SamplesPerPixel == 3 and sc.PhotometricInterpretation == "RGB"
-        assert sc.InstanceNumber == n + 1
+        assert sc.InstanceNumber == n + 2
+        picture, _, _ = slice_picture(volume, prediction, index, [index], WHEN)
         pixels = sc.pixel_array
-        assert pixels.shape == (SIZE, SIZE, 3) and pixels.dtype == np.uint8
-        assert is_red(pixels[peak((SIZE, SIZE))]), pixels[peak((SIZE, SIZE))]
+        np.testing.assert_array_equal(pixels, picture.pixels)
+        # The slice at full size, unscaled, inside the frame: untouched grey away from the heat.
+        r, c = peak((SIZE, SIZE))
+        assert is_heat(pixels[picture.top + r, picture.left + c])
+        inner = brain_window(volume.hu[index])
+        assert (pixels[picture.top + 5, picture.left:picture.left + SIZE, 0] == inner[5]).all()
         source = volume.slices[index].sop_instance_uid
-        assert [i.ReferencedSOPInstanceUID for i in sc.SourceImageSequence] == [source]
         assert [i.ReferencedSOPInstanceUID for i in sc.ReferencedImageSequence] == [source]
+        # The source's own numbers (instance numbers run backwards in this series) and table position.
+        header = volume.headers[index]
+        assert f"Series 3, image {header.InstanceNumber}, z = " in sc.ImageComments
+        assert f"intraparenchymal {({2: 0.95, 3: 0.85})[index]:.2f} (threshold 0.50)" in sc.ImageComments
     assert len({sc.SeriesInstanceUID for sc in scs}) == 1
 
 
-def test_negative_prediction_gives_no_captures(tmp_path):
+def test_negative_series_gets_a_summary_capture(tmp_path):
     volume = make_volume(tmp_path, n=4, size=SIZE)
-    assert build_secondary_captures(volume, make_prediction(4, size=SIZE)) == []
+    (summary,) = build_secondary_captures(volume, make_prediction(4, size=SIZE), analysed_at=WHEN)
+    assert "No intracranial hemorrhage detected" in summary.ImageComments
+    assert "NOT FOR DIAGNOSTIC USE" in summary.ImageComments and summary.InstanceNumber == 1
+    pixels = summary.pixel_array
+    assert not any(is_heat(p, cls) for p in pixels.reshape(-1, 3)[::7] for cls in ("intraparenchymal",))
+    # the summary exists with captures switched off too
+    assert len(build_secondary_captures(volume, make_prediction(4, size=SIZE), max_images=0)) == 1
+
+
+def test_source_line_and_edge_letters(positive):
+    volume, _ = positive
+    header = volume.headers[0]
+    z = float(header.ImagePositionPatient[2])
+    assert source_line(header) == f"Series 3, image {header.InstanceNumber}, z = {z:.1f} mm"
+    assert edge_letters(header) == Orientation(left="R", right="L", top="A", bottom="P")
 
 
 def test_cap_keeps_the_most_probable_slices(tmp_path):
     volume = make_volume(tmp_path, n=6, size=SIZE)
     # make_prediction lowers the probability along the list: slice 4 (0.95), 1 (0.85), 0 (0.75), ...
     prediction = make_prediction(6, {"subdural": [4, 1, 0, 5]}, size=SIZE)
-    scs = build_secondary_captures(volume, prediction, max_images=2)
+    scs = build_secondary_captures(volume, prediction, max_images=2)[1:]
     shown = [sc.ReferencedImageSequence[0].ReferencedSOPInstanceUID for sc in scs]
     # chosen by probability, ordered along the body
     assert shown == [volume.slices[i].sop_instance_uid for i in (1, 4)]
-    assert build_secondary_captures(volume, prediction, max_images=0) == []
+    assert len(build_secondary_captures(volume, prediction, max_images=0)) == 1  # the summary only
 
 
 def test_uids_are_deterministic(positive):
@@ -95,11 +134,11 @@ def test_uids_are_deterministic(positive):
 def test_captures_validate(tmp_path, sparse):
     volume = make_volume(tmp_path, n=4, size=SIZE, bleed_slices=(1,), sparse=sparse)
     prediction = make_prediction(4, {"subdural": [1], "subarachnoid": [1]}, size=SIZE)
-    (sc,) = build_secondary_captures(volume, prediction)
-    path = write(sc, tmp_path / "sc.dcm")
-    errors, warnings = dciodvfy(path)
-    print("\n".join(warnings))
-    assert not errors, "\n".join(errors)
+    for n, sc in enumerate(build_secondary_captures(volume, prediction)):
+        path = write(sc, tmp_path / f"sc{n}.dcm")
+        errors, warnings = dciodvfy(path)
+        print("\n".join(warnings))
+        assert not errors, "\n".join(errors)
     if sparse:
         again = reread(sc, tmp_path / "again.dcm")
         for keyword in SPARSE_DROPPED:
@@ -110,7 +149,7 @@ def test_slab_capture_references_all_slices_of_the_slab(tmp_path):
     volume = make_volume(tmp_path, n=6, size=SIZE, spacing_mm=2.5, bleed_slices=(3,))
     groups = [[0, 1], [2, 3, 4], [5]]
     prediction = make_prediction(3, {"intraventricular": [1]}, size=SIZE)
-    (sc,) = build_secondary_captures(volume, prediction, slice_groups=groups)
+    (_, sc) = build_secondary_captures(volume, prediction, slice_groups=groups)
     sources = [i.ReferencedSOPInstanceUID for i in sc.SourceImageSequence]
     assert sources == [volume.slices[i].sop_instance_uid for i in (2, 3, 4)]
     assert sc.ReferencedImageSequence[0].ReferencedSOPInstanceUID == volume.slices[3].sop_instance_uid
@@ -119,27 +158,36 @@ def test_slab_capture_references_all_slices_of_the_slab(tmp_path):
 def test_heatmap_of_another_size_is_resampled(tmp_path):
     volume = make_volume(tmp_path, n=3, size=SIZE)
     prediction = make_prediction(3, {"intraparenchymal": [1]}, size=SIZE // 2)  # model saw 64 x 64
-    (sc,) = build_secondary_captures(volume, prediction)
-    assert sc.pixel_array.shape == (SIZE, SIZE, 3)
-    assert is_red(sc.pixel_array[peak((SIZE, SIZE))])
+    (_, sc) = build_secondary_captures(volume, prediction, analysed_at=WHEN)
+    picture, _, _ = slice_picture(volume, prediction, 1, [1], WHEN)
+    assert sc.pixel_array.shape == picture.pixels.shape
+    r, c = peak((SIZE, SIZE))
+    assert is_heat(sc.pixel_array[picture.top + r, picture.left + c])
 
 
-def test_render_draws_every_class_and_the_warning():
+def test_render_draws_every_class_inside_and_all_text_outside_the_slice():
     hu = np.full((256, 256), 35.0, np.float32)
     yy, xx = np.mgrid[0:256, 0:256]
     left = np.exp(-((yy - 128) ** 2 + (xx - 70) ** 2) / 200.0)
     right = np.exp(-((yy - 128) ** 2 + (xx - 190) ** 2) / 200.0)
-    legend = [("any", 0.9), ("subdural", 0.8), ("epidural", 0.7)]
-    out = render(hu, {"subdural": left, "epidural": right}, legend, "title")
+    legend = [LegendLine("any", 0.9, 0.4), LegendLine("subdural", 0.8, 0.5), LegendLine("epidural", 0.7, 0.5)]
+    picture = render(hu, {"subdural": left, "epidural": right}, legend, ["Series 3, image 7, z = 12.5 mm"],
+                     Orientation("R", "L", "A", "P"), footer=["model 1.0"])
+    out, top, left_edge = picture.pixels, picture.top, picture.left
     grey = brain_window(hu)[0, 0]
     for (y, x), cls in (((128, 70), "subdural"), ((128, 190), "epidural")):
-        pixel = out[y, x].astype(int)
+        pixel = out[top + y, left_edge + x].astype(int)
         colour = np.asarray(CLASS_COLOURS[cls])
         assert np.abs(pixel - colour).sum() < np.abs(np.full(3, grey) - colour).sum() / 2, (cls, pixel)
-    assert np.array_equal(out[128, 128], np.full(3, grey))  # no heat, untouched
+    inside = out[top:top + 256, left_edge:left_edge + 256]
+    untouched = (np.hypot(yy - 128, xx - 70) > 40) & (np.hypot(yy - 128, xx - 190) > 40)
+    assert (inside[untouched] == grey).all()  # no text, legend or band over the slice
     bottom = out[-8:, :, :].reshape(-1, 3)
     assert (bottom[:, 0] > bottom[:, 1] + 50).mean() > 0.5  # the red warning band
-    assert (bottom.min(axis=1) > 200).any()  # with white text in it
+    assert out.shape[0] > 256 + 80 and out.shape[1] >= 256
+    # text in the bands: the header above, legend below, letters at the sides
+    assert (out[:top, :, :] > 200).any() and (out[top + 256:, :, :] > 200).any()
+    assert (out[top:top + 256, :left_edge] > 200).any() and (out[top:top + 256, left_edge + 256:] > 200).any()
 
 
 def test_patient_orientation_letters(positive):

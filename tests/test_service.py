@@ -76,17 +76,17 @@ def test_study_in_results_out_and_a_late_slice_gives_a_revised_sr(tmp_path: Path
             assert wait_until(lambda: node.db.get_series(uid).state == "delivered")
             first = pacs.objects(phantom.study_instance_uid)
             srs = [o for o in first if o.sop_class_uid == SR_CLASS]
-            assert len(srs) == 1 and len(first) == 1 + 3  # SR + max_secondary_captures Grad-CAM images
+            assert len(srs) == 1 and len(first) == 1 + 1 + 3  # SR + summary + max_secondary_captures Grad-CAM images
             series = node.db.get_series(uid)
             assert series.completion_rule == "quiet" and series.revision == 1
             analysis = node.db.latest_analysis(uid)
-            assert analysis.n_slices == N_SLICES - 1 and analysis.n_secondary_captures == 3
+            assert analysis.n_slices == N_SLICES - 1 and analysis.n_secondary_captures == 1 + 3
             assert analysis.sr_sop_instance_uid == srs[0].sop_instance_uid
             sr1 = pydicom.dcmread(srs[0].path)
             assert sr1.StudyInstanceUID == phantom.study_instance_uid
             assert "PredecessorDocumentsSequence" not in sr1
             result_files = sorted((tmp_path / "node" / "results" / uid / "r0").iterdir())
-            assert len(result_files) == 4
+            assert len(result_files) == 5  # SR, summary capture, 3 slice captures
 
             assert send_files([late_file], host="127.0.0.1", port=node.port, called_aet="IHD_AI",
                               calling_aet="PACS") == [0]

@@ -1,11 +1,14 @@
-"""Draw one secondary-capture picture: brain-window slice, Grad-CAM heat of each class, legend, warning.
+"""Draw one secondary-capture picture: the slice at full size, Grad-CAM heat of each present class, and
+around it (never over it) the source's series/image/table position, orientation letters, a legend with
+probability and threshold, the model and NOT FOR DIAGNOSTIC USE.
 
 Pure numpy + Pillow, so it can be looked at (and tested) without DICOM or torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,14 +17,22 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE, WINDOWS
 
-# One colour per class; distinct hues so several subtypes on one slice stay apart.
+# One colour per class from the Okabe-Ito palette, which stays distinct with red-green colour blindness.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
-    "any": (170, 120, 255),
-    "epidural": (230, 0, 230),
-    "intraparenchymal": (235, 20, 20),
-    "intraventricular": (0, 190, 255),
-    "subarachnoid": (0, 210, 90),
-    "subdural": (255, 225, 0),
+    "any": (204, 121, 167),  # reddish purple
+    "epidural": (213, 94, 0),  # vermillion
+    "intraparenchymal": (230, 159, 0),  # orange
+    "intraventricular": (86, 180, 233),  # sky blue
+    "subarachnoid": (0, 158, 115),  # bluish green
+    "subdural": (240, 228, 66),  # yellow
+}
+CLASS_LABELS: dict[str, str] = {
+    "any": "Intracranial hemorrhage",
+    "epidural": "Epidural hemorrhage",
+    "intraparenchymal": "Intraparenchymal hemorrhage",
+    "intraventricular": "Intraventricular hemorrhage",
+    "subarachnoid": "Subarachnoid hemorrhage",
+    "subdural": "Subdural hemorrhage",
 }
 HEAT_FLOOR = 0.3  # below this the map is noise; drawing it would tint the whole brain
 MAX_ALPHA = 0.65
@@ -96,45 +107,98 @@ def _fitting_size(draw: ImageDraw.ImageDraw, texts: list[str], size: int, max_wi
     return size
 
 
-def render(hu: np.ndarray, heatmaps: Mapping[str, np.ndarray], legend: list[tuple[str, float]],
-           title: str) -> np.ndarray:
-    """(rows, cols, 3) uint8: slice + heat + legend (class, probability) + NOT FOR DIAGNOSTIC USE.
+@dataclass(frozen=True)
+class Picture:
+    """A rendered capture: (H, W, 3) uint8 pixels, with the slice's pixel (r, c) at (top + r, left + c)."""
 
-    Legend classes whose heat is drawn get a colour swatch; the others (e.g. `any` next to its
-    subtypes) are listed with their probability only.
+    pixels: np.ndarray
+    top: int
+    left: int
+
+
+@dataclass(frozen=True)
+class LegendLine:
+    """One class in the legend: its probability and the threshold it was judged against."""
+
+    cls: str
+    probability: float
+    threshold: float
+
+    @property
+    def text(self) -> str:
+        return f"{CLASS_LABELS.get(self.cls, self.cls)} {self.probability:.2f} (threshold {self.threshold:.2f})"
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """Patient direction letters at the image's left, right, top and bottom edges ('' when unknown)."""
+
+    left: str = ""
+    right: str = ""
+    top: str = ""
+    bottom: str = ""
+
+
+def render(hu: np.ndarray, heatmaps: Mapping[str, np.ndarray], legend: Sequence[LegendLine],
+           header: Sequence[str], orientation: Orientation = Orientation(),
+           footer: Sequence[str] = ()) -> Picture:
+    """The slice at full size (rows, cols) framed by bands that carry all the text.
+
+    Image pixel (r, c) lands at (top + r, side + c); nothing is drawn inside that rectangle except the
+    heat. header: lines above the image (source series/image/position); legend: present classes with a
+    colour swatch when their heat is drawn; footer: extra lines below the legend (model, time);
+    NOT FOR DIAGNOSTIC USE closes the bottom band on red.
     """
     rows, cols = hu.shape
     rgb = blend_heatmaps(brain_window(hu), heatmaps)
-    image = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mode="RGB")
-    draw = ImageDraw.Draw(image, "RGBA")
-    base = max(9, min(rows, cols) // 32)  # 16 px on a 512 image
-    labels = [title] + [f"{c} {p:.2f}" for c, p in legend]
-    size = _fitting_size(draw, labels, base, int(cols * 0.9), extra=2 * base)
-    big_size = _fitting_size(draw, [NOT_FOR_DIAGNOSTIC_USE], max(10, int(size * 1.4)), int(cols * 0.95))
-    small, big = font(size), font(big_size)
-    pad = max(2, size // 3)
+    size = max(10, min(rows, cols) // 32)  # 16 px on a 512 image
+    fnt, big = font(size), font(max(11, int(size * 1.3)))
+    probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    pad = max(3, size // 3)
+    line_h = int(size * 1.4)
+    side = _text_box(probe, "W", fnt)[0] + 2 * pad  # room for one orientation letter
+    texts = list(header) + [line.text for line in legend] + list(footer) + [NOT_FOR_DIAGNOSTIC_USE]
+    # Wide enough for the longest text line (small images get a wider frame, never clipped text).
+    width = max(cols + 2 * side, max(_text_box(probe, t, big if t == NOT_FOR_DIAGNOSTIC_USE else fnt)[0]
+                                     for t in texts) + 2 * pad + size + pad)
+    side = (width - cols) // 2
+    width = cols + 2 * side
+    top = pad + line_h * len(header) + line_h  # header lines, then the top orientation letter
+    warn_h = _text_box(probe, NOT_FOR_DIAGNOSTIC_USE, big)[1] + 2 * pad
+    bottom = line_h + pad + line_h * (len(legend) + len(footer)) + pad + warn_h
+    image = Image.new("RGB", (width, top + rows + bottom), (0, 0, 0))
+    image.paste(Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mode="RGB"), (side, top))
+    draw = ImageDraw.Draw(image)
+    white, grey = (255, 255, 255), (200, 200, 200)
 
-    # Legend, top left, on a dark translucent panel so it reads over bone and heat alike.
-    lines = [(title, None)] + [(f"{cls} {p:.2f}", cls if cls in heatmaps else "") for cls, p in legend]
-    swatch = size
-    widths = [_text_box(draw, text, small)[0] + (0 if cls is None else swatch + pad) for text, cls in lines]
-    line_h = int(size * 1.35)
-    draw.rectangle([0, 0, min(cols - 1, max(widths) + 2 * pad), pad * 2 + line_h * len(lines)],
-                   fill=(0, 0, 0, 170))
     y = pad
-    for text, cls in lines:
-        x = pad
-        if cls is not None:  # class line: swatch when its heat is drawn, else an indent
-            if cls:
-                draw.rectangle([x, y + 1, x + swatch - 2, y + swatch - 1],
-                               fill=CLASS_COLOURS.get(cls, (255, 255, 255)))
-            x += swatch + pad
-        draw.text((x, y), text, font=small, fill=(255, 255, 255))
+    for text in header:
+        draw.text((pad, y), text, font=fnt, fill=white)
         y += line_h
 
-    # The warning, bottom centre, large, on a red band: it must survive any viewer's window settings.
-    w, h = _text_box(draw, NOT_FOR_DIAGNOSTIC_USE, big)
-    band_top = rows - h - 3 * pad
-    draw.rectangle([0, band_top, cols - 1, rows - 1], fill=(150, 0, 0, 200))
-    draw.text(((cols - w) // 2, band_top + pad), NOT_FOR_DIAGNOSTIC_USE, font=big, fill=(255, 255, 255))
-    return np.asarray(image, dtype=np.uint8).copy()
+    def letter(text: str, x: int, y: int) -> None:
+        if text:
+            w, h = _text_box(draw, text, fnt)
+            draw.text((x - w // 2, y - h // 2), text, font=fnt, fill=white)
+
+    letter(orientation.top, side + cols // 2, top - line_h // 2)
+    letter(orientation.bottom, side + cols // 2, top + rows + line_h // 2)
+    letter(orientation.left, side // 2, top + rows // 2)
+    letter(orientation.right, side + cols + side // 2, top + rows // 2)
+
+    y = top + rows + line_h + pad
+    for line in legend:
+        x = pad
+        if line.cls in heatmaps:
+            draw.rectangle([x, y + 1, x + size - 2, y + size - 1], fill=CLASS_COLOURS.get(line.cls, white))
+        draw.text((x + size + pad, y), line.text, font=fnt, fill=white)
+        y += line_h
+    for text in footer:
+        draw.text((pad, y), text, font=fnt, fill=grey)
+        y += line_h
+    # The warning on a red band: it must survive any viewer's window settings.
+    band_top = image.height - warn_h
+    draw.rectangle([0, band_top, width - 1, image.height - 1], fill=(150, 0, 0))
+    w, _ = _text_box(draw, NOT_FOR_DIAGNOSTIC_USE, big)
+    draw.text(((width - w) // 2, band_top + pad), NOT_FOR_DIAGNOSTIC_USE, font=big, fill=white)
+    return Picture(np.asarray(image, dtype=np.uint8).copy(), top, side)

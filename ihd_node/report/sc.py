@@ -1,12 +1,18 @@
-"""Grad-CAM secondary captures: one RGB image per positive slice, in their own series of the source study.
+"""Secondary captures, in their own series of the source study: what the ER doctor sees without an SR viewer.
 
-Each shows the brain-window slice at source resolution with the heatmaps of all classes positive on it
-(the paper's readers found single-class maps incomplete), a legend and a burned-in warning.
+Instance 1 is a summary capture for every analysed series, negatives included, so the doctor knows the
+study was read: the finding in words (or "No intracranial hemorrhage detected"), model and time, on the
+key slice (the most probable positive one; the middle slice when negative). Positive series add one
+capture per positive slice, highest probability first up to the cap, in body order, each with the heatmaps
+of all classes present on it (the paper's readers found single-class maps incomplete). The slice is shown
+at full size; the source's series number, image number and table position, orientation letters, legend
+(probability and threshold), model and NOT FOR DIAGNOSTIC USE lie in bands around it, never over it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import highdicom as hd
 import numpy as np
@@ -15,7 +21,7 @@ from pydicom.dataset import Dataset
 from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
 from ihd_node.dicom.volume import Volume
 from ihd_node.prediction import Prediction
-from ihd_node.report.overlay import render
+from ihd_node.report.overlay import LegendLine, Orientation, Picture, render
 from ihd_node.report.source import (
     MANUFACTURER,
     check_groups,
@@ -29,6 +35,7 @@ from ihd_node.report.sr import PRELIMINARY_LINE
 from ihd_node.report.uids import result_uid
 
 SC_SERIES_DESCRIPTION = f"ICH AI Grad-CAM - {NOT_FOR_DIAGNOSTIC_USE}"
+OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
 
 
 def patient_orientation(ds: Dataset) -> tuple[str, str]:
@@ -43,11 +50,64 @@ def patient_orientation(ds: Dataset) -> tuple[str, str]:
     return letter(iop[:3]), letter(iop[3:])
 
 
+def edge_letters(ds: Dataset) -> Orientation:
+    """Letters at the image edges: the row direction points to the right edge, the column one down."""
+    if "ImageOrientationPatient" not in ds:
+        return Orientation()
+    right, bottom = patient_orientation(ds)
+    return Orientation(left=OPPOSITE[right], right=right, top=OPPOSITE[bottom], bottom=bottom)
+
+
+def _number(value: object) -> str:
+    try:
+        number = float(str(value))
+    except (TypeError, ValueError):
+        return "?"
+    return str(int(number)) if number.is_integer() else f"{number:g}"
+
+
+def table_position(ds: Dataset) -> float | None:
+    """The slice's table position as viewers show it: SliceLocation, else ImagePositionPatient z."""
+    for value in (ds.get("SliceLocation"), (ds.get("ImagePositionPatient") or [None, None, None])[2]):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def source_line(ds: Dataset) -> str:
+    """'Series 3, image 22, z = 42.5 mm': the numbers a doctor pages to in the viewer."""
+    z = table_position(ds)
+    where = f", z = {z:.1f} mm" if z is not None else ""
+    return f"Series {_number(ds.get('SeriesNumber'))}, image {_number(ds.get('InstanceNumber'))}{where}"
+
+
 def shown_classes(prediction: Prediction, index: int) -> list[str]:
     """Classes to draw on one slice: the positive subtypes; `any` alone when no subtype is positive."""
     present = prediction.slice_positive_classes(index)
     subtypes = [c for c in SUBTYPES if c in present]
     return subtypes or [c for c in present if c == "any"]
+
+
+def finding_words(prediction: Prediction) -> str:
+    """The series' finding in a doctor's words: never the class name `any`."""
+    positive = prediction.positive_classes()
+    if not positive:
+        return "No intracranial hemorrhage detected"
+    subtypes = [c for c in positive if c != "any"]
+    named = ", ".join(f"{c} ({prediction.series_probability(c):.2f})" for c in subtypes)
+    if not named:
+        named = f"type not determined ({prediction.series_probability('any'):.2f})"
+    return f"Intracranial hemorrhage suspected: {named}"
+
+
+def _model_line(prediction: Prediction, analysed_at: datetime, heat: bool) -> str:
+    model = prediction.model
+    kinds = {"decision": "heat: Grad-CAM of the decision", "cnn": "heat: Grad-CAM of the slice CNN"}
+    what = kinds.get(prediction.explained, "") if heat else ""
+    return ", ".join(t for t in (f"{model.name} {model.version}", what,
+                                 analysed_at.strftime("%Y-%m-%d %H:%M %Z").strip()) if t)
 
 
 def _references(volume: Volume, originals: Sequence[int]) -> list[Dataset]:
@@ -62,24 +122,14 @@ def _references(volume: Volume, originals: Sequence[int]) -> list[Dataset]:
     return items
 
 
-def _one_capture(volume: Volume, prediction: Prediction, index: int, number: int, originals: list[int],
-                 revision: int, series_number: int) -> Dataset:
-    """The capture of model slice `index` (instance `number` + 1 of the SC series)."""
+def _capture(volume: Volume, prediction: Prediction, picture: np.ndarray, *, key: str, index: int,
+             number: int, originals: list[int], shown: int, revision: int, series_number: int,
+             description: str, comments: str) -> Dataset:
     model = prediction.model
-    shown = originals[len(originals) // 2]  # for a slab, the middle original slice carries the picture
-    probs = prediction.slice_probability_dict(index)
-    classes = shown_classes(prediction, index)
-    heat = {c: prediction.heatmaps[(index, c)] for c in classes if (index, c) in prediction.heatmaps}
-    legend = [("any", probs["any"])] + [(c, probs[c]) for c in classes if c != "any"]
-    title = f"ICH AI {model.name} {model.version} - image {shown + 1}/{volume.n_slices}"[:80]
-    if prediction.incomplete:  # burned in: a viewer may show nothing but the pixels
-        title = f"{PRELIMINARY_LINE} - {title}"
-    pixels = render(volume.hu[shown], heat, legend, title)
-
     ref = with_type2(volume.headers[shown])
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
-        pixel_array=pixels,
+        pixel_array=picture,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
@@ -87,9 +137,9 @@ def _one_capture(volume: Volume, prediction: Prediction, index: int, number: int
                                        0, revision),
         series_number=series_number,
         # Keyed by the model slice, so the capture of one slice keeps its UID whatever else is shown.
-        sop_instance_uid=result_uid(volume.series_instance_uid, model.name, model.version, "sc",
+        sop_instance_uid=result_uid(volume.series_instance_uid, model.name, model.version, key,
                                     index, revision),
-        instance_number=number + 1,
+        instance_number=number,
         manufacturer=MANUFACTURER,
         pixel_spacing=tuple(float(v) for v in volume.pixel_spacing),
         patient_orientation=patient_orientation(ref),
@@ -101,25 +151,85 @@ def _one_capture(volume: Volume, prediction: Prediction, index: int, number: int
     # A head is not a paired structure: saying so keeps Laterality (Type 2C) not required.
     sc.BodyPartExamined = "HEAD"
     sc.SeriesDescription = series_description(SC_SERIES_DESCRIPTION, revision)
-    sc.DerivationDescription = (f"Brain window (40/80) with Grad-CAM of {', '.join(classes) or 'none'} "
-                                f"from {model.name} {model.version}; {NOT_FOR_DIAGNOSTIC_USE}")[:1024]
-    sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. " + ", ".join(f"{c} {p:.2f}" for c, p in legend)
+    sc.DerivationDescription = f"{description}; {NOT_FOR_DIAGNOSTIC_USE}"[:1024]
+    sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. {comments}"[:9000]
     if prediction.incomplete:
-        sc.ImageComments = f"{PRELIMINARY_LINE}: {prediction.incomplete}"[:9000] + ". " + sc.ImageComments
+        sc.ImageComments = f"{PRELIMINARY_LINE}: {prediction.incomplete}"[:1000] + ". " + sc.ImageComments
     sc.SourceImageSequence = _references(volume, originals)
     sc.ReferencedImageSequence = _references(volume, [shown])
     set_character_set(sc, volume.headers[shown])
     return sc
 
 
+def slice_picture(volume: Volume, prediction: Prediction, index: int, originals: Sequence[int],
+                  analysed_at: datetime) -> tuple[Picture, list[LegendLine], list[str]]:
+    """The picture of model slice `index` with the heat of every class present on it (and its legend)."""
+    shown = originals[len(originals) // 2]  # for a slab, the middle original slice carries the picture
+    probs = prediction.slice_probability_dict(index)
+    classes = shown_classes(prediction, index)
+    heat = {c: prediction.heatmaps[(index, c)] for c in classes if (index, c) in prediction.heatmaps}
+    legend = [LegendLine(c, probs[c], prediction.threshold(c)) for c in (["any"] + [c for c in classes
+                                                                                    if c != "any"])]
+    footer = [_model_line(prediction, analysed_at, bool(heat))]
+    picture = render(volume.hu[shown], heat, legend, _preliminary(prediction) + [source_line(volume.headers[shown])],
+                     edge_letters(volume.headers[shown]), footer=footer)
+    return picture, legend, classes
+
+
+def _slice_capture(volume: Volume, prediction: Prediction, index: int, number: int, originals: list[int],
+                   revision: int, series_number: int, analysed_at: datetime) -> Dataset:
+    """The capture of model slice `index`: its heat for every class present on it."""
+    shown = originals[len(originals) // 2]
+    picture, legend, classes = slice_picture(volume, prediction, index, originals, analysed_at)
+    comments = source_line(volume.headers[shown]) + ". " + ", ".join(
+        f"{line.cls} {line.probability:.2f} (threshold {line.threshold:.2f})" for line in legend)
+    return _capture(volume, prediction, picture.pixels, key="sc", index=index, number=number,
+                    originals=originals, shown=shown, revision=revision, series_number=series_number,
+                    description=f"Brain window (40/80) with Grad-CAM of {', '.join(classes) or 'none'} from "
+                                f"{prediction.model.name} {prediction.model.version}", comments=comments)
+
+
+def _preliminary(prediction: Prediction) -> list[str]:
+    """Burned in above everything on a result of a possibly incomplete series: a viewer may show only pixels."""
+    return [PRELIMINARY_LINE] if prediction.incomplete else []
+
+
+def key_slice(prediction: Prediction) -> int:
+    """The summary's slice: the most probable positive one, the middle one of a negative series."""
+    chosen = positive_slices(prediction)
+    return chosen[0] if chosen else len(prediction.slice_probabilities) // 2
+
+
+def _summary_capture(volume: Volume, prediction: Prediction, groups: list[list[int]], revision: int,
+                     series_number: int, analysed_at: datetime) -> Dataset:
+    index = key_slice(prediction)
+    originals = groups[index]
+    shown = originals[len(originals) // 2]
+    present = prediction.positive_classes()
+    heat = {c: prediction.heatmaps[(index, c)] for c in shown_classes(prediction, index)
+            if (index, c) in prediction.heatmaps}
+    lines = [c for c in present if c != "any"] or ["any"]
+    legend = [LegendLine(c, prediction.series_probability(c), prediction.threshold(c)) for c in lines]
+    ds = volume.headers[shown]
+    header = [finding_words(prediction) + ".", f"{volume.n_slices} images analysed. Shown: {source_line(ds)}"]
+    picture = render(volume.hu[shown], heat, legend, _preliminary(prediction) + header, edge_letters(ds),
+                     footer=[_model_line(prediction, analysed_at, bool(heat))])
+    return _capture(volume, prediction, picture.pixels, key="sc-summary", index=0, number=1,
+                    originals=originals, shown=shown, revision=revision, series_number=series_number,
+                    description=f"Summary of {prediction.model.name} {prediction.model.version}: "
+                                f"{finding_words(prediction)}", comments=header[0] + " " + header[1])
+
+
 def build_secondary_captures(volume: Volume, prediction: Prediction, *, max_images: int = 16,
                              slice_groups: Sequence[Sequence[int]] | None = None, revision: int = 0,
-                             series_number: int = 9902) -> list[Dataset]:
-    """One SC per positive slice, highest `any` probability first, at most max_images; none when negative."""
+                             series_number: int = 9902, analysed_at: datetime | None = None) -> list[Dataset]:
+    """The summary capture, then one per positive slice (highest `any` probability first, at most
+    max_images, in body order)."""
     groups = check_groups(volume, prediction, slice_groups)
+    analysed_at = analysed_at or datetime.now(UTC)
     chosen = positive_slices(prediction)[:max(0, int(max_images))]
     # Instance order follows the body (slice order), so scrolling the SC series moves head-to-foot too.
     chosen.sort()
-    return [_one_capture(volume, prediction, index, number, groups[index], revision, series_number)
-            for number, index in enumerate(chosen)]
-
+    summary = _summary_capture(volume, prediction, groups, revision, series_number, analysed_at)
+    return [summary] + [_slice_capture(volume, prediction, index, number + 2, groups[index], revision,
+                                       series_number, analysed_at) for number, index in enumerate(chosen)]

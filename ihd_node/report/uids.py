@@ -14,6 +14,7 @@ ROLES: frozenset[str] = frozenset({
     "sr",  # the SR document instance
     "sr-series",  # the series holding the SR
     "sc",  # one secondary capture instance (index = position in the SC series)
+    "sc-summary",  # the summary capture of a series (one per series, negatives too)
     "sc-series",  # the series holding the secondary captures
     "tracking",  # tracking UID of one finding group in the SR (index = class index)
     "device",  # device observer UID (depends on the model only)

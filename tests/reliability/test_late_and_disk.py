@@ -34,7 +34,7 @@ def test_late_slices_give_a_revised_sr_and_a_new_capture_series(tmp_path: Path, 
     assert store(first, node.port) == [0x0000] * 10
     assert node.wait_state(study.series_uid, ("delivered",), 60) == "delivered", node.log()[-3000:]
     r0 = {o.sop_instance_uid: o for o in pacs.objects(study.study_uid)}
-    assert len(r0) == 4
+    assert len(r0) == 5  # SR, summary capture, 3 slice captures
 
     assert store(late, node.port) == [0x0000] * 2
     assert wait_until(lambda: node.query("SELECT count(*) FROM analyses")[0][0] == 2, 60), node.log()[-3000:]
@@ -48,7 +48,7 @@ def test_late_slices_give_a_revised_sr_and_a_new_capture_series(tmp_path: Path, 
     assert node.query("SELECT revision FROM series")[0][0] == 2
     # Nothing of the first result went out twice; the revision added its own SR and captures.
     objects = pacs.objects(study.study_uid)
-    assert objects[:4] == list(r0.values()) and len(objects) == 4 + 1 + found.revisions[2]["n_sc"]
+    assert objects[:5] == list(r0.values()) and len(objects) == 5 + 1 + found.revisions[2]["n_sc"]
 
     name, version = node.query("SELECT model_name, model_version FROM analyses LIMIT 1")[0]
     uid = lambda role, rev, index=0: result_uid(study.series_uid, name, version, role, index, rev)  # noqa: E731
@@ -69,7 +69,7 @@ def test_late_slices_give_a_revised_sr_and_a_new_capture_series(tmp_path: Path, 
     by_rev = {r: [pydicom.dcmread(o.path) for o in objects
                   if o.sop_class_uid == SC_CLASS and o.series_instance_uid == uid("sc-series", r)]
               for r in (0, 1)}
-    assert len(by_rev[0]) == 3 and len(by_rev[1]) == found.revisions[2]["n_sc"] > 0
+    assert len(by_rev[0]) == 4 and len(by_rev[1]) == found.revisions[2]["n_sc"] > 0  # summary + 3
     assert uid("sc-series", 0) != uid("sc-series", 1)
     assert all(o.series_instance_uid in (uid("sc-series", 0), uid("sc-series", 1))
                for o in objects if o.sop_class_uid == SC_CLASS)
@@ -129,7 +129,7 @@ def test_spool_removed_after_delivery_when_keep_time_passed(tmp_path: Path, pacs
     assert node.series_state(study.series_uid) == "delivered"
     assert len(instance_rows(node, study.series_uid)) == 11
     assert node.query("SELECT count(*) FROM analyses")[0][0] == 1
-    assert node.query("SELECT count(*) FROM deliveries WHERE status = 'sent'")[0][0] == 3
+    assert node.query("SELECT count(*) FROM deliveries WHERE status = 'sent'")[0][0] == 4  # SR, summary, 2 SCs
     results = node.state_dir / "results" / study.series_uid / "r0"
     assert len(list(results.glob("SR_*.dcm"))) == 1 and not list(results.glob("SC_*.dcm"))
     assert "retention.spool_removed" in node.log()
