@@ -384,6 +384,11 @@ class Destination(_Section):
         "series it holds, and wait while the node has fewer.",
     )
     tls: OutboundTLS = _f(OutboundTLS, "DICOM TLS to this destination.")
+    sr_class: Literal["comprehensive3d", "comprehensive", "enhanced"] = _f(
+        "comprehensive3d", "SR class offered first; when the destination does not accept it in association "
+        "negotiation, the next simpler one (comprehensive, then enhanced) is sent, and the log says which.",
+        "comprehensive3d",
+    )
 
     @field_validator("name")
     @classmethod

@@ -57,7 +57,8 @@ def test_capture_and_analyze_follow_the_rule(tmp_path):
     volume = make_volume(tmp_path, n=5)
     prediction = subtype_only_prediction()
     scs = build_secondary_captures(volume, prediction)
-    assert len(scs) == 1 and shown_classes(prediction, 2) == ["intraventricular"]
-    assert "intraventricular" in scs[0].ImageComments
+    assert len(scs) == 2 and shown_classes(prediction, 2) == ["intraventricular"]  # summary + one slice
+    assert "Intracranial hemorrhage suspected: intraventricular" in scs[0].ImageComments
+    assert "intraventricular" in scs[1].ImageComments
     summary = series_summary(SeriesAnalysis(volume, prediction, [[i] for i in range(5)]), 0.1)
     assert summary["positive"] == ["any", "intraventricular"]

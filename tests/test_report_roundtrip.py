@@ -98,7 +98,7 @@ def test_results_name_the_patient_as_the_source(roundtrip, key):
     assert roundtrip["states"][key] == "delivered", roundtrip["states"]
     source = pydicom.dcmread(roundtrip["sources"][key][0])
     results = roundtrip["results"][key]
-    assert {ds.Modality for ds in results} == {"SR", "OT"} and len(results) == 3
+    assert {ds.Modality for ds in results} == {"SR", "OT"} and len(results) == 4  # SR, summary, 2 slices
     for ds in results:
         assert str(ds.PatientName) == str(source.PatientName) == STUDIES[key][1]
         assert str(ds.ReferringPhysicianName) == STUDIES[key][1]

@@ -43,11 +43,13 @@ def content_items(ds, value_type: str) -> list:
 
 
 def finding_groups(sr) -> dict[str, object]:
-    """Measurement groups keyed by the finding code value."""
+    """The per-class (TID 1501, no region) measurement groups keyed by the finding code value."""
     groups = {}
     for item in content_items(sr, "CONTAINER"):
         if item.ConceptNameCodeSequence[0].CodeValue != "125007":  # Measurement Group
             continue
+        if any(c.ValueType == "SCOORD" for c in item.ContentSequence):
+            continue  # a region group (TID 1410)
         for child in item.ContentSequence:
             # 121071 = Finding
             if child.ValueType == "CODE" and child.ConceptNameCodeSequence[0].CodeValue == "121071":
@@ -111,7 +113,7 @@ def test_positive_sr_structure(positive, tmp_path):
                 for series in study.ReferencedSeriesSequence for r in series.ReferencedSOPSequence]
     assert sorted(evidence) == sorted(s.sop_instance_uid for s in volume.slices)
     texts = " ".join(t.TextValue for t in content_items(sr, "TEXT"))
-    assert "NOT FOR DIAGNOSTIC USE" in texts and "threshold=0.5000" in texts
+    assert "NOT FOR DIAGNOSTIC USE" in texts.upper() and "threshold=0.5000" in texts
     # Every group names where the finding lies: (363698007, SCT, "Finding Site") = intracranial structure.
     for group in groups.values():
         sites = [c.ConceptCodeSequence[0] for c in group.ContentSequence
@@ -133,7 +135,7 @@ def test_positive_sr_validates_and_renders(positive, tmp_path):
     assert re.search(r'"Cerebral hemorrhage"\)=\(52101004,SCT,"Present"\)', text), text
     assert re.search(r'"Intracranial hemorrhage"\)=\(52101004,SCT,"Present"\)', text), text
     assert re.search(r'"Subdural hemorrhage"\)=\(272519000,SCT,"Absent"\)', text), text
-    assert "intraparenchymal" in text and "NOT FOR DIAGNOSTIC USE" in text
+    assert "intraparenchymal" in text and "NOT FOR DIAGNOSTIC USE" in text.upper()
     assert "UNVERIFIED" in text
 
 
@@ -230,3 +232,56 @@ def test_values_highdicom_refuses_are_repaired(tmp_path):
     assert sr.PatientSex in (None, "") and sr.PatientBirthDate == "19700102"
     assert volume.headers[0].PatientSex == "U"
     check_dciodvfy(tmp_path / "sr.dcm")
+
+
+def region_groups(sr) -> list:
+    return [item for item in content_items(sr, "CONTAINER")
+            if item.ConceptNameCodeSequence[0].CodeValue == "125007"
+            and any(c.ValueType == "SCOORD" for c in item.ContentSequence)]
+
+
+def test_regions_outline_the_finding_on_its_key_slices(positive, tmp_path):
+    """One TID 1410 group per present finding and key slice: closed polyline around the heat, labelled."""
+    import numpy as np
+
+    from ihd_node.report.regions import region_mask
+
+    volume, prediction = positive
+    sr = reread(build_sr(volume, prediction), tmp_path / "sr.dcm")
+    regions = region_groups(sr)
+    assert len(regions) == 2  # intraparenchymal on slices 2 and 3; `any` is not drawn beside its subtype
+    size = volume.hu.shape[1]
+    for group, index, probability in zip(regions, (2, 3), (0.95, 0.85), strict=True):
+        items = {c.ConceptNameCodeSequence[0].CodeValue: c for c in group.ContentSequence}
+        assert items["112039"].TextValue == f"Intraparenchymal hemorrhage {probability:.2f}"  # tracking id
+        assert items["121071"].ConceptCodeSequence[0].CodeValue == FINDING_CODES["intraparenchymal"].value
+        (scoord,) = [c for c in group.ContentSequence if c.ValueType == "SCOORD"]
+        assert scoord.GraphicType == "POLYLINE"
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == volume.slices[index].sop_instance_uid
+        points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+        assert (points[0] == points[-1]).all() and 4 <= len(points) <= 65
+        inside = region_mask(points, (size, size))
+        heat = prediction.heatmaps[(index, "intraparenchymal")]
+        assert inside[int(0.45 * size), int(0.35 * size)]  # the blob's peak (row, column)
+        assert heat[inside].min() >= 0.4 and heat[~inside].max() <= 0.55  # the >= half-peak core
+        nums = [c for c in group.ContentSequence if c.ValueType == "NUM"]
+        assert float(nums[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(probability, abs=1e-5)
+    # The Image Library (TID 1600, 111028) lists every evaluated image.
+    (library,) = [c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    listed = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(library, "IMAGE")]
+    assert sorted(listed) == sorted(s.sop_instance_uid for s in volume.slices)
+
+
+def test_summary_in_a_doctors_words(positive):
+    from ihd_node.report.sr import summary_text
+
+    volume, prediction = positive
+    text = summary_text(volume, prediction)
+    # Instance numbers run backwards in this series: slices 2 and 3 are images 4 and 3; the bleed is drawn
+    # on the image's left, the patient's right.
+    assert text.startswith("Intracranial hemorrhage suspected: intraparenchymal (0.95), right hemisphere, "
+                           "images 3\u20134 of series 3. Not for diagnostic use."), text
+    assert "any" not in text.split()
+    negative = summary_text(volume, make_prediction(6))
+    assert negative.startswith("No intracranial hemorrhage detected. Not for diagnostic use.")

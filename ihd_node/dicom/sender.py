@@ -10,6 +10,9 @@ Delivery policy (ihd_node.db.classify_status books each answer; documented in th
   at the object and said no, and sending the same bytes again cannot change that, so there is no loop.
 - The destination accepts the association but not the object's SOP class: booked as 0x0122 (SOP class
   not supported), i.e. rejected; a result file that cannot be read: booked as 0x0110, rejected.
+- An SR is offered in the destination's `sr_class` and every simpler SR class in the same association;
+  it goes out as the best class the destination accepted (a re-labelled copy with its own UID), and the
+  log database records which.
 One association per destination carries all objects that are due for it.
 """
 
@@ -31,6 +34,7 @@ from pynetdicom.sop_class import Verification
 from ihd_node import faults, nodelog
 from ihd_node.config import Config
 from ihd_node.db import AttemptResult, Database, Delivery, utcnow
+from ihd_node.report.sr_classes import SR_CLASS_NAMES, SR_CLASSES, as_sr_class, sr_fallbacks
 
 NOT_SUPPORTED = 0x0122  # booked when the destination did not accept the SOP class's presentation context
 PROCESSING_FAILURE = 0x0110  # booked when a result file cannot be read
@@ -43,6 +47,8 @@ class SendResult:
     path: Path
     status: int | None
     detail: str
+    sent_as: str = ""  # for an SR sent as another class than its file's: that class's name
+    sent_uid: str = ""  # and the SOP Instance UID it went out with
 
 
 class NoAssociation(Exception):
@@ -118,20 +124,31 @@ def send_files(calling_aet: str, dest: object, paths: Sequence[Path],
             datasets.append((Path(path), pydicom.dcmread(path)))
         except Exception as exc:  # a damaged result file cannot become good by retrying
             add(SendResult(Path(path), PROCESSING_FAILURE, f"result file unreadable: {exc}"))
+    sr_offer = sr_fallbacks(str(getattr(dest, "sr_class", "comprehensive3d")))
     contexts: dict[str, list[str]] = {}
     for _, ds in datasets:
         own = str(ds.file_meta.TransferSyntaxUID)
-        contexts.setdefault(str(ds.SOPClassUID), [own] + [
-            t for t in (tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian) if t != own])
+        syntaxes = [own] + [t for t in (tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian) if t != own]
+        classes = [SR_CLASSES[c] for c in sr_offer] if str(ds.SOPClassUID) in SR_CLASSES.values() \
+            else [str(ds.SOPClassUID)]
+        for sop_class in classes:
+            contexts.setdefault(sop_class, syntaxes)
     if not datasets:
         return results
     assoc = _associate(calling_aet, dest, list(contexts.items()))
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         for path, ds in datasets:
+            sent_as = ""
+            if str(ds.SOPClassUID) in SR_CLASSES.values():
+                usable = [c for c in sr_offer if SR_CLASSES[c] in accepted]
+                if usable and SR_CLASSES[usable[0]] != str(ds.SOPClassUID):
+                    ds = as_sr_class(ds, usable[0])
+                    sent_as = usable[0]
             if str(ds.SOPClassUID) not in accepted:
-                add(SendResult(
-                    path, NOT_SUPPORTED, f"destination refused SOP class {ds.SOPClassUID} (nothing sent)"))
+                offered = ", ".join(SR_CLASS_NAMES[c] for c in sr_offer) \
+                    if str(ds.SOPClassUID) in SR_CLASSES.values() else str(ds.SOPClassUID)
+                add(SendResult(path, NOT_SUPPORTED, f"destination refused SOP class {offered} (nothing sent)"))
                 continue
             if not assoc.is_established:
                 add(SendResult(path, None, "association lost during the send"))
@@ -145,7 +162,8 @@ def send_files(calling_aet: str, dest: object, paths: Sequence[Path],
             if status == 0x0000:
                 faults.point("delivery.stored")
             add(SendResult(path, status, describe(status) if status is not None
-                           else "no response (timeout or connection lost)"))
+                           else "no response (timeout or connection lost)", sent_as=sent_as,
+                           sent_uid=str(ds.SOPInstanceUID) if sent_as else ""))
     finally:
         if assoc.is_established:
             assoc.release()
@@ -253,8 +271,8 @@ class Outbox:
     def _deliver_rows(self, name: str, rows: list[Delivery],
                       problems: list[tuple[Delivery, AttemptResult, str | None]]) -> None:
         def book_one(row: Delivery, status: int | None, error: str | None, seconds: float,
-                     now: datetime | None = None) -> None:
-            res = self._book(row, status, error, seconds, now)
+                     now: datetime | None = None, sent_as: str = "", sent_uid: str = "") -> None:
+            res = self._book(row, status, error, seconds, now, sent_as=sent_as, sent_uid=sent_uid)
             if res.delivery_status != "sent":
                 problems.append((row, res, error))
 
@@ -278,7 +296,8 @@ class Outbox:
             now = time.perf_counter()
             seconds, last = now - last, now
             booked.add(row.id)
-            book_one(row, result.status, None if result.status == 0 else result.detail, seconds)
+            book_one(row, result.status, None if result.status == 0 else result.detail, seconds,
+                     sent_as=result.sent_as, sent_uid=result.sent_uid)
 
         try:
             send_files(self.config.node.ae_title, dest, [Path(r.path) for r in rows], on_result=book)
@@ -313,10 +332,18 @@ class Outbox:
                 nodelog.warning(f"delivery.{outcome}", **fields)
 
     def _book(self, row: Delivery, status: int | None, error: str | None, seconds: float,
-              now: datetime | None = None) -> AttemptResult:
+              now: datetime | None = None, sent_as: str = "", sent_uid: str = "") -> AttemptResult:
         res = self.db.record_attempt(row.id, status=status, error=error, policy=self.config.delivery,
                                      seconds=seconds, now=now)
         faults.point("delivery.booked")
+        if sent_as:
+            # Which SR class this PACS got, in the log database: the object it holds has another class and UID.
+            series = self.db.get_series(res.series_instance_uid)
+            self.db.log_event("delivery", f"SR for {row.destination} sent as {SR_CLASS_NAMES[sent_as]} "
+                              f"(SOP Instance UID {sent_uid}; the destination did not accept the classes "
+                              f"before it), status {describe(status)}",
+                              series_instance_uid=res.series_instance_uid,
+                              study_instance_uid=series.study_instance_uid if series else None)
         fields = {"destination": row.destination, "sop": row.sop_instance_uid, "status": describe(status),
                   "attempt": row.attempts + 1, "outcome": res.delivery_status}
         if res.delivery_status == "sent":

@@ -1,9 +1,20 @@
-"""The AI result as a Comprehensive 3D SR with TID 1500 (Measurement Report) as root, as IHE AIR asks.
+"""The AI result as an SR with TID 1500 (Measurement Report) as root, as IHE AIR asks.
 
-One TID 1501 group per class (ICH and the five subtypes): tracking identifier, finding type, algorithm
-(TID 4019: name, version, threshold), Present/Absent, the probability, and the source images that carry
-the finding (for slabs, every original slice of the slab). Absent findings reference no images; all
-evaluated images are still listed as evidence (Current Requested Procedure Evidence Sequence).
+- A short summary in a doctor's words ("Intracranial hemorrhage suspected: subdural (0.97), right
+  convexity, images 14-19 of series 2. Not for diagnostic use.") as the first item of the Qualitative
+  Evaluations container.
+- An Image Library (TID 1600) listing every evaluated image.
+- For each present finding, one TID 1410 planar ROI group per key slice: a closed POLYLINE (SCOORD, image
+  coordinates) around where the decision heatmap places it (thresholded within the intracranial space),
+  the source image referenced, labelled "Subdural hemorrhage 0.97" (its tracking identifier), with the
+  slice's probability and Present. Viewers such as OHIF draw these over the CT.
+- One TID 1501 group per class (ICH and the five subtypes): tracking identifier, finding type, algorithm
+  (TID 4019: name, version, threshold), Present/Absent, the probability, and the source images that carry
+  the finding (for slabs, every original slice of the slab). Absent findings reference no images; all
+  evaluated images are still listed as evidence (Current Requested Procedure Evidence Sequence).
+
+With only 2D SCOORD regions the same content is valid as Comprehensive 3D SR (the default), Comprehensive
+SR and Enhanced SR; `as_sr_class` re-labels a built SR for a PACS that accepts only an older class.
 
 Codes (the README documents them):
 
@@ -27,12 +38,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from ihd_node.classes import CLASSES, NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.dicom.volume import Volume
 from ihd_node.prediction import Prediction
+from ihd_node.report.overlay import CLASS_LABELS
+from ihd_node.report.regions import largest_part, outline
 from ihd_node.report.source import (
     MANUFACTURER,
     check_groups,
@@ -41,6 +55,7 @@ from ihd_node.report.source import (
     set_character_set,
     with_type2,
 )
+from ihd_node.report.sr_classes import SR_CLASSES, as_sr_class
 from ihd_node.report.uids import result_uid
 
 PRIVATE_SCHEME = "99IHD"
@@ -64,6 +79,10 @@ QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Ev
 
 SR_SERIES_DESCRIPTION = f"ICH AI Results - {NOT_FOR_DIAGNOSTIC_USE}"
 PRELIMINARY_LINE = "PRELIMINARY - series may be incomplete"
+
+# Where a subtype lies, in the words of a report: extra-axial bleeds along the convexity, and so on.
+PLACE_WORDS = {"epidural": "convexity", "subdural": "convexity", "subarachnoid": "sulci",
+               "intraparenchymal": "hemisphere", "intraventricular": "ventricles", "any": ""}
 
 
 def _source_images(volume: Volume, prediction: Prediction, cls: str,
@@ -113,17 +132,77 @@ def _finding_group(volume: Volume, prediction: Prediction, cls: str, groups: lis
     )
 
 
-def summary_text(prediction: Prediction) -> str:
-    """One readable sentence for the report and for people who only see the text rendering."""
-    positive = prediction.positive_classes()
+def reported_classes(prediction: Prediction) -> list[str]:
+    """The present findings a doctor reads: the subtypes; `any` only when no subtype is present."""
+    present = prediction.positive_classes()
+    return [c for c in present if c != "any"] or [c for c in present if c == "any"]
+
+
+def _side(volume: Volume, index: int, heat: np.ndarray) -> str:
+    """'right' / 'left' / '' (midline or unknown) for the hot part of a heatmap, from the patient's side."""
+    hot = largest_part(heat >= 0.5 * float(heat.max())) if heat.max() > 0 else np.zeros_like(heat, bool)
+    if not hot.any():
+        return ""
+    head = np.nonzero((volume.hu[index] > -300).any(axis=0))[0]
+    if head.size == 0:
+        return ""
+    centre = (head.min() + head.max()) / 2
+    offset = (np.nonzero(hot)[1].mean() - centre) / max(1.0, head.max() - head.min())
+    iop = [float(v) for v in volume.headers[index].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    if abs(offset) < 0.05 or abs(iop[0]) < 0.5:
+        return ""
+    # +x is the patient's left; the row direction cosine says where +column points.
+    return "left" if offset * iop[0] > 0 else "right"
+
+
+def _place(volume: Volume, prediction: Prediction, cls: str, groups: list[list[int]]) -> str:
+    """'right convexity': the side of most key-slice maps and the subtype's usual place."""
+    sides = []
+    for (index, c), heat in prediction.heatmaps.items():
+        if c == cls:
+            shown = groups[index][len(groups[index]) // 2]
+            sides.append(_side(volume, shown, heat))
+    side = max(set(sides), key=sides.count) if sides else ""
+    if sides.count(side) <= len(sides) / 2 or cls == "intraventricular":
+        side = ""  # no clear side (or both), or a place that has none
+    return " ".join(w for w in (side, PLACE_WORDS.get(cls, "")) if w)
+
+
+def _image_range(volume: Volume, prediction: Prediction, classes: Sequence[str],
+                 groups: list[list[int]]) -> str:
+    """'images 14-19 of series 2', with the source's own instance numbers."""
+    originals = sorted({o for c in classes for m in prediction.positive_slices(c) for o in groups[m]})
+    numbers = []
+    for o in originals:
+        try:
+            numbers.append(int(volume.headers[o].InstanceNumber))
+        except (AttributeError, TypeError, ValueError):
+            continue
+    series = volume.headers[0].get("SeriesNumber", "")
+    where = f" of series {series}" if str(series).strip() else ""
+    if not numbers:
+        return ""
+    lo, hi = min(numbers), max(numbers)
+    return f"image {lo}{where}" if lo == hi else f"images {lo}\u2013{hi}{where}"
+
+
+def summary_text(volume: Volume, prediction: Prediction, groups: list[list[int]] | None = None) -> str:
+    """The report in one or two sentences a doctor reads first; never the class name "any"."""
+    groups = groups or [[i] for i in range(volume.n_slices)]
     model = prediction.model
-    if positive:
-        found = ", ".join(f"{c} ({prediction.series_probability(c):.2f})" for c in positive)
-        finding = f"Algorithm findings: {found}."
+    classes = reported_classes(prediction)
+    if not classes:
+        finding = "No intracranial hemorrhage detected."
     else:
-        finding = "No intracranial hemorrhage detected by the algorithm (all findings absent)."
-    text = (f"{NOT_FOR_DIAGNOSTIC_USE}. Research software output from {model.name} {model.version}, "
-            f"not verified by a physician. {finding}")
+        parts = []
+        for cls in classes:
+            name = "type not determined" if cls == "any" else cls
+            place = _place(volume, prediction, cls, groups)
+            parts.append(f"{name} ({prediction.series_probability(cls):.2f})" + (f", {place}" if place else ""))
+        images = _image_range(volume, prediction, classes, groups)
+        finding = f"Intracranial hemorrhage suspected: {'; '.join(parts)}" + (f", {images}" if images else "") + "."
+    text = (f"{finding} Not for diagnostic use. Research software output from {model.name} {model.version}, "
+            f"not verified by a physician.")
     if prediction.incomplete:
         text = f"{PRELIMINARY_LINE}: {prediction.incomplete}. {text}"
     if prediction.replaces_preliminary:
@@ -132,23 +211,69 @@ def summary_text(prediction: Prediction) -> str:
     return text
 
 
-def _note_container(prediction: Prediction) -> hd.sr.ContainerContentItem:
-    """TID 1500 'Qualitative Evaluations' container with the not-for-diagnostic-use statement."""
+def _note_container(volume: Volume, prediction: Prediction, groups: list[list[int]]) -> hd.sr.ContainerContentItem:
+    """TID 1500 'Qualitative Evaluations' container: the summary, which says not for diagnostic use."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     container.ContentSequence = [hd.sr.TextContentItem(
-        name=codes.DCM.Comment, value=summary_text(prediction),
+        name=codes.DCM.Comment, value=summary_text(volume, prediction, groups),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )]
     return container
 
 
+def region_label(cls: str, probability: float) -> str:
+    return f"{CLASS_LABELS[cls]} {probability:.2f}"
+
+
+def _region_groups(volume: Volume, prediction: Prediction, groups: list[list[int]],
+                   revision: int) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One planar ROI group per present finding and key slice (a slice with its decision heatmap)."""
+    model = prediction.model
+    out = []
+    for cls in reported_classes(prediction):
+        k = CLASSES.index(cls)
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=model.name, version=model.version,
+            parameters=[f"threshold={prediction.threshold(cls):.4f}", f"heatmap={prediction.explained or 'none'}"],
+        )
+        for index in sorted(i for (i, c) in prediction.heatmaps if c == cls):
+            points = outline(prediction.heatmaps[(index, cls)])
+            if points is None:
+                continue  # no heat inside the skull on this slice: nothing to outline
+            shown = groups[index][len(groups[index]) // 2]  # a slab's middle slice, as on the capture
+            s = volume.slices[shown]
+            probability = float(prediction.slice_probabilities[index, k])
+            region = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
+                source_image=hd.sr.SourceImageForRegion(
+                    s.sop_class_uid, s.sop_instance_uid,
+                    referenced_frame_numbers=None if s.frame_number is None else [s.frame_number]),
+            )
+            out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=result_uid(volume.series_instance_uid, model.name, model.version, "region",
+                                   k * 100000 + index, revision),
+                    identifier=region_label(cls, probability)),
+                referenced_region=region,
+                finding_type=FINDING_CODES[cls],
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(anatomic_location=FINDING_SITE)],
+                measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=round(probability, 6),
+                                                unit=PROBABILITY_UNIT)],
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=FINDING_CODES[cls], value=PRESENT)],
+            ))
+    return out
+
+
 def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 9901, instance_number: int = 1,
              revision: int = 0, predecessor: Dataset | None = None,
              slice_groups: Sequence[Sequence[int]] | None = None, institution_name: str | None = None,
-             institutional_department_name: str | None = None) -> Dataset:
+             institutional_department_name: str | None = None, sr_class: str = "comprehensive3d") -> Dataset:
     """The SR for one analysed series, in the source study, in its own (deterministic) series."""
+    if sr_class not in SR_CLASSES:
+        raise ValueError(f"unknown SR class {sr_class!r}; use one of {', '.join(SR_CLASSES)}")
     groups = check_groups(volume, prediction, slice_groups)
     model = prediction.model
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -163,9 +288,11 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=PROCEDURE_REPORTED,
-        imaging_measurements=[_finding_group(volume, prediction, cls, groups, revision) for cls in CLASSES],
+        imaging_measurements=[*_region_groups(volume, prediction, groups, revision),
+                              *[_finding_group(volume, prediction, cls, groups, revision) for cls in CLASSES]],
+        referenced_images=volume.headers,  # TID 1600 Image Library: what a viewer loads for the regions
     )
-    report[0].ContentSequence.append(_note_container(prediction))
+    report[0].ContentSequence.append(_note_container(volume, prediction, groups))
 
     evidence = [with_type2(volume.headers[0]), *volume.headers[1:]]
     uid = result_uid(volume.series_instance_uid, model.name, model.version, "sr", 0, revision)
@@ -189,7 +316,7 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
     sr.SeriesDescription = series_description(SR_SERIES_DESCRIPTION, revision)
     sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     set_character_set(sr, volume.headers[0])
-    return sr
+    return as_sr_class(sr, sr_class) if sr_class != "comprehensive3d" else sr
 
 
 def _private_scheme() -> Dataset:

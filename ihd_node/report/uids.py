@@ -16,6 +16,7 @@ ROLES: frozenset[str] = frozenset({
     "sc",  # one secondary capture instance (index = position in the SC series)
     "sc-summary",  # the summary capture of a series (one per series, negatives too)
     "sc-series",  # the series holding the secondary captures
+    "region",  # tracking UID of one region group in the SR (index = class index * 100000 + model slice)
     "tracking",  # tracking UID of one finding group in the SR (index = class index)
     "device",  # device observer UID (depends on the model only)
 })

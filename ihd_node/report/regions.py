@@ -1,0 +1,121 @@
+"""Where the model places a finding on a slice, as a closed outline in image coordinates.
+
+The decision heatmap (already cut to the intracranial space) is thresholded; its largest connected part is
+traced along pixel edges (so the outline encloses exactly those pixels), simplified to a few dozen
+vertices, and written as (column, row) points with the DICOM convention that (0, 0) is the top-left
+corner of the top-left pixel. Pure numpy + scipy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+REGION_LEVEL = 0.5  # of the map's peak: the core the model looks at, not its faint surroundings
+MAX_VERTICES = 64
+
+
+def largest_part(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def _trace(mask: np.ndarray) -> np.ndarray:
+    """The outer boundary of one 4-connected blob as pixel-corner points (x=column, y=row), closed.
+
+    Walks the directed edges between blob pixels and the outside, keeping the blob on the right hand.
+    """
+    padded = np.pad(mask, 1)
+    rows, cols = np.nonzero(padded)
+    # Edges as (start corner, end corner), corners in padded (x, y); the blob lies to the right.
+    nxt: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        if not padded[r - 1, c]:
+            nxt.setdefault((c, r), []).append((c + 1, r))  # top edge, left to right
+        if not padded[r, c + 1]:
+            nxt.setdefault((c + 1, r), []).append((c + 1, r + 1))  # right edge, downwards
+        if not padded[r + 1, c]:
+            nxt.setdefault((c + 1, r + 1), []).append((c, r + 1))  # bottom edge, right to left
+        if not padded[r, c - 1]:
+            nxt.setdefault((c, r + 1), []).append((c, r))  # left edge, upwards
+    # The top-left corner of the topmost, leftmost pixel lies on the outer boundary.
+    start = (int(cols[np.lexsort((cols, rows))][0]), int(rows.min()))
+    path = [start]
+    current, previous_dir = start, (1, 0)
+    for _ in range(4 * mask.size + 4):
+        options = nxt[current]
+        if len(options) == 1:
+            target = options[0]
+        else:  # a pinch point: turn right first, so the outer boundary stays outer
+            def turn(p: tuple[int, int], d=previous_dir, cur=current) -> int:
+                step = (p[0] - cur[0], p[1] - cur[1])
+                cross = d[0] * step[1] - d[1] * step[0]
+                return 0 if cross > 0 else 1 if cross == 0 else 2
+            target = min(options, key=turn)
+        options.remove(target)
+        previous_dir = (target[0] - current[0], target[1] - current[1])
+        current = target
+        path.append(current)
+        if current == start:
+            break
+    points = np.asarray(path, dtype=np.float64) - 1.0  # undo the padding
+    return _drop_collinear(points)
+
+
+def _drop_collinear(points: np.ndarray) -> np.ndarray:
+    """Keep only the corners of a closed staircase path (first == last)."""
+    keep = [0]
+    for i in range(1, len(points) - 1):
+        a, b, c = points[i - 1], points[i], points[i + 1]
+        if (b[0] - a[0]) * (c[1] - b[1]) - (b[1] - a[1]) * (c[0] - b[0]) != 0:
+            keep.append(i)
+    keep.append(len(points) - 1)
+    return points[keep]
+
+
+def _simplify(points: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker on an open path (the closed outline is split at its first point)."""
+    if len(points) <= 2:
+        return points
+    start, end = points[0], points[-1]
+    seg = end - start
+    length = float(np.hypot(*seg))
+    rel = points - start
+    if length == 0:
+        dist = np.hypot(rel[:, 0], rel[:, 1])
+    else:
+        dist = np.abs(seg[0] * rel[:, 1] - seg[1] * rel[:, 0]) / length
+    k = int(np.argmax(dist))
+    if dist[k] <= tolerance:
+        return np.vstack([start, end])
+    return np.vstack([_simplify(points[:k + 1], tolerance)[:-1], _simplify(points[k:], tolerance)])
+
+
+def outline(heatmap: np.ndarray, level: float = REGION_LEVEL) -> np.ndarray | None:
+    """Closed polyline (n, 2) of (column, row) around the hottest part of a heatmap, or None when empty."""
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2 or not np.isfinite(heat).all() or heat.max() <= 0:
+        return None
+    blob = largest_part(heat >= level * float(heat.max()))
+    if blob.sum() < 2:
+        return None
+    points = _trace(blob)
+    tolerance = 0.5
+    simple = _simplify(points, tolerance)
+    while len(simple) > MAX_VERTICES:
+        tolerance *= 1.5
+        simple = _simplify(points, tolerance)
+    return simple.astype(np.float32)
+
+
+def region_mask(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre lies inside a closed polyline: to check an outline against its heatmap."""
+    from PIL import Image, ImageDraw
+
+    # PIL's polygon fill uses pixel centres at integer coordinates: shift by half a pixel.
+    image = Image.new("1", (shape[1], shape[0]), 0)
+    ImageDraw.Draw(image).polygon([(float(x) - 0.5, float(y) - 0.5) for x, y in points], fill=1)
+    return np.asarray(image, dtype=bool)
