@@ -265,8 +265,9 @@ def test_regions_outline_the_finding_on_its_key_slices(positive, tmp_path):
         heat = prediction.heatmaps[(index, "intraparenchymal")]
         assert inside[int(0.45 * size), int(0.35 * size)]  # the blob's peak (row, column)
         assert heat[inside].min() >= 0.4 and heat[~inside].max() <= 0.55  # the >= half-peak core
-        nums = [c for c in group.ContentSequence if c.ValueType == "NUM"]
-        assert float(nums[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(probability, abs=1e-5)
+        (num,) = [c for c in group.ContentSequence if c.ValueType == "NUM"]  # named by the finding
+        assert num.ConceptNameCodeSequence[0].CodeMeaning == "Cerebral hemorrhage"
+        assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(probability, abs=1e-5)
     # The Image Library (TID 1600, 111028) lists every evaluated image.
     (library,) = [c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "111028"]
     listed = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(library, "IMAGE")]
@@ -281,7 +282,7 @@ def test_summary_in_a_doctors_words(positive):
     # Instance numbers run backwards in this series: slices 2 and 3 are images 4 and 3; the bleed is drawn
     # on the image's left, the patient's right.
     assert text.startswith("Intracranial hemorrhage suspected: intraparenchymal (0.95), right hemisphere, "
-                           "images 3\u20134 of series 3. Not for diagnostic use."), text
+                           "images 3-4 of series 3. Not for diagnostic use."), text
     assert "any" not in text.split()
     negative = summary_text(volume, make_prediction(6))
     assert negative.startswith("No intracranial hemorrhage detected. Not for diagnostic use.")

@@ -183,7 +183,7 @@ def _image_range(volume: Volume, prediction: Prediction, classes: Sequence[str],
     if not numbers:
         return ""
     lo, hi = min(numbers), max(numbers)
-    return f"image {lo}{where}" if lo == hi else f"images {lo}\u2013{hi}{where}"
+    return f"image {lo}{where}" if lo == hi else f"images {lo}-{hi}{where}"
 
 
 def summary_text(volume: Volume, prediction: Prediction, groups: list[list[int]] | None = None) -> str:
@@ -259,8 +259,9 @@ def _region_groups(volume: Volume, prediction: Prediction, groups: list[list[int
                 referenced_region=region,
                 finding_type=FINDING_CODES[cls],
                 algorithm_id=algorithm,
-                finding_sites=[hd.sr.FindingSite(anatomic_location=FINDING_SITE)],
-                measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=round(probability, 6),
+                # The slice's probability, named by the finding: viewers print a NUM's name beside its value
+                # next to the outline (OHIF: "Subdural hemorrhage: 0.97 {probability}").
+                measurements=[hd.sr.Measurement(name=FINDING_CODES[cls], value=round(probability, 6),
                                                 unit=PROBABILITY_UNIT)],
                 qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=FINDING_CODES[cls], value=PRESENT)],
             ))
@@ -292,6 +293,7 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
                               *[_finding_group(volume, prediction, cls, groups, revision) for cls in CLASSES]],
         referenced_images=volume.headers,  # TID 1600 Image Library: what a viewer loads for the regions
     )
+    _move_class_groups_to_derived(report[0])
     report[0].ContentSequence.append(_note_container(volume, prediction, groups))
 
     evidence = [with_type2(volume.headers[0]), *volume.headers[1:]]
@@ -317,6 +319,29 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
     sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     set_character_set(sr, volume.headers[0])
     return as_sr_class(sr, sr_class) if sr_class != "comprehensive3d" else sr
+
+
+def _move_class_groups_to_derived(root: Dataset) -> None:
+    """Per-class groups (no region) go into TID 1500's Derived Imaging Measurements container (row 10).
+
+    They are derived from the slices' outputs (series probability = max over slices). Imaging Measurements
+    keeps the regions only, and is left out when there is none: viewers that attach every group there to
+    an image (OHIF fails on a group without spatial coordinates: the 'black viewport') show the regions.
+    """
+    items = list(root.ContentSequence)
+    position, imaging = next((k, item) for k, item in enumerate(items)
+                             if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+    groups = list(imaging.ContentSequence)
+    regions = [g for g in groups if any(c.ValueType == "SCOORD" for c in g.ContentSequence)]
+    derived = hd.sr.ContainerContentItem(name=codes.DCM.DerivedImagingMeasurements,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    derived.ContentSequence = [g for g in groups if g not in regions]
+    if regions:
+        imaging.ContentSequence = regions
+        items.insert(position + 1, derived)
+    else:
+        items[position] = derived
+    root.ContentSequence = items
 
 
 def _private_scheme() -> Dataset:
