@@ -248,7 +248,8 @@ def test_preliminary_sr_and_captures_say_so_and_stay_valid(tmp_path: Path) -> No
     prediction = dataclasses.replace(make_prediction(6, {"intraparenchymal": [2, 3]}), incomplete=why)
     objects = build_results(volume, prediction, max_secondary_captures=2)
     assert objects.sr.CompletionFlag == "PARTIAL"
-    assert summary(objects.sr).startswith(f"PRELIMINARY - series may be incomplete: {why}. NOT FOR DIAGNOSTIC")
+    assert summary(objects.sr).startswith(f"PRELIMINARY - series may be incomplete: {why}. Intracranial hemorrhage")
+    assert "not for diagnostic use" in summary(objects.sr).lower()
     assert objects.secondary_captures
     for k, ds in enumerate(objects.all()):
         path = tmp_path / f"{k}.dcm"
@@ -259,5 +260,7 @@ def test_preliminary_sr_and_captures_say_so_and_stay_valid(tmp_path: Path) -> No
         assert str(sc.ImageComments).startswith(f"PRELIMINARY - series may be incomplete: {why}")
     complete = build_results(volume, make_prediction(6, {"intraparenchymal": [2, 3]}))
     assert complete.sr.CompletionFlag == "COMPLETE" and "PRELIMINARY" not in summary(complete.sr)
-    # Burned in: the capture's pixels differ from the complete result's (the legend title says PRELIMINARY).
-    assert (objects.secondary_captures[0].pixel_array != complete.secondary_captures[0].pixel_array).any()
+    # Burned in: the capture's pixels differ from the complete result's (a PRELIMINARY line heads the text).
+    for prelim, final in zip(objects.secondary_captures, complete.secondary_captures, strict=True):
+        a, b = prelim.pixel_array, final.pixel_array
+        assert a.shape != b.shape or (a != b).any()
