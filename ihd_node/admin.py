@@ -334,10 +334,35 @@ def status_command(args: Any) -> int:
     db = _open(args.config)
     try:
         data = status_data(db)
+        data.update(_cluster_data(args.config, db))
     finally:
         db.close()
-    print(json.dumps(data, indent=2) if args.json else format_status(data))
+    print(json.dumps(data, indent=2) if args.json else format_status(data) + format_cluster(data))
     return 0
+
+
+def _cluster_data(config_path: str, db: Database) -> dict[str, Any]:
+    """A multi-machine node (roles in separate processes): its members, queue and throughput; {} otherwise."""
+    from ihd_node.cluster import cluster_view
+
+    view = cluster_view(db)
+    return {"cluster": view} if view else {}
+
+
+def format_cluster(data: dict[str, Any]) -> str:
+    view = data.get("cluster")
+    if not view:
+        return ""
+    queue = ", ".join(f"{k} {v}" for k, v in view["queue"].items()) or "-"
+    lines = ["", f"Cluster: analysis jobs waiting by priority: {queue}"]
+    for m in view["members"]:
+        state = "alive" if m["alive"] else f"SILENT for {m['seconds_since_heartbeat']:.0f} s"
+        rate = "" if m["jobs_per_minute"] is None else (
+            f", {m['jobs_done']} jobs, {m['jobs_per_minute']:.2f}/min"
+            + (f", {m['seconds_per_job']:.2f} s/job" if m["seconds_per_job"] else ""))
+        device = f" on {m['device']}" if m["device"] else ""
+        lines.append(f"  {m['member']:<40} {m['roles']:<16} {state}{device}{rate}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- log
@@ -484,9 +509,10 @@ def log_command(args: Any) -> int:
     db = _open(args.config)
     try:
         data = log_data(db, since)
+        data.update(_cluster_data(args.config, db))
     finally:
         db.close()
-    print(json.dumps(data, indent=2) if args.json else format_log(data))
+    print(json.dumps(data, indent=2) if args.json else format_log(data) + format_cluster(data))
     return 0
 
 

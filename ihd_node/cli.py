@@ -18,6 +18,7 @@ CONFIG_HELP = "path of the node's config file (e.g. /etc/ihd-node/config.yaml)"
 # subcommand -> "module:function"; each function takes the parsed args and returns an exit code.
 HANDLERS = {
     "serve": "ihd_node.service:serve_command",
+    "worker": "ihd_node.service:worker_command",
     "analyze": "ihd_node.analyze:analyze_command",
     "demo": "ihd_node.demo:demo_command",
     "phantom": "ihd_node.phantom:phantom_command",
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the DICOM node (receive, analyze, send results)")
     p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--roles", help="PostgreSQL only: run just these roles of a multi-machine node, e.g. "
+                   "receive,deliver (analysis then runs in `ihd-node worker` processes)")
+
+    p = sub.add_parser("worker", help="run analysis jobs from the queue of a multi-machine node (PostgreSQL)")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--device", help="torch device for this worker, e.g. cuda:1 (default: model.device)")
 
     p = sub.add_parser("analyze", help="analyze DICOM files or folders offline")
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (searched recursively)")

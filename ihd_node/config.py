@@ -467,6 +467,25 @@ class DeliveryConfig(_Section):
         return min(self.retry_initial_seconds * 2.0 ** max(attempts - 1, 0), self.retry_max_seconds)
 
 
+class ClusterConfig(_Section):
+    stat_priorities: list[str] = _f(
+        list,
+        "Values of the source's Requested Procedure Priority (0040,1003) that make a series' analysis job "
+        "STAT (run before normal jobs). Empty: none. Used when roles run in separate processes.",
+        ["STAT"],
+    )
+    stat_accession_patterns: list[Regex] = _f(
+        list, "Regular expressions; an AccessionNumber matching one makes the job STAT.", ["^ER"]
+    )
+    stalled_seconds: Num = _f(
+        30.0,
+        "A worker silent this long is taken for dead: its job is run again by another worker. At least "
+        "3 x node.heartbeat_seconds + 2 is used.",
+        30,
+        gt=0,
+    )
+
+
 class RetentionConfig(_Section):
     spool_keep_hours: Num = _f(
         24.0,
@@ -618,6 +637,7 @@ class Config(_Section):
     alerts: AlertsConfig = _f(AlertsConfig, "Notifications of positive findings.")
     web: WebConfig = _f(WebConfig, "The web console, /healthz and /metrics.")
     retention: RetentionConfig = _f(RetentionConfig, "Spool clean-up.")
+    cluster: ClusterConfig = _f(ClusterConfig, "Job priorities and heartbeats of a multi-machine node.")
     logging: LoggingConfig = _f(LoggingConfig, "Log output.")
 
     _source: Path | None = PrivateAttr(default=None)  # the file it was read from, for messages

@@ -84,6 +84,10 @@ class DatabaseError(UserError):
     """The database cannot be opened or has an unexpected schema."""
 
 
+class Superseded(Exception):
+    """finish_analysis(expect_started=...) of an analysis whose series another worker has taken over."""
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -340,6 +344,11 @@ class NodeRun(Base):
     heartbeat_seconds: Mapped[float] = mapped_column(Float)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     stop_reason: Mapped[str | None] = mapped_column(Text)
+    # Multi-machine mode (ihd_node.cluster): what this process runs, and its analysis throughput.
+    roles: Mapped[str | None] = mapped_column(String(64))  # receive,deliver / analyse; None: all in one
+    device: Mapped[str | None] = mapped_column(String(32))  # workers: the torch device
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    busy_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
     def alive(self, now: datetime) -> bool:
         """Not stopped, and a heartbeat within three periods (one missed beat is not yet death)."""
@@ -933,6 +942,7 @@ class Database:
         timings: Mapping[str, float] | None = None,
         started: datetime | None = None,
         now: datetime | None = None,
+        expect_started: datetime | None = None,
     ) -> Analysis:
         """Record an analysis and enqueue its objects for every destination in ONE transaction.
 
@@ -940,7 +950,11 @@ class Database:
         the commit leaves the series "analyzing", which a restart analyzes again (same deterministic UIDs).
         Older pending deliveries of the series are cancelled (a revised SR replaces them). If a late instance
         reopened the series during the analysis, it stays "received" (these results still go out; the next
-        analysis supersedes them)."""
+        analysis supersedes them).
+
+        expect_started (multi-machine workers): record it only if the series is still this analysis' - state
+        analyzing (or reopened) with analysis_started unchanged - else raise Superseded: a worker thought
+        dead has finished after another took its series over, and must not add a second revision."""
         now = now or utcnow()
         missing = set(CLASSES) - set(probabilities)
         if missing:
@@ -948,6 +962,11 @@ class Database:
         timings = dict(timings or {})
         with self.session() as s:
             series = s.scalars(select(Series).where(Series.series_instance_uid == series_instance_uid)).one()
+            if expect_started is not None and (
+                series.state not in ("analyzing", "received") or series.analysis_started != expect_started
+            ):
+                raise Superseded(f"series {series_instance_uid} is {series.state}, analysis started "
+                                 f"{series.analysis_started}, not {expect_started}")
             series.revision += 1
             analysis = Analysis(
                 series=series,

@@ -9,6 +9,9 @@ Threads (one job each, all state in the database so a restart resumes):
   writes the result files and records analysis + outbox rows in one transaction;
 - delivery: sends due outbox rows (ihd_node.dicom.sender.Outbox);
 - alerts (when alerts.channels is set): announces positive findings (ihd_node.alerts.AlertOutbox).
+With PostgreSQL the same stages run as roles in separate processes (`serve --roles receive,deliver`,
+`ihd-node worker`): the in-memory queue becomes the job queue of ihd_node.cluster, the inference thread a
+queue worker, and delivery (with alerts) runs in one deliverer at a time.
 Result files lie under <storage>/results/<SeriesUID>/r<revision>/{SR,SC}_<SOPInstanceUID>.dcm;
 revision 0 is the first analysis of a series, each re-analysis (late instances) adds one.
 """
@@ -24,6 +27,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ from ihd_node.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomi
 
 RETENTION_EVERY_SECONDS = 60.0
 STOP_JOIN_SECONDS = 60.0  # lets a running analysis finish, within systemd's default TimeoutStopSec (90 s)
+ROLES = ("receive", "deliver", "analyse")
 
 
 def server_ssl_context(tls: Any) -> ssl.SSLContext | None:
@@ -71,9 +76,18 @@ class Node:
     `predict(hu, explain, max_cam_slices) -> Prediction` and `identity`.
     """
 
-    def __init__(self, config: Config, *, predictor: Any | None = None) -> None:
+    def __init__(self, config: Config, *, predictor: Any | None = None,
+                 roles: Sequence[str] | None = None) -> None:
         self.config = config
         self.predictor = predictor
+        # roles=None: the whole node in this process with its in-memory queue (any database). Named roles: a
+        # member of a multi-machine node sharing PostgreSQL and the job queue with the others.
+        unknown = set(roles or ()) - set(ROLES)
+        if unknown:
+            raise UserError(f"unknown role(s) {', '.join(sorted(unknown))}; roles are {', '.join(ROLES)}")
+        self.roles = tuple(r for r in ROLES if roles is None or r in roles)
+        self.clustered = roles is not None
+        self.jobs: Any | None = None  # cluster.JobQueue when clustered and receiving
         self.db: Database | None = None
         self.spool: Spool | None = None
         self.receiver: Receiver | None = None
@@ -112,6 +126,9 @@ class Node:
             raise UserError(f"storage.dir {storage} cannot be used: {exc.strerror or exc} ({exc.filename}); "
                             "create it for the ihd-node user or choose another storage.dir") from None
         self.spool = Spool(cfg.storage.spool_dir)
+        if self.clustered and cfg.database_url.startswith("sqlite"):
+            raise UserError("roles in separate processes share PostgreSQL and its job queue: set database.url to "
+                            "postgresql+psycopg://user:password@host/dbname, or run plain `ihd-node serve`")
         self.db = open_database(cfg.database_url)
         self._run = self.db.start_run(host=socket.gethostname(), pid=os.getpid(), version=__version__,
                                       heartbeat_seconds=cfg.node.heartbeat_seconds)
@@ -119,25 +136,37 @@ class Node:
         self._spawn("heartbeat", self._heartbeat)
         if cfg.series.selection == "best_per_study":
             self._choice = StudyChoice(self.db, cfg.series, self._enqueue, self._is_queued)
-        self.recover()
+        if self.clustered:
+            self._join_cluster()
+        if "receive" in self.roles:
+            self.recover()
 
-        self._spawn("inference", self._worker)
-        self._model_ready.wait()
-        if self._model_error is not None:
-            err = self._model_error
-            error = err if isinstance(err, UserError) else UserError(
-                f"the model could not be loaded ({type(err).__name__}: {err}); check model.checkpoint "
-                "and model.device in the config")
-            self.stop(f"start-up failed: {error}")
-            raise error
+        if "analyse" in self.roles:
+            self._spawn("inference", self._queue_worker if self.clustered else self._worker)
+            self._model_ready.wait()
+            if self._model_error is not None:
+                err = self._model_error
+                error = err if isinstance(err, UserError) else UserError(
+                    f"the model could not be loaded ({type(err).__name__}: {err}); check model.checkpoint "
+                    "and model.device in the config")
+                self.stop(f"start-up failed: {error}")
+                raise error
 
-        assembler = Assembler(self.db, cfg.series, self.judge, judge=self._completion_judge())
-        self._spawn("assembler", lambda: assembler.run(self._stop, also=self._retention))
-        outbox = Outbox(self.db, cfg)
-        self._spawn("delivery", lambda: outbox.run(self._stop, self._wake_delivery))
-        if cfg.alerts.channels:
-            alerts = AlertOutbox(self.db, cfg, self.results_dir)
-            self._spawn("alerts", lambda: alerts.run(self._stop, self._wake_alerts))
+        if "receive" in self.roles:
+            assembler = Assembler(self.db, cfg.series, self.judge, judge=self._completion_judge())
+            self._spawn("assembler", lambda: assembler.run(self._stop, also=self._tick_extras))
+        if "deliver" in self.roles:
+            outbox = Outbox(self.db, cfg)
+            alerts = AlertOutbox(self.db, cfg, self.results_dir) if cfg.alerts.channels else None
+            if self.clustered:
+                self._spawn("delivery", lambda: self._deliver_with_lease(outbox, alerts))
+            else:
+                self._spawn("delivery", lambda: outbox.run(self._stop, self._wake_delivery))
+                if alerts is not None:
+                    self._spawn("alerts", lambda: alerts.run(self._stop, self._wake_alerts))
+        if "receive" not in self.roles:
+            self.db.log_event("node", f"started roles={','.join(self.roles)} member={self._member_name()}")
+            return self
 
         admission = Admission(ae_title=cfg.node.ae_title, allowed_calling_aets=cfg.node.allowed_calling_aets,
                               allowed_networks=cfg.node.allowed_addresses, refuse_reason=self._busy)
@@ -155,8 +184,9 @@ class Node:
             self.stop(f"start-up failed: {error}")
             raise error from None
         self._start_web()
+        roles = f" roles={','.join(self.roles)} member={self._member_name()}" if self.clustered else ""
         self.db.log_event("node", f"started ae={cfg.node.ae_title} port={self.receiver.port} "
-                          f"destinations={len(cfg.destinations)}")
+                          f"destinations={len(cfg.destinations)}{roles}")
         return self
 
     # -- web: /healthz, /metrics, console --------------------------------------------------------------
@@ -239,11 +269,15 @@ class Node:
             if thread.is_alive():
                 nodelog.warning("stop.thread_still_running", thread=thread.name,
                                 note="its series is resumed at the next start")
+        if self.jobs is not None:
+            self.jobs.close()
         if self.db is not None:
             try:
                 self.db.log_event("node", reason)
                 if self._run is not None:
                     self.db.stop_run(self._run.id, reason)
+            except Exception as exc:  # the database may be the reason for stopping
+                nodelog.warning("stop.not_recorded", error=f"{type(exc).__name__}: {exc}")
             finally:
                 self.db.close()
 
@@ -255,7 +289,7 @@ class Node:
     def _busy(self) -> str | None:
         if self._stopping:
             return "the node is shutting down"
-        waiting = self._queue.qsize()
+        waiting = self._queue.qsize() if self.jobs is None else self._cluster_depth()
         if waiting >= self.config.analysis.max_queue:
             return f"{waiting} series wait for analysis (analysis.max_queue {self.config.analysis.max_queue})"
         return None
@@ -264,11 +298,15 @@ class Node:
     def recover(self) -> None:
         """Resume what the database (and the spool) say was unfinished when the last run ended."""
         assert self.db is not None and self.spool is not None
-        removed = self.spool.remove_temp_files()
+        # A shared spool and database: other receivers' temp files and associations are alive, and an
+        # "analyzing" series may be in a live worker's hands (dead workers' jobs come back by the stalled sweep).
+        removed = 0 if self.clustered else self.spool.remove_temp_files()
         reindexed = self._reindex_spool()
-        released = self.db.release_all_associations()
+        released = 0 if self.clustered else self.db.release_all_associations()
         requeued = 0
         for series in self.db.unfinished_series():
+            if series.state == "analyzing" and self.clustered:
+                continue
             if series.state == "analyzing":  # the worker died with it: analyse again (same result UIDs)
                 self.db.set_series_state(series.series_instance_uid, "complete", expect="analyzing",
                                          completion_rule=series.completion_rule)
@@ -366,6 +404,9 @@ class Node:
         return study_uid
 
     def _enqueue(self, series_uid: str, why: str) -> None:
+        if self.jobs is not None:  # multi-machine: the shared job queue
+            self._submit(series_uid)
+            return
         with self._queue_lock:
             if series_uid in self._queued:
                 return
@@ -374,6 +415,8 @@ class Node:
         nodelog.info("analysis.queued", series=series_uid, waiting=self._queue.qsize(), why=why)
 
     def _is_queued(self, series_uid: str) -> bool:
+        if self.jobs is not None:
+            return self.jobs.is_queued(series_uid)
         with self._queue_lock:
             return series_uid in self._queued
 
@@ -477,6 +520,7 @@ class Node:
             alert_channels=[c.name for c in cfg.alerts.channels],
             sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
             n_secondary_captures=len(objects) - 1, started=started,
+            expect_started=started if self.clustered else None,
             timings={"load": result.timings.get("load_seconds", 0.0),
                      "inference": result.timings.get("predict_seconds", 0.0), "report": report_seconds})
         self._wake_delivery.set()
@@ -516,6 +560,166 @@ class Node:
         found = sorted((self.results_dir / last.series_instance_uid / f"r{last.revision - 1}").glob("SR_*.dcm"))
         return pydicom.dcmread(found[0]) if found else None
 
+    # -- multi-machine roles (ihd_node.cluster) --------------------------------------------------------
+    def _member_name(self) -> str:
+        return self._run.node_id if self._run is not None else "-"
+
+    def _join_cluster(self) -> None:
+        from ihd_node.cluster import JobQueue, join
+
+        assert self.db is not None and self._run is not None
+        cfg = self.config
+        join(self.db, self._run.id, list(self.roles), cfg.model.device if "analyse" in self.roles else None)
+        # Receivers submit; workers too, when a chosen series fails and the study's next best gets its turn.
+        self.jobs = JobQueue(cfg, self.db).open()
+
+    def _submit(self, series_uid: str) -> None:
+        """Submit the series' analysis job, STAT or normal by the source's header (cluster.*)."""
+        from ihd_node.cluster import priority_of
+
+        assert self.db is not None and self.jobs is not None
+        series = self.db.get_series(series_uid)
+        instances = self.db.series_instances(series_uid)
+        if series is None or not instances:
+            return
+        header = pydicom.dcmread(instances[0].path, stop_before_pixels=True)
+        self.jobs.submit(series_uid, series.study_instance_uid, priority_of(header, self.config))
+
+    def _cluster_depth(self) -> int:
+        try:
+            return self.jobs.depth()
+        except Exception:  # noqa: BLE001 - the database is away: refuse nothing for that reason alone
+            return 0
+
+    def _tick_extras(self) -> None:
+        self._retention()
+        if self.jobs is not None:
+            self._resubmit_orphans()
+
+    def _resubmit_orphans(self) -> None:
+        """Series left complete (or analyzing) with no job: a receiver or worker died at the wrong moment."""
+        now = time.monotonic()
+        if now - getattr(self, "_last_orphan_check", 0.0) < 5.0:
+            return
+        self._last_orphan_check = now
+        assert self.db is not None and self.jobs is not None
+        for series in self.jobs.orphans():
+            uid = series.series_instance_uid
+            if series.state == "analyzing" and not self.db.set_series_state(
+                    uid, "complete", expect="analyzing", completion_rule=series.completion_rule):
+                continue
+            nodelog.warning("analysis.resubmitted", series=uid, was=series.state)
+            self.judge(uid)
+
+    def _deliver_with_lease(self, outbox: Outbox, alerts: AlertOutbox | None) -> None:
+        """One deliverer at a time over the shared outbox (and alerts); the others wait to take over."""
+        from ihd_node.cluster import DeliveryLease
+
+        lease = DeliveryLease(self.config.database_url)
+        try:
+            while not self._stop.is_set():
+                if not lease.held():
+                    self._stop.wait(2.0)
+                    continue
+                try:
+                    outbox.run_once()
+                    if alerts is not None:
+                        alerts.run_once()
+                    wait = outbox.seconds_to_next(cap=0.5)
+                except Exception as exc:
+                    nodelog.error("delivery.loop_failed", error=f"{type(exc).__name__}: {exc}")
+                    wait = 1.0
+                self._stop.wait(wait)
+        finally:
+            lease.close()
+
+    def _queue_worker(self) -> None:
+        """Analysis jobs from the queue, one at a time, until stop; restarts its loop if PostgreSQL goes away."""
+        import asyncio
+
+        from ihd_node.cluster import make_app, requeue_stalled, stalled_after
+
+        try:
+            predictor = self._load_predictor()
+        except BaseException as exc:
+            self._model_error = exc
+            self._model_ready.set()
+            return
+        self._model_ready.set()
+        assert self.db is not None
+        beat, stalled = self.config.node.heartbeat_seconds, stalled_after(self.config)
+
+        def run_job(context: Any, series_uid: str, revision: int = 0) -> None:
+            self._run_job(context.job, series_uid, predictor)
+
+        app = make_app(self.config.database_url, run_job)
+        sweeper = make_app(self.config.database_url)
+
+        def sweep() -> None:
+            while not self._stop.wait(beat):
+                try:
+                    requeue_stalled(sweeper, self.db.engine, stalled)
+                except Exception as exc:
+                    nodelog.warning("analysis.stalled_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+
+        self._spawn("stalled-sweep", sweep)
+
+        async def work() -> None:
+            async with app.open_async():
+                worker = asyncio.ensure_future(app.run_worker_async(
+                    queues=["analysis"], concurrency=1, install_signal_handlers=False, name=self._member_name(),
+                    update_heartbeat_interval=beat, stalled_worker_timeout=stalled,
+                    shutdown_graceful_timeout=STOP_JOIN_SECONDS - 5))
+                while not worker.done() and not self._stop.is_set():
+                    await asyncio.sleep(0.2)
+                if not worker.done():
+                    worker.cancel()  # procrastinate lets the running job finish first
+                await asyncio.gather(worker, return_exceptions=False)
+
+        while not self._stop.is_set():
+            try:
+                asyncio.run(work())
+                why = "the queue worker ended"
+            except BaseException as exc:  # noqa: BLE001 - PostgreSQL restarting, connection lost: start again
+                why = f"{type(exc).__name__}: {exc}"
+            if not self._stop.is_set():
+                nodelog.error("worker.loop_failed", error=why, note="restarting in 2 s")
+                self._stop.wait(2.0)
+
+    def _run_job(self, job: Any, uid: str, predictor: Any) -> None:
+        from sqlalchemy.exc import DBAPIError
+
+        from ihd_node.cluster import other_job_running
+        from ihd_node.db import Superseded
+
+        assert self.db is not None
+        series = self.db.get_series(uid)
+        if series is None:
+            return
+        if series.state == "analyzing" and not other_job_running(self.db.engine, job.queueing_lock, job.id):
+            # Its worker died mid-analysis (this is that job, put back by the stalled sweep): take it over.
+            nodelog.warning("analysis.taken_over", series=uid, job=job.id, attempts=job.attempts)
+            self.db.set_series_state(uid, "complete", expect="analyzing", completion_rule=series.completion_rule)
+        started = time.perf_counter()
+        try:
+            self._analyse(uid, predictor)
+        except Superseded as exc:
+            nodelog.warning("analysis.superseded", series=uid, job=job.id, why=str(exc))
+        except DBAPIError:
+            raise  # the database is away: the job is retried (or swept) and the series is still "analyzing"
+        except Exception as exc:
+            reason = f"analysis failed: {type(exc).__name__}: {exc}"
+            if self.db.set_series_state(uid, "failed", reason, expect="analyzing"):
+                self.db.log_event("analysis", reason, level="ERROR", series_instance_uid=uid)
+            self._choose_again(uid)
+        finally:
+            try:
+                from ihd_node.cluster import job_done
+
+                job_done(self.db, self._run.id, time.perf_counter() - started)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - throughput figures only
+                nodelog.warning("cluster.job_count_failed", error=f"{type(exc).__name__}: {exc}")
+
     # -- retention -----------------------------------------------------------------------------------
     def _retention(self) -> None:
         """Remove received files (and Grad-CAM images; SRs stay for revisions) of finished series."""
@@ -535,8 +739,24 @@ class Node:
             nodelog.info("retention.spool_removed", series=uid, state=series.state)
 
 
-def serve_command(args: Any) -> int:
-    """`ihd-node serve --config FILE`: run until SIGTERM or SIGINT."""
+def parse_roles(text: str | None) -> list[str] | None:
+    """`--roles receive,deliver` -> the list; None (all in one process) when not given."""
+    if text is None:
+        return None
+    roles = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown or not roles:
+        raise UserError(f"--roles {text!r}: use a comma list of {', '.join(ROLES)} (e.g. receive,deliver)")
+    return roles
+
+
+def worker_command(args: Any) -> int:
+    """`ihd-node worker --config FILE [--device cuda:N]`: analysis jobs from the queue, nothing else."""
+    return serve_command(args, roles=["analyse"], device=getattr(args, "device", None))
+
+
+def serve_command(args: Any, roles: list[str] | None = None, device: str | None = None) -> int:
+    """`ihd-node serve --config FILE [--roles ...]`: run until SIGTERM or SIGINT."""
     # Everything the node creates holds patient data: owner-only, also when started by hand (umask 022)
     # and for folders made with mkdir(parents=True), whose parents ignore the mode (the unit sets 0077 too).
     os.umask(0o077)
@@ -544,6 +764,14 @@ def serve_command(args: Any) -> int:
     # the node reads whatever senders send, so it does not warn about values (stdout goes to the journal).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     config = load_config(args.config)
+    if roles is None:
+        roles = parse_roles(getattr(args, "roles", None))
+    if device:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise UserError(f"--device {device!r}: use cpu, cuda or cuda:N (N = the GPU's index)")
+        config.model.device = device
     problems = runtime_problems(config)
     if problems:
         raise UserError("; ".join(problems))
@@ -561,7 +789,7 @@ def serve_command(args: Any) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    node = Node(config)
+    node = Node(config, roles=roles)
     try:
         node.start()
     except UserError as exc:

@@ -469,3 +469,23 @@ def test_requeue_failed_deliveries_of_the_latest_analysis(db: Database) -> None:
         db.record_attempt(d.id, status=0, policy=POLICY, now=at(90001))
     assert db.get_series("1.2.3").state == "delivered"
     assert db.requeue_failed_deliveries() == {}
+
+
+def test_a_worker_taken_for_dead_cannot_add_a_second_revision(db: Database) -> None:
+    # Multi-machine mode: worker A analyses from t=8, is taken for dead; worker B takes the series over at
+    # t=20. A finishing late is refused (Superseded); B's analysis is the one recorded.
+    from ihd_node.db import Superseded
+
+    receive(db, "1.2.3.1")
+    db.set_series_state("1.2.3", "analyzing", analysis_started=at(8))
+    assert db.set_series_state("1.2.3", "complete", expect="analyzing")
+    assert db.set_series_state("1.2.3", "analyzing", expect="complete", analysis_started=at(20))
+    late = dict(destinations=["pacs"], objects=[ResultObject("9.1", SR, "/r/1.dcm")], model_name="m",
+                model_version="1", probabilities=dict.fromkeys(CLASSES, 0.1), positive_classes=[], thresholds={},
+                n_slices=1)
+    with pytest.raises(Superseded):
+        db.finish_analysis("1.2.3", expect_started=at(8), now=at(25), **late)
+    assert db.finish_analysis("1.2.3", expect_started=at(20), now=at(26), **late).revision == 1
+    with pytest.raises(Superseded):  # and after B finished, A is still refused
+        db.finish_analysis("1.2.3", expect_started=at(8), now=at(27), **late)
+    assert db.get_series("1.2.3").revision == 1

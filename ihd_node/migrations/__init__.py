@@ -107,10 +107,41 @@ def _lock(conn: Connection) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
 
 
+QUEUE_TABLE_PREFIX = "procrastinate_"
+
+
+def apply_queue_schema(conn: Connection) -> None:
+    """PostgreSQL only: the job queue's own schema (procrastinate's SQL: tables, types, functions)."""
+    if conn.dialect.name != "postgresql":
+        return
+    from procrastinate.schema import SchemaManager
+
+    # Through psycopg directly: its simple protocol runs the many statements in one go, and neither
+    # SQLAlchemy (":name") nor psycopg ("%") may read the function bodies as parameters.
+    with conn.connection.driver_connection.cursor() as cur:
+        cur.execute(SchemaManager.get_schema())
+
+
+def include_name(name: str | None, type_: str, _parents: object) -> bool:
+    """Autogenerate and compare_metadata look at ihd-node's tables only, not the queue's."""
+    return not (type_ == "table" and name is not None and name.startswith(QUEUE_TABLE_PREFIX))
+
+
+def schema_differences(conn: Connection) -> list:
+    """What Alembic finds between the database and ihd_node.db's tables (empty at head)."""
+    from alembic.autogenerate import compare_metadata
+
+    from ihd_node.db import Base
+
+    context = MigrationContext.configure(conn, opts={"include_name": include_name, "compare_type": True})
+    return compare_metadata(context, Base.metadata)
+
+
 def _create(conn: Connection, top: str) -> None:
     from ihd_node.db import SCHEMA_VERSION, Base
 
     Base.metadata.create_all(conn)
+    apply_queue_schema(conn)
     command.stamp(alembic_config(conn), top)
     conn.execute(text("INSERT INTO meta (key, value) VALUES ('schema_version', :v)"), {"v": str(SCHEMA_VERSION)})
 

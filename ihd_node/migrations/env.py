@@ -4,6 +4,7 @@ connection in config.attributes, so no alembic.ini and no URL are needed at run 
 from alembic import context
 
 from ihd_node.db import Base
+from ihd_node.migrations import include_name
 
 connection = context.config.attributes["connection"]
 context.configure(
@@ -12,6 +13,7 @@ context.configure(
     # SQLite cannot ALTER most things: Alembic rebuilds the table ("batch") instead.
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,
+    include_name=include_name,
 )
 with context.begin_transaction():
     context.run_migrations()
