@@ -137,7 +137,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, predictor: Predictor) -> I
             node.stop()
 
 
-def wait_until(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
+def wait_until(condition: Callable[[], bool], seconds: float = 120.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
