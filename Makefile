@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench train-phantom clean
+OHIF_VERSION := 3.13.2
+OHIF_DIR := .viewer/ohif-$(OHIF_VERSION)
+
+.PHONY: venv viewer demo test lint bench train-phantom clean
 
 venv: $(STAMP)
 
@@ -15,10 +18,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# OHIF's published build (npm package @ohif/app, pinned) for the browser test: `npm pack` fetches the
+# package from the npm registry (its dist/ is the ready-made app; no dependency install, no build), unpacked
+# into the git-ignored .viewer/. Skipped with a note when npm is not installed.
+viewer: $(OHIF_DIR)/dist/index.html
+
+$(OHIF_DIR)/dist/index.html:
+	@if command -v npm >/dev/null; then \
+	  mkdir -p .viewer && cd .viewer && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && \
+	  rm -rf ohif-$(OHIF_VERSION) && mkdir ohif-$(OHIF_VERSION) && \
+	  tar xzf ohif-app-$(OHIF_VERSION).tgz -C ohif-$(OHIF_VERSION) --strip-components=1 && \
+	  rm ohif-app-$(OHIF_VERSION).tgz; \
+	else echo "npm not installed: the OHIF browser test will be skipped"; fi
+
 demo: venv
 	$(BIN)/ihd-node demo
 
-test: venv
+test: venv viewer
 	$(BIN)/python -m pytest -q
 
 lint: venv
@@ -33,4 +49,4 @@ train-phantom: venv
 	$(BIN)/python -m training.phantom_recipe --out ihd_node/weights/default.pt
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .viewer

@@ -13,6 +13,9 @@ from pathlib import Path
 from ihd_node.dicom.mini_pacs import free_port
 
 ORTHANC_BINARY = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+# Debian's orthanc-dicomweb package puts the plugin here.
+DICOMWEB_PLUGIN = next((p for p in (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+                                    Path("/usr/lib/orthanc/plugins/libOrthancDicomWeb.so")) if p.exists()), None)
 
 
 @dataclass
@@ -21,6 +24,7 @@ class Orthanc:
     ai_ae_title: str
     ai_port: int
     aet: str = "ORTHANC"
+    dicomweb: bool = False  # load the DICOMweb plugin (served under /dicom-web/)
 
     def start(self) -> Orthanc:
         self.dicom_port = free_port()
@@ -37,9 +41,13 @@ class Orthanc:
             "DicomModalities": {"ai": [self.ai_ae_title, "127.0.0.1", self.ai_port]},
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb and DICOMWEB_PLUGIN else [],
             "StableAge": 1,
         }
+        if self.dicomweb:
+            if DICOMWEB_PLUGIN is None:
+                raise RuntimeError("the Orthanc DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config))

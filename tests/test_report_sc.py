@@ -193,3 +193,14 @@ def test_render_draws_every_class_inside_and_all_text_outside_the_slice():
 def test_patient_orientation_letters(positive):
     volume, _ = positive
     assert patient_orientation(volume.headers[0]) == ("L", "P")
+
+
+def test_summary_and_captures_show_the_slices_the_model_explained(tmp_path):
+    """Heatmaps exist for the model's top slices only; ties in probability must not pick one without."""
+    volume = make_volume(tmp_path, n=6, size=SIZE)
+    prediction = make_prediction(6, {"subdural": [4, 1, 0]}, size=SIZE)  # slice 4 most probable
+    prediction.heatmaps = {k: v for k, v in prediction.heatmaps.items() if k[0] != 4}  # not explained
+    summary, *slices = build_secondary_captures(volume, prediction, max_images=2, analysed_at=WHEN)
+    assert summary.ReferencedImageSequence[0].ReferencedSOPInstanceUID == volume.slices[1].sop_instance_uid
+    assert [sc.ReferencedImageSequence[0].ReferencedSOPInstanceUID for sc in slices] == [
+        volume.slices[i].sop_instance_uid for i in (0, 1)]

@@ -194,9 +194,17 @@ def _preliminary(prediction: Prediction) -> list[str]:
     return [PRELIMINARY_LINE] if prediction.incomplete else []
 
 
-def key_slice(prediction: Prediction) -> int:
-    """The summary's slice: the most probable positive one, the middle one of a negative series."""
+def explained_first(prediction: Prediction) -> list[int]:
+    """Positive slices, those with heatmaps first (the model explains only its top slices, ranked its
+    own way; a capture of a positive slice without its heat would show less than the one beside it)."""
     chosen = positive_slices(prediction)
+    heated = {i for i, _ in prediction.heatmaps}
+    return [i for i in chosen if i in heated] + [i for i in chosen if i not in heated]
+
+
+def key_slice(prediction: Prediction) -> int:
+    """The summary's slice: the most probable explained positive one, the middle one of a negative series."""
+    chosen = explained_first(prediction)
     return chosen[0] if chosen else len(prediction.slice_probabilities) // 2
 
 
@@ -227,7 +235,7 @@ def build_secondary_captures(volume: Volume, prediction: Prediction, *, max_imag
     max_images, in body order)."""
     groups = check_groups(volume, prediction, slice_groups)
     analysed_at = analysed_at or datetime.now(UTC)
-    chosen = positive_slices(prediction)[:max(0, int(max_images))]
+    chosen = explained_first(prediction)[:max(0, int(max_images))]
     # Instance order follows the body (slice order), so scrolling the SC series moves head-to-foot too.
     chosen.sort()
     summary = _summary_capture(volume, prediction, groups, revision, series_number, analysed_at)
