@@ -32,10 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import procrastinate
-from procrastinate.exceptions import AlreadyEnqueued
 from pydicom.dataset import Dataset
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -44,6 +42,9 @@ from sqlalchemy.exc import DBAPIError
 from ihd_node import nodelog
 from ihd_node.config import Config
 from ihd_node.db import Database, NodeRun, Series, utcnow
+
+if TYPE_CHECKING:  # procrastinate is imported where jobs are submitted or run: `status` needs only SQL
+    import procrastinate
 
 QUEUE = "analysis"
 TASK = "ihd_node.analyse_series"
@@ -59,6 +60,8 @@ def conninfo(database_url: str) -> str:
 
 def make_app(database_url: str, handler: Callable[..., None] | None = None) -> procrastinate.App:
     """The procrastinate app with the one task. Deferring processes register no handler."""
+    import procrastinate
+
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo(database_url)))
 
     def refuse(*_args: Any, **_kwargs: Any) -> None:
@@ -125,6 +128,8 @@ class JobQueue:
         """Queue the series' analysis; False when an identical job already waits (collapsed into it)."""
         series = self.db.get_series(series_uid)
         revision = series.revision if series else 0
+        from procrastinate.exceptions import AlreadyEnqueued
+
         task = self.app.tasks[TASK]
         try:
             job_id = task.configure(lock=study_uid, queueing_lock=job_key(series_uid, self.identity),
