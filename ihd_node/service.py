@@ -220,6 +220,25 @@ class Node:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def wake_delivery(self) -> None:
+        self._wake_delivery.set()
+
+    def reanalyse(self, series_uid: str) -> tuple[bool, str]:
+        """Analyse a finished series again (the console's action): a new revision, whose SR replaces the
+        last one and which alerts again when positive. Returns (done, what happened in words)."""
+        from ihd_node.web.console import REANALYSABLE
+
+        assert self.db is not None
+        series = self.db.get_series(series_uid)
+        if series is None:
+            return False, "no such series"
+        if series.spool_removed is not None:
+            return False, "its received files were removed (retention.spool_keep_hours); send the series again"
+        if not self.db.set_series_state(series_uid, "complete", "re-analysis requested", expect=REANALYSABLE):
+            return False, f"not re-analysed: the series is {series.state} (only {', '.join(REANALYSABLE)} ones)"
+        self._enqueue(series_uid, "re-analysis requested")
+        return True, "queued for re-analysis"
+
     def _completion_judge(self) -> CompletionJudge:
         """The evidence the assembler weighs before calling a quiet series complete (see completion.py)."""
         assert self.db is not None

@@ -7,6 +7,7 @@ admin would set it up; one node for the whole module.
 from __future__ import annotations
 
 import base64
+import os
 import sqlite3
 import time
 import urllib.error
@@ -83,9 +84,9 @@ def get(url: str, auth: str | None = None, method: str = "GET", data: bytes | No
         request.add_header("Authorization", auth)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode(), dict(response.headers)
+            return response.status, response.read().decode(errors="replace"), dict(response.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(), dict(exc.headers)
+        return exc.code, exc.read().decode(errors="replace"), dict(exc.headers)
 
 
 def basic(user: str = USER, password: str = PASSWORD) -> str:
@@ -135,3 +136,96 @@ def test_metrics_need_auth_parse_and_match_the_database(site: Site) -> None:
     assert samples[("ihd_queue_depth", ())] == 0
     # The same figures for a basic-auth user.
     assert get(site.base + "/metrics", basic())[0] == 200
+
+
+def test_console_pages_over_http(site: Site) -> None:
+    """Plain HTTP checks of what the browser test looks at, plus what a browser cannot show easily."""
+    assert get(site.base + "/")[0] == 401  # auth configured: the console needs it
+    status, page, _ = get(site.base + "/", basic())
+    assert status == 200, page
+    pos_study, pos_series, _ = site.studies["with hemorrhage"]
+    neg_study, neg_series, _ = site.studies["without hemorrhage"]
+    assert pos_series in page and neg_series in page
+    status, page, _ = get(site.base + "/?filter=positive&hours=24", basic())
+    assert pos_series in page and neg_series not in page
+    status, page, _ = get(site.base + "/?filter=failed", basic())
+    assert pos_series not in page and neg_series not in page
+    status, page, _ = get(f"{site.base}/study/{pos_study}", basic())
+    assert status == 200 and "Possible intracranial hemorrhage" in page and "/thumb/" in page
+    status, png, headers = get(f"{site.base}/thumb/{pos_series}.png", basic())
+    assert status == 200 and headers["Content-Type"] == "image/png" and png[1:4] == "PNG"
+    assert get(f"{site.base}/thumb/{neg_series}.png", basic())[0] == 404  # negative: no capture
+    assert get(f"{site.base}/study/1.2.3.4", basic())[0] == 404
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def test_actions_refused_without_auth_beyond_loopback(site: Site) -> None:
+    _, neg_series, _ = site.studies["without hemorrhage"]
+    form = f"series={neg_series}".encode()
+    for path in ("/actions/reanalyse", "/actions/resend"):
+        status, _, headers = get(site.base + path, method="POST", data=form)
+        assert status == 401 and "Basic" in headers["WWW-Authenticate"]
+        assert get(site.base + path, basic(password="wrong"), method="POST", data=form)[0] == 401
+        # A logged-in browser tricked by another site: refused too.
+        assert get(site.base + path, basic(), method="POST", data=form,
+                   headers={"Origin": "http://evil.example"})[0] == 403
+    assert sql(site, "SELECT count(*) FROM analyses") == 2  # nothing happened
+    assert sql(site, "SELECT count(*) FROM events WHERE kind = 'audit'") == 0
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium (/usr/bin/chromium) is not installed")
+def test_console_in_a_real_browser(site: Site, tmp_path: Path) -> None:
+    """Chromium shows both studies with findings and the thumbnail; the phone layout; an audited action.
+    IHD_NODE_SCREENSHOTS=DIR keeps the screenshots (the README's come from here)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) drives the browser")
+    shots = Path(os.environ.get("IHD_NODE_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    pos_study, pos_series, _ = site.studies["with hemorrhage"]
+    neg_study, neg_series, _ = site.studies["without hemorrhage"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
+                                          viewport={"width": 1200, "height": 800})
+            page = context.new_page()
+            page.goto(site.base + "/")
+            positive = page.locator(f'tr.row[data-series="{pos_series}"]')
+            negative = page.locator(f'tr.row[data-series="{neg_series}"]')
+            sync_api.expect(positive).to_contain_text("intraparenchymal")
+            sync_api.expect(positive).to_contain_text("delivered")
+            sync_api.expect(negative).to_contain_text("no hemorrhage")
+            sync_api.expect(page.locator("#health")).to_contain_text("ready")
+            page.screenshot(path=str(shots / "console.png"), full_page=True)
+
+            page.goto(f"{site.base}/study/{pos_study}")
+            sync_api.expect(page.locator("table.findings")).to_contain_text("Intraparenchymal hemorrhage")
+            thumb = page.locator("img.thumb")
+            sync_api.expect(thumb).to_be_visible()
+            assert page.evaluate("document.querySelector('img.thumb').naturalWidth") > 0
+            page.screenshot(path=str(shots / "console-study.png"), full_page=True)
+
+            page.goto(f"{site.base}/study/{neg_study}")
+            sync_api.expect(page.locator("main")).to_contain_text("No hemorrhage found")
+            assert page.locator("img.thumb").count() == 0
+            page.get_by_role("button", name="Re-analyse").click()
+            sync_api.expect(page.locator(".notice")).to_contain_text("queued for re-analysis")
+
+            phone = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
+                                        viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                        is_mobile=True)
+            small = phone.new_page()
+            small.goto(site.base + "/?filter=positive")
+            sync_api.expect(small.locator(f'tr.row[data-series="{pos_series}"]')).to_be_visible()
+            # Readable without zooming: the page is no wider than the phone (tables scroll inside their box).
+            assert small.evaluate("document.documentElement.scrollWidth") <= 390
+            small.screenshot(path=str(shots / "console-phone.png"))
+        finally:
+            browser.close()
+    assert wait_until(lambda: sql(site, "SELECT max(a.revision) FROM analyses a JOIN series s ON s.id = a.series_id "
+                                        f"WHERE s.series_instance_uid = '{neg_series}'") == 2, 60)
+    assert sql(site, "SELECT count(*) FROM events WHERE kind = 'audit' AND message LIKE 're-analysis by admin%'") == 1
+    assert (shots / "console.png").stat().st_size > 1000

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ihd_node.web.console import console_routes
 from ihd_node.web.health import readiness
 from ihd_node.web.metrics import Live, registry
 from ihd_node.web.server import Request, Response, WebServer, as_json, disk_free, text
@@ -33,4 +34,5 @@ def make_web_server(node: Any) -> WebServer:
     server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"}, registry=registry(db, live))
     server.routes.update({("GET", "/healthz"): healthz, ("GET", "/healthz/live"): liveness,
                           ("GET", "/metrics"): server.metrics})
+    server.routes.update(console_routes(node, server))
     return server

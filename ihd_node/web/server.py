@@ -181,10 +181,12 @@ class WebServer:
     def _find(self, method: str, path: str) -> Route | None:
         if (method, path) in self.routes:
             return self.routes[(method, path)]
+        best: tuple[int, Route] | None = None  # the longest prefix ("/study/..." is not "/")
         for (m, prefix), route in self.routes.items():
-            if m == method and prefix.endswith("/") and path.startswith(prefix) and len(path) > len(prefix):
-                return route
-        return None
+            if m == method and len(prefix) > 1 and prefix.endswith("/") and path.startswith(prefix) \
+                    and len(path) > len(prefix) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), route)
+        return best[1] if best else None
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         parts = urlsplit(h.path)
@@ -200,7 +202,7 @@ class WebServer:
         h.send_header("Content-Length", str(len(response.body)))
         h.send_header("Cache-Control", "no-store")
         h.send_header("X-Content-Type-Options", "nosniff")
-        h.send_header("Referrer-Policy", "no-referrer")
+        h.send_header("Referrer-Policy", "same-origin")  # "no-referrer" makes browsers send Origin: null
         for key, value in response.headers.items():
             h.send_header(key, value)
         h.end_headers()

@@ -1,0 +1,243 @@
+"""The admin's console: server-rendered pages (Jinja2) over the log database, and two audited actions.
+
+Pages: `/` (series in flight and recent; filters positive / failed / last 24 h), `/study/<StudyUID>` (each
+series: state, stage times, findings, deliveries and their attempts, alerts, the capture thumbnail,
+events), `/thumb/<SeriesUID>.png`. Actions (POST, always authenticated, logged as `audit` events): re-send
+a series' failed deliveries, re-analyse a series. No patient name, ID or birth date is shown: the database
+does not hold them.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+import numpy as np
+import pydicom
+from PIL import Image
+from sqlalchemy import select
+
+from ihd_node import __version__
+from ihd_node.alerts import FINDING_WORDS
+from ihd_node.classes import CLASSES, NOT_FOR_DIAGNOSTIC_USE
+from ihd_node.db import (
+    UNFINISHED_STATES,
+    Alert,
+    Analysis,
+    Delivery,
+    DeliveryAttempt,
+    Event,
+    Series,
+    Study,
+    utcnow,
+)
+from ihd_node.web.health import readiness
+from ihd_node.web.server import Request, Response, WebServer, disk_free, text
+
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+FILTERS = {"all": "all", "positive": "positive", "failed": "failed"}
+THUMB_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Row:
+    """One series on the list page."""
+
+    series: Series
+    analysis: Analysis | None
+    deliveries: dict[str, int]  # status -> count, latest analysis
+    alerts: dict[str, int]
+
+    @property
+    def positive(self) -> bool:
+        return bool(self.analysis and self.analysis.positive_classes)
+
+    @property
+    def failed(self) -> bool:
+        return self.series.state == "failed" or bool(self.deliveries.get("failed") or self.deliveries.get("rejected"))
+
+
+def seconds(a: datetime | None, b: datetime | None) -> str:
+    if a is None or b is None:
+        return ""
+    return f"{max(0.0, (b - a).total_seconds()):.1f} s"
+
+
+def stages(s: Series) -> list[tuple[str, str]]:
+    """Time spent in each stage of one series (empty where it has not happened)."""
+    return [("receiving", seconds(s.first_received, s.last_received)),
+            ("waiting for completeness", seconds(s.last_received, s.completed)),
+            ("queued", seconds(s.completed, s.analysis_started)),
+            ("analysis", seconds(s.analysis_started, s.analysis_finished)),
+            ("delivery", seconds(s.analysis_finished, s.delivered)),
+            ("time to result", seconds(s.last_received, s.delivered or (s.analysis_finished if s.state == "analyzed"
+                                                                       else None)))]
+
+
+def findings(analysis: Analysis | None) -> list[dict[str, Any]]:
+    if analysis is None:
+        return []
+    probs, positives = analysis.probabilities(), set(analysis.positives())
+    return [{"code": c, "words": FINDING_WORDS[c] + (" (overall)" if c == "any" else ""), "p": probs[c],
+             "positive": c in positives} for c in CLASSES]
+
+
+def local(when: datetime | None) -> str:
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else ""
+
+
+TEMPLATES.filters["local"] = local
+TEMPLATES.filters["pct"] = lambda p: f"{p:.0%}"
+TEMPLATES.filters["q"] = lambda value: quote(str(value), safe="")
+
+
+def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
+    db, cfg = node.db, node.config
+    results_dir = Path(node.results_dir)
+
+    def render(name: str, **context: Any) -> Response:
+        body = TEMPLATES.get_template(name).render(
+            node=cfg.node.ae_title, version=__version__, refresh=cfg.web.refresh_seconds,
+            warning=NOT_FOR_DIAGNOSTIC_USE, **context)
+        return Response(200, body.encode())
+
+    def health() -> dict[str, Any]:
+        checks = readiness(db, Path(cfg.storage.spool_dir), cfg.storage.min_free_mb, node.model_name,
+                           node.dead_threads)
+        runs = db.node_runs(limit=5)
+        now = utcnow()
+        free = disk_free(Path(cfg.storage.spool_dir))
+        return {"checks": checks, "ready": all(c.ok for c in checks), "queue": node.queue_depth(),
+                "runs": [(r, r.alive(now)) for r in runs], "model": node.model_name() or "not loaded",
+                "free_mb": None if free is None else free >> 20, "min_free_mb": cfg.storage.min_free_mb}
+
+    def rows(where: Any, limit: int = 200) -> list[Row]:
+        with db.read_session() as s:
+            series = list(s.scalars(select(Series).join(Study).where(*where)
+                                    .order_by(Series.updated.desc()).limit(limit)))
+            ids = [x.id for x in series]
+            latest: dict[int, Analysis] = {}
+            for a in s.scalars(select(Analysis).where(Analysis.series_id.in_(ids)).order_by(Analysis.revision)):
+                latest[a.series_id] = a
+            deliveries: dict[int, dict[str, int]] = {}
+            analysis_ids = [a.id for a in latest.values()]
+            for sid, status in s.execute(select(Delivery.series_id, Delivery.status)
+                                         .where(Delivery.analysis_id.in_(analysis_ids))):
+                deliveries.setdefault(sid, {}).setdefault(status, 0)
+                deliveries[sid][status] += 1
+            alerts: dict[int, dict[str, int]] = {}
+            for sid, status in s.execute(select(Alert.series_id, Alert.status).where(Alert.series_id.in_(ids))):
+                alerts.setdefault(sid, {}).setdefault(status, 0)
+                alerts[sid][status] += 1
+        return [Row(x, latest.get(x.id), deliveries.get(x.id, {}), alerts.get(x.id, {})) for x in series]
+
+    def index(request: Request) -> Response:
+        which = FILTERS.get(request.query.get("filter", "all"), "all")
+        recent = request.query.get("hours") == "24"
+        where = [Series.updated >= utcnow() - timedelta(hours=24)] if recent else []
+        found = rows(where)
+        if which == "positive":
+            found = [r for r in found if r.positive]
+        elif which == "failed":
+            found = [r for r in found if r.failed]
+        in_flight = [r for r in found if r.series.state in (*UNFINISHED_STATES, "delivering")]
+        done = [r for r in found if r not in in_flight]
+        return render("index.html", in_flight=in_flight, done=done, which=which, recent=recent, health=health(),
+                      user=request.user)
+
+    def study(request: Request) -> Response:
+        study_uid = request.path.removeprefix("/study/")
+        with db.read_session() as s:
+            found = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
+            if found is None:
+                return text(404, "no such study in the log database\n")
+            series = list(s.scalars(select(Series).where(Series.study_id == found.id).order_by(Series.first_received)))
+            blocks = []
+            for x in series:
+                analysis = s.scalars(select(Analysis).where(Analysis.series_id == x.id)
+                                     .order_by(Analysis.revision.desc()).limit(1)).one_or_none()
+                deliveries = list(s.scalars(select(Delivery).where(Delivery.analysis_id == analysis.id)
+                                            .order_by(Delivery.destination, Delivery.id))) if analysis else []
+                attempts: dict[int, list[DeliveryAttempt]] = {}
+                for att in s.scalars(select(DeliveryAttempt).where(
+                        DeliveryAttempt.delivery_id.in_([d.id for d in deliveries])).order_by(DeliveryAttempt.id)):
+                    attempts.setdefault(att.delivery_id, []).append(att)
+                alerts = list(s.scalars(select(Alert).where(Alert.series_id == x.id).order_by(Alert.id)))
+                blocks.append({"series": x, "analysis": analysis, "findings": findings(analysis),
+                               "stages": stages(x), "deliveries": deliveries, "attempts": attempts, "alerts": alerts,
+                               "thumbnail": capture(x.series_instance_uid, analysis) is not None,
+                               "can_resend": any(d.status in ("failed", "rejected") for d in deliveries),
+                               "can_reanalyse": x.state in REANALYSABLE and x.spool_removed is None})
+            events = list(s.scalars(select(Event).where(Event.study_instance_uid == study_uid)
+                                    .order_by(Event.at.desc(), Event.id.desc()).limit(50)))
+        return render("study.html", study=found, blocks=blocks, events=events, user=request.user,
+                      notice=request.query.get("done"))
+
+    def capture(series_uid: str, analysis: Analysis | None) -> Path | None:
+        """The summary capture of the latest analysis: one marked SUMMARY if the report makes one, else the
+        first Grad-CAM capture. None when negative or removed by retention."""
+        if analysis is None:
+            return None
+        files = sorted((results_dir / series_uid / f"r{analysis.revision - 1}").glob("SC_*.dcm"))
+        if not files:
+            return None
+        for path in files:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:
+                continue
+            if "SUMMARY" in " ".join(ds.get("ImageType", [])) or "summary" in str(ds.get("ImageComments", "")).lower():
+                return path
+        return min(files, key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).get("InstanceNumber", 0) or 0))
+
+    def thumb(request: Request) -> Response:
+        series_uid = request.path.removeprefix("/thumb/").removesuffix(".png")
+        path = capture(series_uid, db.latest_analysis(series_uid))
+        if path is None:
+            return text(404, "no capture for this series (negative, or removed by retention)\n")
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+        image = Image.fromarray(pixels.astype(np.uint8), "RGB" if pixels.ndim == 3 else "L")
+        image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        out = io.BytesIO()
+        image.save(out, "PNG")
+        return Response(200, out.getvalue(), "image/png")
+
+    def back(series: Series | None, note: str) -> Response:
+        where = f"/study/{quote(series.study_instance_uid, safe='')}?done={quote(note)}" if series else "/"
+        return Response(303, b"", "text/plain", {"Location": where})
+
+    def resend(request: Request) -> Response:
+        uid = request.form.get("series", "")
+        series = db.get_series(uid)
+        if series is None:
+            return text(404, "no such series\n")
+        done = db.requeue_failed_deliveries(uid)
+        count = done.get(uid, 0)
+        db.log_event("audit", f"re-send of failed deliveries by {request.user}: {count} re-queued",
+                     series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+        node.wake_delivery()
+        return back(series, f"{count} deliveries re-queued")
+
+    def reanalyse(request: Request) -> Response:
+        uid = request.form.get("series", "")
+        series = db.get_series(uid)
+        if series is None:
+            return text(404, "no such series\n")
+        ok, why = node.reanalyse(uid)
+        db.log_event("audit", f"re-analysis by {request.user}: {why}", level="INFO" if ok else "WARNING",
+                     series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+        return back(series, why)
+
+    return {("GET", "/"): index, ("GET", "/study/"): study, ("GET", "/thumb/"): thumb,
+            ("POST", "/actions/resend"): resend, ("POST", "/actions/reanalyse"): reanalyse}
+
+
+REANALYSABLE = ("analyzed", "delivered", "failed")
