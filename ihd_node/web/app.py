@@ -21,8 +21,13 @@ def make_web_server(node: Any) -> WebServer:
         return Live(queue_depth=node.queue_depth(), model_loaded=node.model_name() is not None,
                     spool_free_bytes=disk_free(spool_dir))
 
+    def model() -> str | None:
+        if "analyse" not in getattr(node, "roles", ("analyse",)):  # a receive/deliver-only cluster member
+            return "in the worker processes (role analyse is not in this one)"
+        return node.model_name()
+
     def healthz(_r: Request) -> Response:
-        checks = readiness(db, spool_dir, cfg.storage.min_free_mb, node.model_name, node.dead_threads)
+        checks = readiness(db, spool_dir, cfg.storage.min_free_mb, model, node.dead_threads)
         ready = all(c.ok for c in checks)
         return as_json(200 if ready else 503, {"status": "ready" if ready else "not ready",
                                                "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}})
