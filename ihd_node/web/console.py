@@ -181,8 +181,8 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
                       notice=request.query.get("done"))
 
     def capture(series_uid: str, analysis: Analysis | None) -> Path | None:
-        """The summary capture of the latest analysis: one marked SUMMARY if the report makes one, else the
-        first Grad-CAM capture. None when negative or removed by retention."""
+        """The summary capture of the latest analysis (the report's instance 1, negatives included; one marked
+        summary wins). None before an analysis or once retention removed the captures."""
         if analysis is None:
             return None
         files = sorted((results_dir / series_uid / f"r{analysis.revision - 1}").glob("SC_*.dcm"))
@@ -201,7 +201,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
         series_uid = request.path.removeprefix("/thumb/").removesuffix(".png")
         path = capture(series_uid, db.latest_analysis(series_uid))
         if path is None:
-            return text(404, "no capture for this series (negative, or removed by retention)\n")
+            return text(404, "no capture for this series (not analysed, or removed by retention)\n")
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
         image = Image.fromarray(pixels.astype(np.uint8), "RGB" if pixels.ndim == 3 else "L")
