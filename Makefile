@@ -44,6 +44,7 @@ bench: venv
 	$(BIN)/python bench/bench_model.py
 	$(BIN)/python bench/bench_node.py
 	$(BIN)/python bench/bench_completion.py
+	$(BIN)/python bench/bench_alert.py
 
 train-phantom: venv
 	$(BIN)/python -m training.phantom_recipe --out ihd_node/weights/default.pt
