@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Asks for the password (or reads one line from stdin when it is not a "
                        "terminal) and writes USER:pbkdf2_sha256$... into FILE (created 0600).")
     p.add_argument("file", help="the users file (web.auth.users_file)")
-    p.add_argument("user")
+    p.add_argument("user", help="the user name to add, or whose password to change")
 
     p = sub.add_parser("check-config", help="validate a config file without starting")
     p.add_argument("file", metavar="FILE", help="path of the config file to check")

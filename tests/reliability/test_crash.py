@@ -161,7 +161,7 @@ def test_kill_during_analysis(tmp_path: Path, pacs, make_node, how: str) -> None
 
 @pytest.mark.parametrize("point", ["delivery.stored", "delivery.booked"])
 def test_kill_during_delivery(tmp_path: Path, pacs, make_node, point: str) -> None:
-    """SIGKILL after the 2nd of 4 result objects: at `delivery.stored` the PACS has answered success but
+    """SIGKILL after the 2nd of 5 result objects (SR, summary capture, 3 slice captures): at `delivery.stored` the PACS has answered success but
     the outbox row is not booked yet; at `delivery.booked` it is booked. The restart sends only what is
     not booked. At delivery.stored the in-flight object reaches the PACS twice with the same SOP Instance
     UID (DICOM has no way to know the first answer was lost with the process); the PACS stores it once."""
@@ -178,12 +178,12 @@ def test_kill_during_delivery(tmp_path: Path, pacs, make_node, point: str) -> No
     start(node)
     assert node.wait_state(study.series_uid, ("delivered",), 60) == "delivered", node.log()[-3000:]
     found = check_results_once(pacs, node, study)
-    assert len(found.stored) == 4  # SR + 3 captures
+    assert len(found.stored) == 5  # SR + summary capture + 3 slice captures
     if point == "delivery.stored":
         assert found.duplicates == {before[1]: 2}  # the one in flight, received twice, stored once
-        assert len(found.received) == 5
+        assert len(found.received) == 6
     else:
-        assert not found.duplicates and len(found.received) == 4
+        assert not found.duplicates and len(found.received) == 5
     print(f"\nFIGURE {point}:2: PACS had 2 at the kill, {booked} booked; after restart received "
           f"{len(found.received)} stored {len(found.stored)} duplicates {found.duplicates}")
     done(node)
