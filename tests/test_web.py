@@ -231,3 +231,32 @@ def test_console_in_a_real_browser(site: Site, tmp_path: Path) -> None:
                                         f"WHERE s.series_instance_uid = '{neg_series}'") == 2, 60)
     assert sql(site, "SELECT count(*) FROM events WHERE kind = 'audit' AND message LIKE 're-analysis by admin%'") == 1
     assert (shots / "console.png").stat().st_size > 1000
+
+
+def test_console_beyond_loopback_needs_auth(tmp_path: Path) -> None:
+    from ihd_node.config import ConfigError
+
+    with pytest.raises(ConfigError, match="auth is not set"):
+        default_config(tmp_path, web={"host": "0.0.0.0"})
+    assert default_config(tmp_path, web={"host": "127.0.0.1"}).web.loopback
+    assert default_config(tmp_path, web={"host": "0.0.0.0", "enabled": False}).web.enabled is False
+
+
+def test_web_user_command_writes_a_checkable_hash(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ihd_node.web.server import check_password, read_users
+
+    users = tmp_path / "users"
+    for password in ("first password", "second password"):  # the second replaces the first
+        done = subprocess.run([sys.executable, "-m", "ihd_node", "web-user", str(users), "alice"],
+                              input=password + "\n", text=True, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    assert users.stat().st_mode & 0o777 == 0o600
+    stored = read_users(users)
+    assert list(stored) == ["alice"] and check_password(stored["alice"], "second password")
+    assert not check_password(stored["alice"], "first password")
+    short = subprocess.run([sys.executable, "-m", "ihd_node", "web-user", str(users), "bob"], input="short\n",
+                           text=True, capture_output=True, timeout=60)
+    assert short.returncode == 2 and "shorter than 8" in short.stderr

@@ -151,3 +151,24 @@ def test_no_alert_for_a_negative_series(tmp_path: Path, pacs, make_node, receive
     assert hooks.posts == [] and mailbox.mails == []
     assert node.query("SELECT count(*) FROM alerts")[0][0] == 0
     done(node)
+
+
+def test_include_patient_data_switch(tmp_path: Path, make_node, receivers):
+    """alerts.include_patient_data: the alert (not the log database) carries name, ID and birth date."""
+    hooks, mailbox, smtp_port, certs = receivers
+    hooks.posts.clear()
+    study = make_study(tmp_path / "study", seed=33, n_slices=N)
+    node = make_node(None, alerts={"include_patient_data": True,
+                                   "channels": [{"name": "hook", "kind": "webhook", "url": f"{hooks.url}/p"}]})
+    start(node)
+    assert store(study.files, node.port) == [0x0000] * N
+    assert wait_until(lambda: len(hooks.posts) == 1, 90), node.log()[-3000:]
+    ds = pydicom.dcmread(study.files[0])
+    patient = hooks.posts[0][1]["patient"]
+    assert patient["name"] == str(ds.PatientName) and patient["ID"] == str(ds.PatientID)
+    assert str(ds.PatientName) in hooks.posts[0][1]["text"]
+    # ... and still nowhere in the log database.
+    dump = "\n".join(str(row) for table in ("events", "alerts", "series", "studies")
+                     for row in node.query(f"SELECT * FROM {table}"))
+    assert str(ds.PatientName) not in dump and str(ds.PatientID) not in dump
+    done(node)
