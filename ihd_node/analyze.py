@@ -50,11 +50,13 @@ def series_summary(analysis: SeriesAnalysis, seconds: float, verdict: Eligibilit
     }
 
 
-def write_results(analysis: SeriesAnalysis, out_dir: Path) -> list[Path]:
+def write_results(analysis: SeriesAnalysis, out_dir: Path, explain: str = "decision") -> list[Path]:
     """Write the SR and the Grad-CAM secondary captures the node would send, one folder per series."""
-    from ihd_node.report import build_results, result_file_name
+    from ihd_node.report import ResultSettings, build_results, result_file_name
 
-    results = build_results(analysis.volume, analysis.prediction, slice_groups=analysis.slice_groups)
+    settings = ResultSettings(dict(analysis.prediction.model.thresholds), explain=explain)
+    results = build_results(analysis.volume, analysis.prediction, slice_groups=analysis.slice_groups,
+                            settings=settings)
     folder = out_dir / analysis.volume.series_instance_uid
     written = []
     try:
@@ -136,7 +138,7 @@ def analyze_command(args: argparse.Namespace) -> int:
             continue
         summary = series_summary(analysis, time.perf_counter() - started, verdict)
         if out_dir is not None:
-            summary["written"] = [str(p) for p in write_results(analysis, out_dir)]
+            summary["written"] = [str(p) for p in write_results(analysis, out_dir, args.explain)]
         summaries.append(summary)
     if args.json:
         json.dump({"series": summaries,

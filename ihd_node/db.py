@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -195,6 +196,11 @@ class Analysis(Base):
     p_subdural: Mapped[float] = mapped_column(Float)
     positive_classes: Mapped[str] = mapped_column(String(128), default="")  # comma list, CLASSES order
     thresholds: Mapped[str] = mapped_column(Text, default="{}")  # JSON {class: threshold}
+    # The analysed images had been lossy compressed (header LossyImageCompression 01 or a lossy transfer
+    # syntax); the SR says so too. NULL for analyses recorded before this was kept.
+    source_lossy: Mapped[bool | None] = mapped_column(Boolean)
+    # ResultSettings.key() of the run: part of every result UID (ihd_node.report.uids).
+    settings_key: Mapped[str | None] = mapped_column(String(64))
     n_slices: Mapped[int] = mapped_column(Integer)  # slices of the source series
     n_model_slices: Mapped[int | None] = mapped_column(Integer)  # after combining thin slices into slabs
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
@@ -943,6 +949,8 @@ class Database:
         started: datetime | None = None,
         now: datetime | None = None,
         expect_started: datetime | None = None,
+        source_lossy: bool | None = None,
+        settings_key: str | None = None,
     ) -> Analysis:
         """Record an analysis and enqueue its objects for every destination in ONE transaction.
 
@@ -975,6 +983,8 @@ class Database:
                 model_version=model_version,
                 positive_classes=",".join(c for c in CLASSES if c in set(positive_classes)),
                 thresholds=json.dumps(dict(thresholds), sort_keys=True),
+                source_lossy=source_lossy,
+                settings_key=settings_key,
                 n_slices=n_slices,
                 n_model_slices=n_model_slices,
                 sr_sop_instance_uid=sr_sop_instance_uid,

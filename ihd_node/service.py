@@ -49,6 +49,7 @@ from ihd_node.dicom.sender import Outbox
 from ihd_node.dicom.study import ANALYSED, StudyChoice
 from ihd_node.dicom.volume import FrameGroupsError, slice_headers
 from ihd_node.errors import UserError
+from ihd_node.site import site_value
 from ihd_node.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
 
 RETENTION_EVERY_SECONDS = 60.0
@@ -107,6 +108,7 @@ class Node:
         self._run: NodeRun | None = None
         self._predictor_loaded: Any = None
         self.web: Any = None
+        self.site = ""
 
     # -- life cycle ----------------------------------------------------------------------------------
     @property
@@ -125,6 +127,10 @@ class Node:
         except OSError as exc:
             raise UserError(f"storage.dir {storage} cannot be used: {exc.strerror or exc} ({exc.filename}); "
                             "create it for the ihd-node user or choose another storage.dir") from None
+        try:
+            self.site = site_value(storage)  # this installation's Device Observer UID depends on it
+        except (OSError, ValueError) as exc:
+            raise UserError(f"storage.dir {storage}: cannot read or create the site value: {exc}") from None
         self.spool = Spool(cfg.storage.spool_dir)
         if self.clustered and cfg.database_url.startswith("sqlite"):
             raise UserError("roles in separate processes share PostgreSQL and its job queue: set database.url to "
@@ -487,7 +493,8 @@ class Node:
     def _analyse(self, uid: str, predictor: Any) -> None:
         from ihd_node.analysis import analyze_series
         from ihd_node.dicom.volume import VolumeError
-        from ihd_node.report import build_results, result_file_name
+        from ihd_node.report import ResultSettings, build_results, result_file_name
+        from ihd_node.report.source import volume_lossy
 
         assert self.db is not None
         cfg = self.config
@@ -517,9 +524,12 @@ class Node:
             result.prediction, incomplete=completion.preliminary if completion else None,
             replaces_preliminary=str(predecessor.SOPInstanceUID) if predecessor is not None and str(
                 predecessor.get("CompletionFlag", "")) == "PARTIAL" else None)
+        settings = ResultSettings(dict(result.prediction.model.thresholds), max_secondary_captures=max_sc,
+                                  thin_slice_mm=cfg.series.thin_slice_mm, slab_mm=cfg.series.slab_mm,
+                                  gradcam=cfg.analysis.gradcam, explain=cfg.model.explain)
         objects = build_results(result.volume, result.prediction, max_secondary_captures=max_sc,
                                 slice_groups=result.slice_groups, revision=revision,
-                                predecessor=predecessor).all()
+                                predecessor=predecessor, settings=settings, site=self.site).all()
         folder = self.results_dir / uid / f"r{revision}"
         rows = []
         for ds in objects:
@@ -540,6 +550,7 @@ class Node:
             sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
             n_secondary_captures=len(objects) - 1, started=started,
             expect_started=started if self.clustered else None,
+            source_lossy=volume_lossy(result.volume) is not None, settings_key=settings.key(),
             timings={"load": result.timings.get("load_seconds", 0.0),
                      "inference": result.timings.get("predict_seconds", 0.0), "report": report_seconds})
         self._wake_delivery.set()

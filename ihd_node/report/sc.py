@@ -26,13 +26,15 @@ from ihd_node.report.source import (
     MANUFACTURER,
     check_groups,
     contributing_equipment,
+    finish_result,
+    lossy_history,
+    mark_lossy,
     positive_slices,
     series_description,
-    set_character_set,
     with_type2,
 )
 from ihd_node.report.sr import PRELIMINARY_LINE
-from ihd_node.report.uids import result_uid
+from ihd_node.report.uids import ResultSettings, result_series_numbers, result_uid
 
 SC_SERIES_DESCRIPTION = f"ICH AI Grad-CAM - {NOT_FOR_DIAGNOSTIC_USE}"
 OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
@@ -124,7 +126,7 @@ def _references(volume: Volume, originals: Sequence[int]) -> list[Dataset]:
 
 def _capture(volume: Volume, prediction: Prediction, picture: np.ndarray, *, key: str, index: int,
              number: int, originals: list[int], shown: int, revision: int, series_number: int,
-             description: str, comments: str) -> Dataset:
+             description: str, comments: str, settings: str) -> Dataset:
     model = prediction.model
     ref = with_type2(volume.headers[shown])
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -134,11 +136,11 @@ def _capture(volume: Volume, prediction: Prediction, picture: np.ndarray, *, key
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=result_uid(volume.series_instance_uid, model.name, model.version, "sc-series",
-                                       0, revision),
+                                       0, revision, settings=settings),
         series_number=series_number,
         # Keyed by the model slice, so the capture of one slice keeps its UID whatever else is shown.
         sop_instance_uid=result_uid(volume.series_instance_uid, model.name, model.version, key,
-                                    index, revision),
+                                    index, revision, settings=settings),
         instance_number=number,
         manufacturer=MANUFACTURER,
         pixel_spacing=tuple(float(v) for v in volume.pixel_spacing),
@@ -157,7 +159,8 @@ def _capture(volume: Volume, prediction: Prediction, picture: np.ndarray, *, key
         sc.ImageComments = f"{PRELIMINARY_LINE}: {prediction.incomplete}"[:1000] + ". " + sc.ImageComments
     sc.SourceImageSequence = _references(volume, originals)
     sc.ReferencedImageSequence = _references(volume, [shown])
-    set_character_set(sc, volume.headers[shown])
+    finish_result(sc, volume.headers[shown])
+    mark_lossy(sc, lossy_history(volume.headers[shown], volume.slices[shown].path))
     return sc
 
 
@@ -177,7 +180,7 @@ def slice_picture(volume: Volume, prediction: Prediction, index: int, originals:
 
 
 def _slice_capture(volume: Volume, prediction: Prediction, index: int, number: int, originals: list[int],
-                   revision: int, series_number: int, analysed_at: datetime) -> Dataset:
+                   revision: int, series_number: int, analysed_at: datetime, settings: str) -> Dataset:
     """The capture of model slice `index`: its heat for every class present on it."""
     shown = originals[len(originals) // 2]
     picture, legend, classes = slice_picture(volume, prediction, index, originals, analysed_at)
@@ -186,7 +189,8 @@ def _slice_capture(volume: Volume, prediction: Prediction, index: int, number: i
     return _capture(volume, prediction, picture.pixels, key="sc", index=index, number=number,
                     originals=originals, shown=shown, revision=revision, series_number=series_number,
                     description=f"Brain window (40/80) with Grad-CAM of {', '.join(classes) or 'none'} from "
-                                f"{prediction.model.name} {prediction.model.version}", comments=comments)
+                                f"{prediction.model.name} {prediction.model.version}", comments=comments,
+                    settings=settings)
 
 
 def _preliminary(prediction: Prediction) -> list[str]:
@@ -209,7 +213,7 @@ def key_slice(prediction: Prediction) -> int:
 
 
 def _summary_capture(volume: Volume, prediction: Prediction, groups: list[list[int]], revision: int,
-                     series_number: int, analysed_at: datetime) -> Dataset:
+                     series_number: int, analysed_at: datetime, settings: str) -> Dataset:
     index = key_slice(prediction)
     originals = groups[index]
     shown = originals[len(originals) // 2]
@@ -225,19 +229,29 @@ def _summary_capture(volume: Volume, prediction: Prediction, groups: list[list[i
     return _capture(volume, prediction, picture.pixels, key="sc-summary", index=0, number=1,
                     originals=originals, shown=shown, revision=revision, series_number=series_number,
                     description=f"Summary of {prediction.model.name} {prediction.model.version}: "
-                                f"{finding_words(prediction)}", comments=header[0] + " " + header[1])
+                                f"{finding_words(prediction)}", comments=header[0] + " " + header[1],
+                    settings=settings)
 
 
 def build_secondary_captures(volume: Volume, prediction: Prediction, *, max_images: int = 16,
                              slice_groups: Sequence[Sequence[int]] | None = None, revision: int = 0,
-                             series_number: int = 9902, analysed_at: datetime | None = None) -> list[Dataset]:
+                             series_number: int | None = None, analysed_at: datetime | None = None,
+                             settings: str | None = None) -> list[Dataset]:
     """The summary capture, then one per positive slice (highest `any` probability first, at most
-    max_images, in body order)."""
+    max_images, in body order).
+
+    `settings` is the ResultSettings key for the UIDs (default: the prediction's thresholds and this cap);
+    the series number defaults to result_series_numbers' (source series, revision).
+    """
     groups = check_groups(volume, prediction, slice_groups)
+    if settings is None:
+        settings = ResultSettings(prediction.model.thresholds, max_secondary_captures=max_images).key()
+    if series_number is None:
+        series_number = result_series_numbers(volume.headers[0].get("SeriesNumber"), revision)[1]
     analysed_at = analysed_at or datetime.now(UTC)
     chosen = explained_first(prediction)[:max(0, int(max_images))]
     # Instance order follows the body (slice order), so scrolling the SC series moves head-to-foot too.
     chosen.sort()
-    summary = _summary_capture(volume, prediction, groups, revision, series_number, analysed_at)
+    summary = _summary_capture(volume, prediction, groups, revision, series_number, analysed_at, settings)
     return [summary] + [_slice_capture(volume, prediction, index, number + 2, groups[index], revision,
-                                       series_number, analysed_at) for number, index in enumerate(chosen)]
+                                       series_number, analysed_at, settings) for number, index in enumerate(chosen)]

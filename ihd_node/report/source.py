@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import warnings
 from collections.abc import Sequence
 from copy import deepcopy
+from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 import highdicom as hd
+import pydicom
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
@@ -115,6 +121,70 @@ def set_character_set(result: Dataset, source: Dataset) -> None:
         result.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
 
 
+# Patient and study attributes (PS3.3 Patient, General Study and Patient Study modules) that the results
+# repeat from the source when it has them, so that every object of the study says the same about its
+# patient and study (dcentvfy checks exactly this). highdicom copies only the Type 1/2 core.
+IDENTITY_ATTRIBUTES: tuple[str, ...] = (
+    # Patient
+    "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID", "PatientBirthTime",
+    "OtherPatientIDsSequence", "OtherPatientNames", "EthnicGroup", "PatientComments",
+    "PatientSpeciesDescription", "PatientBreedDescription", "ResponsiblePerson", "PatientIdentityRemoved",
+    "DeidentificationMethod", "DeidentificationMethodCodeSequence", "QualityControlSubject",
+    # General Study
+    "StudyDescription", "IssuerOfAccessionNumberSequence", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "RequestingService",
+    "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "PatientAge", "PatientSize", "PatientWeight", "Occupation",
+    "AdditionalPatientHistory", "AdmissionID", "IssuerOfAdmissionIDSequence", "PregnancyStatus",
+    "SmokingStatus", "MedicalAlerts", "Allergies",
+    # SOP Common: the results' dates and times are then written in this offset too (see _now).
+    "TimezoneOffsetFromUTC",
+)
+# Dates and times highdicom stamps with the machine's local clock.
+_CREATION_STAMPS: tuple[tuple[str, str], ...] = (
+    ("ContentDate", "ContentTime"), ("InstanceCreationDate", "InstanceCreationTime"),
+    ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+)
+
+
+def _offset(source: Dataset) -> dt.timezone | None:
+    """The source's TimezoneOffsetFromUTC ("+0900", "-0330") as a timezone; None when absent or malformed."""
+    text = str(source.get("TimezoneOffsetFromUTC", "") or "").strip()
+    if len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
+        return None
+    hours, minutes = int(text[1:3]), int(text[3:])
+    if hours > 14 or minutes > 59:
+        return None
+    sign = 1 if text[0] == "+" else -1
+    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+
+
+def copy_identity(result: Dataset, source: Dataset, now: dt.datetime | None = None) -> None:
+    """Repeat the source's identity attributes in a result; write its creation stamps in the source's zone.
+
+    `source` is a decoded header (with_type2). Without TimezoneOffsetFromUTC in the source the stamps
+    stay in the node's local time, as DICOM reads times that carry no offset.
+    """
+    for keyword in IDENTITY_ATTRIBUTES:
+        if keyword in source and source[keyword].value not in (None, "", []):
+            setattr(result, keyword, deepcopy(source[keyword].value))
+    zone = _offset(source)
+    if zone is None:
+        return
+    local = (now or dt.datetime.now(dt.UTC)).astimezone(zone)
+    for date_kw, time_kw in _CREATION_STAMPS:
+        if date_kw in result:
+            setattr(result, date_kw, local.strftime("%Y%m%d"))
+            setattr(result, time_kw, local.strftime("%H%M%S.%f"))
+
+
+def finish_result(result: Dataset, source: Dataset) -> None:
+    """What every result needs after highdicom built it: the source's identity, then its character set."""
+    copy_identity(result, _decoded(source))
+    set_character_set(result, source)
+
+
 def _decoded(ds: Dataset) -> Dataset:
     """A copy whose text is Python str, decoded with the source's own character set by pydicom."""
     out = deepcopy(ds)
@@ -142,6 +212,96 @@ def with_type2(ds: Dataset) -> Dataset:
         if out[keyword].value:
             out[keyword].value = _date(out[keyword].value) or None
     return out
+
+
+# Transfer syntaxes whose pixel data went through lossy compression, with the PS3.3 C.7.6.1.1.5.1
+# method term. JPEG 2000 and HTJ2K "lossy allowed" count as lossy unless the header says "00".
+LOSSY_TRANSFER_SYNTAXES: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+    "1.2.840.10008.1.2.4.112": "ISO_18181_1",  # JPEG XL
+}
+MAYBE_LOSSLESS = frozenset({"1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.112"})
+
+
+@dataclass(frozen=True)
+class LossyHistory:
+    """How a source image was lossy compressed, for Lossy Image Compression Method/Ratio (same length,
+    or no ratios when one is not known)."""
+
+    methods: tuple[str, ...]
+    ratios: tuple[str, ...]
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return []
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+def _ratio(header: Dataset, path: Path | None) -> str | None:
+    """Uncompressed over stored pixel bytes of one file, as a DS; None when it cannot be told."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            pydicom.dcmread(f, stop_before_pixels=True)
+            start = f.tell()
+            stored = os.fstat(f.fileno()).st_size - start
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        raw = int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1) or 1) \
+            * ((int(header.BitsAllocated) + 7) // 8) * frames
+    except (OSError, AttributeError, TypeError, ValueError, InvalidDicomError):
+        return None
+    return f"{raw / stored:.2f}"[:16] if stored > 0 else None
+
+
+def lossy_history(header: Dataset, path: Path | None = None) -> LossyHistory | None:
+    """The lossy compression a source image went through (its header and its transfer syntax), or None.
+
+    PS3.3 C.7.6.1.1.5: once lossy, an image and everything derived from it stay "01", with the earlier
+    methods and ratios kept in order and this file's own compression appended.
+    """
+    said = str(header.get("LossyImageCompression", "") or "").strip()
+    meta = getattr(header, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    by_syntax = syntax in LOSSY_TRANSFER_SYNTAXES and not (syntax in MAYBE_LOSSLESS and said == "00")
+    if said != "01" and not by_syntax:
+        return None
+    methods, ratios = _values(header, "LossyImageCompressionMethod"), _values(header, "LossyImageCompressionRatio")
+    if by_syntax and LOSSY_TRANSFER_SYNTAXES[syntax] not in methods[-1:]:
+        methods.append(LOSSY_TRANSFER_SYNTAXES[syntax])
+        ratio = _ratio(header, path)
+        ratios = ratios + [ratio] if ratio is not None else ratios
+    if len(ratios) != len(methods):
+        ratios = []  # the values must pair up; an unknown one leaves the (Type 3) ratio out
+    return LossyHistory(tuple(methods), tuple(ratios))
+
+
+def mark_lossy(result: Dataset, history: LossyHistory | None) -> None:
+    """An image derived from a lossy source says so (PS3.3 C.7.6.1.1.5), with its method and ratio."""
+    if history is None:
+        result.LossyImageCompression = "00"
+        return
+    result.LossyImageCompression = "01"
+    if history.methods:
+        result.LossyImageCompressionMethod = list(history.methods)
+    if history.ratios:
+        result.LossyImageCompressionRatio = list(history.ratios)
+
+
+def volume_lossy(volume: Volume) -> LossyHistory | None:
+    """The first lossy slice's history: a series counts as lossy when any of its slices is."""
+    for header, info in zip(volume.headers, volume.slices, strict=True):
+        history = lossy_history(header, info.path)
+        if history is not None:
+            return history
+    return None
 
 
 def check_groups(volume: Volume, prediction: Prediction,

@@ -49,14 +49,16 @@ from ihd_node.report.overlay import CLASS_LABELS
 from ihd_node.report.regions import largest_part, outline
 from ihd_node.report.source import (
     MANUFACTURER,
+    LossyHistory,
     check_groups,
     contributing_equipment,
+    finish_result,
     series_description,
-    set_character_set,
+    volume_lossy,
     with_type2,
 )
 from ihd_node.report.sr_classes import SR_CLASSES, as_sr_class
-from ihd_node.report.uids import result_uid
+from ihd_node.report.uids import ResultSettings, result_series_numbers, result_uid
 
 PRIVATE_SCHEME = "99IHD"
 
@@ -101,7 +103,7 @@ def _source_images(volume: Volume, prediction: Prediction, cls: str,
 
 
 def _finding_group(volume: Volume, prediction: Prediction, cls: str, groups: list[list[int]],
-                   revision: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+                   revision: int, settings: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     model = prediction.model
     present = cls in prediction.positive_classes()  # the consistency rule lives in Prediction
     concept = FINDING_CODES[cls]
@@ -111,7 +113,7 @@ def _finding_group(volume: Volume, prediction: Prediction, cls: str, groups: lis
     )
     tracking = hd.sr.TrackingIdentifier(
         uid=result_uid(volume.series_instance_uid, model.name, model.version, "tracking",
-                       CLASSES.index(cls), revision),
+                       CLASSES.index(cls), revision, settings=settings),
         identifier=f"ICH AI finding {cls}",
     )
     probability = hd.sr.Measurement(
@@ -186,7 +188,18 @@ def _image_range(volume: Volume, prediction: Prediction, classes: Sequence[str],
     return f"image {lo}{where}" if lo == hi else f"images {lo}-{hi}{where}"
 
 
-def summary_text(volume: Volume, prediction: Prediction, groups: list[list[int]] | None = None) -> str:
+def lossy_text(history: LossyHistory | None) -> str:
+    """The SR's statement that the analysed images were lossy compressed ('' when they were not)."""
+    if history is None:
+        return ""
+    how = ", ".join(f"{m} {r}:1" if r else m for m, r in zip(history.methods, history.ratios or
+                                                          [""] * len(history.methods), strict=True))
+    return (f" The analysed images were lossy compressed ({how or 'method not stated'}); "
+            "compression artefacts may affect the findings.")
+
+
+def summary_text(volume: Volume, prediction: Prediction, groups: list[list[int]] | None = None,
+                 lossy: LossyHistory | None = None) -> str:
     """The report in one or two sentences a doctor reads first; never the class name "any"."""
     groups = groups or [[i] for i in range(volume.n_slices)]
     model = prediction.model
@@ -202,7 +215,7 @@ def summary_text(volume: Volume, prediction: Prediction, groups: list[list[int]]
         images = _image_range(volume, prediction, classes, groups)
         finding = f"Intracranial hemorrhage suspected: {'; '.join(parts)}" + (f", {images}" if images else "") + "."
     text = (f"{finding} Not for diagnostic use. Research software output from {model.name} {model.version}, "
-            f"not verified by a physician.")
+            f"not verified by a physician.{lossy_text(lossy)}")
     if prediction.incomplete:
         text = f"{PRELIMINARY_LINE}: {prediction.incomplete}. {text}"
     if prediction.replaces_preliminary:
@@ -217,7 +230,7 @@ def _note_container(volume: Volume, prediction: Prediction, groups: list[list[in
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     container.ContentSequence = [hd.sr.TextContentItem(
-        name=codes.DCM.Comment, value=summary_text(volume, prediction, groups),
+        name=codes.DCM.Comment, value=summary_text(volume, prediction, groups, volume_lossy(volume)),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )]
     return container
@@ -228,7 +241,7 @@ def region_label(cls: str, probability: float) -> str:
 
 
 def _region_groups(volume: Volume, prediction: Prediction, groups: list[list[int]],
-                   revision: int) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+                   revision: int, settings: str) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """One planar ROI group per present finding and key slice (a slice with its decision heatmap)."""
     model = prediction.model
     out = []
@@ -254,7 +267,7 @@ def _region_groups(volume: Volume, prediction: Prediction, groups: list[list[int
             out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=result_uid(volume.series_instance_uid, model.name, model.version, "region",
-                                   k * 100000 + index, revision),
+                                   k * 100000 + index, revision, settings=settings),
                     identifier=region_label(cls, probability)),
                 referenced_region=region,
                 finding_type=FINDING_CODES[cls],
@@ -268,17 +281,27 @@ def _region_groups(volume: Volume, prediction: Prediction, groups: list[list[int
     return out
 
 
-def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 9901, instance_number: int = 1,
-             revision: int = 0, predecessor: Dataset | None = None,
+def build_sr(volume: Volume, prediction: Prediction, *, series_number: int | None = None,
+             instance_number: int = 1, revision: int = 0, predecessor: Dataset | None = None,
              slice_groups: Sequence[Sequence[int]] | None = None, institution_name: str | None = None,
-             institutional_department_name: str | None = None, sr_class: str = "comprehensive3d") -> Dataset:
-    """The SR for one analysed series, in the source study, in its own (deterministic) series."""
+             institutional_department_name: str | None = None, sr_class: str = "comprehensive3d",
+             settings: str | None = None, site: str = "") -> Dataset:
+    """The SR for one analysed series, in the source study, in its own (deterministic) series.
+
+    `settings` is the ResultSettings key for the UIDs (default: the prediction's thresholds, default
+    cap and slabs); `site` the installation's site value for the Device Observer UID; the series number
+    defaults to result_series_numbers' (source series, revision).
+    """
     if sr_class not in SR_CLASSES:
         raise ValueError(f"unknown SR class {sr_class!r}; use one of {', '.join(SR_CLASSES)}")
     groups = check_groups(volume, prediction, slice_groups)
     model = prediction.model
+    if settings is None:
+        settings = ResultSettings(prediction.model.thresholds).key()
+    if series_number is None:
+        series_number = result_series_numbers(volume.headers[0].get("SeriesNumber"), revision)[0]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=result_uid(volume.series_instance_uid, model.name, model.version, "device"),
+        uid=result_uid(volume.series_instance_uid, model.name, model.version, "device", site=site),
         name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=model.name[:64],
         serial_number=model.version[:64],
     )
@@ -289,20 +312,22 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=PROCEDURE_REPORTED,
-        imaging_measurements=[*_region_groups(volume, prediction, groups, revision),
-                              *[_finding_group(volume, prediction, cls, groups, revision) for cls in CLASSES]],
+        imaging_measurements=[*_region_groups(volume, prediction, groups, revision, settings),
+                              *[_finding_group(volume, prediction, cls, groups, revision, settings)
+                                for cls in CLASSES]],
         referenced_images=volume.headers,  # TID 1600 Image Library: what a viewer loads for the regions
     )
     _move_class_groups_to_derived(report[0])
     report[0].ContentSequence.append(_note_container(volume, prediction, groups))
 
     evidence = [with_type2(volume.headers[0]), *volume.headers[1:]]
-    uid = result_uid(volume.series_instance_uid, model.name, model.version, "sr", 0, revision)
+    uid = result_uid(volume.series_instance_uid, model.name, model.version, "sr", 0, revision,
+                     settings=settings)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
         series_instance_uid=result_uid(volume.series_instance_uid, model.name, model.version, "sr-series",
-                                       0, revision),
+                                       0, revision, settings=settings),
         series_number=series_number,
         sop_instance_uid=uid,
         instance_number=instance_number,
@@ -317,7 +342,7 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int = 990
     )
     sr.SeriesDescription = series_description(SR_SERIES_DESCRIPTION, revision)
     sr.CodingSchemeIdentificationSequence = [_private_scheme()]
-    set_character_set(sr, volume.headers[0])
+    finish_result(sr, volume.headers[0])
     return as_sr_class(sr, sr_class) if sr_class != "comprehensive3d" else sr
 
 

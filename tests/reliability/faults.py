@@ -158,21 +158,22 @@ def check_results_once(pacs: MiniPACS, node: object, study: Study) -> ResultChec
     scheme (ihd_node.report.uids) gives for this series, model and revision. Returns what was found."""
     analyses = node.query(  # type: ignore[attr-defined]
         "SELECT a.revision, a.model_name, a.model_version, a.sr_sop_instance_uid, a.n_secondary_captures, "
-        "a.n_model_slices FROM analyses a JOIN series s ON s.id = a.series_id "
+        "a.n_model_slices, a.settings_key FROM analyses a JOIN series s ON s.id = a.series_id "
         "WHERE s.series_instance_uid = ? ORDER BY a.revision", study.series_uid)
     assert analyses, "no analysis recorded"
     revisions: dict[int, dict] = {}
     allowed: dict[str, tuple[str, int]] = {}  # SOP UID -> (kind, report revision)
-    for revision, name, version, sr_uid, n_sc, n_model in analyses:
+    for revision, name, version, sr_uid, n_sc, n_model, key in analyses:
         report_rev = revision - 1  # analyses.revision counts from 1; the report's revision from 0
-        expected_sr = result_uid(study.series_uid, name, version, "sr", 0, report_rev)
+        expected_sr = result_uid(study.series_uid, name, version, "sr", 0, report_rev, settings=key)
         assert sr_uid == expected_sr, "SR UID is not the deterministic one"
-        sc_series = result_uid(study.series_uid, name, version, "sc-series", 0, report_rev)
+        sc_series = result_uid(study.series_uid, name, version, "sc-series", 0, report_rev, settings=key)
         revisions[revision] = {"sr": sr_uid, "sc_series": sc_series, "n_sc": n_sc}
         allowed[sr_uid] = ("SR", revision)
         allowed[result_uid(study.series_uid, name, version, "sc-summary", 0, report_rev)] = ("SC", revision)
         for index in range(n_model):
-            allowed[result_uid(study.series_uid, name, version, "sc", index, report_rev)] = ("SC", revision)
+            allowed[result_uid(study.series_uid, name, version, "sc", index, report_rev, settings=key)] = (
+                "SC", revision)
 
     objects = pacs.objects(study.study_uid)
     received = [o.sop_instance_uid for o in objects]

@@ -50,8 +50,9 @@ def test_late_slices_give_a_revised_sr_and_a_new_capture_series(tmp_path: Path, 
     objects = pacs.objects(study.study_uid)
     assert objects[:5] == list(r0.values()) and len(objects) == 5 + 1 + found.revisions[2]["n_sc"]
 
-    name, version = node.query("SELECT model_name, model_version FROM analyses LIMIT 1")[0]
-    uid = lambda role, rev, index=0: result_uid(study.series_uid, name, version, role, index, rev)  # noqa: E731
+    name, version, key = node.query("SELECT model_name, model_version, settings_key FROM analyses LIMIT 1")[0]
+    uid = lambda role, rev, index=0: result_uid(study.series_uid, name, version, role, index, rev,  # noqa: E731
+                                                settings=key)
     sr0 = pydicom.dcmread(pacs.folder / f"{found.revisions[1]['sr']}.dcm")
     sr1 = pydicom.dcmread(pacs.folder / f"{found.revisions[2]['sr']}.dcm")
     assert (sr0.SOPInstanceUID, sr1.SOPInstanceUID) == (uid("sr", 0), uid("sr", 1))
