@@ -181,7 +181,13 @@ def copy_identity(result: Dataset, source: Dataset, now: dt.datetime | None = No
 
 def finish_result(result: Dataset, source: Dataset) -> None:
     """What every result needs after highdicom built it: the source's identity, then its character set."""
-    copy_identity(result, _decoded(source))
+    # Only the identity attributes are copied and decoded: an Enhanced CT header holds every frame's groups.
+    identity = Dataset()
+    for keyword in ("SpecificCharacterSet", *IDENTITY_ATTRIBUTES):
+        if keyword in source:
+            identity[keyword] = deepcopy(source[keyword])
+    identity.decode()
+    copy_identity(result, identity)
     set_character_set(result, source)
 
 
