@@ -3,8 +3,8 @@
 source_lossy: the analysed images had been lossy compressed. settings_key: the digest of the
 content-changing settings that went into the result UIDs. Both NULL for earlier analyses.
 
-Revision ID: 0006_analysis_lossy_settings
-Revises: 0005_alerts
+Revision ID: 0007_analysis_lossy_settings
+Revises: 0006_cluster
 """
 
 from collections.abc import Sequence
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_analysis_lossy_settings"
-down_revision: str | None = "0005_alerts"
+revision: str = "0007_analysis_lossy_settings"
+down_revision: str | None = "0006_cluster"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
