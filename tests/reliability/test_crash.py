@@ -161,8 +161,9 @@ def test_kill_during_analysis(tmp_path: Path, pacs, make_node, how: str) -> None
 
 @pytest.mark.parametrize("point", ["delivery.stored", "delivery.booked"])
 def test_kill_during_delivery(tmp_path: Path, pacs, make_node, point: str) -> None:
-    """SIGKILL after the 2nd of 5 result objects (SR, summary capture, 3 slice captures): at `delivery.stored` the PACS has answered success but
-    the outbox row is not booked yet; at `delivery.booked` it is booked. The restart sends only what is
+    """SIGKILL after the 2nd of 5 result objects (SR, summary capture, 3 slice captures): at
+    `delivery.stored` the PACS has answered success but the outbox row is not booked yet; at
+    `delivery.booked` it is booked. The restart sends only what is
     not booked. At delivery.stored the in-flight object reaches the PACS twice with the same SOP Instance
     UID (DICOM has no way to know the first answer was lost with the process); the PACS stores it once."""
     study = make_study(tmp_path / "study", seed=14, n_slices=N)
