@@ -186,7 +186,8 @@ def test_serve_process_with_dcmtk_storescu_and_sigterm(tmp_path: Path) -> None:
                      str(folder)]
             sent = subprocess.run(store, env=env, capture_output=True, text=True, timeout=60)
             assert sent.returncode == 0, sent.stderr
-            assert wait_until(lambda: len(pacs.objects(phantom.study_instance_uid)) == 3, 60)
+            # SR, summary capture and max_secondary_captures (2) slice captures
+            assert wait_until(lambda: len(pacs.objects(phantom.study_instance_uid)) == 4, 60)
         finally:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=60)
