@@ -163,7 +163,8 @@ class NodeConfig(_Section):
     acse_timeout: Num = _f(30.0, "Seconds to wait for association messages.", 30, gt=0)
     dimse_timeout: Num = _f(30.0, "Seconds to wait for DIMSE messages.", 30, gt=0)
     network_timeout: Num = _f(30.0, "Seconds of silence before an idle association is closed.", 30, gt=0)
-    max_pdu: Int = _f(0, "Largest PDU the node accepts, bytes; 0 = no limit.", 0, ge=0)
+    max_pdu: Int = _f(262144, "Max PDU Length the node announces, bytes; a larger PDU closes the connection.",
+                      262144, ge=4096, le=16777216)
     heartbeat_seconds: Num = _f(
         10.0, "How often the running node books a heartbeat (`ihd-node status` tells running from stopped).", 10,
         gt=0,

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,9 +35,11 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    case,
     create_engine,
     event,
     func,
+    insert,
     select,
     update,
 )
@@ -376,6 +379,27 @@ class Recorded:
 
 
 @dataclass(frozen=True)
+class InstanceRecord:
+    """One received instance, as record_instance stores it."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str | Path
+    size: int
+    sha256: str
+    transfer_syntax: str | None = None
+    calling_aet: str | None = None
+    peer_address: str | None = None
+    association_id: str | None = None
+    accession_number: str | None = None
+    modality: str | None = None
+    series_description: str | None = None
+    received_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Candidate:
     series_instance_uid: str
     rule: str  # "quiet" or "max_wait"
@@ -563,104 +587,150 @@ class Database:
 
     # -------------------------------------------------------- receiving
 
-    def record_instance(
-        self,
-        *,
-        study_instance_uid: str,
-        series_instance_uid: str,
-        sop_instance_uid: str,
-        sop_class_uid: str,
-        path: str | Path,
-        size: int,
-        sha256: str,
-        transfer_syntax: str | None = None,
-        calling_aet: str | None = None,
-        peer_address: str | None = None,
-        association_id: str | None = None,
-        accession_number: str | None = None,
-        modality: str | None = None,
-        series_description: str | None = None,
-        received_at: datetime | None = None,
-    ) -> Recorded:
+    def record_instance(self, **fields: Any) -> Recorded:
         """Store one received instance idempotently and keep study/series bookkeeping up to date.
 
         A new instance (or changed content) of a series that had already left "received" reopens it, so the
-        assembler completes it again and the worker re-analyzes (revision + 1).
+        assembler completes it again and the worker re-analyzes (revision + 1). Keywords: the fields of
+        InstanceRecord.
         """
-        now = received_at or utcnow()
-        with self.session() as s:
-            study = s.scalars(
-                select(Study).where(Study.study_instance_uid == study_instance_uid)
-            ).one_or_none()
-            if study is None:
-                study = Study(study_instance_uid=study_instance_uid, first_received=now, last_received=now)
-                s.add(study)
-            study.last_received = max(study.last_received, now)
-            if accession_number:
-                study.accession_number = accession_number[:16]
+        result = self.record_instances([InstanceRecord(**fields)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-            series = s.scalars(
-                select(Series).where(Series.series_instance_uid == series_instance_uid)
-            ).one_or_none()
-            previous_state = None if series is None else series.state
-            if series is None:
-                series = Series(
-                    series_instance_uid=series_instance_uid,
-                    study=study,
-                    state="received",
-                    n_instances=0,
-                    revision=0,
-                    first_received=now,
-                    last_received=now,
-                    updated=now,
-                )
-                s.add(series)
-            series.modality = modality or series.modality
-            series.series_description = (series_description or series.series_description or "")[:64] or None
-            s.flush()  # ids for the foreign keys below
+    def record_instances(self, records: Sequence[InstanceRecord]) -> list[Recorded | Exception]:
+        """Several instances in one transaction (group commit, see InstanceBatcher); one result per record.
 
-            inst = s.scalars(
-                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
-            ).one_or_none()
-            new = inst is None
-            changed = False
-            if inst is None:
-                inst = Instance(sop_instance_uid=sop_instance_uid, series_id=series.id)
-                s.add(inst)
+        If the transaction fails, each record is tried again in its own, so one bad row cannot fail the others;
+        the result is then the exception of the records that still fail."""
+        try:
+            with self.session() as s:
+                return [self._record(s, r) for r in records]
+        except Exception as exc:
+            if len(records) == 1:
+                return [exc]
+        out: list[Recorded | Exception] = []
+        for r in records:
+            try:
+                with self.session() as s:
+                    out.append(self._record(s, r))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _record(self, s: Session, r: InstanceRecord) -> Recorded:
+        """The usual case — a new instance of a known series still in "received" — in four plain statements;
+        everything else (new study or series, resend, changed content, moved or late instance) in
+        _record_full. Both in session `s`, so they share its transaction."""
+        now = r.received_at or utcnow()
+        conn = s.connection()
+        row = conn.execute(select(Series.id, Series.study_id, Series.state, Series.last_received).where(
+            Series.series_instance_uid == r.series_instance_uid)).first()
+        if row is None or row.state != "received" or conn.execute(select(Instance.id).where(
+                Instance.sop_instance_uid == r.sop_instance_uid)).first() is not None:
+            s.expire_all()  # ORM objects loaded earlier in this batch may be older than the plain updates
+            rec = self._record_full(s, r, now)
+            s.flush()  # the plain statements of the next record do not autoflush
+            return rec
+        conn.execute(insert(Instance).values(
+            sop_instance_uid=r.sop_instance_uid, series_id=row.id, sop_class_uid=r.sop_class_uid,
+            path=str(r.path), size=r.size, sha256=r.sha256, transfer_syntax=r.transfer_syntax,
+            calling_aet=r.calling_aet, peer_address=r.peer_address, received_at=now))
+        conn.execute(update(Series).where(Series.id == row.id).values(
+            n_instances=Series.n_instances + 1, last_received=max(row.last_received, now),
+            calling_aet=func.coalesce(r.calling_aet or None, Series.calling_aet),
+            last_association=r.association_id, association_released=None, updated=now,
+            modality=func.coalesce(r.modality or None, Series.modality),
+            series_description=func.coalesce((r.series_description or "")[:64] or None,
+                                             Series.series_description)))
+        study_values: dict[str, Any] = {"last_received": case((Study.last_received < now, now),
+                                                              else_=Study.last_received)}
+        if r.accession_number:
+            study_values["accession_number"] = r.accession_number[:16]
+        conn.execute(update(Study).where(Study.id == row.study_id).values(**study_values))
+        return Recorded(new=True, changed_content=False, reopened=False, previous_state="received")
+
+    @staticmethod
+    def _record_full(s: Session, r: InstanceRecord, now: datetime) -> Recorded:
+        """record_instance's whole logic with the ORM (first instance of a series, resends, late instances)."""
+        (study_instance_uid, series_instance_uid, sop_instance_uid, sop_class_uid, path, size, sha256,
+         transfer_syntax, calling_aet, peer_address, association_id, accession_number, modality,
+         series_description) = (r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid, r.sop_class_uid,
+                                r.path, r.size, r.sha256, r.transfer_syntax, r.calling_aet, r.peer_address,
+                                r.association_id, r.accession_number, r.modality, r.series_description)
+        study = s.scalars(
+            select(Study).where(Study.study_instance_uid == study_instance_uid)
+        ).one_or_none()
+        if study is None:
+            study = Study(study_instance_uid=study_instance_uid, first_received=now, last_received=now)
+            s.add(study)
+        study.last_received = max(study.last_received, now)
+        if accession_number:
+            study.accession_number = accession_number[:16]
+
+        series = s.scalars(
+            select(Series).where(Series.series_instance_uid == series_instance_uid)
+        ).one_or_none()
+        previous_state = None if series is None else series.state
+        if series is None:
+            series = Series(
+                series_instance_uid=series_instance_uid,
+                study=study,
+                state="received",
+                n_instances=0,
+                revision=0,
+                first_received=now,
+                last_received=now,
+                updated=now,
+            )
+            s.add(series)
+        series.modality = modality or series.modality
+        series.series_description = (series_description or series.series_description or "")[:64] or None
+        s.flush()  # ids for the foreign keys below
+
+        inst = s.scalars(
+            select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+        ).one_or_none()
+        new = inst is None
+        changed = False
+        if inst is None:
+            inst = Instance(sop_instance_uid=sop_instance_uid, series_id=series.id)
+            s.add(inst)
+            series.n_instances += 1
+        else:
+            changed = inst.sha256 != sha256
+            if inst.series_id != series.id:
+                # Same SOP UID now claimed by another series: move it, keep both counts honest.
+                old = s.get(Series, inst.series_id)
+                if old is not None:
+                    old.n_instances -= 1
+                    _reopen(old, now, "an instance moved to another series")
                 series.n_instances += 1
-            else:
-                changed = inst.sha256 != sha256
-                if inst.series_id != series.id:
-                    # Same SOP UID now claimed by another series: move it, keep both counts honest.
-                    old = s.get(Series, inst.series_id)
-                    if old is not None:
-                        old.n_instances -= 1
-                        _reopen(old, now, "an instance moved to another series")
-                    series.n_instances += 1
-                    changed = True
-            inst.series_id = series.id
-            inst.sop_class_uid, inst.path, inst.size, inst.sha256 = sop_class_uid, str(path), size, sha256
-            inst.transfer_syntax, inst.calling_aet, inst.peer_address = (
-                transfer_syntax,
-                calling_aet,
-                peer_address,
-            )
-            inst.received_at = now
+                changed = True
+        inst.series_id = series.id
+        inst.sop_class_uid, inst.path, inst.size, inst.sha256 = sop_class_uid, str(path), size, sha256
+        inst.transfer_syntax, inst.calling_aet, inst.peer_address = (
+            transfer_syntax,
+            calling_aet,
+            peer_address,
+        )
+        inst.received_at = now
 
-            # A resend of identical content changes nothing about completion; anything else restarts it.
-            reopened = False
-            if new or changed:
-                series.last_received = max(series.last_received, now)
-                series.calling_aet = calling_aet or series.calling_aet
-                series.last_association = association_id
-                series.association_released = None
-                if previous_state not in (None, "received"):
-                    why = "changed instance" if changed else "late instance"
-                    reopened = _reopen(series, now, f"{why} after state {previous_state}")
-            series.updated = now
-            return Recorded(
-                new=new, changed_content=changed, reopened=reopened, previous_state=previous_state
-            )
+        # A resend of identical content changes nothing about completion; anything else restarts it.
+        reopened = False
+        if new or changed:
+            series.last_received = max(series.last_received, now)
+            series.calling_aet = calling_aet or series.calling_aet
+            series.last_association = association_id
+            series.association_released = None
+            if previous_state not in (None, "received"):
+                why = "changed instance" if changed else "late instance"
+                reopened = _reopen(series, now, f"{why} after state {previous_state}")
+        series.updated = now
+        return Recorded(
+            new=new, changed_content=changed, reopened=reopened, previous_state=previous_state
+        )
 
     def association_released(self, association_id: str, when: datetime | None = None) -> int:
         """Note that an association ended; its series may now complete by the quiet rule. Returns how many."""
@@ -1306,6 +1376,46 @@ class Database:
                     peer_address=peer_address,
                 )
             )
+
+
+class InstanceBatcher:
+    """Group commit for received instances: each caller returns once its row is committed, and rows that
+    arrive while a transaction is running are committed together in the next one (at most max_batch).
+
+    No timer and no extra thread: the first waiting caller commits for everyone queued (leader), so one
+    sender alone still pays one transaction per instance and no added wait, and 8 concurrent senders
+    share transactions."""
+
+    def __init__(self, db: Database, max_batch: int = 64) -> None:
+        self.db, self.max_batch = db, max_batch
+        self._pending: list[tuple[InstanceRecord, Future[Recorded]]] = []
+        self._pending_lock = threading.Lock()
+        self._leader = threading.Lock()
+        self.transactions = 0  # how many record_instances calls (for tests and benchmarks)
+
+    def record(self, record: InstanceRecord) -> Recorded:
+        """Commit `record` (perhaps with others); raises what recording it raised."""
+        future: Future[Recorded] = Future()
+        with self._pending_lock:
+            self._pending.append((record, future))
+        while not future.done():
+            with self._leader:
+                if future.done():  # an earlier leader committed it
+                    break
+                with self._pending_lock:
+                    batch = self._pending[: self.max_batch]
+                    del self._pending[: self.max_batch]
+                self.transactions += 1
+                try:
+                    results: list[Recorded | Exception] = self.db.record_instances([r for r, _ in batch])
+                except BaseException as exc:  # noqa: BLE001 (handed to every waiter, then raised)
+                    results = [exc] * len(batch)  # type: ignore[list-item]
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+        return future.result()
 
 
 def _reopen(series: Series, now: datetime, why: str) -> bool:

@@ -9,15 +9,27 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import default_config
-from ihd_node.db import Base, Database, ResultObject, classify_status, open_database, utcnow
+from ihd_node.db import (
+    Base,
+    Database,
+    InstanceBatcher,
+    InstanceRecord,
+    ResultObject,
+    Series,
+    classify_status,
+    open_database,
+    utcnow,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -489,3 +501,67 @@ def test_a_worker_taken_for_dead_cannot_add_a_second_revision(db: Database) -> N
     with pytest.raises(Superseded):  # and after B finished, A is still refused
         db.finish_analysis("1.2.3", expect_started=at(8), now=at(27), **late)
     assert db.get_series("1.2.3").revision == 1
+
+
+def record(sop: str, *, series: str = "1.2.3", sha: str | None = None, t: float = 0.0, size: int | None = 1000,
+           assoc: str = "a1") -> InstanceRecord:
+    return InstanceRecord(study_instance_uid="1.2", series_instance_uid=series, sop_instance_uid=sop,
+                          sop_class_uid=CT, path=f"/spool/{sop}.dcm", size=size,  # type: ignore[arg-type]
+                          sha256=sha or f"sha-{sop}", calling_aet="PACS", association_id=assoc,
+                          accession_number="ACC42", modality="CT", series_description="HEAD", received_at=at(t))
+
+
+def series_rows(db: Database) -> list[tuple]:
+    with db.read_session() as s:
+        return [(r.series_instance_uid, r.state, r.n_instances, r.last_received, r.last_association)
+                for r in s.query(Series).order_by(Series.series_instance_uid)]
+
+
+def test_one_transaction_for_a_mixed_batch_gives_what_one_at_a_time_gives(tmp_path: Path) -> None:
+    """The batch mixes every path: new series, the short path (known series in "received"), a resend, changed
+    content, and a late instance of a complete series (reopened)."""
+    def batch() -> list[InstanceRecord]:
+        return [record("1.1", t=1), record("1.2", t=2), record("1.1", t=3), record("1.2", sha="other", t=4),
+                record("2.1", series="1.2.9", t=5), record("2.2", series="1.2.9", t=6), record("1.3", t=7)]
+
+    one, many = (open_database(f"sqlite:///{tmp_path / name}") for name in ("one.sqlite", "many.sqlite"))
+    for db in (one, many):
+        db.record_instance(**vars(record("2.0", series="1.2.9", t=0)))
+        db.set_series_state("1.2.9", "complete", completion_rule="quiet")
+    singles = [one.record_instance(**vars(r)) for r in batch()]
+    together = many.record_instances(batch())
+    assert together == singles
+    assert [(x.new, x.changed_content, x.reopened, x.previous_state) for x in together] == [
+        (True, False, False, None), (True, False, False, "received"), (False, False, False, "received"),
+        (False, True, False, "received"), (True, False, True, "complete"), (True, False, False, "received"),
+        (True, False, False, "received")]
+    assert series_rows(many) == series_rows(one)
+    assert series_rows(many)[0][1:3] == ("received", 3)
+    assert series_rows(many)[1][1:3] == ("received", 3)  # reopened by the late instance
+
+
+def test_a_failing_record_does_not_fail_the_others_in_its_batch(db: Database) -> None:
+    results = db.record_instances([record("1.1"), record("1.2", size=None), record("1.3")])
+    assert isinstance(results[1], Exception) and not isinstance(results[0], Exception)
+    assert not isinstance(results[2], Exception)
+    assert series_rows(db)[0][2] == 2
+
+
+def test_group_commit_shares_one_transaction_among_waiting_senders(db: Database) -> None:
+    batcher = InstanceBatcher(db)
+    out: dict[int, object] = {}
+    with batcher._leader:  # a transaction is running: the 8 senders queue up behind it
+        threads = [threading.Thread(target=lambda k=k: out.__setitem__(k, batcher.record(record(f"3.{k}"))))
+                   for k in range(8)]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 10
+        while len(batcher._pending) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for th in threads:
+        th.join(10)
+    assert batcher.transactions == 1  # the first to get the lock committed all eight
+    assert all(r.new for r in out.values()) and len(out) == 8  # type: ignore[attr-defined]
+    assert series_rows(db)[0][2] == 8
+    with pytest.raises(IntegrityError):  # an error reaches its own caller
+        batcher.record(record("3.9", size=None))

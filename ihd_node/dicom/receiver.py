@@ -20,19 +20,22 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Protocol
 
 from pydicom import uid as tsuid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
 from ihd_node import nodelog
-from ihd_node.db import Database, Series, Study, utcnow
+from ihd_node.db import Database, InstanceBatcher, InstanceRecord, Series, Study, utcnow
 from ihd_node.dicom.mpps import MPPS_SOP_CLASS, MppsScp
+from ihd_node.dicom.network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.dicom.volume import CT_CLASSES
 from ihd_node.spool import Spool, sha256_hex, valid_uid, write_atomic
 
@@ -136,15 +139,32 @@ class Admission:
         return any(ip in net for net in self._networks)
 
 
-def truncated(ds: Dataset) -> str | None:
+DEFER_BYTES = 65536  # values longer than this (pixel data) are not read when the handler parses
+
+
+def read_received(raw: bytes, transfer_syntax: str) -> Dataset | None:
+    """The received data set with long values left unread (pixel data is never copied or decoded here);
+    None for a deflated data set (the caller lets pynetdicom inflate it)."""
+    ts = tsuid.UID(transfer_syntax)
+    if ts == tsuid.DeflatedExplicitVRLittleEndian or not ts.is_transfer_syntax:
+        return None
+    return read_dataset(BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, defer_size=DEFER_BYTES)
+
+
+def truncated(ds: Dataset, size: int | None = None) -> str | None:
     """Why the top level of a received data set shows it was cut short, or None.
 
     pydicom reads a value that runs past the end of the bytes without complaint (it keeps what is there),
-    so a file truncated inside an element would otherwise be stored and answered with success."""
-    for elem in ds.elements():
-        if (isinstance(elem, RawDataElement) and isinstance(elem.value, bytes)
-                and elem.length != 0xFFFFFFFF and len(elem.value) < elem.length):
+    so a file truncated inside an element would otherwise be stored and answered with success. `size`: the
+    length of the bytes, for values read_received left unread."""
+    for tag in ds.keys():
+        elem = ds.get_item(tag, keep_deferred=True)  # a deferred value stays unread
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+            continue
+        if isinstance(elem.value, bytes) and len(elem.value) < elem.length:
             return f"element {elem.tag} declares {elem.length} bytes, only {len(elem.value)} arrived"
+        if elem.value is None and size is not None and elem.value_tell + elem.length > size:
+            return f"element {elem.tag} declares {elem.length} bytes, only {size - elem.value_tell} arrived"
     return None
 
 
@@ -176,7 +196,8 @@ class Receiver:
     def __init__(self, spool: Spool, recorder: Recorder, admission: Admission, *, host: str = "0.0.0.0",
                  port: int = 11112, ssl_context: ssl.SSLContext | None = None, min_free_bytes: int = 0,
                  max_associations: int = 16, acse_timeout: float = 30, dimse_timeout: float = 60,
-                 network_timeout: float = 60, max_pdu: int = 0, mpps: MppsScp | None = None) -> None:
+                 network_timeout: float = 60, max_pdu: int = DEFAULT_MAX_PDU, mpps: MppsScp | None = None,
+                 fast_network: bool = True) -> None:
         self.spool = spool
         self.recorder = recorder
         self.admission = admission
@@ -193,7 +214,9 @@ class Receiver:
 
         ae = AE(ae_title=admission.ae_title)
         ae.maximum_associations = max_associations
-        ae.maximum_pdu_size = max_pdu  # 0 = no limit
+        ae.maximum_pdu_size = max_pdu  # announced, and the bound on what is read (ihd_node.dicom.network)
+        identify(ae)
+        self.fast_network = fast_network
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = acse_timeout, dimse_timeout, network_timeout
         ae.require_called_aet = False  # checked in _on_requested, which logs who was refused
         ae.add_supported_context(Verification)
@@ -218,9 +241,11 @@ class Receiver:
         if self.mpps is not None:
             handlers += [(evt.EVT_N_CREATE, self._on_mpps, ["create"]), (evt.EVT_N_SET, self._on_mpps, ["set"])]
         context = _HandshakeInConnectionThread(self.ssl_context) if self.ssl_context else None
-        self._server = self.ae.start_server((self.host, self.port), block=False,
-                                            ssl_context=context,  # type: ignore[arg-type]
-                                            evt_handlers=handlers)
+        # As AE.start_server(block=False), with the node's server class (TCP_NODELAY, faster, bounded reads).
+        self._server = self.ae.make_server((self.host, self.port), ssl_context=context,  # type: ignore[arg-type]
+                                           evt_handlers=handlers, server_class=server_class(self.fast_network))
+        self.ae._servers.append(self._server)  # its shutdown() removes it from there
+        threading.Thread(target=self._server.serve_forever, name=f"ihd-scp-{self.port}", daemon=True).start()
         self.port = int(self._server.server_address[1])
         nodelog.info("scp.listening", ae=self.admission.ae_title, host=self.host, port=self.port,
                      tls="yes" if self.ssl_context else "no")
@@ -371,8 +396,10 @@ class Receiver:
 
         raw = rq.DataSet.getvalue()
         try:
-            ds = event.dataset  # parses elements only; pixel data stays bytes
-            cut = truncated(ds)
+            ds = read_received(raw, str(event.context.transfer_syntax))
+            if ds is None:
+                ds = event.dataset  # deflated: pynetdicom inflates it
+            cut = truncated(ds, len(raw))
             if cut:
                 return self._refuse(peer, UNPARSEABLE, f"the dataset is truncated: {cut}")
             if raw and not len(ds):  # what pydicom returns for a cut inside an undefined-length element
@@ -428,6 +455,7 @@ class DatabaseRecorder:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.batcher = InstanceBatcher(db)  # concurrent associations share transactions
 
     def event(self, kind: str, message: str, *, level: str = "INFO", peer: Peer | None = None,
               series_uid: str | None = None, study_uid: str | None = None) -> None:
@@ -444,14 +472,14 @@ class DatabaseRecorder:
                 self.event("ignored", inst.ignored_reason, peer=inst.peer,
                            series_uid=inst.series_instance_uid, study_uid=inst.study_instance_uid)
             return
-        rec = self.db.record_instance(
+        rec = self.batcher.record(InstanceRecord(
             study_instance_uid=inst.study_instance_uid, series_instance_uid=inst.series_instance_uid,
             sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid, path=str(inst.path),
             size=inst.size, sha256=inst.sha256, transfer_syntax=inst.transfer_syntax_uid,
             calling_aet=inst.peer.calling_aet[:16], peer_address=inst.peer.address,
             association_id=inst.peer.key,
             accession_number=inst.accession_number or None, modality=inst.modality or None,
-            series_description=inst.series_description or None)
+            series_description=inst.series_description or None))
         where = {"peer": inst.peer, "series_uid": inst.series_instance_uid,
                  "study_uid": inst.study_instance_uid}
         if rec.changed_content:

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import pydicom
 from pydicom import uid as tsuid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from ihd_node import faults, nodelog
 from ihd_node.config import Config
 from ihd_node.db import AttemptResult, Database, Delivery, utcnow
+from ihd_node.dicom.network import identify, on_outgoing_connection
 from ihd_node.report.sr_classes import SR_CLASS_NAMES, SR_CLASSES, as_sr_class, sr_fallbacks
 
 NOT_SUPPORTED = 0x0122  # booked when the destination did not accept the SOP class's presentation context
@@ -79,6 +80,7 @@ def tls_client_context(tls: object | None) -> ssl.SSLContext | None:
 
 def _associate(calling_aet: str, dest: object, contexts: Sequence[tuple[str, list[str]]]):
     ae = AE(ae_title=calling_aet)
+    identify(ae)
     timeout = float(getattr(dest, "timeout", 30.0))
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -87,7 +89,8 @@ def _associate(calling_aet: str, dest: object, contexts: Sequence[tuple[str, lis
     context = tls_client_context(getattr(dest, "tls", None))
     tls_args = (context, str(dest.host)) if context else None
     try:
-        assoc = ae.associate(str(dest.host), int(dest.port), ae_title=str(dest.ae_title), tls_args=tls_args)
+        assoc = ae.associate(str(dest.host), int(dest.port), ae_title=str(dest.ae_title), tls_args=tls_args,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_outgoing_connection)])
     except (OSError, ssl.SSLError) as exc:
         raise NoAssociation(f"cannot connect: {exc}") from None
     if assoc.is_established:
