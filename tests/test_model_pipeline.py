@@ -120,3 +120,25 @@ def test_heatmaps_stay_inside_the_intracranial_space(model: IhdModel, explain: s
 def test_explain_mode_is_checked(model: IhdModel) -> None:
     with pytest.raises(UserError, match="explain"):
         Predictor.from_model(model, {}, "t", "0", explain="lstm")
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_the_fused_forward_pass_gives_the_eager_results(backbone: str) -> None:
+    """Without heatmaps the forward pass runs on a conv+batch-norm fused copy (issue 11): same probabilities."""
+    torch.manual_seed(3)
+    model = IhdModel(tiny_config(backbone))
+    with torch.no_grad():  # batch-norm statistics away from 0/1, so a wrong fold would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    hu = np.random.default_rng(3).normal(40, 30, (5, 64, 64)).astype(np.float32)
+    fast = Predictor.from_model(model, {}, "t", "0")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast._cnn_forward.modules())
+    slow = Predictor(model, {}, "t", "0", optimize=False)
+    a = fast.predict(hu, explain=False).slice_probabilities
+    b = slow.predict(hu, explain=False).slice_probabilities
+    assert np.abs(a - b).max() < 1e-5
+    explained = fast.predict(hu, explain=True).slice_probabilities  # on the original model (Grad-CAM hooks)
+    assert np.abs(explained - a).max() < 1e-5

@@ -195,4 +195,8 @@ def test_serve_process_with_dcmtk_storescu_and_sigterm(tmp_path: Path) -> None:
     lines = out.splitlines()
     assert any(" INFO complete " in line and "rule=quiet" in line for line in lines), out
     assert any("stopped" in line for line in lines)
+    # The model ran once (Grad-CAM and report included) before the port opened (issue 11: first study slow).
+    warmed = [k for k, line in enumerate(lines) if "model.warmed" in line]
+    listening = [k for k, line in enumerate(lines) if "scp.listening" in line]
+    assert warmed and listening and warmed[0] < listening[0], out
     assert "PatientName" not in out and str(phantom.datasets[0].PatientName) not in out
