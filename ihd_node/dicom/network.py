@@ -230,8 +230,10 @@ class FastAssociation(Association):
             if msg:
                 self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
             if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
+                # Set before the A-RELEASE-RP leaves: the DUL thread sends it at once, and the peer's
+                # connection close can then race EVT_RELEASED below; handlers tell it by is_released.
                 self.is_released = True
+                self.acse.send_release(is_response=True)
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()

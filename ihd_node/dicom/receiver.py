@@ -337,6 +337,8 @@ class Receiver:
                         f"contexts={len(event.assoc.accepted_contexts)}", peer=peer)
 
     def _on_ended(self, event: evt.Event, how: str) -> None:
+        if how == "closed" and getattr(event.assoc, "is_released", False):
+            how = "released"  # the close overtook EVT_RELEASED (ihd_node.dicom.network.FastAssociation)
         with self._lock:
             peer = self._peers.pop(event.assoc, None)
             unrequested = self._unrequested.pop(event.assoc, None)
