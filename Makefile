@@ -41,10 +41,12 @@ lint: venv
 	$(BIN)/ruff check ihd_node training tests bench
 
 bench: venv
-	$(BIN)/python bench/bench_model.py
+	$(BIN)/python bench/bench_intake.py
 	$(BIN)/python bench/bench_node.py
 	$(BIN)/python bench/bench_completion.py
 	$(BIN)/python bench/bench_alert.py
+	$(BIN)/python bench/bench_model_cpu.py
+	$(BIN)/python bench/bench_model.py
 
 train-phantom: venv
 	$(BIN)/python -m training.phantom_recipe --out ihd_node/weights/default.pt

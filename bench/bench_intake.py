@@ -153,6 +153,20 @@ def split(files: list[Path], parts: int, root: Path) -> list[Path]:
     return folders
 
 
+def durable_writes(files: list[Path], root: Path) -> float:
+    """Seconds to write the same bytes as the node does for each instance (temp file, fsync, rename, fsync of
+    the folder), alone: the floor that durability puts under the node's time on this disk, right now."""
+    from ihd_node.spool import write_atomic
+
+    root.mkdir()
+    t0 = time.perf_counter()
+    for i, f in enumerate(files):
+        write_atomic(root / f"{i}.dcm", f.read_bytes(), fault=None)
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(root)
+    return elapsed
+
+
 def top_costs(raw: Path, n: int = 12) -> list[str]:
     """Own and inclusive sample shares per function of the threads that received (py-spy raw format)."""
     own: collections.Counter[str] = collections.Counter()
@@ -218,6 +232,7 @@ def main() -> int:
                         raise RuntimeError(f"{kind} kept {stored} of {len(files)} instances")
                     times[(kind, conc)].append(seconds)
                     shutil.rmtree(rx.root, ignore_errors=True)
+            times[("fsync", 1)].append(durable_writes(files, root / f"durable{r}"))
         profile = None
         if args.profile:
             if not py_spy():
@@ -244,6 +259,10 @@ def main() -> int:
             per = 1000 * t / args.slices
             print(f"    {kind:9s} {t:6.2f} s  {per:5.2f} ms/instance  {args.slices / t:6.0f} instances/s  "
                   f"speed vs storescp {ref / t:4.2f}  (runs: {', '.join(f'{x:.2f}' for x in times[(kind, conc)])})")
+        if conc == 1:
+            t = statistics.median(times[("fsync", 1)])
+            print(f"    (writing the {args.slices} instances durably alone, as the node does: {t:.2f} s, "
+                  f"{1000 * t / args.slices:.2f} ms/instance, on this disk in the same rounds)")
         node, bare = statistics.median(times[("node", conc)]), statistics.median(times[("bare", conc)])
         print(f"    node/storescp speed {ref / node:.2f} (target >= 0.5: {'OK' if ref / node >= 0.5 else 'UNDER'}); "
               f"node vs bare pynetdicom {bare / node:.2f} (target >= 1: {'OK' if bare / node >= 1 else 'UNDER'})")
