@@ -170,7 +170,8 @@ def check_results_once(pacs: MiniPACS, node: object, study: Study) -> ResultChec
         sc_series = result_uid(study.series_uid, name, version, "sc-series", 0, report_rev, settings=key)
         revisions[revision] = {"sr": sr_uid, "sc_series": sc_series, "n_sc": n_sc}
         allowed[sr_uid] = ("SR", revision)
-        allowed[result_uid(study.series_uid, name, version, "sc-summary", 0, report_rev)] = ("SC", revision)
+        allowed[result_uid(study.series_uid, name, version, "sc-summary", 0, report_rev, settings=key)] = (
+            "SC", revision)
         for index in range(n_model):
             allowed[result_uid(study.series_uid, name, version, "sc", index, report_rev, settings=key)] = (
                 "SC", revision)
