@@ -116,7 +116,8 @@ def test_ohif_draws_the_sr_region_with_its_label_and_opens_the_summary_capture(s
 
                 # The SR: double-click its entry in the study browser; the SR viewport loads the CT slice
                 # of the first region and draws the outline with the label.
-                page.locator("[data-series='9901']").first.dblclick()
+                # (found by description: result series numbers are derived per study and revision)
+                page.locator("[data-series]").filter(has_text="ICH AI Results").first.dblclick()
                 canvas = page.locator("canvas").first
                 canvas.wait_for()
                 drawn = ""
@@ -140,7 +141,7 @@ def test_ohif_draws_the_sr_region_with_its_label_and_opens_the_summary_capture(s
                 assert len(points) >= 4  # an outline, not a point or a line
 
                 # The summary capture: instance 1 of the capture series.
-                page.locator("[data-series='9902']").first.dblclick()
+                page.locator("[data-series]").filter(has_text="ICH AI Grad-CAM").first.dblclick()
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline and "I:1 (1/" not in page.inner_text("body"):
                     time.sleep(1)
