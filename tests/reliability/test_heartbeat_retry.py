@@ -23,6 +23,8 @@ from faults import check_results_once, done, make_study, start, store
 from ihd_node.dicom.mini_pacs import MiniPACS
 
 N = 10
+# Result objects of one positive phantom series here: SR + summary capture + 2 slice captures.
+OBJECTS = 4
 HEARTBEAT = {"heartbeat_seconds": 0.5}
 
 
@@ -65,7 +67,7 @@ def test_status_tells_running_stopped_and_dead(tmp_path: Path, pacs, make_node) 
     attempts = node.query("SELECT max(attempts) FROM deliveries")[0][0]
     retries = [line for line in node.log().splitlines() if "WARNING delivery.retry" in line]
     assert 1 <= len(retries) <= attempts + 1, retries
-    assert all("destination=pacs" in line and "objects=3" in line and "cannot connect" in line
+    assert all("destination=pacs" in line and f"objects={OBJECTS}" in line and "cannot connect" in line
                for line in retries), retries
     beat = last_heartbeat(node)
     assert wait_until(lambda: last_heartbeat(node) > beat, 10)  # it beats while the node runs
@@ -111,7 +113,7 @@ def test_retry_resends_failed_and_rejected_deliveries(tmp_path: Path, pacs, make
     assert "no series 1.2.3.4.5" in out
     with MiniPACS(tmp_path / "pacs-back", ae_title=PACS_AET, port=port) as back:
         out = cli(node, "retry", outage.series_uid)
-        assert f"re-queued 3 object(s) of series {outage.series_uid}" in out
+        assert f"re-queued {OBJECTS} object(s) of series {outage.series_uid}" in out
         assert f"pid {node.process.pid}" in out and "sends them now" in out
         assert node.wait_state(outage.series_uid, ("delivered",), 30) == "delivered", node.log()[-3000:]
         assert node.series_state(rejected.series_uid) == "failed"  # only the series asked for
@@ -119,13 +121,13 @@ def test_retry_resends_failed_and_rejected_deliveries(tmp_path: Path, pacs, make
         assert "no failed or rejected result delivery" in out
 
         out = cli(node, "retry", "--failed")
-        assert f"re-queued 3 object(s) of series {rejected.series_uid}" in out
+        assert f"re-queued {OBJECTS} object(s) of series {rejected.series_uid}" in out
         assert outage.series_uid not in out
         assert node.wait_state(rejected.series_uid, ("delivered",), 30) == "delivered", node.log()[-3000:]
         for study in (outage, rejected):
             assert not check_results_once(back, node, study).duplicates
-            assert len(back.objects(study.study_uid)) == 3
+            assert len(back.objects(study.study_uid)) == OBJECTS
     assert "nothing to re-send" in cli(node, "retry", "--failed")
     events = node.query("SELECT message FROM events WHERE kind = 'retry' ORDER BY id")
-    assert [m for (m,) in events] == ["re-queued 3 result deliveries of 1 series by ihd-node retry"] * 2
+    assert [m for (m,) in events] == [f"re-queued {OBJECTS} result deliveries of 1 series by ihd-node retry"] * 2
     done(node)
