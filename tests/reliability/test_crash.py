@@ -89,7 +89,9 @@ def test_kill9_from_outside_mid_association(tmp_path: Path, pacs, make_node) -> 
     sender.join(30)
     statuses = answers[0]
     acked = {study.sop_of[p] for p, s in zip(study.files, statuses, strict=True) if s == 0x0000}
-    assert 6 <= len(acked) < N and statuses[len(acked):] == [None] * (N - len(acked)), statuses
+    # 6 rows were committed before the kill; the 6th may have died between its commit and its answer
+    # (the case this test exists for), so at least 5 were answered, and never one that is not recorded.
+    assert 5 <= len(acked) < N and statuses[len(acked):] == [None] * (N - len(acked)), statuses
     recorded = set(instance_rows(node, study.series_uid))
     assert acked <= recorded
 
