@@ -346,8 +346,10 @@ def test_uids_with_path_characters_never_become_file_names(pacs, make_node, tmp_
     spool = node.state_dir / "spool"
     assert list(spool.rglob("*")) == []
     assert _escaped(tmp_path) == []
+    # site-id: the installation's own value behind the Device Observer UID, written at first start.
     assert sorted(p.name for p in node.state_dir.iterdir()) == ["ihd.sqlite", "ihd.sqlite-shm",
-                                                                   "ihd.sqlite-wal", "results", "spool"]
+                                                                   "ihd.sqlite-wal", "results", "site-id",
+                                                                   "spool"]
     rows = rejected_events(node)
     assert len(rows) == len(bad) + 2
     assert all("C-STORE refused with 0xC000" in m and "is not a valid UID" in m for m, *_ in rows), rows
