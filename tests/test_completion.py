@@ -19,6 +19,7 @@ import pytest
 import torch
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from waiting import poll_until
 
 from ihd_node.admin import format_status, status_data
 from ihd_node.config import default_config
@@ -137,13 +138,8 @@ def running(tmp_path_factory: pytest.TempPathFactory, predictor: Predictor) -> I
             node.stop()
 
 
-def wait_until(condition: Callable[[], bool], seconds: float = 120.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+def wait_until(condition: Callable[[], object], seconds: float = 120.0) -> bool:
+    return poll_until(condition, seconds)
 
 
 def srs(pacs: MiniPACS, study_uid: str) -> list[Dataset]:

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
+from waiting import poll_until
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import default_config
@@ -53,13 +54,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Mi
             node.stop()
 
 
-def wait_until(condition: Callable[[], bool], seconds: float = 120.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+def wait_until(condition: Callable[[], object], seconds: float = 120.0) -> bool:
+    return poll_until(condition, seconds)
 
 
 def step(series: list[Dataset]) -> tuple[Dataset, Dataset]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from orthanc import ORTHANC_BINARY, Orthanc
 from sqlalchemy import select
+from waiting import poll_until
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import default_config
@@ -30,12 +31,7 @@ QUIET = 0.5
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+    return poll_until(condition, seconds)
 
 
 def test_node_waits_while_the_pacs_holds_more_instances_of_the_series(tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 import pytest
 import torch
+from waiting import poll_until
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import Config, default_config
@@ -53,13 +53,8 @@ def node_config(root: Path, pacs: MiniPACS | None, **series: float) -> Config:
                           delivery={"retry_initial_seconds": 0.2, "retry_max_seconds": 1.0})
 
 
-def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+def wait_until(condition: Callable[[], object], seconds: float = 30.0) -> bool:
+    return poll_until(condition, seconds)
 
 
 def test_study_in_results_out_and_a_late_slice_gives_a_revised_sr(tmp_path: Path,

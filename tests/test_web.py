@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import sqlite3
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import poll_until
 
 from ihd_node.config import default_config
 from ihd_node.demo import STUDIES
@@ -38,12 +38,7 @@ class Site:
 
 
 def wait_until(condition, seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
+    return poll_until(condition, seconds, every=0.1)
 
 
 @pytest.fixture(scope="module")

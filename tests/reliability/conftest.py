@@ -12,13 +12,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from waiting import poll_until
 
 from ihd_node.classes import CLASSES
 from ihd_node.dicom.mini_pacs import MiniPACS, free_port
@@ -33,12 +33,7 @@ TINY_THRESHOLDS = dict.fromkeys(CLASSES, 0.3)
 
 
 def wait_until(condition: Callable[[], object], seconds: float = 30.0, every: float = 0.05) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return False
+    return poll_until(condition, seconds, every)
 
 
 @pytest.fixture(scope="session")
