@@ -17,15 +17,15 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
+from loopback import destination, node_config, running_node
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from waiting import poll_until
 
 from ihd_node.admin import format_status, status_data
-from ihd_node.config import default_config
 from ihd_node.db import Event
 from ihd_node.dicom.completion import CompletionJudge, HeaderCache, SliceGeometry, find_gaps, read_geometry
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_datasets
+from ihd_node.dicom.mini_pacs import MiniPACS, send_datasets
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.model.pipeline import Predictor
 from ihd_node.phantom import make_series, write_series
@@ -125,17 +125,11 @@ def predictor() -> Predictor:
 def running(tmp_path_factory: pytest.TempPathFactory, predictor: Predictor) -> Iterator[tuple[Node, MiniPACS]]:
     root = tmp_path_factory.mktemp("node")
     with MiniPACS(root / "pacs", ae_title="PACS") as pacs:
-        config = default_config(root / "state", node={"ae_title": "IHD_AI", "host": "127.0.0.1",
-                                                      "port": free_port()},
-                                series={"quiet_seconds": 1.0, "max_wait_seconds": 8.0},
-                                storage={"min_free_mb": 0}, analysis={"max_secondary_captures": 2},
-                                destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                                               "port": pacs.port}])
-        node = Node(config, predictor=predictor).start()
-        try:
+        config = node_config(root / "state", [destination("pacs", "PACS", pacs.port)],
+                             series={"quiet_seconds": 1.0, "max_wait_seconds": 8.0},
+                             analysis={"max_secondary_captures": 2})
+        with running_node(config, predictor) as node:
             yield node, pacs
-        finally:
-            node.stop()
 
 
 def wait_until(condition: Callable[[], object], seconds: float = 120.0) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pydicom
 import pytest
-import torch
+from loopback import destination, node_config, running_node, tiny_predictor
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -18,13 +18,8 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
 from waiting import poll_until
 
-from ihd_node.classes import CLASSES
-from ihd_node.config import default_config
 from ihd_node.db import Event
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_datasets
-from ihd_node.model.network import IhdModel
-from ihd_node.model.pipeline import Predictor
-from ihd_node.model.presets import tiny_config
+from ihd_node.dicom.mini_pacs import MiniPACS, send_datasets
 from ihd_node.phantom import make_series
 from ihd_node.service import Node
 
@@ -34,24 +29,14 @@ QUIET, MAX_WAIT = 0.5, 6.0
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, MiniPACS]]:
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    predictor = Predictor.from_model(IhdModel(tiny_config()), dict.fromkeys(CLASSES, 0.3), "tiny-random", "0")
     root = tmp_path_factory.mktemp("mpps")
     with MiniPACS(root / "pacs", ae_title="PACS") as pacs:
-        config = default_config(root / "state", node={"ae_title": "IHD_AI", "host": "127.0.0.1",
-                                                      "port": free_port()},
-                                series={"quiet_seconds": QUIET, "max_wait_seconds": MAX_WAIT,
-                                        "check_geometry": False, "check_coverage": False,
-                                        "trust_mpps": ["CT1"]},
-                                storage={"min_free_mb": 0}, analysis={"max_secondary_captures": 1},
-                                destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                                               "port": pacs.port}])
-        node = Node(config, predictor=predictor).start()
-        try:
+        config = node_config(root / "state", [destination("pacs", "PACS", pacs.port)],
+                             series={"quiet_seconds": QUIET, "max_wait_seconds": MAX_WAIT,
+                                     "check_geometry": False, "check_coverage": False, "trust_mpps": ["CT1"]},
+                             analysis={"max_secondary_captures": 1})
+        with running_node(config, tiny_predictor()) as node:
             yield node, pacs
-        finally:
-            node.stop()
 
 
 def wait_until(condition: Callable[[], object], seconds: float = 120.0) -> bool:

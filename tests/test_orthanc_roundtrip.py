@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from loopback import destination, node_config, wait_finished
 from orthanc import ORTHANC_BINARY, Orthanc
 
-from ihd_node.config import default_config
 from ihd_node.dicom.mini_pacs import free_port
 from ihd_node.dicom.volume import CT_IMAGE_STORAGE
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
@@ -42,11 +41,9 @@ def test_orthanc_sends_a_study_and_gets_sr_and_secondary_captures_back(tmp_path:
     orthanc = Orthanc(tmp_path / "orthanc", ai_ae_title="IHD_AI", ai_port=node_port).start()
     node = None
     try:
-        config = default_config(
-            tmp_path / "node", node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": node_port},
-            series={"quiet_seconds": 1, "check_coverage": False},  # 24 phantom slices: part of a head
-            destinations=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                           "port": orthanc.dicom_port}])
+        config = node_config(
+            tmp_path / "node", [destination("orthanc", orthanc.aet, orthanc.dicom_port)], port=node_port,
+            series={"quiet_seconds": 1, "check_coverage": False})  # 24 phantom slices: part of a head
         node = Node(config).start()
 
         series = make_series(101, subtypes=[SUBTYPE], n_slices=24)
@@ -55,12 +52,7 @@ def test_orthanc_sends_a_study_and_gets_sr_and_secondary_captures_back(tmp_path:
         assert len(orthanc.get(f"/studies/{study_id}/instances")) == len(files)
 
         orthanc.post("/modalities/ai/store", {"Resources": [study_id], "Synchronous": True})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state = node.db.get_series(series.series_instance_uid)
-            if state is not None and state.state in ("delivered", "failed", "ignored"):
-                break
-            time.sleep(0.5)
+        state = wait_finished(node, series.series_instance_uid, 120)
         assert state is not None and state.state == "delivered", state
         instances = orthanc.get(f"/studies/{study_id}/instances")
         results = [i for i in instances  # our outputs: SR and Secondary Capture objects, not the CT slices

@@ -10,20 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+from loopback import destination, node_config, running_node, tiny_predictor
 from orthanc import ORTHANC_BINARY, Orthanc
 from sqlalchemy import select
 from waiting import poll_until
 
-from ihd_node.classes import CLASSES
-from ihd_node.config import default_config
 from ihd_node.db import Event
 from ihd_node.dicom.mini_pacs import free_port, send_datasets
-from ihd_node.model.network import IhdModel
-from ihd_node.model.pipeline import Predictor
-from ihd_node.model.presets import tiny_config
 from ihd_node.phantom import make_series, write_series
-from ihd_node.service import Node
 
 pytestmark = pytest.mark.skipif(ORTHANC_BINARY is None,
                                 reason="Orthanc is not installed (Debian package orthanc; .ci/run installs it)")
@@ -35,50 +29,42 @@ def wait_until(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
 
 
 def test_node_waits_while_the_pacs_holds_more_instances_of_the_series(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    predictor = Predictor.from_model(IhdModel(tiny_config()), dict.fromkeys(CLASSES, 0.3), "tiny-random", "0")
     node_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", ai_ae_title="IHD_AI", ai_port=node_port).start()
-    node = None
     try:
-        config = default_config(
-            tmp_path / "node", node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": node_port},
-            series={"quiet_seconds": QUIET, "max_wait_seconds": 30.0, "check_geometry": False,
-                    "check_coverage": False},
-            storage={"min_free_mb": 0}, analysis={"max_secondary_captures": 1},
-            destinations=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                           "port": orthanc.dicom_port, "count_instances": True}])
-        node = Node(config, predictor=predictor).start()
+        config = node_config(tmp_path / "node",
+                             [destination("orthanc", orthanc.aet, orthanc.dicom_port, count_instances=True)],
+                             port=node_port,
+                             series={"quiet_seconds": QUIET, "max_wait_seconds": 30.0, "check_geometry": False,
+                                     "check_coverage": False},
+                             analysis={"max_secondary_captures": 1})
+        with running_node(config, tiny_predictor()) as node:
+            series = make_series(61, subtypes=[], n_slices=24, size=64)
+            for f in write_series(series, tmp_path / "study"):
+                orthanc.upload(f)  # the PACS already has the whole series
+            uid = series.series_instance_uid
 
-        series = make_series(61, subtypes=[], n_slices=24, size=64)
-        for f in write_series(series, tmp_path / "study"):
-            orthanc.upload(f)  # the PACS already has the whole series
-        uid = series.series_instance_uid
+            def store(datasets) -> None:
+                assert send_datasets(datasets, host="127.0.0.1", port=node.port, called_aet="IHD_AI",
+                                     calling_aet="CT1") == [0] * len(datasets)
 
-        def store(datasets) -> None:
-            assert send_datasets(datasets, host="127.0.0.1", port=node.port, called_aet="IHD_AI",
-                                 calling_aet="CT1") == [0] * len(datasets)
+            store(series.datasets[:20])
+            time.sleep(QUIET + 2.0)
+            assert node.db.get_series(uid).state == "received"
+            with node.db.read_session() as s:
+                held = [e.message for e in s.scalars(select(Event).where(
+                    Event.series_instance_uid == uid, Event.kind == "held"))]
+            assert held == ["instances=20; pacs: destination orthanc holds 24 instances of the series, the node 20"]
 
-        store(series.datasets[:20])
-        time.sleep(QUIET + 2.0)
-        assert node.db.get_series(uid).state == "received"
-        with node.db.read_session() as s:
-            held = [e.message for e in s.scalars(select(Event).where(
-                Event.series_instance_uid == uid, Event.kind == "held"))]
-        assert held == ["instances=20; pacs: destination orthanc holds 24 instances of the series, the node 20"]
+            store(series.datasets[20:])
+            assert wait_until(lambda: node.db.get_series(uid).state == "delivered")
+            completion = node.db.latest_completion(uid)
+            assert completion.rule == "quiet" and completion.evidence == "checks passed: pacs"
+            assert completion.n_instances == 24 and completion.preliminary is None
 
-        store(series.datasets[20:])
-        assert wait_until(lambda: node.db.get_series(uid).state == "delivered")
-        completion = node.db.latest_completion(uid)
-        assert completion.rule == "quiet" and completion.evidence == "checks passed: pacs"
-        assert completion.n_instances == 24 and completion.preliminary is None
-
-        unknown = make_series(62, subtypes=[], n_slices=12, size=64)  # not in the PACS: no evidence
-        store(unknown.datasets)
-        assert wait_until(lambda: node.db.get_series(unknown.series_instance_uid).state == "delivered", 20)
-        assert node.db.latest_completion(unknown.series_instance_uid).evidence == "no evidence either way"
+            unknown = make_series(62, subtypes=[], n_slices=12, size=64)  # not in the PACS: no evidence
+            store(unknown.datasets)
+            assert wait_until(lambda: node.db.get_series(unknown.series_instance_uid).state == "delivered", 20)
+            assert node.db.latest_completion(unknown.series_instance_uid).evidence == "no evidence either way"
     finally:
-        if node is not None:
-            node.stop()
         orthanc.stop()

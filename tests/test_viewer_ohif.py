@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from loopback import destination, node_config, wait_finished
 from orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc
 from viewer import OHIF_DIST, ViewerServer
 
-from ihd_node.config import default_config
 from ihd_node.dicom.mini_pacs import free_port
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.phantom import make_series, write_series
@@ -51,24 +51,16 @@ def study(tmp_path_factory):
     orthanc = Orthanc(tmp / "orthanc", ai_ae_title="IHD_AI", ai_port=node_port, dicomweb=True).start()
     node = None
     try:
-        config = default_config(
-            tmp / "node", node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": node_port},
+        config = node_config(
+            tmp / "node", [destination("orthanc", orthanc.aet, orthanc.dicom_port)], port=node_port,
             series={"quiet_seconds": 1, "check_coverage": False},  # 24 phantom slices: part of a head
-            analysis={"max_secondary_captures": 4},
-            destinations=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                           "port": orthanc.dicom_port}])
+            analysis={"max_secondary_captures": 4})
         node = Node(config).start()
         series = make_series(101, subtypes=["subdural"], n_slices=24)
         files = write_series(series, tmp / "study")
         study_id = {orthanc.upload(f)["ParentStudy"] for f in files}.pop()
         orthanc.post("/modalities/ai/store", {"Resources": [study_id], "Synchronous": True})
-        deadline = time.monotonic() + 180
-        state = None
-        while time.monotonic() < deadline:
-            state = node.db.get_series(series.series_instance_uid)
-            if state is not None and state.state in ("delivered", "failed", "ignored"):
-                break
-            time.sleep(0.5)
+        state = wait_finished(node, series.series_instance_uid, 180)
         assert state is not None and state.state == "delivered", state
         modalities = {orthanc.get(f"/series/{s}")["MainDicomTags"].get("Modality")
                       for s in orthanc.get(f"/studies/{study_id}")["Series"]}
