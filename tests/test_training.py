@@ -399,3 +399,86 @@ def test_losses_eq1_is_the_papers_plain_sum_and_weighted_the_metric() -> None:
     opts.loss = "focal"
     with pytest.raises(TrainingError, match="unknown loss"):
         loss_function(opts)
+
+
+def test_bilstm_on_out_of_fold_cnn_outputs(rsna: RsnaFixture, work: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Option beyond the paper (`--bilstm-features oof`): K fold CNNs give the BiLSTM's training inputs, each
+    for the patients it never trained on; the checkpoint is the shipped CNN + selector + that BiLSTM."""
+    import shutil
+
+    from ihd_node.analysis import analyze_series
+    from ihd_node.model.checkpoint import load_checkpoint
+    from ihd_node.model.pipeline import Predictor
+    from ihd_node.phantom import make_series, write_series
+    from training.train import build_cnn, cnn_outputs, load_selector
+
+    w = tmp_path / "work"
+    shutil.copytree(work / "cache", w / "cache")
+    shutil.copy(work / "splits.json", w / "splits.json")
+    splits = json.loads((w / "splits.json").read_text())
+    common = ["train", "--work", str(w), "--input-size", str(INPUT), "--selected-dim", "8", "--from-scratch",
+              "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--epoch-size", "48", "--lr-scale", "10",
+              "--positive-share", "0.5", "--seq-epochs", "1", "--pca-samples", "2000"]
+    assert training_main([*common, "--bilstm-features", "oof", "--folds", "1"]) == 2
+    assert "at least 2 folds" in capsys.readouterr().err
+    assert training_main(common) == 0  # the paper's in-sample run
+    assert training_main([*common, "--bilstm-features", "oof", "--folds", "2"]) == 0
+    assert (w / "model.pt").is_file() and (w / "model-oof.pt").is_file()
+
+    # Folds partition the training split by patient; each training scan's BiLSTM input comes from the fold
+    # CNN that did not train on any scan of its patient.
+    folds = json.loads((w / "oof" / "folds.json").read_text())["folds"]
+    assert len(folds) == 2 and sorted(folds[0] + folds[1]) == sorted(splits["train"])
+    index = json.loads((w / "oof" / "features" / "index.json").read_text())
+    for k, held_out in enumerate(folds):
+        trained_on = [s for j, f in enumerate(folds) if j != k for s in f]
+        assert held_out and trained_on
+        assert not {rsna.patients[s] for s in trained_on} & {rsna.patients[s] for s in held_out}
+        assert all(index["source"][s] == f"fold{k}" for s in held_out)
+    assert all(index["source"][s] == "full" for s in splits["val"] + splits["test"])
+    # The stored rows are that fold CNN's outputs through the shipped selector (recomputed here).
+    opts = TrainOptions(work=w, config=load_checkpoint(w / "model.pt").config, device="cpu")
+    selector, store = load_selector(opts), ScanStore(w / "cache")
+    sid = folds[1][0]
+    cnn = build_cnn(opts)
+    cnn.load_state_dict(torch.load(w / "oof" / "fold1" / "cnn" / "state.pt", weights_only=True)["model"])
+    logits, feats = cnn_outputs(cnn.eval(), torch.from_numpy(np.array(store.images(sid))), torch.device("cpu"))
+    start, n = index["offsets"][sid]
+    with torch.no_grad():
+        np.testing.assert_allclose(np.load(w / "oof" / "features" / "selected.npy")[start:start + n],
+                                   selector(feats).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.load(w / "oof" / "features" / "logits.npy")[start:start + n], logits.numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+    # One CNN and selector ship in both checkpoints (the shipped CNN is trained on the whole split);
+    # only the BiLSTM differs. The gap between fold and shipped features is measured and stored.
+    plain, oof = load_checkpoint(w / "model.pt"), load_checkpoint(w / "model-oof.pt")
+    ps, os_ = plain.model.state_dict(), oof.model.state_dict()
+    assert all(torch.equal(ps[k], os_[k]) for k in ps if not k.startswith("sequence."))
+    assert any(not torch.equal(ps[k], os_[k]) for k in ps if k.startswith("sequence."))
+    info = oof.provenance["bilstm_features"]
+    assert info["mode"] == "oof" and info["folds"] == 2 and info["fold_scans"] == [len(f) for f in folds]
+    assert info["feature_gap"]["rel_rms"] > 0 and len(info["feature_gap"]["corr_per_fold"]) == 2
+    assert info["validation_fold_features"]["scan"]["n"] == len(splits["val"])
+    assert oof.provenance["training"]["bilstm_features"] == "oof"
+
+    # The node loads it and analyses a DICOM series with it (Grad-CAM included); evaluate reports the metric.
+    series = make_series(7, subtypes=["subdural"], n_slices=8, size=INPUT)
+    write_series(series, tmp_path / "series")
+    result = analyze_series(sorted((tmp_path / "series").glob("*.dcm")),
+                            Predictor.load(w / "model-oof.pt", device="cpu"), max_cam_slices=1)
+    assert result.prediction.slice_probabilities.shape == (8, 6)
+    capsys.readouterr()
+    assert training_main(["evaluate", "--checkpoint", str(w / "model-oof.pt"), "--work", str(w),
+                          "--split", "test", "--device", "cpu"]) == 0
+    assert "weighted log loss" in capsys.readouterr().out
+    assert load_checkpoint(w / "model-oof.pt").provenance["metrics"]["test"]["scan"]["n"] == len(splits["test"])
+
+    # A rerun finds every stage finished and changes nothing.
+    states = [w / "oof" / "fold0" / "cnn" / "state.pt", w / "oof" / "sequence" / "state.pt",
+              w / "oof" / "features" / "index.json"]
+    mtimes = [p.stat().st_mtime_ns for p in states]
+    again = [*common, "--bilstm-features", "oof", "--folds", "2", "--out", str(tmp_path / "again.pt")]
+    assert training_main(again) == 0
+    assert [p.stat().st_mtime_ns for p in states] == mtimes

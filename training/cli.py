@@ -105,11 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-clip", type=float, default=5.0,
                    help="clip the BiLSTM gradient norm to this (not in the paper; 0 = off)")
     p.add_argument("--threshold-method", choices=("youden", "f1"), default="youden")
+    p.add_argument("--bilstm-features", choices=("in_sample", "oof"), default="in_sample",
+                   help="in_sample: the BiLSTM learns from the CNN's outputs on its own training slices (the "
+                        "paper); oof: from out-of-fold outputs of --folds CNNs (not in the paper; K more CNN "
+                        "trainings; writes WORK/model-oof.pt)")
+    p.add_argument("--folds", type=int, default=5, help="folds (CNNs) for --bilstm-features oof (5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="ihd-node")
     p.add_argument("--version", default="0.0.0")
     p.add_argument("--trained-on", default="", help="text for the checkpoint provenance and model card")
-    p.add_argument("--out", type=Path, help="checkpoint path (default WORK/model.pt)")
+    p.add_argument("--out", type=Path,
+                   help="checkpoint path (default WORK/model.pt; WORK/model-oof.pt with --bilstm-features oof)")
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split or on CQ500; stored in its "
                                          "provenance")
@@ -239,6 +245,7 @@ def train_command(args: argparse.Namespace) -> int:
         save_every=args.save_every, pca_samples=args.pca_samples, seq_epochs=args.seq_epochs,
         seq_lr=args.seq_lr, seq_batch=args.seq_batch, loss=args.loss, seq_clip=args.seq_clip,
         threshold_method=args.threshold_method, name=args.name,
+        bilstm_features=args.bilstm_features, folds=args.folds,
         version=args.version, trained_on=args.trained_on,
     )
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]

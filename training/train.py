@@ -8,8 +8,12 @@
                its outputs precomputed; then choose per-class thresholds on the validation split and
                export one checkpoint with ihd_node.model.checkpoint.save_checkpoint.
 
+With `bilstm_features="oof"` (not in the paper; training/oof.py) the features stage also trains K fold
+CNNs and writes out-of-fold inputs for the BiLSTM, which then trains in oof/sequence/ and exports
+model-oof.pt; the CNN and selector stay the ones above.
+
 Work folder layout: cache/ (scans), splits.json, cnn/state.pt, features/{raw,logits,selected}.npy +
-index.json + selector.pt, sequence/state.pt, model.pt. Each stage writes `done` into its state; a rerun
+index.json + selector.pt, sequence/state.pt, model.pt (oof/... and model-oof.pt with the option). Each stage writes `done` into its state; a rerun
 skips finished stages and continues an unfinished one from its last saved epoch (or step).
 """
 
@@ -68,6 +72,10 @@ class TrainOptions:
     mask_weight: float = 0.0  # weight of the auxiliary lesion-map loss on data with masks (phantoms)
     loss: str = "eq1"  # "eq1": the paper's Eq. 1 (plain sum over classes); "weighted": the challenge metric
     seq_clip: float = 5.0  # BiLSTM gradient-norm clipping (not in the paper; 0 = off)
+    # What the BiLSTM is trained on: "in_sample" (paper) = the shipped CNN's features of its own training
+    # slices; "oof" = out-of-fold features of `folds` CNNs trained on the other folds (training/oof.py).
+    bilstm_features: str = "in_sample"
+    folds: int = 5
     # Stage 2.
     pca_samples: int = 30000
     weight_reading: str = "per_class"  # weight_* selectors: "per_class" (paper) or "summed" over classes
@@ -468,11 +476,24 @@ def load_selector(opts: TrainOptions) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------ stage 3
 
 
+BILSTM_FEATURES = ("in_sample", "oof")
+
+
+def features_folder(opts: TrainOptions) -> Path:
+    """Where the BiLSTM's training inputs live: features/ (in-sample, the paper) or oof/features/."""
+    return opts.work / ("oof/features" if opts.bilstm_features == "oof" else "features")
+
+
+def sequence_folder(opts: TrainOptions) -> Path:
+    """The BiLSTM's state; the out-of-fold run keeps its own, so both can share one CNN and work folder."""
+    return opts.work / ("oof/sequence" if opts.bilstm_features == "oof" else "sequence")
+
+
 class ScanFeatures:
     """Precomputed per-scan inputs of the sequence model: selected features, CNN probabilities, labels."""
 
     def __init__(self, opts: TrainOptions, store: ScanStore) -> None:
-        folder = opts.work / "features"
+        folder = features_folder(opts)
         index = json.loads((folder / "index.json").read_text())
         self.offsets: dict[str, list[int]] = index["offsets"]
         self.selected = np.load(folder / "selected.npy", mmap_mode="r")
@@ -508,9 +529,9 @@ def _pad(batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def stage_sequence(opts: TrainOptions, store: ScanStore, splits: dict[str, list[str]]) -> dict[str, Any]:
-    path = opts.work / "sequence" / "state.pt"
+    path = sequence_folder(opts) / "state.pt"
     state = _load_state(path)
-    features_run = json.loads((opts.work / "features" / "index.json").read_text())["run_id"]
+    features_run = json.loads((features_folder(opts) / "index.json").read_text())["run_id"]
     if state is not None:
         _check_config(state, opts, "sequence")
         if state.get("features_run") != features_run:
@@ -601,7 +622,7 @@ def export_checkpoint(opts: TrainOptions, store: ScanStore, splits: dict[str, li
     from ihd_node.model.network import IhdModel
 
     cnn_state = _load_state(opts.work / "cnn" / "state.pt")
-    seq_state = _load_state(opts.work / "sequence" / "state.pt")
+    seq_state = _load_state(sequence_folder(opts) / "state.pt")
     if not (cnn_state and cnn_state.get("done") and seq_state and seq_state.get("done")):
         raise TrainingError("export needs finished cnn, features and sequence stages")
     model = IhdModel(opts.config)
@@ -630,7 +651,11 @@ def export_checkpoint(opts: TrainOptions, store: ScanStore, splits: dict[str, li
         "threshold_method": f"{opts.threshold_method} on the validation split, scan level",
         "metrics": {"validation": jsonable(val_metrics)},
     }
-    path = out or opts.work / "model.pt"
+    if opts.bilstm_features == "oof":
+        from training.oof import oof_provenance
+
+        provenance["bilstm_features"] = oof_provenance(opts, seq, data, val, thresholds, device)
+    path = out or opts.work / ("model-oof.pt" if opts.bilstm_features == "oof" else "model.pt")
     save_checkpoint(path, model, thresholds=thresholds, name=opts.name, version=opts.version,
                     provenance=provenance)
     _log(opts, f"checkpoint written: {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -642,6 +667,11 @@ def run_stages(opts: TrainOptions, stages: Sequence[str] = STAGES, out: Path | N
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TrainingError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    if opts.bilstm_features not in BILSTM_FEATURES:
+        raise TrainingError(f"unknown --bilstm-features {opts.bilstm_features!r}; use "
+                            f"{' or '.join(BILSTM_FEATURES)}")
+    if opts.bilstm_features == "oof" and opts.folds < 2:
+        raise TrainingError(f"--folds {opts.folds}: out-of-fold features need at least 2 folds")
     torch.manual_seed(opts.seed)
     store = ScanStore(opts.work / "cache")
     if store.size != opts.config.input_size:
@@ -653,6 +683,10 @@ def run_stages(opts: TrainOptions, stages: Sequence[str] = STAGES, out: Path | N
         stage_cnn(opts, store, splits)
     if "features" in stages:
         stage_features(opts, store, splits)
+        if opts.bilstm_features == "oof":
+            from training.oof import stage_oof
+
+            stage_oof(opts, store, splits)
     if "sequence" in stages:
         stage_sequence(opts, store, splits)
         return export_checkpoint(opts, store, splits, out)
