@@ -531,6 +531,8 @@ def _pad(batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def stage_sequence(opts: TrainOptions, store: ScanStore, splits: dict[str, list[str]]) -> dict[str, Any]:
     path = sequence_folder(opts) / "state.pt"
     state = _load_state(path)
+    if not (features_folder(opts) / "index.json").is_file():
+        raise TrainingError(f"stage sequence needs {features_folder(opts)}; run the features stage first")
     features_run = json.loads((features_folder(opts) / "index.json").read_text())["run_id"]
     if state is not None:
         _check_config(state, opts, "sequence")
