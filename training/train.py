@@ -13,8 +13,9 @@ CNNs and writes out-of-fold inputs for the BiLSTM, which then trains in oof/sequ
 model-oof.pt; the CNN and selector stay the ones above.
 
 Work folder layout: cache/ (scans), splits.json, cnn/state.pt, features/{raw,logits,selected}.npy +
-index.json + selector.pt, sequence/state.pt, model.pt (oof/... and model-oof.pt with the option). Each stage writes `done` into its state; a rerun
-skips finished stages and continues an unfinished one from its last saved epoch (or step).
+index.json + selector.pt, sequence/state.pt, model.pt (oof/... and model-oof.pt with the option). Each
+stage writes `done` into its state; a rerun skips finished stages and continues an unfinished one from
+its last saved epoch (or step).
 """
 
 from __future__ import annotations
