@@ -13,19 +13,14 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from ihd_node.skull import close_gaps, enclosed_by
+
 BONE_HU = 300.0  # cortical and most cancellous bone lie above; acute blood (50-100 HU) far below
 AIR_HU = -300.0
 SOFT_MIN_HU, SOFT_MAX_HU = -50.0, 200.0  # CSF to clotted blood, with room for partial volume
 MIN_FRACTION = 0.002  # enclosed soft regions smaller than this share of the image are marrow, not brain
 BRAIN_FRACTION = 0.02  # less enclosed soft tissue than this: the ring is probably open, close it first
-
-
-def _enclosed(bone: np.ndarray) -> np.ndarray:
-    """Pixels not bone and not connected to the image border through non-bone pixels."""
-    outside, _ = ndimage.label(~bone)
-    border = np.unique(np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]]))
-    inside = (outside > 0) & ~np.isin(outside, border)
-    return inside
+CLOSE_MM = 3.0  # gaps in the ring (vertex, foramina, thin temporal bone) closed up to about twice this
 
 
 def intracranial_mask(hu: np.ndarray, pixel_spacing_mm: float = 0.5) -> np.ndarray:
@@ -43,12 +38,10 @@ def intracranial_mask(hu: np.ndarray, pixel_spacing_mm: float = 0.5) -> np.ndarr
     soft = (hu >= SOFT_MIN_HU) & (hu <= SOFT_MAX_HU)
     # Air inside the skull's outline (sinus cells, air opening the table) walls the brain in like bone does.
     barrier = bone | ((hu < AIR_HU) & _convex_hull(bone))
-    mask = _soft_regions(_enclosed(barrier) & soft)
+    mask = _soft_regions(enclosed_by(barrier) & soft)
     if mask.sum() < BRAIN_FRACTION * hu.size:
         # An open ring (vertex, foramina, thin temporal bone): close gaps of a few millimetres.
-        radius = max(1, int(round(3.0 / max(pixel_spacing_mm, 0.1))))
-        structure = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), radius)
-        closed = _soft_regions(_enclosed(ndimage.binary_closing(barrier, structure=structure)) & soft)
+        closed = _soft_regions(enclosed_by(close_gaps(barrier, pixel_spacing_mm, CLOSE_MM)) & soft)
         if closed.sum() > mask.sum():
             mask = closed
     if mask.sum() < BRAIN_FRACTION * hu.size:

@@ -21,6 +21,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
+from ihd_node.skull import skull_ring
+
 # BodyPartExamined values (PS3.16 Annex L and common local spellings) that mean the head is in the scan.
 HEAD_PARTS = ("HEAD", "BRAIN", "SKULL", "CRANI", "CEREBR", "KOPF", "SCHAEDEL", "SCHADEL", "HEADNECK",
               "NEURO", "ORBIT", "IAC", "SELLA")
@@ -73,11 +75,8 @@ def body_part_problem(headers: Sequence[Dataset]) -> str | None:
 def look(hu: np.ndarray, pixel_spacing: tuple[float, float]) -> SliceLook:
     """Measure one slice (HU, rows x cols) for the skull-ring test."""
     px_mm2 = float(pixel_spacing[0]) * float(pixel_spacing[1])
-    # Close gaps of a few mm (sutures, foramina, thin temporal squama) so the ring reads as closed.
-    radius = max(1, int(round(CLOSE_MM / max(min(pixel_spacing), 0.1))))
-    structure = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), radius)
-    bone = ndimage.binary_closing(hu > BONE_HU, structure=structure, border_value=0)
-    enclosed = ndimage.binary_fill_holes(bone) & ~bone
+    # Gaps of a few mm (sutures, foramina, thin temporal squama) closed, so the ring reads as closed.
+    _, enclosed = skull_ring(hu, min(pixel_spacing), BONE_HU, CLOSE_MM)
     # Keep the largest enclosed region: the cranial cavity, not a vertebral canal or a sinus cell.
     labels, count = ndimage.label(enclosed)
     if count == 0:

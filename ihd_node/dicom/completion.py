@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from scipy import ndimage
 
 from ihd_node import nodelog
+from ihd_node.skull import skull_ring
 
 # Header elements the checks read; pydicom stops parsing once it has these (no pixel data).
 GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber", "SOPInstanceUID",
@@ -183,11 +183,7 @@ def intracranial_area_cm2(hu: np.ndarray, pixel_spacing: float) -> float:
     step = max(1, int(np.ceil(max(hu.shape) / MAX_WORK_PIXELS)))
     image = hu[::step, ::step]
     ps = pixel_spacing * step
-    bone = image > BONE_HU
-    r = max(1, int(round(CLOSE_MM / ps)))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    closed = ndimage.binary_closing(np.pad(bone, r), xx * xx + yy * yy <= r * r)[r:-r, r:-r]
-    inside = ndimage.binary_fill_holes(closed) & ~closed
+    _, inside = skull_ring(image, ps, BONE_HU, CLOSE_MM)
     soft = inside & (image > SOFT_LO_HU) & (image < SOFT_HI_HU)
     return float(soft.sum()) * ps * ps / 100.0
 
