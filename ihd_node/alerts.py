@@ -29,19 +29,9 @@ from typing import Any
 import pydicom
 
 from ihd_node import faults, nodelog
-from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
+from ihd_node.classes import FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
 from ihd_node.config import AlertChannel, Config
 from ihd_node.db import Alert, Database, utcnow
-
-# The findings as a doctor names them; "any" is the overall probability of intracranial hemorrhage.
-FINDING_WORDS = {
-    "any": "Intracranial hemorrhage",
-    "epidural": "Epidural hemorrhage",
-    "intraparenchymal": "Intraparenchymal hemorrhage",
-    "intraventricular": "Intraventricular hemorrhage",
-    "subarachnoid": "Subarachnoid hemorrhage",
-    "subdural": "Subdural hemorrhage",
-}
 
 
 @dataclass(frozen=True)
@@ -114,7 +104,7 @@ class Message:
 
 def findings(probabilities: dict[str, float], positives: list[str]) -> list[Finding]:
     """Positive subtypes in words; a positive overall result with no positive subtype says so."""
-    found = [Finding(c, FINDING_WORDS[c], probabilities[c]) for c in SUBTYPES if c in positives]
+    found = [Finding(c, FINDING_NAMES[c], probabilities[c]) for c in SUBTYPES if c in positives]
     if not found:
         found = [Finding("any", "Intracranial hemorrhage, type not determined", probabilities["any"])]
     return found

@@ -14,6 +14,17 @@ CLASSES: tuple[str, ...] = (
 )
 SUBTYPES: tuple[str, ...] = CLASSES[1:]
 
+# The findings as a doctor names them (captures, SR labels, alerts, console); "any" is the overall
+# probability of intracranial hemorrhage.
+FINDING_NAMES: dict[str, str] = {
+    "any": "Intracranial hemorrhage",
+    "epidural": "Epidural hemorrhage",
+    "intraparenchymal": "Intraparenchymal hemorrhage",
+    "intraventricular": "Intraventricular hemorrhage",
+    "subarachnoid": "Subarachnoid hemorrhage",
+    "subdural": "Subdural hemorrhage",
+}
+
 # (window centre, window width) in HU: brain, subdural, soft tissue (paper section 3.1).
 WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (40.0, 380.0))
 

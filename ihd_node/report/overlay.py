@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE, WINDOWS
+from ihd_node.classes import FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE, WINDOWS
 
 # One colour per class from the Okabe-Ito palette, which stays distinct with red-green colour blindness.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -25,14 +25,6 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "intraventricular": (86, 180, 233),  # sky blue
     "subarachnoid": (0, 158, 115),  # bluish green
     "subdural": (240, 228, 66),  # yellow
-}
-CLASS_LABELS: dict[str, str] = {
-    "any": "Intracranial hemorrhage",
-    "epidural": "Epidural hemorrhage",
-    "intraparenchymal": "Intraparenchymal hemorrhage",
-    "intraventricular": "Intraventricular hemorrhage",
-    "subarachnoid": "Subarachnoid hemorrhage",
-    "subdural": "Subdural hemorrhage",
 }
 HEAT_FLOOR = 0.3  # below this the map is noise; drawing it would tint the whole brain
 MAX_ALPHA = 0.65
@@ -126,7 +118,7 @@ class LegendLine:
 
     @property
     def text(self) -> str:
-        return f"{CLASS_LABELS.get(self.cls, self.cls)} {self.probability:.2f} (threshold {self.threshold:.2f})"
+        return f"{FINDING_NAMES.get(self.cls, self.cls)} {self.probability:.2f} (threshold {self.threshold:.2f})"
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from ihd_node.classes import CLASSES, NOT_FOR_DIAGNOSTIC_USE
+from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.dicom.volume import Volume
 from ihd_node.prediction import Prediction
-from ihd_node.report.overlay import CLASS_LABELS
 from ihd_node.report.regions import largest_part, outline
 from ihd_node.report.source import (
     MANUFACTURER,
@@ -237,7 +236,7 @@ def _note_container(volume: Volume, prediction: Prediction, groups: list[list[in
 
 
 def region_label(cls: str, probability: float) -> str:
-    return f"{CLASS_LABELS[cls]} {probability:.2f}"
+    return f"{FINDING_NAMES[cls]} {probability:.2f}"
 
 
 def _region_groups(volume: Volume, prediction: Prediction, groups: list[list[int]],

@@ -23,8 +23,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from ihd_node import __version__
-from ihd_node.alerts import FINDING_WORDS
-from ihd_node.classes import CLASSES, NOT_FOR_DIAGNOSTIC_USE
+from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.db import (
     UNFINISHED_STATES,
     Alert,
@@ -85,7 +84,7 @@ def findings(analysis: Analysis | None) -> list[dict[str, Any]]:
     if analysis is None:
         return []
     probs, positives = analysis.probabilities(), set(analysis.positives())
-    return [{"code": c, "words": FINDING_WORDS[c] + (" (overall)" if c == "any" else ""), "p": probs[c],
+    return [{"code": c, "words": FINDING_NAMES[c] + (" (overall)" if c == "any" else ""), "p": probs[c],
              "positive": c in positives} for c in CLASSES]
 
 
