@@ -21,10 +21,14 @@ import torch.nn.functional as F
 from ihd_node.classes import CHANNEL_MEAN, CHANNEL_STD, WINDOWS
 
 
+def _per_channel(values: tuple[float, ...] | list[float], x: torch.Tensor) -> torch.Tensor:
+    """A per-window value for each channel of x: (1, C, 1, 1); C = 3 x slices for 2.5D input."""
+    v = torch.tensor(values, device=x.device, dtype=x.dtype)
+    return v.repeat(x.shape[1] // len(values)).view(1, -1, 1, 1)
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CHANNEL_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CHANNEL_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - _per_channel(CHANNEL_MEAN, x)) / _per_channel(CHANNEL_STD, x)
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -69,7 +73,8 @@ class Augmenter:
         return (torch.rand(n, generator=self.gen) * (high - low) + low).to(device)
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> Any:
-        """(B, 3, S, S) cached windowed channels (uint8 or [0, 1] float) -> normalised, augmented input.
+        """(B, 3 g, S, S) cached windowed channels of g slices (uint8 or [0, 1] float) -> normalised,
+        augmented input.
 
         With masks ((B, K, s, s) float lesion maps, any s), returns (input, masks moved by the same geometry).
         """
@@ -78,8 +83,11 @@ class Augmenter:
         if s <= 0:
             return normalise(x) if masks is None else (normalise(x), masks)
         b, dev = x.shape[0], x.device
-        low = torch.tensor([wc - ww / 2.0 for wc, ww in WINDOWS], device=dev).view(1, 3, 1, 1)
-        width = torch.tensor([ww for _, ww in WINDOWS], device=dev).view(1, 3, 1, 1)
+        # 2.5D input holds g slices of three windows: one calibration, geometry and brightness per
+        # image (the slices come from one scan), an independent noise field per slice.
+        g = x.shape[1] // 3
+        low = _per_channel([wc - ww / 2.0 for wc, ww in WINDOWS], x)
+        width = _per_channel([float(ww) for _, ww in WINDOWS], x)
         inside = (x > 0.0) & (x < 1.0)
         # HU calibration: gain around water (0 HU) and an offset, through each window's linear map.
         gain = (1.0 + c.hu_scale * s * self._u(b, dev)).view(b, 1, 1, 1)
@@ -87,13 +95,14 @@ class Augmenter:
         moved = gain * x + ((gain - 1.0) * low + offset) / width
         if c.noise_hu > 0:
             sigma = (c.noise_hu * s * self._u(b, dev, 0.0, 1.0)).view(b, 1, 1, 1)
-            noise = torch.randn((b, 1, *x.shape[-2:]), generator=self.gen).to(dev)
-            moved = moved + sigma * noise / width  # one HU noise field seen through the three windows
+            noise = torch.randn((b, g, 1, *x.shape[-2:]), generator=self.gen).to(dev)
+            noise = noise.expand(b, g, 3, *x.shape[-2:]).reshape(x.shape)
+            moved = moved + sigma * noise / width  # one HU noise field per slice, seen through its three windows
         x = torch.where(inside, moved, x).clamp(0.0, 1.0)
         if c.blur > 0:
             k = torch.tensor([0.25, 0.5, 0.25], device=dev)
-            kernel = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
-            blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+            kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 3, 3)
+            blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
             mix = (self._u(b, dev, 0.0, 1.0) < c.blur * s).float() * self._u(b, dev, 0.3, 1.0)
             x = x + mix.view(b, 1, 1, 1) * (blurred - x)
         # Geometry: one affine grid per image (rotation, zoom, shift) and a horizontal flip.

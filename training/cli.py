@@ -17,6 +17,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selector", choices=("pca", "weight_smallest", "weight_largest", "std"),
                    help="override the feature selection method")
     p.add_argument("--selected-dim", type=int, help="override the number of selected features")
+    p.add_argument("--input", choices=("slice", "2.5d"), default="slice",
+                   help="CNN input: slice = each slice alone, its three windows (the paper, default); 2.5d = "
+                        "the slice and --neighbours slices on each side, 3 windows each, as channels")
+    p.add_argument("--neighbours", type=int,
+                   help="2.5d: slices on each side (default 1: 9 channels); the edge slice is repeated")
 
 
 def model_config(args: argparse.Namespace):  # -> ModelConfig (import kept lazy)
@@ -36,6 +41,12 @@ def model_config(args: argparse.Namespace):  # -> ModelConfig (import kept lazy)
         changes["selector"] = args.selector
     if args.selected_dim:
         changes["selected_dim"] = args.selected_dim
+    if args.input == "2.5d":
+        changes["neighbours"] = 1 if args.neighbours is None else args.neighbours
+        if changes["neighbours"] < 1:
+            raise UserError("--input 2.5d needs --neighbours 1 or more (0 is the single-slice input)")
+    elif args.neighbours:
+        raise UserError("--neighbours needs --input 2.5d")
     try:
         return config.with_changes(**changes) if changes else config
     except ValueError as exc:

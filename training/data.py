@@ -417,13 +417,16 @@ class ScanStore:
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """Single slices as (windowed uint8 (3, S, S), labels (6,) float32).
+    """Single slices as (windowed uint8 (3, S, S), labels (6,) float32); with neighbours k > 0 (2.5D) the
+    image is the slice and its k neighbours on each side, (3 (2k+1), S, S), stacked by the node's own
+    ihd_node.model.input.stack_neighbours from the scan's sorted (and slabbed) cache.
 
     Augmentation runs batched on the device (training/augment.py), not here.
     """
 
-    def __init__(self, store: ScanStore, scan_ids: Iterable[str]) -> None:
+    def __init__(self, store: ScanStore, scan_ids: Iterable[str], neighbours: int = 0) -> None:
         self.store = store
+        self.neighbours = neighbours
         self.items: list[tuple[str, int]] = []
         rows = []
         for sid in scan_ids:
@@ -442,7 +445,20 @@ class SliceDataset(torch.utils.data.Dataset):
         size = mask_size(self.store.size)
         mask = (torch.from_numpy(np.array(masks[i])) if masks is not None
                 else torch.full((size, size), NO_MASK, dtype=torch.uint8))
-        return torch.from_numpy(np.array(self.store.images(sid)[i])), torch.from_numpy(self.labels[index]), mask
+        return self.image(sid, i), torch.from_numpy(self.labels[index]), mask
+
+    def image(self, sid: str, i: int) -> torch.Tensor:
+        images = self.store.images(sid)
+        k = self.neighbours
+        if k == 0:
+            return torch.from_numpy(np.array(images[i]))
+        from ihd_node.model.input import stack_neighbours
+
+        # Read only slices i-k .. i+k from the memory map. The window is cut at the scan's ends exactly
+        # where the edge slice gets repeated, so stacking it gives what stacking the whole scan gives.
+        low = max(0, i - k)
+        window = torch.from_numpy(np.array(images[low:i + k + 1]))
+        return stack_neighbours(window, k, i - low, i - low + 1)[0]
 
 
 class ScanDataset(torch.utils.data.Dataset):

@@ -171,6 +171,13 @@ def evaluate_held_out(checkpoint: Path, recipe: Recipe, workers: int) -> dict[st
     return evaluate_scans(labels, probs, thresholds)
 
 
+def _input_note(neighbours: int) -> str:
+    if neighbours == 0:
+        return ""  # the paper's single-slice input: the card says nothing more (as for the shipped model)
+    return (f"; 2.5D: each slice with {neighbours} neighbour(s) on each side as further channels "
+            f"({3 * (2 * neighbours + 1)} in all, not the paper's input)")
+
+
 def model_card(checkpoint: Path, recipe: Recipe) -> str:
     """MODEL_CARD.md text from the checkpoint (held-out metrics and build time are in its provenance)."""
     from ihd_node.model.checkpoint import load_checkpoint
@@ -208,7 +215,7 @@ checkpoint (`model: {{checkpoint: /path/model.pt}}` in config.yaml).
   (dropout {cfg.dropout}), the CNN's 6 probabilities concatenated before the final linear layer; scan
   probability = max over slices.
 - Input: three windows (brain 40/80, subdural 80/200, soft tissue 40/380), bilinear resize to
-  {cfg.input_size}x{cfg.input_size}, the paper's mean/std.
+  {cfg.input_size}x{cfg.input_size}, the paper's mean/std{_input_note(cfg.neighbours)}.
 - {params / 1e6:.2f} M parameters, stored as float16 ({checkpoint.stat().st_size / 1e6:.1f} MB).
 - Classes: {", ".join(CLASSES)}.
 - Thresholds (Youden's J on the {recipe.val_series} validation phantoms, scan level):
@@ -268,14 +275,14 @@ same for the same torch build and thread count, up to the nondeterminism of some
 
 
 def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads: int = 2,
-               verbose: bool = True) -> dict[str, Any]:
+               verbose: bool = True, neighbours: int = 0) -> dict[str, Any]:
     from ihd_node.model.presets import get_preset
     from training.evaluate import store_provenance
     from training.train import TrainOptions, run_stages
 
     started = time.monotonic()
     torch.set_num_threads(threads)
-    config = get_preset("compact")
+    config = get_preset("compact").with_changes(neighbours=neighbours)
     splits = make_training_cache(work, recipe, config.input_size, workers)
     print(f"phantoms ready after {time.monotonic() - started:.0f}s: {len(splits['train'])} train, "
           f"{len(splits['val'])} val scans", flush=True)
@@ -313,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes making phantoms (default 2)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="scale the number of phantoms and CNN steps (quick trials: 0.2)")
+    parser.add_argument("--neighbours", type=int, default=0,
+                        help="2.5D input with this many slices on each side (to measure the option; the "
+                             "shipped model is single-slice, 0)")
     parser.add_argument("--card-only", action="store_true",
                         help="only rewrite MODEL_CARD.md beside --out from that checkpoint")
     args = parser.parse_args(argv)
@@ -328,11 +338,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.work:
             args.work.mkdir(parents=True, exist_ok=True)
-            run_recipe(args.out, args.work, recipe, args.workers, args.threads)
+            run_recipe(args.out, args.work, recipe, args.workers, args.threads, neighbours=args.neighbours)
         else:
             tmp = Path(tempfile.mkdtemp(prefix="ihd-phantom-recipe-"))
             try:
-                run_recipe(args.out, tmp, recipe, args.workers, args.threads)
+                run_recipe(args.out, tmp, recipe, args.workers, args.threads, neighbours=args.neighbours)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except UserError as exc:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ihd_node.classes import CLASSES
 from ihd_node.errors import UserError
+from ihd_node.model.input import stack_neighbours
 from ihd_node.model.presets import ModelConfig
 from training.augment import AugmentConfig, Augmenter, to_input
 from training.data import ScanStore, SliceDataset, balanced_slice_weights, epoch_indices
@@ -164,7 +165,11 @@ def loss_function(opts: TrainOptions):  # -> Callable[[Tensor, Tensor], Tensor]
 
 
 def _check_config(state: dict[str, Any], opts: TrainOptions, stage: str) -> None:
-    if state.get("config") != opts.config.to_dict():
+    try:  # through from_dict: states saved before a config field existed read with its default
+        same = ModelConfig.from_dict(state.get("config") or {}) == opts.config
+    except (TypeError, ValueError, KeyError):
+        same = False
+    if not same:
         raise TrainingError(f"{opts.work / stage}: was started with another model config; use a new --work "
                             f"folder or delete {opts.work / stage} to restart that stage")
 
@@ -177,7 +182,7 @@ def build_cnn(opts: TrainOptions) -> torch.nn.Module:
 
     torch.manual_seed(opts.seed)
     cnn = SliceCNN(opts.config.backbone, num_classes=opts.config.num_classes,
-                   weights_path=opts.backbone_weights)
+                   weights_path=opts.backbone_weights, in_channels=opts.config.in_channels)
     if opts.bn_momentum is not None:
         for module in cnn.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -218,7 +223,7 @@ class MaskHead(torch.nn.Module):
         training = cnn.training
         cnn.eval()  # a probe pass must not touch BatchNorm statistics
         with torch.no_grad():
-            cnn(torch.zeros(1, 3, input_size, input_size, device=next(cnn.parameters()).device))
+            cnn(torch.zeros(1, cnn.in_channels, input_size, input_size, device=next(cnn.parameters()).device))
         cnn.train(training)
         for h in hooks:
             h.remove()
@@ -296,7 +301,7 @@ def stage_cnn(opts: TrainOptions, store: ScanStore, splits: dict[str, list[str]]
         _log(opts, f"stage cnn: resuming at epoch {epoch + 1}, step {step}")
 
     criterion = loss_function(opts)
-    train = SliceDataset(store, splits["train"])
+    train = SliceDataset(store, splits["train"], neighbours=opts.config.neighbours)
     if len(train) == 0:
         raise TrainingError("the training split has no slices; prepare more scans or use a smaller "
                             "--val-fraction")
@@ -369,11 +374,12 @@ def stage_cnn(opts: TrainOptions, store: ScanStore, splits: dict[str, list[str]]
 
 @torch.no_grad()
 def cnn_outputs(cnn: torch.nn.Module, images: torch.Tensor, device: torch.device, chunk: int = 64,
-                amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 3, S, S) cached images -> (logits (n, 6), features (n, D)) float32 on the CPU, no augmentation."""
+                amp: bool = False, neighbours: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, S, S) cached images of one scan -> (logits (n, 6), features (n, D)) float32 on the CPU, no
+    augmentation; 2.5D (neighbours > 0) stacks each slice's neighbours as the node's Predictor does."""
     logits, feats = [], []
     for start in range(0, images.shape[0], chunk):
-        x = to_input(images[start:start + chunk].to(device))
+        x = to_input(stack_neighbours(images, neighbours, start, start + chunk).to(device))
         use_amp = amp and device.type == "cuda"
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
             lo, fe = cnn(x)
@@ -388,7 +394,8 @@ def evaluate_cnn(cnn: torch.nn.Module, store: ScanStore, scan_ids: Sequence[str]
     cnn.eval()
     labels, probs = [], []
     for sid in scan_ids:
-        logits, _ = cnn_outputs(cnn, torch.from_numpy(np.array(store.images(sid))), device, amp=opts.amp)
+        logits, _ = cnn_outputs(cnn, torch.from_numpy(np.array(store.images(sid))), device, amp=opts.amp,
+                                neighbours=opts.config.neighbours)
         probs.append(torch.sigmoid(logits).numpy())
         labels.append(store.labels(sid))
     cnn.train()
@@ -426,7 +433,8 @@ def stage_features(opts: TrainOptions, store: ScanStore, splits: dict[str, list[
     pos = 0
     for sid in progress(scan_ids, desc="extracting features", enabled=opts.verbose):
         # float32, as the node runs the model: the BiLSTM learns from the features it will be given.
-        logits, feats = cnn_outputs(cnn, torch.from_numpy(np.array(store.images(sid))), device, amp=False)
+        logits, feats = cnn_outputs(cnn, torch.from_numpy(np.array(store.images(sid))), device, amp=False,
+                                    neighbours=opts.config.neighbours)
         n = logits.shape[0]
         raw[pos:pos + n] = feats.numpy().astype(np.float16)
         logits_all[pos:pos + n] = logits.numpy()

@@ -19,6 +19,7 @@ import torch
 
 from ihd_node.classes import CLASSES
 from ihd_node.errors import UserError
+from ihd_node.model.input import input_mode
 from ihd_node.model.network import IhdModel
 from ihd_node.model.presets import ModelConfig
 
@@ -97,6 +98,8 @@ def save_checkpoint(path: str | Path, model: IhdModel, *, thresholds: dict[str, 
         "preprocessing": {  # for readers of the file; the model itself uses the config
             "windows": [list(w) for w in config.windows], "mean": list(config.mean), "std": list(config.std),
             "input_size": config.input_size, "resize": "bilinear, align_corners=False, no antialias",
+            # The model reads config.neighbours; this says it in words (absent in older files = single slice).
+            "input": input_mode(config.neighbours), "neighbours": config.neighbours,
         },
         "classes": list(config.classes),
         "thresholds": _check_thresholds(thresholds, config.classes),

@@ -80,10 +80,47 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in data.items()}
 
 
-class SliceCNN(nn.Module):
-    """Image (n, 3, S, S) -> (logits (n, 6), pooled features (n, D))."""
+def first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    """(parent, attribute, conv) of the first convolution: the stem of every supported backbone."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name), attr, module
+    raise ValueError("the backbone has no Conv2d")
 
-    def __init__(self, backbone: str, num_classes: int = 6, weights_path: str | Path | None = None) -> None:
+
+def widen_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Give the stem convolution in_channels = 3 x g inputs (2.5D: g slices of three windows each).
+
+    Its 3-channel kernel (pretrained or freshly initialised) is repeated for each of the g slices and
+    divided by g: a series whose neighbours equal the centre slice then gives exactly the activations of
+    the 3-channel network, so ImageNet weights stay usable as the starting point, and training learns
+    what differs between the slices. Keeps all three windows (unlike putting one window of three slices
+    into the three channels).
+    """
+    parent, attr, conv = first_conv(model)
+    if conv.in_channels == in_channels:
+        return
+    if in_channels % conv.in_channels:
+        raise ValueError(f"{in_channels} input channels is not a multiple of {conv.in_channels}")
+    groups = in_channels // conv.in_channels
+    wide = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                     bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+    if not conv.weight.is_meta:  # a checkpoint being loaded brings its own weights
+        with torch.no_grad():
+            wide.weight.copy_(conv.weight.repeat(1, groups, 1, 1) / groups)
+            if conv.bias is not None:
+                wide.bias.copy_(conv.bias)
+    setattr(parent, attr, wide)
+
+
+class SliceCNN(nn.Module):
+    """Image (n, C, S, S) -> (logits (n, 6), pooled features (n, D)); C = 3, or 3 x slices for 2.5D."""
+
+    def __init__(self, backbone: str, num_classes: int = 6, weights_path: str | Path | None = None,
+                 in_channels: int = 3) -> None:
         super().__init__()
         if backbone not in BACKBONES:
             raise UserError(f"unknown backbone {backbone!r}; supported: {', '.join(BACKBONES)}")
@@ -95,6 +132,8 @@ class SliceCNN(nn.Module):
         setattr(model, spec.classifier, nn.Identity())  # forward() now returns the pooled, flattened features
         if weights_path is not None:
             self._load_backbone(model, weights_path)
+        self.in_channels = in_channels
+        widen_first_conv(model, in_channels)  # after the pretrained weights: they are widened too
         self.backbone = model
         self.head = nn.Linear(self.feature_dim, num_classes)
 

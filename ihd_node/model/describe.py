@@ -12,6 +12,7 @@ import torch
 
 from ihd_node.errors import UserError
 from ihd_node.model.checkpoint import read_checkpoint
+from ihd_node.model.input import input_mode
 from ihd_node.model.network import IhdModel
 from ihd_node.model.presets import PRESETS, ModelConfig
 
@@ -43,6 +44,9 @@ def _architecture(name: str, config: ModelConfig) -> dict[str, Any]:
         "concat_cnn_probabilities": config.concat_cnn_probs,
         "classes": list(config.classes),
         "input_size": config.input_size,
+        "input": input_mode(config.neighbours),
+        "neighbours": config.neighbours,
+        "input_channels": config.in_channels,
         "windows": [{"name": n, "center": c, "width": w}
                     for n, (c, w) in zip(WINDOW_NAMES, config.windows, strict=True)],
         "normalization": {"mean": list(config.mean), "std": list(config.std)},
@@ -157,6 +161,7 @@ def _summary(d: dict[str, Any]) -> str:
         f"sequence    {'bidirectional ' if lstm['bidirectional'] else ''}LSTM {lstm['layers']} x "
         f"{lstm['hidden_size']}, dropout {lstm['dropout']}, CNN probabilities concatenated: {concat}",
         "windows     " + ", ".join(f"{w['name']} {w['center']:g}/{w['width']:g}" for w in d["windows"]),
+        f"input       {d['input']}, {d['input_channels']} channels",
         f"normalise   mean {d['normalization']['mean']}, std {d['normalization']['std']}",
         f"classes     {', '.join(d['classes'])}",
         f"parameters  {d['parameters']:,} ({d['parameters'] / 1e6:.1f} M)",

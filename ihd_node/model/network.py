@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ihd_node.model.cnn import SliceCNN
+from ihd_node.model.input import stack_neighbours
 from ihd_node.model.presets import ModelConfig
 from ihd_node.model.selection import FeatureSelector, build_selector
 from ihd_node.model.sequence import SequenceHead
@@ -18,7 +19,8 @@ class IhdModel(nn.Module):
     def __init__(self, config: ModelConfig, backbone_weights: str | Path | None = None) -> None:
         super().__init__()
         self.config = config
-        self.cnn = SliceCNN(config.backbone, num_classes=config.num_classes, weights_path=backbone_weights)
+        self.cnn = SliceCNN(config.backbone, num_classes=config.num_classes, weights_path=backbone_weights,
+                            in_channels=config.in_channels)
         if self.cnn.feature_dim != config.feature_dim:
             raise ValueError(f"config feature_dim {config.feature_dim} does not match {config.backbone}'s "
                              f"{self.cnn.feature_dim}")
@@ -46,7 +48,11 @@ class IhdModel(nn.Module):
         return self.sequence(self.selector(features), torch.sigmoid(cnn_logits), lengths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One scan (n, 3, S, S), slices in spatial order -> per-slice logits (n, 6)."""
+        """One scan (n, 3, S, S) of per-slice windows, slices in spatial order -> per-slice logits (n, 6).
+
+        2.5D models (config.neighbours > 0) stack each slice's neighbours here (ihd_node.model.input).
+        """
+        x = stack_neighbours(x, self.config.neighbours)
         cnn_logits, features = self.forward_features(x)
         return self.sequence_logits(features.unsqueeze(0), cnn_logits.unsqueeze(0))[0]
 

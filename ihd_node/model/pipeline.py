@@ -22,6 +22,7 @@ from ihd_node.errors import UserError
 from ihd_node.intracranial import intracranial_mask
 from ihd_node.model.checkpoint import load_checkpoint
 from ihd_node.model.gradcam import EXPLAIN_MODES, cams_from_activations, frozen, mask_heatmap
+from ihd_node.model.input import stack_neighbours
 from ihd_node.model.network import IhdModel
 from ihd_node.model.optimize import fuse_conv_bn
 from ihd_node.model.preprocess import prepare_slices
@@ -121,10 +122,18 @@ class Predictor:
 
     def _cnn(self, x: torch.Tensor, cnn: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The CNN (default: the model's own, with its CAM layer) over all slices in batches of batch_size
-        (bounded memory): (logits (n, 6), features)."""
+        (bounded memory): (logits (n, 6), features). x holds each slice's three windows (n, 3, S, S)."""
         cnn = cnn or self.model.cnn
-        parts = [cnn(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        k = self.config.neighbours
+        # 2.5D: each batch's inputs are stacked from the whole series (neighbours may lie in the next
+        # batch), one batch at a time so the widened input never exists for the whole series at once.
+        parts = [cnn(self._batch_input(x, i, k)) for i in range(0, x.shape[0], self.batch_size)]
         return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
+
+    def _batch_input(self, x: torch.Tensor, start: int, neighbours: int) -> torch.Tensor:
+        """The CNN's input for slices start .. start + batch_size from the series' per-slice windows."""
+        batch = stack_neighbours(x, neighbours, start, start + self.batch_size)
+        return batch if neighbours == 0 else batch.contiguous(memory_format=torch.channels_last)
 
     def _predict_explained(self, x: torch.Tensor, hu: np.ndarray, max_cam_slices: int | None,
                            pixel_spacing_mm: float) -> tuple[np.ndarray, dict[tuple[int, str], np.ndarray]]:

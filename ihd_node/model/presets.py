@@ -10,8 +10,10 @@ from typing import Any
 
 from ihd_node.classes import CHANNEL_MEAN, CHANNEL_STD, CLASSES, PAPER_INPUT_SIZE, WINDOWS
 from ihd_node.errors import UserError
+from ihd_node.model.input import input_channels
 
 SELECTOR_KINDS: tuple[str, ...] = ("pca", "weight_smallest", "weight_largest", "std")
+MAX_NEIGHBOURS = 4  # 2.5D input: at most 9 slices per input (27 channels)
 
 # Pooled feature size of each supported backbone (checked against the built network in the tests).
 BACKBONE_FEATURE_DIMS: dict[str, int] = {
@@ -39,6 +41,8 @@ class ModelConfig:
     windows: tuple[tuple[float, float], ...] = WINDOWS
     mean: tuple[float, ...] = CHANNEL_MEAN
     std: tuple[float, ...] = CHANNEL_STD
+    # Slices on each side stacked into a slice's input (ihd_node.model.input); 0 = the paper's single slice.
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTOR_KINDS:
@@ -51,10 +55,17 @@ class ModelConfig:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
         if len(self.windows) != 3 or len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("windows, mean and std need exactly three channels")
+        if not 0 <= self.neighbours <= MAX_NEIGHBOURS:
+            raise ValueError(f"neighbours {self.neighbours} must be in 0..{MAX_NEIGHBOURS}")
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the CNN's input: 3 windows x (2 neighbours + 1) slices."""
+        return input_channels(self.neighbours)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of str/int/float/bool/lists: safe for JSON and for torch.load(weights_only=True)."""
@@ -69,6 +80,8 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Inverse of to_dict; raises ValueError naming missing or unknown keys."""
         names = {f.name for f in fields(cls)}
+        # Checkpoints written before the 2.5D option have no "neighbours": they are single-slice models.
+        data = {"neighbours": 0, **data}
         missing = sorted(names - set(data))
         unknown = sorted(set(data) - names)
         if missing or unknown:
@@ -78,7 +91,7 @@ class ModelConfig:
         d["windows"] = tuple((float(c), float(w)) for c, w in d["windows"])
         d["mean"] = tuple(float(v) for v in d["mean"])
         d["std"] = tuple(float(v) for v in d["std"])
-        for key in ("feature_dim", "selected_dim", "lstm_layers", "lstm_hidden", "input_size"):
+        for key in ("feature_dim", "selected_dim", "lstm_layers", "lstm_hidden", "input_size", "neighbours"):
             d[key] = int(d[key])
         for key in ("bidirectional", "concat_cnn_probs"):
             d[key] = bool(d[key])
