@@ -162,3 +162,19 @@ def test_node_analyses_a_series_with_the_25d_checkpoint(trained: Path, tmp_path:
     for k, (i, c) in enumerate(pairs):
         want = mask_heatmap(ref[k].numpy(), intracranial_mask(hu[i], spacing))
         np.testing.assert_allclose(pred.heatmaps[(i, c)], want, atol=1e-3)
+
+
+def test_25d_with_out_of_fold_bilstm(trained: Path, tmp_path: Path) -> None:
+    """The two options combine: the fold CNNs of `--bilstm-features oof` take the 2.5D input too."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(trained, work)
+    assert training_main(["train", "--work", str(work), "--input-size", str(INPUT), "--input", "2.5d",
+                          "--selected-dim", "8", "--device", "cpu", "--epochs", "1", "--epoch-size", "32",
+                          "--batch-size", "8", "--lr-scale", "10", "--positive-share", "0.5", "--seq-epochs", "1",
+                          "--pca-samples", "500", "--bilstm-features", "oof", "--folds", "2"]) == 0
+    oof = load_checkpoint(work / "model-oof.pt")
+    assert oof.config.neighbours == 1 and first_conv(oof.model.cnn.backbone)[2].in_channels == 9
+    fold = torch.load(work / "oof" / "fold1" / "cnn" / "state.pt", weights_only=True)["model"]
+    assert next(v for k, v in fold.items() if k.endswith("weight") and v.ndim == 4).shape[1] == 9

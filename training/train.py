@@ -374,9 +374,12 @@ def stage_cnn(opts: TrainOptions, store: ScanStore, splits: dict[str, list[str]]
 
 @torch.no_grad()
 def cnn_outputs(cnn: torch.nn.Module, images: torch.Tensor, device: torch.device, chunk: int = 64,
-                amp: bool = False, neighbours: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                amp: bool = False, neighbours: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 3, S, S) cached images of one scan -> (logits (n, 6), features (n, D)) float32 on the CPU, no
-    augmentation; 2.5D (neighbours > 0) stacks each slice's neighbours as the node's Predictor does."""
+    augmentation; 2.5D (neighbours > 0) stacks each slice's neighbours as the node's Predictor does.
+    Without `neighbours`, the CNN's own input width says it (every caller, the fold CNNs' too)."""
+    if neighbours is None:
+        neighbours = (int(getattr(cnn, "in_channels", 3)) // 3 - 1) // 2
     logits, feats = [], []
     for start in range(0, images.shape[0], chunk):
         x = to_input(stack_neighbours(images, neighbours, start, start + chunk).to(device))
