@@ -12,10 +12,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.charset import python_encoding
+from pydicom.dataset import Dataset
 from test_report_common import dciodvfy, make_prediction, needs, write, write_ct_series
 
 from ihd_node.dicom.volume import load_volume
 from ihd_node.report import build_results
+from ihd_node.report.source import (
+    UTF8,
+    _ascii_round_trips,
+    _charset_terms,
+    _round_trips,
+    _texts,
+    result_character_set,
+)
 
 # (SpecificCharacterSet values, patient name, study description), one per defined term or combination.
 CASES: list[tuple[list[str], str, str]] = [
@@ -62,6 +72,18 @@ def relabel(paths: list[Path], terms: list[str], name: str, description: str) ->
         ds.save_as(path, enforce_file_format=True)
 
 
+def every_element_set(source: Dataset, result: Dataset) -> list[str]:
+    """The character set by a write-and-read check of every element (what result_character_set did
+    before it checked only the elements with non-ASCII text)."""
+    terms = _charset_terms(source)
+    if all(t in ("", "ISO_IR 6") for t in terms):
+        return [] if all(t.isascii() for t in _texts(result)) else [UTF8]
+    if any(t not in python_encoding for t in terms):
+        return [UTF8]
+    everything = [e for e in result if e.keyword not in ("PixelData", "SpecificCharacterSet")]
+    return terms if _round_trips(everything, terms) else [UTF8]
+
+
 @pytest.fixture(scope="module")
 def series(tmp_path_factory) -> list[Path]:
     return write_ct_series(tmp_path_factory.mktemp("charset") / "src", n=3, size=64)
@@ -81,6 +103,8 @@ def test_text_reads_back_identical(series, tmp_path, terms, name, description):
         # Bytes as the source's where the source's set is kept (what dcentvfy compares).
         if back.get("SpecificCharacterSet", "") not in ("ISO_IR 192",) or terms == ["ISO_IR 192"]:
             assert back["PatientName"].value.original_string == source["PatientName"].value.original_string
+        # Checking only the non-ASCII elements picks the set that checking every element picks.
+        assert result_character_set(source, ds) == every_element_set(source, ds), ds.Modality
 
 
 @needs("dciodvfy")
@@ -105,3 +129,48 @@ def test_pydicom_gaps_are_filled():
     assert str(PersonName(annex_k, convert_encodings(["", "ISO 2022 IR 58"])).decode()) == \
         "Zhang^XiaoDong=张^小东"
     assert decode_bytes(b"\xbcuvre \xa4", convert_encodings("ISO_IR 203"), set()) == "Œuvre €"
+
+
+def test_ascii_reads_back_in_every_known_set():
+    """The premise of checking only non-ASCII text: pydicom writes ASCII unchanged in every set it knows,
+    alone and in the code-extension combinations."""
+    import ihd_node.dicom  # noqa: F401  (registers the fixes)
+
+    combos = {(t,) for t in python_encoding} | {tuple(terms) for terms, _, _ in CASES if terms}
+    assert not [terms for terms in sorted(combos) if not _ascii_round_trips(terms)]
+
+
+def _result(nested: str, top: str = "CT HEAD") -> Dataset:
+    """A result-like data set: many ASCII elements, one text at the top level, one inside a sequence."""
+    ds = Dataset()
+    ds.StudyDescription = top
+    ds.SeriesDescription = "ICH AI - NOT FOR DIAGNOSTIC USE"
+    ds.ImageComments = "x" * 2000
+    item = Dataset()
+    item.CodeMeaning = nested
+    inner = Dataset()
+    inner.ContentSequence = [item]
+    ds.ContentSequence = [Dataset(), inner]
+    return ds
+
+
+@pytest.mark.parametrize(("source_terms", "nested", "top", "expected"), [
+    ("ISO_IR 100", "Tête", "CT HEAD", ["ISO_IR 100"]),  # Latin-1 carries it: the source's set is kept
+    ("ISO_IR 100", "Иванов", "CT HEAD", [UTF8]),  # Cyrillic deep in a sequence: Latin-1 cannot carry it
+    ("ISO_IR 100", "plain", "Иванов", [UTF8]),  # and at the top level
+    ("ISO_IR 144", "Иванов", "КТ", ["ISO_IR 144"]),
+    (["", "ISO 2022 IR 87"], "山田", "CT", ["", "ISO 2022 IR 87"]),
+    (["", "ISO 2022 IR 87"], "홍길동", "CT", [UTF8]),  # Hangul is not in JIS X 0208
+    ("ISO_IR 100", "plain", "CT HEAD", ["ISO_IR 100"]),  # all ASCII: nothing to check, the set is kept
+    (None, "plain", "CT HEAD", []),
+    (None, "Tête", "CT HEAD", [UTF8]),  # no set and non-ASCII text only in a sequence
+])
+def test_non_ascii_text_decides_the_set_wherever_it_is(source_terms, nested, top, expected):
+    import ihd_node.dicom  # noqa: F401  (registers the fixes)
+
+    source = Dataset()
+    if source_terms is not None:
+        source.SpecificCharacterSet = source_terms
+    result = _result(nested, top)
+    assert result_character_set(source, result) == expected
+    assert every_element_set(source, result) == expected

@@ -286,3 +286,49 @@ def test_summary_in_a_doctors_words(positive):
     assert "any" not in text.split()
     negative = summary_text(volume, make_prediction(6))
     assert negative.startswith("No intracranial hemorrhage detected. Not for diagnostic use.")
+
+
+def _without_stamps(ds) -> bytes:
+    """The data set as written, its creation stamps blanked (highdicom takes them from the clock)."""
+    from io import BytesIO
+
+    import pydicom
+
+    ds = pydicom.dcmread(BytesIO(_bytes(ds)))
+    stamps = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime"}
+
+    def blank(dataset, elem) -> None:
+        if elem.keyword in stamps:
+            elem.value = ""
+
+    ds.walk(blank)
+    return _bytes(ds)
+
+
+def _bytes(ds) -> bytes:
+    from io import BytesIO
+
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_sr_equals_highdicoms_plain_build(positive, tmp_path, monkeypatch):
+    """comprehensive_3d_sr skips highdicom's copy of the content tree: the SR must be the same, element for
+    element, as the plain hd.sr.Comprehensive3DSR call gives (which also checks every referenced image is
+    evidence), for a first result and a revision naming its predecessor."""
+    import highdicom as hd
+
+    import ihd_node.report.sr as sr_module
+
+    volume, prediction = positive
+    first = build_sr(volume, prediction)
+    revised = build_sr(volume, prediction, revision=1, predecessor=first)
+    monkeypatch.setattr(sr_module, "comprehensive_3d_sr",
+                        lambda *, evidence, content, **kw: hd.sr.Comprehensive3DSR(evidence=evidence,
+                                                                                   content=content, **kw))
+    plain_first = build_sr(volume, prediction)
+    plain_revised = build_sr(volume, prediction, revision=1, predecessor=plain_first)
+    assert len(region_groups(first)) == 2  # the regions (SCOORD items) are part of what is compared
+    assert _without_stamps(first) == _without_stamps(plain_first)
+    assert _without_stamps(revised) == _without_stamps(plain_revised)

@@ -8,12 +8,14 @@ import warnings
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
+from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
 import pydicom
 from pydicom.charset import python_encoding
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
@@ -60,23 +62,70 @@ def _charset_terms(ds: Dataset) -> list[str]:
     return [str(v or "").strip() for v in values]
 
 
+def _values_of(elem: DataElement) -> list[str]:
+    """The decoded text values of one element (not of a sequence's items)."""
+    if elem.VR not in _TEXT_VRS or elem.value is None or elem.keyword == "SpecificCharacterSet":
+        return []
+    values = elem.value if isinstance(elem.value, (list, tuple, MultiValue)) else [elem.value]
+    return [str(v) for v in values if v not in (None, "")]
+
+
 def _texts(ds: Dataset) -> list[str]:
     """Every decoded text value of a data set, nested sequences included."""
     out = []
     for elem in ds.iterall():
-        if elem.VR not in _TEXT_VRS or elem.value is None or elem.keyword == "SpecificCharacterSet":
-            continue
-        values = elem.value if isinstance(elem.value, (list, tuple, MultiValue)) else [elem.value]
-        out.extend(str(v) for v in values if v not in (None, ""))
+        out.extend(_values_of(elem))
     return out
 
 
-def _round_trips(result: Dataset, terms: list[str]) -> bool:
-    """Whether pydicom writes every text of `result` in these character set terms and reads it back equal."""
-    probe = Dataset()
+def _wide_elements(result: Dataset) -> list[DataElement]:
+    """The top-level elements (a sequence whole) that hold any non-ASCII text.
+
+    The results' own text (SR content, captions, UIDs, codes) is ASCII; only what came from the source
+    (names, descriptions) may not be. Only these elements need the write-and-read check (see _round_trips).
+    """
+    wide = []
     for elem in result:
-        if elem.keyword not in ("PixelData", "SpecificCharacterSet"):
-            probe.add(elem)  # shared, not copied: writing does not change an element
+        if elem.keyword in ("PixelData", "SpecificCharacterSet"):
+            continue
+        if elem.VR == "SQ":
+            texts = [t for item in elem.value or [] for t in _texts(item)]
+        else:
+            texts = _values_of(elem)
+        if not all(t.isascii() for t in texts):
+            wide.append(elem)
+    return wide
+
+
+# Printable ASCII and the control characters text VRs allow; the backslash is left out because it is the
+# value delimiter of multi-valued VRs, and PN's "^" and "=" because they separate its components and groups.
+_ASCII_PROBE = "".join(chr(c) for c in range(32, 127) if chr(c) not in "\\^=") + "\t\n\r\f"
+
+
+@lru_cache(maxsize=64)
+def _ascii_round_trips(terms: tuple[str, ...]) -> bool:
+    """Whether pydicom writes ASCII text in these terms and reads it back unchanged, in every text VR.
+
+    True for every set pydicom knows (single-byte sets and UTF-8 are ASCII-compatible; ISO 2022 sets keep
+    ASCII in G0); checked once per set instead of assumed, so that a set where it is not true falls back
+    to checking every element."""
+    probe = Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the probe's lengths and characters are not valid for every VR
+        for vr, keyword in (("LO", "StudyDescription"), ("SH", "StationName"), ("CS", "BodyPartExamined"),
+                            ("LT", "AdditionalPatientHistory"), ("ST", "InstitutionAddress"),
+                            ("UT", "ImageComments"), ("UC", "StrainDescription")):
+            probe.add_new(keyword, vr, _ASCII_PROBE)
+        probe.add_new("PatientName", "PN", "Abc Def^Ghi-Jkl.^Mno, Pq^'R(s)t'^123=Abc^Def")
+    return _round_trips(list(probe), list(terms))
+
+
+def _round_trips(elements: list[DataElement], terms: list[str]) -> bool:
+    """Whether pydicom writes every text of these elements in these character set terms and reads it back
+    equal."""
+    probe = Dataset()
+    for elem in elements:
+        probe.add(elem)  # shared, not copied: writing does not change an element
     before = _texts(probe)
     if terms:
         probe.SpecificCharacterSet = terms
@@ -101,14 +150,22 @@ def result_character_set(source: Dataset, result: Dataset) -> list[str]:
     defined term, read as the default repertoire) stay on the default repertoire when all text is ASCII.
     Unknown terms, or text the source's set cannot encode, give UTF-8 (ISO_IR 192), which can carry any
     decoded text. [] means "no SpecificCharacterSet" (default repertoire).
+
+    "Can carry" is a real write and read by pydicom, of the elements with non-ASCII text only: ASCII text
+    reads back unchanged in the sets where _ascii_round_trips says so (all that pydicom knows), and an
+    SR's thousands of ASCII content items made checking everything the slowest part of the report.
     """
     terms = _charset_terms(source)
-    texts = _texts(result)
+    wide = _wide_elements(result)
     if all(t in ("", "ISO_IR 6") for t in terms):
-        return [] if all(t.isascii() for t in texts) else [UTF8]
+        return [UTF8] if wide else []
     if any(t not in python_encoding for t in terms):
         return [UTF8]
-    return terms if _round_trips(result, terms) else [UTF8]
+    if not _ascii_round_trips(tuple(terms)):
+        wide = [elem for elem in result if elem.keyword not in ("PixelData", "SpecificCharacterSet")]
+    if not wide:
+        return terms
+    return terms if _round_trips(wide, terms) else [UTF8]
 
 
 def set_character_set(result: Dataset, source: Dataset) -> None:

@@ -322,7 +322,7 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int | Non
     evidence = [with_type2(volume.headers[0]), *volume.headers[1:]]
     uid = result_uid(volume.series_instance_uid, model.name, model.version, "sr", 0, revision,
                      settings=settings)
-    sr = hd.sr.Comprehensive3DSR(
+    sr = comprehensive_3d_sr(
         evidence=evidence,
         content=report[0],
         series_instance_uid=result_uid(volume.series_instance_uid, model.name, model.version, "sr-series",
@@ -345,6 +345,29 @@ def build_sr(volume: Volume, prediction: Prediction, *, series_number: int | Non
     return as_sr_class(sr, sr_class) if sr_class != "comprehensive3d" else sr
 
 
+def comprehensive_3d_sr(*, evidence: Sequence[Dataset], content: Dataset, **kwargs: object) -> hd.sr.Comprehensive3DSR:
+    """hd.sr.Comprehensive3DSR(evidence, content, ...) as a data set, without highdicom's copy of the tree.
+
+    highdicom deep-copies the whole content tree and parses the copy into its own objects (for the
+    `.content` property, which the node never reads), and searches the tree for references it then only
+    checks against the evidence: on a 32-slice study 60 % of the report's time, growing with the Image
+    Library's one entry per slice. It is handed the root container without its children here, and the
+    children are put in afterwards: the data set is the same element for element (test_report_sr checks
+    it against the plain call). Its `.content` holds the root only. The evidence sequences come from
+    `evidence` alone, and every image the content references is one of them by construction (regions and
+    library entries are made from the volume's slices, all of which are evidence).
+    """
+    shell = Dataset()
+    for elem in content:
+        if elem.keyword != "ContentSequence":
+            shell.add(elem)
+    shell.ContentSequence = []  # highdicom's reference search wants the attribute
+    sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=shell, **kwargs)  # type: ignore[arg-type]
+    if "ContentSequence" in content:
+        sr["ContentSequence"] = content["ContentSequence"]  # the same element highdicom would have put in
+    return sr
+
+
 def _move_class_groups_to_derived(root: Dataset) -> None:
     """Per-class groups (no region) go into TID 1500's Derived Imaging Measurements container (row 10).
 
@@ -359,7 +382,8 @@ def _move_class_groups_to_derived(root: Dataset) -> None:
     regions = [g for g in groups if any(c.ValueType == "SCOORD" for c in g.ContentSequence)]
     derived = hd.sr.ContainerContentItem(name=codes.DCM.DerivedImagingMeasurements,
                                          relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    derived.ContentSequence = [g for g in groups if g not in regions]
+    region_ids = {id(g) for g in regions}  # identity: Dataset equality compares every element
+    derived.ContentSequence = [g for g in groups if id(g) not in region_ids]
     if regions:
         imaging.ContentSequence = regions
         items.insert(position + 1, derived)
