@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from ihd_node.config import SeriesConfig
-from ihd_node.dicom.anatomy import body_part_problem, head_problem, look, sample_indices
+from ihd_node.dicom.anatomy import SAMPLE_AT, body_part_problem, head_problem, look, sample_indices
 from ihd_node.dicom.select import judge_series
 from ihd_node.dicom.volume import slice_headers
 from ihd_node.phantom import make_series, write_series
@@ -62,3 +62,34 @@ def test_judge_series_reads_the_images_and_honours_require_head(tmp_path: Path) 
     write_series(head, tmp_path / "head")
     ok = judge_series(slice_headers(sorted((tmp_path / "head").iterdir())))
     assert ok.ok and ok.reason.endswith(", head")
+
+
+def test_sample_is_the_same_nine_slices_middle_first() -> None:
+    for n in (1, 2, 10, 32, 300):
+        order = sample_indices(n)
+        assert sorted(order) == sorted({min(n - 1, max(0, round(f * (n - 1)))) for f in SAMPLE_AT})
+        assert len(order) == len(set(order))
+        distances = [abs(2 * i - (n - 1)) for i in order]
+        assert distances == sorted(distances)  # the middle of the stack first
+    assert sample_indices(0) == []
+
+
+def test_head_check_stops_at_the_first_head_slice() -> None:
+    """One passing slice decides: the slices after it are neither read nor measured (a head costs one
+    look instead of nine). Before, every sampled slice was read and measured."""
+    series = make_series(5, n_slices=12, size=64)
+    ps = float(series.datasets[0].PixelSpacing[0])
+    asked = []
+
+    def images():
+        for i in sample_indices(12):
+            asked.append(i)
+            if len(asked) > 1:
+                raise AssertionError("read a slice after one had passed")
+            yield series.hu[i]
+
+    assert head_problem(images(), (ps, ps)) is None
+    assert len(asked) == 1
+    # Any slice may be the one: a head slice after trunk slices still passes, as before.
+    trunk = [cross_section("abdomen", 64, seed=s) for s in range(3)]
+    assert head_problem([*trunk, series.hu[6]], (ps, ps)) is None

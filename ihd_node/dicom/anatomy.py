@@ -14,7 +14,7 @@ Both `serve` (ihd_node.dicom.select.judge_series) and `analyze` use this module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,15 +98,23 @@ def look(hu: np.ndarray, pixel_spacing: tuple[float, float]) -> SliceLook:
 
 
 def sample_indices(n: int) -> list[int]:
-    """The slices (indices into the sorted stack) the image check looks at."""
-    return sorted({min(n - 1, max(0, int(round(f * (n - 1))))) for f in SAMPLE_AT}) if n else []
+    """The slices (indices into the sorted stack) the image check looks at, the middle of the stack first:
+    one passing slice decides, and mid-cerebral slices pass most surely (the skull base and vertex may not),
+    so a head costs one look instead of nine (~0.5 s of a 32-slice study's time to result)."""
+    chosen = sorted({min(n - 1, max(0, int(round(f * (n - 1))))) for f in SAMPLE_AT}) if n else []
+    return sorted(chosen, key=lambda i: (abs(2 * i - (n - 1)), i))
 
 
-def head_problem(images: Sequence[np.ndarray], pixel_spacing: tuple[float, float]) -> str | None:
-    """None when at least one of the sampled slices looks like a head, else the reason (best slice's figures)."""
-    looks = [look(hu, pixel_spacing) for hu in images]
-    if any(lk.head_like for lk in looks):
-        return None
+def head_problem(images: Iterable[np.ndarray], pixel_spacing: tuple[float, float]) -> str | None:
+    """None as soon as one of the sampled slices looks like a head, else the reason (best slice's figures).
+
+    `images` may be lazy (a generator reading each slice when needed): slices after a passing one are
+    neither read nor measured."""
+    looks = []
+    for hu in images:
+        looks.append(look(hu, pixel_spacing))
+        if looks[-1].head_like:
+            return None
     if not looks:
         return "no image to check for a head"
     best = max(looks, key=lambda lk: (lk.enclosed_share, lk.density_share))

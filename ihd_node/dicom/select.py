@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from ihd_node.config import SeriesConfig
 from ihd_node.dicom.anatomy import body_part_problem, head_problem, sample_indices
-from ihd_node.dicom.volume import CT_CLASSES, SliceHeader, VolumeError, slice_headers, slices_hu
+from ihd_node.dicom.volume import CT_CLASSES, SliceHeader, VolumeError, iter_slices_hu, slice_headers
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,11 @@ def judge_series(refs: Sequence[SliceHeader], rules: SeriesConfig | None = None)
         order = sorted(range(len(refs)), key=lambda i: float(np.dot(
             [float(v) for v in headers[i].ImagePositionPatient], normal)))
         sample = [refs[order[i]] for i in sample_indices(len(order))]
-        images = slices_hu(sample)
         spacing = [float(v) for v in headers[0].PixelSpacing]
+        # Read one slice at a time: head_problem stops at the first that passes.
+        problem = head_problem(iter_slices_hu(sample), (spacing[0], spacing[1]))
     except VolumeError as exc:
         return Eligibility(False, str(exc))
-    problem = head_problem(images, (spacing[0], spacing[1]))
     if problem:
         return Eligibility(False, problem)
     return Eligibility(True, verdict.reason + ", head")

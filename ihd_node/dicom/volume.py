@@ -11,7 +11,7 @@ loading treat both kinds alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,11 +297,15 @@ def to_hu(ds: Dataset, pixels: np.ndarray | None = None) -> np.ndarray:
 
 def slices_hu(refs: Sequence[SliceHeader]) -> list[np.ndarray]:
     """The HU images of the given slices; a multi-frame file is read and decoded once for all its frames."""
+    return list(iter_slices_hu(refs))
+
+
+def iter_slices_hu(refs: Iterable[SliceHeader]) -> Iterator[np.ndarray]:
+    """slices_hu one slice at a time, each read when asked for (a caller may stop early)."""
     frames: dict[Path, np.ndarray] = {}
-    out = []
     for ref in refs:
         if ref.frame is None:
-            out.append(to_hu(ref.ds, _pixels(pydicom.dcmread(ref.path))))
+            yield to_hu(ref.ds, _pixels(pydicom.dcmread(ref.path)))
             continue
         if ref.path not in frames:
             frames[ref.path] = _pixels(pydicom.dcmread(ref.path))
@@ -310,8 +314,7 @@ def slices_hu(refs: Sequence[SliceHeader]) -> list[np.ndarray]:
         if ref.frame >= stack.shape[0]:
             raise VolumeError(f"{ref.path}: frame {ref.frame + 1} is missing from the pixel data "
                               f"({stack.shape[0]} frames); the file is truncated")
-        out.append(to_hu(ref.ds, stack[ref.frame]))
-    return out
+        yield to_hu(ref.ds, stack[ref.frame])
 
 
 def load_volume(paths: Sequence[str | Path]) -> Volume:
