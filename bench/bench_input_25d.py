@@ -3,10 +3,11 @@
 For each input (single slice: 3 channels; 2.5D with k neighbours each side: 3 (2k+1) channels) and the
 same backbone, interleaved per repeat so load on the machine hits both alike:
   train step  one CNN training step (augmentation, forward, Eq. 1 loss, backward, Adam) on a batch
-              drawn from a cached scan through training's SliceDataset (memory-mapped uint8 cache)
+              drawn from a cached scan through training's SliceDataset (memory-mapped uint8 cache);
+              also the part spent reading and augmenting the batch (3x the channels for k = 1)
   node        the node's Predictor on a series (forward pass, no heatmaps), per slice
-Prints milliseconds and the 2.5D / single ratio. Only the stem convolution and the data read widen, so
-the ratio is near 1 for deep backbones; it tells you what an epoch costs more.
+Prints milliseconds and the 2.5D / single ratio. The stem convolution, the data read and the
+augmentation widen; the rest of the network does not, so the ratio shrinks as the backbone grows.
 
     .venv/bin/python bench/bench_input_25d.py [--backbone mobilenet_v3_small] [--size 256] [--batch 32]
                                               [--neighbours 1] [--repeats 5] [--threads 2]
@@ -64,7 +65,7 @@ def main() -> None:
                 "opt": torch.optim.Adam(model.cnn.parameters(), lr=1e-4),
                 "data": SliceDataset(store, ["scan"], neighbours=config.neighbours),
                 "predictor": Predictor.from_model(IhdModel(config), dict.fromkeys(CLASSES, 0.5), name, "0"),
-                "train": [], "node": [],
+                "train": [], "input": [], "node": [],
             }
         augmenter = Augmenter(AugmentConfig(), generator=torch.Generator().manual_seed(0))
         for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
@@ -73,22 +74,26 @@ def main() -> None:
                 started = time.perf_counter()
                 images = torch.stack([run["data"][int(i)][0] for i in idx])
                 x = augmenter(images)
+                prepared = time.perf_counter()
                 logits, _ = run["model"].cnn(x)
                 loss = multi_bce(logits, torch.zeros_like(logits))
                 run["opt"].zero_grad()
                 loss.backward()
                 run["opt"].step()
                 train_s = time.perf_counter() - started
+                input_s = prepared - started
                 started = time.perf_counter()
                 run["predictor"].predict(hu[:16], explain=False)
                 node_s = time.perf_counter() - started
                 if repeat:
                     run["train"].append(train_s * 1000)
+                    run["input"].append(input_s * 1000)
                     run["node"].append(node_s * 1000 / 16)
     print(f"{args.backbone} at {args.size}px, batch {args.batch}, {args.threads} threads, "
           f"median of {args.repeats} interleaved repeats; 2.5D = {args.neighbours} neighbour(s) each side")
     single, wide = runs["single"], runs["2.5d"]
-    for key, label in (("train", "train step (ms per batch)"), ("node", "node forward (ms per slice)")):
+    for key, label in (("train", "train step (ms per batch)"), ("input", "  of which read + augment"),
+                       ("node", "node forward (ms per slice)")):
         a, b = statistics.median(single[key]), statistics.median(wide[key])
         print(f"  {label:30s} single {a:8.1f}   2.5d {b:8.1f}   ratio 2.5d/single {b / a:.2f}")
 
