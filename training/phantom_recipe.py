@@ -320,13 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes making phantoms (default 2)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="scale the number of phantoms and CNN steps (quick trials: 0.2)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (initialisation, sampling, augmentation); the phantoms stay the same")
     parser.add_argument("--neighbours", type=int, default=0,
                         help="2.5D input with this many slices on each side (to measure the option; the "
                              "shipped model is single-slice, 0)")
     parser.add_argument("--card-only", action="store_true",
                         help="only rewrite MODEL_CARD.md beside --out from that checkpoint")
     args = parser.parse_args(argv)
-    recipe = Recipe()
+    recipe = Recipe(seed=args.seed)
     if args.scale != 1.0:
         recipe = replace(recipe, train_series=max(10, int(recipe.train_series * args.scale)),
                          val_series=max(5, int(recipe.val_series * args.scale)),
