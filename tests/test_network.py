@@ -1,6 +1,6 @@
 """The node's network layer on loopback: TCP_NODELAY both ways, the node's own implementation identity,
-the Max PDU Length it announces, and PDUs larger than allowed (before and after association) dropped
-without being read."""
+the Max PDU Length it announces, PDUs larger than allowed (before and after association) dropped
+without being read, and the C-STORE codec that bypasses pynetdicom's (same bytes, same primitives)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ihd_node.config import default_config
 from ihd_node.db import open_database
@@ -25,6 +32,9 @@ from ihd_node.dicom.network import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     FastAssociation,
+    FastDIMSE,
+    encode_store_response,
+    parse_store_request,
 )
 from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.dicom.sender import _associate
@@ -87,6 +97,7 @@ def test_accepted_associations_get_nodelay_the_nodes_identity_and_the_configured
         assert assoc.send_c_echo().Status == 0
         server_side = list(receiver._server.active_associations)  # type: ignore[union-attr]
         assert server_side and all(isinstance(a, FastAssociation) for a in server_side)
+        assert all(isinstance(a.dimse, FastDIMSE) for a in server_side)
         assert all(nodelay(a.dul.socket.socket) for a in server_side)
     finally:
         assoc.release()
@@ -152,3 +163,100 @@ def _rss_kb() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+CT = str(CTImageStorage)
+UIDS = ["1.2.3", "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901234567"]
+
+
+def _store_rsp(status: int, sop: str, *, comment: str | None = None) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageID = rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID, rsp.Status = CT, sop, status
+    if comment is not None:
+        rsp.ErrorComment = comment
+    return rsp
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC210])
+@pytest.mark.parametrize("sop", UIDS)  # odd and even length (a UID is padded with one NUL)
+def test_c_store_responses_are_the_bytes_pynetdicom_encodes(status: int, sop: str) -> None:
+    rsp = _store_rsp(status, sop)
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    assert encode_store_response(rsp) == encode(msg.command_set, True, True)
+    assert encode_store_response(_store_rsp(status, sop, comment="why")) is None  # pynetdicom encodes that
+
+
+def _pdvs(primitive: object, max_pdu: int) -> list[tuple[int, bytes]]:
+    msg = C_STORE_RQ() if isinstance(primitive, C_STORE) else C_ECHO_RQ()
+    msg.primitive_to_message(primitive)
+    return [pdv for p in msg.encode_msg(1, max_pdu) for pdv in p.presentation_data_value_list]
+
+
+def _store_rq(sop: str, priority: int = 0, move: bool = False) -> C_STORE:
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = 3, priority
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = CT, sop
+    if move:
+        rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = "PACS", 9
+    rq.DataSet = BytesIO(bytes(range(256)) * 300)
+    return rq
+
+
+def _stock_primitive(pdvs: list[tuple[int, bytes]]) -> object:
+    msg = DIMSEMessage()
+    for cid, data in pdvs:
+        p = P_DATA()
+        p.presentation_data_value_list.append((cid, data))
+        if msg.decode_msg(p):
+            break
+    return msg.message_to_primitive()
+
+
+@pytest.mark.parametrize("sop", UIDS)
+@pytest.mark.parametrize("priority", [0, 1, 2])
+def test_c_store_requests_decode_to_what_pynetdicom_decodes(sop: str, priority: int) -> None:
+    pdvs = _pdvs(_store_rq(sop, priority), 16384)
+    command = b"".join(d[1:] for _, d in pdvs if d[0] & 1)
+    fast, stock = parse_store_request(command), _stock_primitive(pdvs)
+    assert fast is not None
+    for name in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                 "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID", "MessageIDBeingRespondedTo"):
+        assert getattr(fast, name) == getattr(stock, name), name
+
+
+def test_other_commands_are_left_to_pynetdicoms_decoder() -> None:
+    move = _pdvs(_store_rq(UIDS[0], move=True), 16384)  # a C-MOVE sub-operation: pynetdicom decodes it
+    assert parse_store_request(b"".join(d[1:] for _, d in move if d[0] & 1)) is None
+    echo = C_ECHO()
+    echo.MessageID, echo.AffectedSOPClassUID = 1, str(Verification)
+    assert parse_store_request(b"".join(d[1:] for _, d in _pdvs(echo, 16384) if d[0] & 1)) is None
+    assert parse_store_request(b"\0\0\0") is None  # cut short
+
+
+@pytest.mark.parametrize("move", [False, True])
+def test_the_fast_codec_stores_every_fragment_on_a_real_association(receiver: Receiver, move: bool) -> None:
+    """Data sets of many 16 KB fragments, by the fast path (plain C-STORE) and by pynetdicom's (a C-MOVE
+    sub-operation carries Move Originator elements); the node keeps exactly the bytes sent."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.Rows = ds.Columns = 128
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 1, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = os.urandom(128 * 128 * 2)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title=AET)
+    assert assoc.is_established
+    try:
+        kwargs = {"originator_aet": "PACS", "originator_id": 5} if move else {}
+        assert assoc.send_c_store(ds, **kwargs).Status == 0
+    finally:
+        assoc.release()
+    rows = receiver.recorder.db.series_instances(ds.SeriesInstanceUID)  # type: ignore[attr-defined]
+    assert [r.sop_instance_uid for r in rows] == [ds.SOPInstanceUID]
+    assert dcmread(rows[0].path).PixelData == ds.PixelData
