@@ -13,6 +13,7 @@ lock, because SQLite answers a second concurrent writer's lock upgrade with SQLI
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    bindparam,
     case,
     create_engine,
     event,
@@ -625,30 +627,24 @@ class Database:
         _record_full. Both in session `s`, so they share its transaction."""
         now = r.received_at or utcnow()
         conn = s.connection()
-        row = conn.execute(select(Series.id, Series.study_id, Series.state, Series.last_received).where(
-            Series.series_instance_uid == r.series_instance_uid)).first()
-        if row is None or row.state != "received" or conn.execute(select(Instance.id).where(
-                Instance.sop_instance_uid == r.sop_instance_uid)).first() is not None:
+        q = _fast_record_statements()
+        row = conn.execute(q.series_row, {"p_series_uid": r.series_instance_uid}).first()
+        if row is None or row.state != "received" or conn.execute(
+                q.instance_id, {"p_sop_uid": r.sop_instance_uid}).first() is not None:
             s.expire_all()  # ORM objects loaded earlier in this batch may be older than the plain updates
             rec = self._record_full(s, r, now)
             s.flush()  # the plain statements of the next record do not autoflush
             return rec
-        conn.execute(insert(Instance).values(
-            sop_instance_uid=r.sop_instance_uid, series_id=row.id, sop_class_uid=r.sop_class_uid,
-            path=str(r.path), size=r.size, sha256=r.sha256, transfer_syntax=r.transfer_syntax,
-            calling_aet=r.calling_aet, peer_address=r.peer_address, received_at=now))
-        conn.execute(update(Series).where(Series.id == row.id).values(
-            n_instances=Series.n_instances + 1, last_received=max(row.last_received, now),
-            calling_aet=func.coalesce(r.calling_aet or None, Series.calling_aet),
-            last_association=r.association_id, association_released=None, updated=now,
-            modality=func.coalesce(r.modality or None, Series.modality),
-            series_description=func.coalesce((r.series_description or "")[:64] or None,
-                                             Series.series_description)))
-        study_values: dict[str, Any] = {"last_received": case((Study.last_received < now, now),
-                                                              else_=Study.last_received)}
-        if r.accession_number:
-            study_values["accession_number"] = r.accession_number[:16]
-        conn.execute(update(Study).where(Study.id == row.study_id).values(**study_values))
+        conn.execute(q.insert_instance, {
+            "sop_instance_uid": r.sop_instance_uid, "series_id": row.id, "sop_class_uid": r.sop_class_uid,
+            "path": str(r.path), "size": r.size, "sha256": r.sha256, "transfer_syntax": r.transfer_syntax,
+            "calling_aet": r.calling_aet, "peer_address": r.peer_address, "received_at": now})
+        conn.execute(q.update_series, {
+            "p_id": row.id, "p_last": max(row.last_received, now), "p_aet": r.calling_aet or None,
+            "p_association": r.association_id, "p_now": now, "p_modality": r.modality or None,
+            "p_description": (r.series_description or "")[:64] or None})
+        conn.execute(q.update_study if r.accession_number else q.update_study_keep_accession, {
+            "p_id": row.study_id, "p_now": now, "p_accession": (r.accession_number or "")[:16]})
         return Recorded(new=True, changed_content=False, reopened=False, previous_state="received")
 
     @staticmethod
@@ -1376,6 +1372,40 @@ class Database:
                     peer_address=peer_address,
                 )
             )
+
+
+@dataclass(frozen=True)
+class _FastRecordStatements:
+    series_row: Any
+    instance_id: Any
+    insert_instance: Any
+    update_series: Any
+    update_study: Any
+    update_study_keep_accession: Any
+
+
+@functools.cache
+def _fast_record_statements() -> _FastRecordStatements:
+    """The usual-case statements of Database._record, built once with bound parameters: building them per
+    instance (SQLAlchemy coercions and cache keys) cost ~1 ms of the ~1.7 ms the row took."""
+    now = bindparam("p_now", type_=UTCDateTime())
+    study_last = case((Study.last_received < now, now), else_=Study.last_received)
+    return _FastRecordStatements(
+        series_row=select(Series.id, Series.study_id, Series.state, Series.last_received).where(
+            Series.series_instance_uid == bindparam("p_series_uid")),
+        instance_id=select(Instance.id).where(Instance.sop_instance_uid == bindparam("p_sop_uid")),
+        insert_instance=insert(Instance),
+        update_series=update(Series).where(Series.id == bindparam("p_id")).values(
+            n_instances=Series.n_instances + 1, last_received=bindparam("p_last", type_=UTCDateTime()),
+            calling_aet=func.coalesce(bindparam("p_aet", type_=String()), Series.calling_aet),
+            last_association=bindparam("p_association", type_=String()), association_released=None,
+            updated=now, modality=func.coalesce(bindparam("p_modality", type_=String()), Series.modality),
+            series_description=func.coalesce(bindparam("p_description", type_=String()),
+                                             Series.series_description)),
+        update_study=update(Study).where(Study.id == bindparam("p_id")).values(
+            last_received=study_last, accession_number=bindparam("p_accession", type_=String())),
+        update_study_keep_accession=update(Study).where(Study.id == bindparam("p_id")).values(
+            last_received=study_last))
 
 
 class InstanceBatcher:

@@ -4,6 +4,7 @@ of patient identity columns."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -565,3 +566,26 @@ def test_group_commit_shares_one_transaction_among_waiting_senders(db: Database)
     assert series_rows(db)[0][2] == 8
     with pytest.raises(IntegrityError):  # an error reaches its own caller
         batcher.record(record("3.9", size=None))
+
+
+def test_the_short_path_writes_the_rows_the_orm_path_writes(tmp_path: Path) -> None:
+    """Database._record's plain statements (built once, bound parameters) against _record_full's ORM logic,
+    on instances arriving out of order, with and without accession number, calling AE and description."""
+    def batch() -> list[InstanceRecord]:
+        return [record("1.1", t=5), record("1.2", t=3), dataclasses.replace(record("1.3", t=9), accession_number=None),
+                dataclasses.replace(record("1.4", t=7), calling_aet="", modality="", series_description=""),
+                dataclasses.replace(record("1.5", t=8), series_description="X" * 80, accession_number="A" * 20)]
+
+    short, orm = (open_database(f"sqlite:///{tmp_path / name}") for name in ("short.sqlite", "orm.sqlite"))
+    short.record_instances(batch())
+    for r in batch():
+        with orm.session() as s:
+            orm._record_full(s, r, r.received_at)
+
+    def rows(db: Database) -> list[list[tuple]]:
+        with db.engine.connect() as conn:
+            return [list(conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY id")) for table in
+                    ("studies", "series", "instances")]
+
+    assert rows(short) == rows(orm)
+    assert rows(short)[1][0] != ()  # not vacuous: a series row with its counts
