@@ -13,12 +13,14 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from ihd_node import faults
 
@@ -50,6 +52,38 @@ def dataset_bytes(raw: bytes) -> bytes:
             length = int.from_bytes(raw[pos + 6:pos + 8], "little")
             pos += 8 + length
     return raw[pos:]
+
+
+# The File Meta Information pynetdicom writes for a received instance (pynetdicom.dsutils.create_file_meta):
+# its own implementation identity, kept so that the node's spool files stay byte for byte what they were.
+_META_IMPLEMENTATION_UID = str(PYNETDICOM_IMPLEMENTATION_UID)
+_META_IMPLEMENTATION_VERSION = str(PYNETDICOM_IMPLEMENTATION_VERSION)
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_preamble(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, DICM and File Meta Information of a received data set, as pynetdicom's
+    Event.encoded_dataset() writes them (tests/test_receiver.py compares), without building pydicom data
+    sets per instance (that was ~10 % of the receiving threads' time)."""
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\0")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\0")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\0")),
+        _meta_element(0x0012, b"UI", _padded(_META_IMPLEMENTATION_UID, b"\0")),
+        _meta_element(0x0013, b"SH", _padded(_META_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
 def fsync_dir(path: Path) -> None:

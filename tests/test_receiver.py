@@ -29,12 +29,13 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from ihd_node.db import Database, Event, open_database
 from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
-from ihd_node.spool import Spool
+from ihd_node.spool import Spool, file_preamble
 
 NODE_AET = "IHD_AI"
 
@@ -276,6 +277,27 @@ def test_transfer_syntaxes_are_stored_as_received(node: Setup, syntax: str) -> N
     stored = pydicom.dcmread(path)
     assert stored.file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(stored.pixel_array, original)
+
+
+@pytest.mark.parametrize("uids", [(str(CTImageStorage), "1.2.3", ExplicitVRLittleEndian),
+                                  (str(EnhancedCTImageStorage), "1.2.34", ImplicitVRLittleEndian),
+                                  (str(CTImageStorage), generate_uid(), str(DeflatedExplicitVRLittleEndian))])
+def test_the_spool_files_header_is_the_one_pynetdicom_writes(uids: tuple[str, str, str]) -> None:
+    """The receiver writes preamble and File Meta itself (file_preamble), byte for byte pynetdicom's."""
+    sop_class, sop, syntax = uids
+    meta = encode_file_meta(create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop, transfer_syntax=syntax))
+    assert file_preamble(sop_class, sop, syntax) == b"\0" * 128 + b"DICM" + meta
+
+
+def test_a_spool_file_is_the_header_and_the_data_set_as_received(node: Setup) -> None:
+    ds = ct_dataset(generate_uid(), 0, size=64)
+    assert send(node.port, [ds]) == [0]
+    [path] = spool_files(node)
+    raw = path.read_bytes()
+    head = file_preamble(str(CTImageStorage), ds.SOPInstanceUID, str(ds.file_meta.TransferSyntaxUID))
+    assert raw.startswith(head)
+    assert pydicom.dcmread(path).PixelData == ds.PixelData
+    assert len(raw) - len(head) > 64 * 64 * 2  # the data set follows, pixel data included
 
 
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")

@@ -37,7 +37,7 @@ from ihd_node.db import Database, InstanceBatcher, InstanceRecord, Series, Study
 from ihd_node.dicom.mpps import MPPS_SOP_CLASS, MppsScp
 from ihd_node.dicom.network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.dicom.volume import CT_CLASSES
-from ihd_node.spool import Spool, sha256_hex, valid_uid, write_atomic
+from ihd_node.spool import Spool, file_preamble, sha256_hex, valid_uid, write_atomic
 
 # Uncompressed, deflated and the common compressed syntaxes (all decodable by pydicom + pylibjpeg).
 TRANSFER_SYNTAXES: list[str] = [
@@ -434,7 +434,8 @@ class Receiver:
         if ignored is None:
             target = self.spool.path_for(study_uid, series_uid, sop_uid, sha)
             if not target.exists():  # identical bytes already spooled: nothing to write (idempotent)
-                write_atomic(target, event.encoded_dataset())
+                rq_ts = str(event.context.transfer_syntax)
+                write_atomic(target, file_preamble(rq_class, rq_sop, rq_ts) + raw)  # as encoded_dataset()
             path = str(target)
 
         instance = ReceivedInstance(
