@@ -8,7 +8,9 @@ the same with the slices split over C concurrent associations (C storescu proces
 
 - storescp: dcmtk's SCP, writing each instance to a file (no fsync); `--fork` for the concurrent run.
 - bare: a pynetdicom SCP whose C-STORE handler answers 0x0000 and does nothing else (the floor of any
-  node built on pynetdicom's stock reactors).
+  node built on pynetdicom's stock reactors and codec), with the node's socket conditions: TCP_NODELAY on
+  the accepted socket and the node's Max PDU Length announced.
+- All three get TCP_NODELAY: storescp and storescu by dcmtk's default (TCP_NODELAY=1 in the environment).
 - node: `ihd-node serve` with the shipped model loaded; every instance is fsynced and recorded in the
   database before it is answered (the quiet period is set long, so no analysis runs while timing).
 
@@ -39,15 +41,20 @@ from ihd_node.phantom import make_series, write_series
 
 AET = "IHD_AI"
 BARE_SCP = r"""
-import sys
+import socket, sys
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from ihd_node.dicom.network import DEFAULT_MAX_PDU
 from ihd_node.dicom.receiver import TRANSFER_SYNTAXES
 ae = AE(ae_title=sys.argv[2])
 for cx in AllStoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-ae.maximum_pdu_size = 0
+ae.maximum_pdu_size = DEFAULT_MAX_PDU  # what the node announces: storescu sends both the same PDUs
+
+def nodelay(event):  # as the node: responses do not wait for Nagle's timer
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
 server = ae.start_server(("127.0.0.1", int(sys.argv[1])), block=False,
-                         evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+                         evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_CONN_OPEN, nodelay)])
 print("listening", flush=True)
 sys.stdin.read()  # until the bench closes our stdin
 server.shutdown()
