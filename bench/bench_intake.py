@@ -185,10 +185,12 @@ def top_costs(raw: Path, n: int = 12) -> list[str]:
         # Receiving threads only: pynetdicom's association and DUL reactors (the accept loop is idle).
         if not any(("run_reactor" in f or "_run_reactor" in f or "_serve_request" in f) for f in frames):
             continue
-        samples = int(count)
-        total += samples
         names = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
                  for f in frames[1:]]
+        if not names:  # a thread's bare entry frame
+            continue
+        samples = int(count)
+        total += samples
         own[names[-1]] += samples
         for name in set(names):
             incl[name] += samples
@@ -251,6 +253,8 @@ def main() -> int:
                     send(single, rx.port)
                 finally:
                     rx.stop()
+                if raw.exists() and os.environ.get("KEEP_PROFILE"):  # for a closer look (flamegraph.pl)
+                    shutil.copy(raw, os.environ["KEEP_PROFILE"])
                 profile = top_costs(raw) if raw.exists() else ["(py-spy wrote no profile)"]
 
     print(f"intake: {args.slices} slices of {args.size}x{args.size} ({mb:.0f} MB) from dcmtk storescu over "
