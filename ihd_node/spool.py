@@ -15,7 +15,8 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,58 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DirSync:
+    """Group fsync of a folder: writers that renamed into the same folder while one fsync of it ran share
+    the next one, instead of each waiting for its own (concurrent associations of one series all write to
+    one folder). A caller returns only after an fsync that *started* after its call has finished, so its
+    rename (done before the call) is covered."""
+
+    def __init__(self, sync: Callable[[Path], None] = fsync_dir) -> None:
+        self._sync = sync
+        self._cond = threading.Condition()
+        self._asked: dict[Path, int] = {}  # per folder: tickets handed out
+        self._done: dict[Path, int] = {}  # per folder: every ticket up to this one is covered
+        self._inside: dict[Path, int] = {}  # per folder: callers not yet returned
+        self._running: set[Path] = set()
+        self.syncs = 0  # fsyncs done (tests)
+
+    def __call__(self, folder: Path) -> None:
+        with self._cond:
+            ticket = self._asked[folder] = self._asked.get(folder, 0) + 1
+            self._inside[folder] = self._inside.get(folder, 0) + 1
+        try:
+            self._wait_or_sync(folder, ticket)
+        finally:
+            with self._cond:
+                self._inside[folder] -= 1
+                if not self._inside[folder]:  # no ticket of this folder is outstanding: forget it
+                    del self._inside[folder], self._asked[folder]
+                    self._done.pop(folder, None)
+
+    def _wait_or_sync(self, folder: Path, ticket: int) -> None:
+        with self._cond:
+            while self._done.get(folder, 0) < ticket and folder in self._running:
+                self._cond.wait()
+            if self._done.get(folder, 0) >= ticket:
+                return  # an fsync that started after this call covered it
+            self._running.add(folder)  # none running: this caller syncs, for itself and whoever came since
+            covers = self._asked[folder]  # every ticket handed out before this fsync starts
+        ok = False
+        try:
+            self._sync(folder)
+            ok = True
+        finally:
+            with self._cond:
+                self._running.discard(folder)
+                self.syncs += 1
+                if ok:
+                    self._done[folder] = max(self._done.get(folder, 0), covers)
+                self._cond.notify_all()  # failed: the next waiter tries its own fsync
+
+
+_dir_sync = DirSync()
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o600, fault: str | None = "receive.spooled") -> None:
     """Temp file in the same folder + fsync + rename: readers see the whole file or none.
 
@@ -111,7 +164,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, fault: str | None =
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    _dir_sync(path.parent)  # shared with concurrent writers into the same folder (DirSync)
     if fault:
         faults.point(fault)
 
