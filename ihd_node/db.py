@@ -607,6 +607,9 @@ class Database:
         If the transaction fails, each record is tried again in its own, so one bad row cannot fail the others;
         the result is then the exception of the records that still fail."""
         try:
+            plain = self._record_plain(records)
+            if plain is not None:
+                return plain
             with self.session() as s:
                 return [self._record(s, r) for r in records]
         except Exception as exc:
@@ -621,20 +624,40 @@ class Database:
                 out.append(exc)
         return out
 
+    def _record_plain(self, records: Sequence[InstanceRecord]) -> list[Recorded] | None:
+        """The batch in one transaction of plain statements without an ORM session (its set-up and commit
+        cost as much as the statements), when every record takes the short path; otherwise nothing is
+        written and None is returned (record_instances then uses the session)."""
+        with self._write_lock, self.engine.connect() as conn, conn.begin() as tx:
+            out: list[Recorded] = []
+            for r in records:
+                rec = self._record_short(conn, r, r.received_at or utcnow())
+                if rec is None:
+                    tx.rollback()
+                    return None
+                out.append(rec)
+            return out
+
     def _record(self, s: Session, r: InstanceRecord) -> Recorded:
         """The usual case — a new instance of a known series still in "received" — in four plain statements;
         everything else (new study or series, resend, changed content, moved or late instance) in
         _record_full. Both in session `s`, so they share its transaction."""
         now = r.received_at or utcnow()
-        conn = s.connection()
+        rec = self._record_short(s.connection(), r, now)
+        if rec is None:
+            s.expire_all()  # ORM objects loaded earlier in this batch may be older than the plain updates
+            rec = self._record_full(s, r, now)
+            s.flush()  # the plain statements of the next record do not autoflush
+        return rec
+
+    @staticmethod
+    def _record_short(conn: Any, r: InstanceRecord, now: datetime) -> Recorded | None:
+        """The short path's four statements, or None (nothing written) when the record needs _record_full."""
         q = _fast_record_statements()
         row = conn.execute(q.series_row, {"p_series_uid": r.series_instance_uid}).first()
         if row is None or row.state != "received" or conn.execute(
                 q.instance_id, {"p_sop_uid": r.sop_instance_uid}).first() is not None:
-            s.expire_all()  # ORM objects loaded earlier in this batch may be older than the plain updates
-            rec = self._record_full(s, r, now)
-            s.flush()  # the plain statements of the next record do not autoflush
-            return rec
+            return None
         conn.execute(q.insert_instance, {
             "sop_instance_uid": r.sop_instance_uid, "series_id": row.id, "sop_class_uid": r.sop_class_uid,
             "path": str(r.path), "size": r.size, "sha256": r.sha256, "transfer_syntax": r.transfer_syntax,

@@ -577,7 +577,9 @@ def test_the_short_path_writes_the_rows_the_orm_path_writes(tmp_path: Path) -> N
                 dataclasses.replace(record("1.5", t=8), series_description="X" * 80, accession_number="A" * 20)]
 
     short, orm = (open_database(f"sqlite:///{tmp_path / name}") for name in ("short.sqlite", "orm.sqlite"))
-    short.record_instances(batch())
+    first, *rest = batch()
+    short.record_instances([first])  # a new series: the ORM path
+    short.record_instances(rest)  # all on the short path: plain statements, no session (_record_plain)
     for r in batch():
         with orm.session() as s:
             orm._record_full(s, r, r.received_at)
