@@ -15,9 +15,12 @@ the same with the slices split over C concurrent associations (C storescu proces
   database before it is answered (the quiet period is set long, so no analysis runs while timing).
 
 `--profile` adds one node run under py-spy (pip install py-spy) and prints the top costs of the node's
-receiving threads (own time and inclusive time per function).
+receiving threads (own time and inclusive time per function). `--baseline PYTHON` adds a fourth receiver,
+`ihd-node serve` run by another checkout's interpreter (e.g. /work/main/.venv/bin/python), in the same
+rotation: a change's effect side by side, which the machine's noise would hide between separate runs.
 
     .venv/bin/python bench/bench_intake.py [--slices 300] [--rounds 3] [--concurrent 8] [--profile]
+                                           [--baseline OTHER_CHECKOUT/.venv/bin/python]
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> No
 class Receiver:
     """One receiver process, started fresh for one timed transfer."""
 
-    def __init__(self, kind: str, root: Path, concurrent: bool, profile_to: Path | None = None) -> None:
+    def __init__(self, kind: str, root: Path, concurrent: bool, profile_to: Path | None = None,
+                 python: str = sys.executable) -> None:
         self.kind, self.root, self.port = kind, root, free_port()
         root.mkdir(parents=True)
         env = {**os.environ, "TCP_NODELAY": "1"}
@@ -107,7 +111,7 @@ class Receiver:
                       "series": {"quiet_seconds": 3600, "max_wait_seconds": 7200},
                       "model": {"checkpoint": "default", "device": "cpu"}, "logging": {"level": "WARNING"}}
             (root / "config.yaml").write_text(yaml.safe_dump(config))
-            cmd = [sys.executable, "-m", "ihd_node", "serve", "--config", str(root / "config.yaml")]
+            cmd = [python, "-m", "ihd_node", "serve", "--config", str(root / "config.yaml")]
             if profile_to is not None:
                 cmd = [str(py_spy()), "record", "--format", "raw", "--rate", "500", "--threads",
                        "-o", str(profile_to), "--", *cmd]
@@ -118,7 +122,7 @@ class Receiver:
         """How many instances the receiver kept (the bare SCP keeps nothing: -1)."""
         if self.kind == "storescp":
             return sum(1 for _ in (self.root / "out").iterdir())
-        if self.kind == "node":
+        if self.kind in ("node", "baseline"):
             with sqlite3.connect(f"file:{self.root / 'state' / 'ihd.sqlite'}?mode=ro", uri=True) as conn:
                 return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
         return -1
@@ -210,12 +214,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrent", type=int, default=8, help="associations at once (0: skip)")
     parser.add_argument("--profile", action="store_true", help="one more node run under py-spy")
+    parser.add_argument("--baseline", metavar="PYTHON", help="also run `ihd-node serve` with this interpreter "
+                        "(another checkout's venv), side by side")
     args = parser.parse_args()
     if not (shutil.which("storescu") and shutil.which("storescp")):
         print("dcmtk (storescu, storescp) is not installed: apt-get install dcmtk")
         return 2
 
-    kinds = ["storescp", "bare", "node"]
+    kinds = ["storescp", "bare", "node"] + (["baseline"] if args.baseline else [])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         series = make_series(11, subtypes=[], n_slices=args.slices, size=args.size, encoding="int16")
@@ -229,9 +235,10 @@ def main() -> int:
             for conc, folders in ((1, single), (args.concurrent, many)):
                 if not folders:
                     continue
-                for kind in kinds[r % 3:] + kinds[:r % 3]:  # rotate the order each round
+                for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # rotate the order each round
                     runs += 1
-                    rx = Receiver(kind, root / f"run{runs}-{kind}", concurrent=conc > 1)
+                    rx = Receiver(kind, root / f"run{runs}-{kind}", concurrent=conc > 1,
+                                  python=args.baseline if kind == "baseline" else sys.executable)
                     try:
                         seconds = send(folders, rx.port)
                         stored = rx.stored()
@@ -277,6 +284,9 @@ def main() -> int:
         node, bare = statistics.median(times[("node", conc)]), statistics.median(times[("bare", conc)])
         print(f"    node/storescp speed {ref / node:.2f} (target >= 0.5: {'OK' if ref / node >= 0.5 else 'UNDER'}); "
               f"node vs bare pynetdicom {bare / node:.2f} (target >= 1: {'OK' if bare / node >= 1 else 'UNDER'})")
+        if args.baseline:
+            base = statistics.median(times[("baseline", conc)])
+            print(f"    node vs baseline ({args.baseline}): {base / node:.2f}x the speed")
     if profile:
         print("node receive path under py-spy (1 association):")
         for line in profile:
