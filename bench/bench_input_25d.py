@@ -5,6 +5,7 @@ same backbone, interleaved per repeat so load on the machine hits both alike:
   train step  one CNN training step (augmentation, forward, Eq. 1 loss, backward, Adam) on a batch
               drawn from a cached scan through training's SliceDataset (memory-mapped uint8 cache);
               also the part spent reading and augmenting the batch (3x the channels for k = 1)
+  stem conv   the first convolution alone on that batch (the only layer that widens), forward
   node        the node's Predictor on a series (forward pass, no heatmaps), per slice
 Prints milliseconds and the 2.5D / single ratio. The stem convolution, the data read and the
 augmentation widen; the rest of the network does not, so the ratio shrinks as the backbone grows.
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # training/ is not an installed package
 
 from ihd_node.classes import CLASSES  # noqa: E402
+from ihd_node.model.cnn import first_conv  # noqa: E402
 from ihd_node.model.network import IhdModel  # noqa: E402
 from ihd_node.model.pipeline import Predictor  # noqa: E402
 from ihd_node.model.presets import BACKBONE_FEATURE_DIMS, get_preset  # noqa: E402
@@ -65,7 +67,8 @@ def main() -> None:
                 "opt": torch.optim.Adam(model.cnn.parameters(), lr=1e-4),
                 "data": SliceDataset(store, ["scan"], neighbours=config.neighbours),
                 "predictor": Predictor.from_model(IhdModel(config), dict.fromkeys(CLASSES, 0.5), name, "0"),
-                "train": [], "input": [], "node": [],
+                "stem_conv": first_conv(model.cnn.backbone)[2],
+                "train": [], "input": [], "stem": [], "node": [],
             }
         augmenter = Augmenter(AugmentConfig(), generator=torch.Generator().manual_seed(0))
         for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
@@ -82,17 +85,23 @@ def main() -> None:
                 run["opt"].step()
                 train_s = time.perf_counter() - started
                 input_s = prepared - started
+                with torch.inference_mode():
+                    started = time.perf_counter()
+                    run["stem_conv"](x)
+                    stem_s = time.perf_counter() - started
                 started = time.perf_counter()
                 run["predictor"].predict(hu[:16], explain=False)
                 node_s = time.perf_counter() - started
                 if repeat:
                     run["train"].append(train_s * 1000)
                     run["input"].append(input_s * 1000)
+                    run["stem"].append(stem_s * 1000)
                     run["node"].append(node_s * 1000 / 16)
     print(f"{args.backbone} at {args.size}px, batch {args.batch}, {args.threads} threads, "
           f"median of {args.repeats} interleaved repeats; 2.5D = {args.neighbours} neighbour(s) each side")
     single, wide = runs["single"], runs["2.5d"]
     for key, label in (("train", "train step (ms per batch)"), ("input", "  of which read + augment"),
+                       ("stem", "stem conv forward (ms/batch)"),
                        ("node", "node forward (ms per slice)")):
         a, b = statistics.median(single[key]), statistics.median(wide[key])
         print(f"  {label:30s} single {a:8.1f}   2.5d {b:8.1f}   ratio 2.5d/single {b / a:.2f}")
