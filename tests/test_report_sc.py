@@ -204,3 +204,39 @@ def test_summary_and_captures_show_the_slices_the_model_explained(tmp_path):
     assert summary.ReferencedImageSequence[0].ReferencedSOPInstanceUID == volume.slices[1].sop_instance_uid
     assert [sc.ReferencedImageSequence[0].ReferencedSOPInstanceUID for sc in slices] == [
         volume.slices[i].sop_instance_uid for i in (0, 1)]
+
+
+def _blend_whole_slice(grey, heatmaps):
+    """blend_heatmaps as it was: every pixel of the slice blended (the reference for the boxed one)."""
+    from ihd_node.report.overlay import CLASS_COLOURS, HEAT_FLOOR, MAX_ALPHA, _edge, fit_heatmap
+
+    rgb = np.repeat(grey[..., None].astype(np.float32), 3, axis=2)
+    for cls, heat in heatmaps.items():
+        heat = fit_heatmap(heat, grey.shape)
+        colour = np.asarray(CLASS_COLOURS.get(cls, (255, 255, 255)), np.float32)
+        mask = heat > HEAT_FLOOR
+        alpha = np.where(mask, 0.25 + (MAX_ALPHA - 0.25) * (heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0)
+        rgb = rgb * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+        rgb[_edge(mask)] = colour
+    return rgb
+
+
+def test_heat_blended_in_its_box_equals_the_whole_slice():
+    """Blending only inside the heat's bounding box gives the same picture, bit for bit: heat in the middle,
+    a flat block, touching the image's edges and corner, a lower-resolution map, overlapping classes, and no heat."""
+    from ihd_node.report.overlay import blend_heatmaps
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (96, 80)).astype(np.uint8)
+    yy, xx = np.mgrid[0:96, 0:80].astype(np.float32)
+    middle = np.exp(-((yy - 40) ** 2 + (xx - 30) ** 2) / 120.0)
+    corner = np.exp(-(yy ** 2 + (xx - 79) ** 2) / 300.0)
+    edge = np.clip(1.0 - yy / 20.0, 0, 1) * rng.random((96, 80)).astype(np.float32)
+    small = rng.random((12, 10)).astype(np.float32)
+    block = np.zeros((96, 80), np.float32)
+    block[30:50, 20:60] = 0.9  # flat rows along the box's sides: their outline needs the margin
+    cases = [{"subdural": middle}, {"intraparenchymal": block}, {"epidural": corner, "any": edge},
+             {"subarachnoid": small}, {"any": np.zeros((96, 80), np.float32)}, {},
+             {"subdural": middle, "intraventricular": corner}]
+    for heatmaps in cases:
+        assert np.array_equal(blend_heatmaps(grey, heatmaps), _blend_whole_slice(grey, heatmaps))

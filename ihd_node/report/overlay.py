@@ -73,16 +73,33 @@ def _edge(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _around(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The mask's bounding box grown by one pixel (within the image); None when the mask is empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
+
+
 def blend_heatmaps(grey: np.ndarray, heatmaps: Mapping[str, np.ndarray]) -> np.ndarray:
-    """RGB float image: grey slice with each class's heat alpha-blended in its colour, outlined."""
+    """RGB float image: grey slice with each class's heat alpha-blended in its colour, outlined.
+
+    Blended inside the heat's bounding box only: outside it alpha is 0, which leaves a pixel as it was
+    (x * 1 + 0), so the picture is the same as blending the whole slice (test), in a fraction of the time.
+    The box keeps a one-pixel margin so that the outline sees the same neighbours."""
     rgb = np.repeat(grey[..., None].astype(np.float32), 3, axis=2)
     for cls, heat in heatmaps.items():
         heat = fit_heatmap(heat, grey.shape)
         colour = np.asarray(CLASS_COLOURS.get(cls, (255, 255, 255)), np.float32)
+        box = _around(heat > HEAT_FLOOR)
+        if box is None:
+            continue
+        heat = heat[box]
         mask = heat > HEAT_FLOOR
         alpha = np.where(mask, 0.25 + (MAX_ALPHA - 0.25) * (heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0)
-        rgb = rgb * (1.0 - alpha[..., None]) + colour * alpha[..., None]
-        rgb[_edge(mask)] = colour
+        part = rgb[box] * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+        part[_edge(mask)] = colour
+        rgb[box] = part
     return rgb
 
 
