@@ -47,7 +47,7 @@ from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.dicom.select import judge_series
 from ihd_node.dicom.sender import Outbox
 from ihd_node.dicom.study import ANALYSED, StudyChoice
-from ihd_node.dicom.volume import FrameGroupsError, slice_headers
+from ihd_node.dicom.volume import FrameGroupsError, RecentHeaders
 from ihd_node.errors import UserError
 from ihd_node.site import site_value
 from ihd_node.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
@@ -103,6 +103,7 @@ class Node:
         self._model_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._choice: StudyChoice | None = None  # set in start() when series.selection is best_per_study
+        self._headers = RecentHeaders()  # the judge and the study choice read the same series in turn
         self._last_retention = 0.0
         self._stopping = False
         self._run: NodeRun | None = None
@@ -141,7 +142,7 @@ class Node:
         nodelog.info("node.run", node_id=self._run.node_id)
         self._spawn("heartbeat", self._heartbeat)
         if cfg.series.selection == "best_per_study":
-            self._choice = StudyChoice(self.db, cfg.series, self._enqueue, self._is_queued)
+            self._choice = StudyChoice(self.db, cfg.series, self._enqueue, self._is_queued, self._headers)
         if self.clustered:
             self._join_cluster()
         if "receive" in self.roles:
@@ -405,7 +406,7 @@ class Node:
         study_uid = series.study_instance_uid if series else None
         paths = [i.path for i in self.db.series_instances(series_uid)]
         try:
-            refs = slice_headers(paths)
+            refs = self._headers(paths)
         except FrameGroupsError as exc:  # a damaged Enhanced CT from the sender: bad input, not a node failure
             if self.db.set_series_state(series_uid, "ignored", str(exc), expect="complete"):
                 self.db.log_event("ignored", str(exc), series_instance_uid=series_uid, study_instance_uid=study_uid)

@@ -104,3 +104,26 @@ def test_description_rules_and_missing_geometry(tmp_path: Path) -> None:
     mr = series(12)
     mr[0].SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
     assert "is not CT Image Storage or Enhanced CT" in check_series(mr).reason
+
+
+def test_recent_headers_reads_a_series_once(tmp_path, monkeypatch):
+    """The judge and the study choice read the same series one after the other: the second read is the
+    first's result. Other paths (a late or resent instance) are read afresh; a failed read is not kept."""
+    import ihd_node.dicom.volume as volume
+    from ihd_node.phantom import make_series, write_series
+
+    paths = [str(p) for p in write_series(make_series(8, n_slices=10, size=64), tmp_path / "s")]
+    reads = []
+    real = volume.slice_headers
+    monkeypatch.setattr(volume, "slice_headers", lambda ps: reads.append(len(ps)) or real(ps))
+    recent = volume.RecentHeaders(keep=2)
+    first = recent(paths)
+    assert recent(list(paths)) is first and reads == [10]
+    assert len(recent(paths[:9])) == 9 and reads == [10, 9]  # other files: read
+    recent(paths[:8])
+    recent(paths)  # pushed out by the two after it: read again
+    assert reads == [10, 9, 8, 10]
+    with pytest.raises(volume.VolumeError):
+        recent([str(tmp_path / "missing.dcm")])
+    with pytest.raises(volume.VolumeError):
+        recent([str(tmp_path / "missing.dcm")])

@@ -23,7 +23,7 @@ from ihd_node import nodelog
 from ihd_node.config import SeriesConfig
 from ihd_node.db import Database, Series, Study
 from ihd_node.dicom.choice import UNKNOWN, SeriesProfile, profile, rank, why_lower
-from ihd_node.dicom.volume import slice_headers
+from ihd_node.dicom.volume import SliceHeader, slice_headers
 
 ANALYSED = ("analyzing", "analyzed", "delivering", "delivered")
 WAITING_REASON = "eligible; waiting for {n} other series of the study before choosing"
@@ -31,8 +31,10 @@ WAITING_REASON = "eligible; waiting for {n} other series of the study before cho
 
 class StudyChoice:
     def __init__(self, db: Database, rules: SeriesConfig, enqueue: Callable[[str, str], None],
-                 is_queued: Callable[[str], bool]) -> None:
+                 is_queued: Callable[[str], bool],
+                 read_headers: Callable[[list[str]], list[SliceHeader]] = slice_headers) -> None:
         self.db = db
+        self.read_headers = read_headers  # the node's RecentHeaders: the judge has just read these files
         self.rules = rules
         self.enqueue = enqueue
         self.is_queued = is_queued
@@ -64,7 +66,7 @@ class StudyChoice:
         profiles: dict[str, SeriesProfile] = {}
         for x in [*candidates, *analysed]:
             try:
-                refs = slice_headers([i.path for i in self.db.series_instances(x.series_instance_uid)])
+                refs = self.read_headers([i.path for i in self.db.series_instances(x.series_instance_uid)])
                 profiles[x.series_instance_uid] = profile(
                     refs, axial_tolerance_degrees=self.rules.axial_tolerance_degrees,
                     measure_noise=len(candidates) + len(analysed) > 1)
