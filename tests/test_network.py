@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -235,19 +236,24 @@ def test_other_commands_are_left_to_pynetdicoms_decoder() -> None:
     assert parse_store_request(b"\0\0\0") is None  # cut short
 
 
+def ct_instance(size: int) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 1, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = os.urandom(size * size * 2)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
 @pytest.mark.parametrize("move", [False, True])
 def test_the_fast_codec_stores_every_fragment_on_a_real_association(receiver: Receiver, move: bool) -> None:
     """Data sets of many 16 KB fragments, by the fast path (plain C-STORE) and by pynetdicom's (a C-MOVE
     sub-operation carries Move Originator elements); the node keeps exactly the bytes sent."""
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = CT, generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
-    ds.Rows = ds.Columns = 128
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 1, 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = os.urandom(128 * 128 * 2)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = ct_instance(128)
     ae = AE(ae_title="PACS")
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", receiver.port, ae_title=AET)
@@ -260,3 +266,34 @@ def test_the_fast_codec_stores_every_fragment_on_a_real_association(receiver: Re
     rows = receiver.recorder.db.series_instances(ds.SeriesInstanceUID)  # type: ignore[attr-defined]
     assert [r.sop_instance_uid for r in rows] == [ds.SOPInstanceUID]
     assert dcmread(rows[0].path).PixelData == ds.PixelData
+
+
+def test_a_c_store_is_served_in_the_thread_that_received_it(tmp_path: Path) -> None:
+    """No hand-off to the association thread and back (FastDIMSE.inline_store): the recorder, called from
+    the C-STORE handler, runs in the association's DUL thread; a C-ECHO still takes pynetdicom's path."""
+    threads: list[threading.Thread] = []
+
+    class Recording(DatabaseRecorder):
+        def instance_received(self, inst: object) -> None:
+            threads.append(threading.current_thread())
+            super().instance_received(inst)  # type: ignore[arg-type]
+
+    db = open_database(f"sqlite:///{tmp_path / 'ihd.sqlite'}")
+    rx = Receiver(Spool(tmp_path / "spool"), Recording(db), Admission(AET), host="127.0.0.1", port=0).start()
+    try:
+        ds = ct_instance(16)
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", rx.port, ae_title=AET)
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_echo().Status == 0
+            assert assoc.send_c_store(ds).Status == 0
+            [server_side] = list(rx._server.active_associations)  # type: ignore[union-attr]
+            assert threads == [server_side.dul]
+        finally:
+            assoc.release()
+    finally:
+        rx.stop()
+        db.close()
