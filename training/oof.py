@@ -283,7 +283,8 @@ def _ll(metrics: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- measured against the paper
 
 
-def compare_on_phantoms(work: Path, scale: float, folds: int, threads: int, workers: int) -> dict[str, Any]:
+def compare_on_phantoms(work: Path, scale: float, folds: int, threads: int, workers: int,
+                        test_series: int | None = None) -> dict[str, Any]:
     """In-sample (paper) vs out-of-fold BiLSTM with the phantom recipe's settings, same seed and budget.
 
     Both runs share the work folder, hence the CNN, its features and the selector; only the BiLSTM's
@@ -301,6 +302,8 @@ def compare_on_phantoms(work: Path, scale: float, folds: int, threads: int, work
                      val_series=max(5, int(recipe.val_series * scale)),
                      test_series=max(10, int(recipe.test_series * scale)),
                      cnn_epoch_size=max(64, int(recipe.cnn_epoch_size * scale)))
+    if test_series:
+        recipe = replace(recipe, test_series=test_series)
     config = get_preset("compact")
     make_training_cache(work, recipe, config.input_size, workers)
     opts = TrainOptions(
@@ -337,9 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--test-series", type=int,
+                        help="held-out phantoms to score both checkpoints on (default: the scaled recipe's)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    compare_on_phantoms(args.work, args.scale, args.folds, args.threads, args.workers)
+    compare_on_phantoms(args.work, args.scale, args.folds, args.threads, args.workers, args.test_series)
     return 0
 
 
