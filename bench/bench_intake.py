@@ -242,6 +242,9 @@ def main() -> int:
                     try:
                         seconds = send(folders, rx.port)
                         stored = rx.stored()
+                    except RuntimeError as exc:
+                        raise RuntimeError(f"{kind}, {conc} association(s): {exc}; its log: "
+                                           f"{(rx.root / 'log.txt').read_text()[-3000:]}") from None
                     finally:
                         rx.stop()
                     if stored not in (-1, len(files)):
