@@ -115,15 +115,12 @@ def test_objects_go_out_in_their_own_transfer_syntax(tmp_path: Path, db: Databas
         assert pydicom.dcmread(obj.path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
-@pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk not installed")
-def test_a_destination_that_takes_only_implicit_vr_still_gets_them(tmp_path: Path, db: Database) -> None:
-    import pydicom
-    from pydicom.uid import ImplicitVRLittleEndian
-
+def deliver_to_storescp(tmp_path: Path, db: Database, *options: str, env: dict | None = None) -> list[Path]:
+    """Queue two results for a dcmtk storescp started with `options` and deliver them; the files it wrote."""
     port = free_port()
     out = tmp_path / "storescp"
     out.mkdir()
-    scp = subprocess.Popen(["storescp", "+xi", "-aet", "PACS", "-od", str(out), str(port)],
+    scp = subprocess.Popen(["storescp", *options, "-aet", "PACS", "-od", str(out), str(port)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         config = make_config(tmp_path, port)
@@ -134,12 +131,20 @@ def test_a_destination_that_takes_only_implicit_vr_still_gets_them(tmp_path: Pat
             outbox.run_once()  # storescp may need a moment to listen: the outbox just retries
             time.sleep(0.1)
         assert db.get_series(series_uid).state == "delivered"
-        stored = list(out.iterdir())
-        assert len(stored) == 2
-        assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in stored} == {ImplicitVRLittleEndian}
+        return list(out.iterdir())
     finally:
         scp.terminate()
         scp.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk not installed")
+def test_a_destination_that_takes_only_implicit_vr_still_gets_them(tmp_path: Path, db: Database) -> None:
+    import pydicom
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    stored = deliver_to_storescp(tmp_path, db, "+xi")
+    assert len(stored) == 2
+    assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in stored} == {ImplicitVRLittleEndian}
 
 
 def test_retries_while_the_pacs_is_down_then_delivers(tmp_path: Path, db: Database) -> None:
@@ -202,25 +207,7 @@ def test_gives_up_after_the_configured_time(tmp_path: Path, db: Database) -> Non
 
 @pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk not installed")
 def test_dcmtk_storescp_receives_the_results(tmp_path: Path, db: Database) -> None:
-    port = free_port()
-    out = tmp_path / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                           env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    try:
-        config = make_config(tmp_path, port)
-        series_uid = queue_results(db, tmp_path, ["pacs"])
-        outbox = Outbox(db, config)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and db.get_series(series_uid).state != "delivered":
-            outbox.run_once()  # storescp may need a moment to listen: the outbox just retries
-            time.sleep(0.1)
-        assert db.get_series(series_uid).state == "delivered"
-        assert len(list(out.iterdir())) == 2
-    finally:
-        scp.terminate()
-        scp.wait(10)
+    assert len(deliver_to_storescp(tmp_path, db, env={**os.environ, "TCP_NODELAY": "1"})) == 2
 
 
 def test_echo_command_reports_each_destination(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
