@@ -26,17 +26,10 @@ from training.fixtures import RSNA_ATTRIBUTES, RsnaFixture, write_cq500_fixture,
 from training.rsna import lenient_uids, load_training_scan
 from training.train import TrainOptions, run_stages
 
+# Training runs on one intra-op torch thread (tests/conftest.py one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 INPUT = 64
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

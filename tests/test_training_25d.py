@@ -21,16 +21,9 @@ from training.data import ScanStore, SliceDataset
 from training.fixtures import RsnaFixture, write_rsna_fixture
 from training.rsna import load_training_scan
 
+# Training runs on one intra-op torch thread (tests/conftest.py one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 INPUT = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
