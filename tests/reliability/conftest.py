@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -43,6 +44,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_checkpoint(path, IhdModel(tiny_config()), thresholds=TINY_THRESHOLDS, name="tiny-random", version="0",
                     provenance={"data": "random init, for tests"})
     return path
+
+
+def reap(process: subprocess.Popen, log: IO[str], timeout: float) -> int:
+    """Exit code of a node process told to stop (killed if it has not ended within `timeout`); its log closed."""
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = process.wait()
+    log.close()
+    return code
 
 
 class NodeProcess:
@@ -102,13 +114,7 @@ class NodeProcess:
 
     def _reap(self, timeout: float = 30) -> int:
         assert self.process is not None
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self._log.close()
-        return code
+        return reap(self.process, self._log, timeout)
 
     def query(self, sql: str, *params: object) -> list[tuple]:
         """Read the node's SQLite log database (read-only, beside the running node thanks to WAL)."""

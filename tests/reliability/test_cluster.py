@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import NODE_AET, PACS_AET, wait_until
+from conftest import NODE_AET, PACS_AET, reap, wait_until
 from faults import Study, make_study, pause_env, store
 from sqlalchemy import create_engine, text
 
@@ -74,13 +74,7 @@ class Member:
 
     def reap(self, timeout: float = 90) -> int:
         assert self.process is not None
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self._log.close()
-        return code
+        return reap(self.process, self._log, timeout)
 
 
 class Cluster:
