@@ -85,6 +85,15 @@ def _regex(value: str | None) -> str | None:
     return value
 
 
+def _named_once(items: list[Any], what: str) -> list[Any]:
+    """`items` unchanged when no two share a `name`; else the error naming the first repeated one."""
+    names = [item.name for item in items]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"name `{dupes[0]}` is used twice; give each {what} its own name")
+    return items
+
+
 def _relative_to_config(value: Path | None, info: ValidationInfo) -> Path | None:
     # Relative paths in a file mean "next to the file", not "wherever the service was started from".
     if value is None:
@@ -570,11 +579,7 @@ class AlertsConfig(_Section):
     @field_validator("channels")
     @classmethod
     def _unique(cls, value: list[AlertChannel]) -> list[AlertChannel]:
-        names = [c.name for c in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"name `{dupes[0]}` is used twice; give each channel its own name")
-        return value
+        return _named_once(value, "channel")
 
     def channel(self, name: str) -> AlertChannel:
         for channel in self.channels:
@@ -660,11 +665,7 @@ class Config(_Section):
     @field_validator("destinations")
     @classmethod
     def _unique_names(cls, value: list[Destination]) -> list[Destination]:
-        names = [d.name for d in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"name `{dupes[0]}` is used twice; give each destination its own name")
-        return value
+        return _named_once(value, "destination")
 
     @property
     def source(self) -> Path | None:
