@@ -1118,22 +1118,29 @@ class Database:
                 raise ValueError(f"no analysis with id {analysis_id}")
             return _enqueue(s, analysis, analysis.series, destination, obj, now).id
 
-    def due_deliveries(self, now: datetime | None = None, limit: int = 100) -> list[Delivery]:
-        """Pending outbox rows whose next attempt is due, oldest first."""
+    def _due(self, outbox: type[Delivery] | type[Alert], now: datetime | None, limit: int) -> list[Any]:
+        """Pending rows of an outbox (deliveries or alerts) whose next attempt is due, oldest first."""
         now = now or utcnow()
         with self.read_session() as s:
             return list(
                 s.scalars(
-                    select(Delivery)
-                    .where(Delivery.status == "pending", Delivery.next_attempt_at <= now)
-                    .order_by(Delivery.next_attempt_at, Delivery.id)
+                    select(outbox)
+                    .where(outbox.status == "pending", outbox.next_attempt_at <= now)
+                    .order_by(outbox.next_attempt_at, outbox.id)
                     .limit(limit)
                 )
             )
 
-    def next_delivery_time(self) -> datetime | None:
+    def _next_attempt(self, outbox: type[Delivery] | type[Alert]) -> datetime | None:
         with self.read_session() as s:
-            return s.scalar(select(func.min(Delivery.next_attempt_at)).where(Delivery.status == "pending"))
+            return s.scalar(select(func.min(outbox.next_attempt_at)).where(outbox.status == "pending"))
+
+    def due_deliveries(self, now: datetime | None = None, limit: int = 100) -> list[Delivery]:
+        """Pending outbox rows whose next attempt is due, oldest first."""
+        return self._due(Delivery, now, limit)
+
+    def next_delivery_time(self) -> datetime | None:
+        return self._next_attempt(Delivery)
 
     def record_attempt(
         self,
@@ -1237,20 +1244,10 @@ class Database:
     # -------------------------------------------------------- alert outbox
 
     def due_alerts(self, now: datetime | None = None, limit: int = 50) -> list[Alert]:
-        now = now or utcnow()
-        with self.read_session() as s:
-            return list(
-                s.scalars(
-                    select(Alert)
-                    .where(Alert.status == "pending", Alert.next_attempt_at <= now)
-                    .order_by(Alert.next_attempt_at, Alert.id)
-                    .limit(limit)
-                )
-            )
+        return self._due(Alert, now, limit)
 
     def next_alert_time(self) -> datetime | None:
-        with self.read_session() as s:
-            return s.scalar(select(func.min(Alert.next_attempt_at)).where(Alert.status == "pending"))
+        return self._next_attempt(Alert)
 
     def record_alert_attempt(
         self, alert_id: int, *, outcome: str, error: str | None, policy: Any, now: datetime | None = None
