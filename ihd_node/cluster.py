@@ -27,7 +27,6 @@ import asyncio
 import hashlib
 import json
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -307,12 +306,3 @@ class DeliveryLease:
     def close(self) -> None:
         self.release()
         self.engine.dispose()
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, every: float = 0.2) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return False
