@@ -506,7 +506,13 @@ class Database:
         if self.is_sqlite:
             self._sqlite_setup(busy_timeout_ms)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # A unit of work on SQLite takes the database's write lock when it begins, waiting up to busy_timeout
+        # for another process's writer (`ihd-node retry` beside the node). Begun deferred, its first write
+        # after a read would be refused at once if the other process committed in between.
+        self._write_engine = (self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE") if self.is_sqlite
+                              else self.engine)
         self._write_lock = threading.RLock()
+        self._in_session = threading.local()
 
     def _sqlite_setup(self, busy_timeout_ms: int) -> None:
         @event.listens_for(self.engine, "connect")
@@ -521,7 +527,7 @@ class Database:
 
         @event.listens_for(self.engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
 
     # -------------------------------------------------------- plumbing
 
@@ -562,13 +568,20 @@ class Database:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A unit of work: commits on success, rolls back on error. Takes the process-wide write lock."""
-        with self._write_lock, self._sessions() as s:
+        with self._write_lock:
+            # A session opened inside another in this thread begins deferred: the outer one holds the lock.
+            outer = not getattr(self._in_session, "depth", 0)
+            self._in_session.depth = getattr(self._in_session, "depth", 0) + 1
             try:
-                yield s
-                s.commit()
-            except BaseException:
-                s.rollback()
-                raise
+                with self._sessions(bind=self._write_engine if outer else self.engine) as s:
+                    try:
+                        yield s
+                        s.commit()
+                    except BaseException:
+                        s.rollback()
+                        raise
+            finally:
+                self._in_session.depth -= 1
 
     @contextmanager
     def read_session(self) -> Iterator[Session]:

@@ -591,3 +591,36 @@ def test_the_short_path_writes_the_rows_the_orm_path_writes(tmp_path: Path) -> N
 
     assert rows(short) == rows(orm)
     assert rows(short)[1][0] != ()  # not vacuous: a series row with its counts
+
+
+def test_a_write_session_is_not_refused_when_another_process_commits_between_its_read_and_its_write(
+        tmp_path: Path) -> None:
+    """Two processes on one SQLite file (here two Database objects: the write lock is per process). A unit of
+    work that reads and then writes (e.g. `ihd-node retry` beside the running node) must wait for the other
+    writer, not fail with "database is locked": SQLite refuses at once, without its busy timeout, a read
+    transaction's upgrade to a write after another connection committed in between."""
+    from sqlalchemy import func, select
+
+    from ihd_node.db import Event, utcnow
+
+    url = f"sqlite:///{tmp_path / 'ihd.sqlite'}"
+    admin, node = open_database(url), open_database(url)
+    read_done, other_committed = threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        read_done.wait(10)
+        node.log_event("test", "written by the other process")
+        other_committed.set()
+
+    writer = threading.Thread(target=other_process)
+    writer.start()
+    with admin.session() as s:
+        s.scalar(select(func.count(Event.id)))
+        read_done.set()
+        other_committed.wait(1.0)  # with the fix the other writer waits for this unit of work instead
+        s.add(Event(at=utcnow(), level="INFO", kind="test", message="written after reading"))
+    writer.join(30)
+    assert other_committed.is_set()
+    with admin.read_session() as s:
+        assert sorted(s.scalars(select(Event.message).where(Event.kind == "test"))) == [
+            "written after reading", "written by the other process"]
