@@ -33,8 +33,8 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_files  # noqa: E402
-from ihd_node.phantom import make_series, write_series  # noqa: E402
+from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files  # noqa: E402
+from ihd_node.sim.phantom import make_series, write_series  # noqa: E402
 from tests.pg import PostgresServer, why_no_postgres  # noqa: E402
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from ihd_node.config import default_config
-from ihd_node.dicom.completion import CompletionJudge, HeaderCache, read_geometry
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_files
-from ihd_node.phantom import make_series, write_series
-from ihd_node.service import Node
+from ihd_node.node.service import Node
+from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
+from ihd_node.sim.phantom import make_series, write_series
+from ihd_node.triage.completion import CompletionJudge, HeaderCache, read_geometry
 
 
 def time_to_result(node: Node, pacs: MiniPACS, files: list[Path], series_uid: str,

@@ -39,15 +39,15 @@ from pathlib import Path
 
 import yaml
 
-from ihd_node.dicom.mini_pacs import free_port
-from ihd_node.phantom import make_series, write_series
+from ihd_node.sim.mini_pacs import free_port
+from ihd_node.sim.phantom import make_series, write_series
 
 AET = "IHD_AI"
 BARE_SCP = r"""
 import socket, sys
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from ihd_node.dicom.network import DEFAULT_MAX_PDU
-from ihd_node.dicom.receiver import TRANSFER_SYNTAXES
+from ihd_node.intake.network import DEFAULT_MAX_PDU
+from ihd_node.intake.receiver import TRANSFER_SYNTAXES
 ae = AE(ae_title=sys.argv[2])
 for cx in AllStoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
@@ -167,7 +167,7 @@ def split(files: list[Path], parts: int, root: Path) -> list[Path]:
 def durable_writes(files: list[Path], root: Path) -> float:
     """Seconds to write the same bytes as the node does for each instance (temp file, fsync, rename, fsync of
     the folder), alone: the floor that durability puts under the node's time on this disk, right now."""
-    from ihd_node.spool import write_atomic
+    from ihd_node.intake.spool import write_atomic
 
     root.mkdir()
     t0 = time.perf_counter()

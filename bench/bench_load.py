@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_datasets
-from ihd_node.phantom import PhantomSeries, make_series
+from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_datasets
+from ihd_node.sim.phantom import PhantomSeries, make_series
 
 NODE_AET = "IHD_AI"
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ihd_node.analysis import analyze_series
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import get_preset
-from ihd_node.phantom import make_series, write_series
+from ihd_node.node.analysis import analyze_series
+from ihd_node.sim.phantom import make_series, write_series
 
 TARGET_WITH_GRADCAM_S = 3.0
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import pydicom
 import yaml
 
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port
-from ihd_node.phantom import make_series, write_series
+from ihd_node.sim.mini_pacs import MiniPACS, free_port
+from ihd_node.sim.phantom import make_series, write_series
 
 AET = "IHD_AI"
 TARGET_EXTRA = {32: 2.0, 300: 10.0}  # seconds over quiet_seconds (issue 11)

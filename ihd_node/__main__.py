@@ -1,5 +1,5 @@
 import sys
 
-from ihd_node.cli import main
+from ihd_node.commands.cli import main
 
 sys.exit(main())

@@ -10,16 +10,16 @@ IHD_NODE_PAUSE_AT="<point>[:N][,...]"
 Before acting, a `fault.crash` / `fault.paused` line is written to the log, so a test can tell that the
 point was reached. The points (where they sit, and what the state is there):
 
-    receive.spooled    ihd_node.spool.write_atomic: a received instance's file is renamed into place and
+    receive.spooled    ihd_node.intake.spool.write_atomic: a received instance's file is renamed into place and
                        fsynced; its database row is not written and its C-STORE not answered yet
-    analysis.started   ihd_node.service: the series is "analyzing"; the model has not run yet
-    analysis.written   ihd_node.service: the result files (SR, captures) are written; the analysis and
+    analysis.started   ihd_node.node.service: the series is "analyzing"; the model has not run yet
+    analysis.written   ihd_node.node.service: the result files (SR, captures) are written; the analysis and
                        its outbox rows are not committed yet
-    delivery.stored    ihd_node.dicom.sender: the destination answered a C-STORE with success; the answer
+    delivery.stored    ihd_node.delivery.sender: the destination answered a C-STORE with success; the answer
                        is not booked in the outbox yet (the object is in the PACS, the node does not know)
-    delivery.booked    ihd_node.dicom.sender: one answer was booked in the outbox
-    alert.sending      ihd_node.alerts: an alert row is due (the analysis is committed); nothing sent yet
-    alert.accepted     ihd_node.alerts: the receiving server accepted the alert; not booked yet
+    delivery.booked    ihd_node.delivery.sender: one answer was booked in the outbox
+    alert.sending      ihd_node.delivery.alerts: an alert row is due (the analysis is committed); nothing sent yet
+    alert.accepted     ihd_node.delivery.alerts: the receiving server accepted the alert; not booked yet
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ from waiting import poll_until
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import Config, default_config
-from ihd_node.db import Series
-from ihd_node.dicom.mini_pacs import free_port
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.service import Node
+from ihd_node.node.service import Node
+from ihd_node.sim.mini_pacs import free_port
+from ihd_node.store.database import Series
 
 NODE_AET = "IHD_AI"
 FINISHED = ("delivered", "failed", "ignored")

@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ihd_node.dicom.mini_pacs import free_port
+from ihd_node.sim.mini_pacs import free_port
 
 ORTHANC_BINARY = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 # Debian's orthanc-dicomweb package puts the plugin here.

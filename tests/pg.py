@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ihd_node.dicom.mini_pacs import free_port
+from ihd_node.sim.mini_pacs import free_port
 
 
 def pg_bindir() -> Path | None:

@@ -16,7 +16,7 @@ from ihd_node.classes import CLASSES
 from ihd_node.model.checkpoint import save_checkpoint
 from ihd_node.model.network import IhdModel
 from ihd_node.model.presets import tiny_config
-from ihd_node.phantom import make_series, write_series
+from ihd_node.sim.phantom import make_series, write_series
 from tests.trunk import cross_section, write_ct_series
 
 

@@ -9,10 +9,10 @@ import pytest
 from pydicom.dataset import Dataset
 
 from ihd_node.config import SeriesConfig
-from ihd_node.dicom.anatomy import SAMPLE_AT, body_part_problem, head_problem, look, sample_indices
-from ihd_node.dicom.select import judge_series
-from ihd_node.dicom.volume import slice_headers
-from ihd_node.phantom import make_series, write_series
+from ihd_node.imaging.head_check import SAMPLE_AT, body_part_problem, head_problem, look, sample_indices
+from ihd_node.imaging.volume import slice_headers
+from ihd_node.sim.phantom import make_series, write_series
+from ihd_node.triage.select import judge_series
 from tests.trunk import cross_section, write_ct_series
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ihd_node import __version__
 from ihd_node.classes import SUBTYPES
-from ihd_node.cli import build_parser
+from ihd_node.commands.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).parent / "ihd-node"

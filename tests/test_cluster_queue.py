@@ -1,4 +1,4 @@
-"""The job queue of a multi-machine node (ihd_node.cluster) on a real PostgreSQL: idempotency key,
+"""The job queue of a multi-machine node (ihd_node.node.cluster) on a real PostgreSQL: idempotency key,
 priorities, the STAT rule, the stalled-job sweep and the heartbeat view. The processes themselves are
 tested in tests/reliability/test_cluster.py."""
 
@@ -11,11 +11,11 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import text
 
-from ihd_node import cluster
 from ihd_node.config import default_config
-from ihd_node.db import open_database, utcnow
 from ihd_node.errors import UserError
-from ihd_node.service import Node, parse_roles
+from ihd_node.node import cluster
+from ihd_node.node.service import Node, parse_roles
+from ihd_node.store.database import open_database, utcnow
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

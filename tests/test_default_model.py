@@ -23,7 +23,7 @@ from ihd_node.classes import CLASSES, SUBTYPES
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.model.gradcam import lesion_hits
 from ihd_node.model.pipeline import Predictor
-from ihd_node.phantom import make_series, write_series
+from ihd_node.sim.phantom import make_series, write_series
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="the shipped default model is missing")
 
@@ -83,7 +83,7 @@ def cam_cell_pixels(predictor: Predictor, rows: int) -> int:
 
 def test_grad_cam_points_at_the_lesion_and_the_decision_maps_at_least_as_often() -> None:
     """Decision maps (BiLSTM output) vs the paper's CNN maps on the same held-out slices; both masked."""
-    from ihd_node.intracranial import intracranial_mask
+    from ihd_node.imaging.intracranial import intracranial_mask
 
     predictor = Predictor.load("default", device="cpu")
     cell = cam_cell_pixels(predictor, 512)

@@ -13,14 +13,14 @@ import pydicom
 import pytest
 import torch
 
-from ihd_node.dicom.mini_pacs import MiniPACS, send_files
-from ihd_node.dicom.select import judge_series
-from ihd_node.dicom.volume import VolumeError, load_volume, slice_headers
+from ihd_node.imaging.volume import VolumeError, load_volume, slice_headers
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.phantom import make_series, write_series
-from ihd_node.service import Node
+from ihd_node.node.service import Node
+from ihd_node.sim.mini_pacs import MiniPACS, send_files
+from ihd_node.sim.phantom import make_series, write_series
+from ihd_node.triage.select import judge_series
 from tests.enhanced_ct import enhanced_from_slices
 from tests.test_service import SR_CLASS, THRESHOLDS, node_config, wait_until
 

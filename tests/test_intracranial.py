@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ihd_node.intracranial import intracranial_mask
-from ihd_node.phantom import make_series
+from ihd_node.imaging.intracranial import intracranial_mask
+from ihd_node.sim.phantom import make_series
 from tests.test_report_common import head_slice
 
 

@@ -18,12 +18,12 @@ import yaml
 from alembic import command
 from sqlalchemy import create_engine, func, select, text
 
-from ihd_node import migrations
 from ihd_node.classes import CLASSES
-from ihd_node.cli import main
+from ihd_node.commands.cli import main
 from ihd_node.config import default_config
-from ihd_node.db import Analysis, Database, DatabaseError, Delivery, Event, Instance, ResultObject, Series
-from ihd_node.db import open_database as open_today
+from ihd_node.store import migrations
+from ihd_node.store.database import Analysis, Database, DatabaseError, Delivery, Event, Instance, ResultObject, Series
+from ihd_node.store.database import open_database as open_today
 from tests.legacy import db_0_1_0 as legacy
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -223,7 +223,7 @@ def test_processes_starting_together_on_postgresql_create_it_once(postgres_url: 
 
 
 def test_an_unreachable_postgresql_is_one_clear_error() -> None:
-    from ihd_node.dicom.mini_pacs import free_port
+    from ihd_node.sim.mini_pacs import free_port
 
     with pytest.raises(DatabaseError, match=r"cannot open the log database postgresql\+psycopg://ihd@127.0.0.1"):
         open_today(f"postgresql+psycopg://ihd@127.0.0.1:{free_port()}/ihd")

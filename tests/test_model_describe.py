@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ihd_node.classes import CHANNEL_MEAN, CHANNEL_STD, CLASSES
-from ihd_node.cli import main
+from ihd_node.commands.cli import main
 from ihd_node.errors import UserError
 from ihd_node.model.checkpoint import save_checkpoint
 from ihd_node.model.describe import describe

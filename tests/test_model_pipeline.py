@@ -13,7 +13,7 @@ from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor, resolve_device
 from ihd_node.model.preprocess import prepare_slices
 from ihd_node.model.presets import tiny_config
-from ihd_node.prediction import Prediction
+from ihd_node.values.prediction import Prediction
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_bad_input_and_device(model: IhdModel) -> None:
 
 @pytest.mark.parametrize("explain", ["decision", "cnn"])
 def test_heatmaps_stay_inside_the_intracranial_space(model: IhdModel, explain: str) -> None:
-    from ihd_node.intracranial import intracranial_mask
+    from ihd_node.imaging.intracranial import intracranial_mask
     from tests.test_report_common import head_slice
 
     hu = np.stack([head_slice(96, z, bleed=z in (2, 3)) for z in range(6)])

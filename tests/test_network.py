@@ -27,8 +27,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ihd_node.config import default_config
-from ihd_node.db import open_database
-from ihd_node.dicom.network import (
+from ihd_node.delivery.sender import _associate
+from ihd_node.intake.network import (
     DEFAULT_MAX_PDU,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -37,9 +37,9 @@ from ihd_node.dicom.network import (
     encode_store_response,
     parse_store_request,
 )
-from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
-from ihd_node.dicom.sender import _associate
-from ihd_node.spool import Spool, valid_uid
+from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.spool import Spool, valid_uid
+from ihd_node.store.database import open_database
 
 AET = "IHD_AI"
 

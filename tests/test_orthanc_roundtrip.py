@@ -16,12 +16,12 @@ import pytest
 from loopback import destination, node_config, wait_finished
 from orthanc import ORTHANC_BINARY, Orthanc
 
-from ihd_node.dicom.mini_pacs import free_port
-from ihd_node.dicom.volume import CT_IMAGE_STORAGE
+from ihd_node.imaging.volume import CT_IMAGE_STORAGE
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
-from ihd_node.phantom import make_series, write_series
+from ihd_node.node.service import Node
 from ihd_node.report.sr import FINDING_CODES
-from ihd_node.service import Node
+from ihd_node.sim.mini_pacs import free_port
+from ihd_node.sim.phantom import make_series, write_series
 
 pytestmark = [
     pytest.mark.skipif(ORTHANC_BINARY is None,

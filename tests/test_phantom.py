@@ -12,11 +12,11 @@ import pydicom
 import pytest
 from scipy.ndimage import binary_dilation, binary_erosion, distance_transform_edt
 
-from ihd_node import phantom
 from ihd_node.classes import CLASSES, SUBTYPES
-from ihd_node.cli import main as cli_main
-from ihd_node.dicom.volume import load_volume
+from ihd_node.commands.cli import main as cli_main
 from ihd_node.errors import UserError
+from ihd_node.imaging.volume import load_volume
+from ihd_node.sim import phantom
 
 T = phantom.TISSUE
 # Noise-free, unblurred, one plane per slice: every pixel holds exactly the value of its tissue.

@@ -33,9 +33,9 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from ihd_node.db import Database, Event, open_database
-from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
-from ihd_node.spool import Spool, file_preamble
+from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.spool import Spool, file_preamble
+from ihd_node.store.database import Database, Event, open_database
 
 NODE_AET = "IHD_AI"
 
@@ -338,7 +338,7 @@ def test_tls_inbound_with_client_certificates(tmp_path: Path) -> None:
     import ssl
 
     from ihd_node.config import default_config
-    from ihd_node.service import server_ssl_context
+    from ihd_node.node.service import server_ssl_context
 
     certs = make_certs(tmp_path / "tls")
     tls = default_config(tmp_path, node={"tls": {

@@ -16,7 +16,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from test_report_common import dciodvfy, make_prediction, needs, write, write_ct_series
 
-from ihd_node.dicom.volume import load_volume
+from ihd_node.imaging.volume import load_volume
 from ihd_node.report import build_results
 from ihd_node.report.source import (
     UTF8,
@@ -119,11 +119,11 @@ def test_results_validate(series, tmp_path, index):
 
 
 def test_pydicom_gaps_are_filled():
-    """ihd_node.dicom.charsets: Latin-9 and GB 2312 code extensions decode as PS3.5 Annex K shows."""
+    """ihd_node.charsets: Latin-9 and GB 2312 code extensions decode as PS3.5 Annex K shows."""
     from pydicom.charset import convert_encodings, decode_bytes
     from pydicom.valuerep import PersonName
 
-    import ihd_node.dicom  # noqa: F401  (registers the fixes)
+    import ihd_node.charsets  # noqa: F401  (registers the fixes)
 
     annex_k = b"Zhang^XiaoDong=\x1b$)A\xd5\xc5^\x1b$)A\xd0\xa1\xb6\xab="
     assert str(PersonName(annex_k, convert_encodings(["", "ISO 2022 IR 58"])).decode()) == \
@@ -134,7 +134,7 @@ def test_pydicom_gaps_are_filled():
 def test_ascii_reads_back_in_every_known_set():
     """The premise of checking only non-ASCII text: pydicom writes ASCII unchanged in every set it knows,
     alone and in the code-extension combinations."""
-    import ihd_node.dicom  # noqa: F401  (registers the fixes)
+    import ihd_node.charsets  # noqa: F401  (registers the fixes)
 
     combos = {(t,) for t in python_encoding} | {tuple(terms) for terms, _, _ in CASES if terms}
     assert not [terms for terms in sorted(combos) if not _ascii_round_trips(terms)]
@@ -166,7 +166,7 @@ def _result(nested: str, top: str = "CT HEAD") -> Dataset:
     (None, "Tête", "CT HEAD", [UTF8]),  # no set and non-ASCII text only in a sequence
 ])
 def test_non_ascii_text_decides_the_set_wherever_it_is(source_terms, nested, top, expected):
-    import ihd_node.dicom  # noqa: F401  (registers the fixes)
+    import ihd_node.charsets  # noqa: F401  (registers the fixes)
 
     source = Dataset()
     if source_terms is not None:

@@ -14,9 +14,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ihd_node.classes import CLASSES
-from ihd_node.dicom.volume import Volume, load_volume
-from ihd_node.prediction import ModelIdentity, Prediction
-from ihd_node.report.uids import derived_uid, result_uid
+from ihd_node.imaging.volume import Volume, load_volume
+from ihd_node.uids import derived_uid, result_uid
+from ihd_node.values.prediction import ModelIdentity, Prediction
 
 SPARSE_DROPPED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                   "ReferringPhysicianName", "StudyID", "AccessionNumber")

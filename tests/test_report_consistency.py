@@ -10,12 +10,12 @@ import numpy as np
 from test_report_common import MODEL, make_volume
 from test_report_sr import finding_groups, group_images, group_presence
 
-from ihd_node.analysis import SeriesAnalysis
-from ihd_node.analyze import series_summary
 from ihd_node.classes import CLASSES
-from ihd_node.prediction import ModelIdentity, Prediction, positive_mask
+from ihd_node.commands.analyze import series_summary
+from ihd_node.node.analysis import SeriesAnalysis
 from ihd_node.report.sc import build_secondary_captures, shown_classes
 from ihd_node.report.sr import FINDING_CODES, build_sr
+from ihd_node.values.prediction import ModelIdentity, Prediction, positive_mask
 
 # The field case: intraventricular threshold 0.032, `any` at its usual 0.5.
 THRESHOLDS = {**dict.fromkeys(CLASSES, 0.5), "intraventricular": 0.032}

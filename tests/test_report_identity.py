@@ -8,7 +8,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from test_report_common import make_prediction, reread, write_ct_series
 
-from ihd_node.dicom.volume import load_volume
+from ihd_node.imaging.volume import load_volume
 from ihd_node.report import build_results
 from ihd_node.report.source import copy_identity
 

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from test_report_common import dciodvfy, make_prediction, needs, reread, write_ct_series
 
-from ihd_node.dicom.volume import load_volume
+from ihd_node.imaging.volume import load_volume
 from ihd_node.report import build_results
 
 LOSSY_KEYWORDS = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")

@@ -21,14 +21,14 @@ from test_report_common import dciodvfy, needs
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import default_config
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.phantom import make_series, write_series
-from ihd_node.report.uids import result_series_numbers, result_uid
-from ihd_node.service import Node
+from ihd_node.node.service import Node
+from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
+from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.site import SITE_FILE
+from ihd_node.uids import result_series_numbers, result_uid
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 N_SLICES = 12

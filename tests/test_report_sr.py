@@ -358,7 +358,7 @@ def test_image_library_equals_highdicoms(tmp_path):
     from enhanced_ct import enhanced_from_slices
     from test_report_common import write_ct_series
 
-    from ihd_node.dicom.volume import load_volume
+    from ihd_node.imaging.volume import load_volume
     from ihd_node.report.sr import image_library
 
     paths = write_ct_series(tmp_path / "classic", n=4, size=32)

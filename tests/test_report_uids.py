@@ -10,8 +10,8 @@ import pytest
 from test_report_common import make_prediction, make_volume
 
 from ihd_node.report import ResultSettings, build_results
-from ihd_node.report.uids import derived_uid, result_series_numbers, result_uid
 from ihd_node.site import SITE_FILE, site_value
+from ihd_node.uids import derived_uid, result_series_numbers, result_uid
 
 
 def uids(results) -> list[str]:

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ihd_node.config import SeriesConfig, default_config
-from ihd_node.dicom.select import check_series, read_headers, tilt_degrees
+from ihd_node.triage.select import check_series, read_headers, tilt_degrees
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -109,8 +109,8 @@ def test_description_rules_and_missing_geometry(tmp_path: Path) -> None:
 def test_recent_headers_reads_a_series_once(tmp_path, monkeypatch):
     """The judge and the study choice read the same series one after the other: the second read is the
     first's result. Other paths (a late or resent instance) are read afresh; a failed read is not kept."""
-    import ihd_node.dicom.volume as volume
-    from ihd_node.phantom import make_series, write_series
+    import ihd_node.imaging.volume as volume
+    from ihd_node.sim.phantom import make_series, write_series
 
     paths = [str(p) for p in write_series(make_series(8, n_slices=10, size=64), tmp_path / "s")]
     reads = []

@@ -20,13 +20,13 @@ from waiting import poll_until
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import Config, default_config
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.model.checkpoint import save_checkpoint
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.phantom import make_series, write_series
-from ihd_node.service import Node
+from ihd_node.node.service import Node
+from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
+from ihd_node.sim.phantom import make_series, write_series
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 N_SLICES = 12
@@ -132,7 +132,7 @@ def test_restart_reindexes_the_spool_and_resumes_unfinished_series(tmp_path: Pat
             srs = [o for o in pacs.objects() if o.sop_class_uid == SR_CLASS]
             assert len(srs) == 2
             with second.db.read_session() as s:
-                from ihd_node.db import Event
+                from ihd_node.store.database import Event
 
                 messages = [e.message for e in s.query(Event).filter(Event.kind == "recovery")]
             assert any("reindexed=1" in m for m in messages)

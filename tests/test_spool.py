@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ihd_node.spool import DirSync, fsync_dir, write_atomic
+from ihd_node.intake.spool import DirSync, fsync_dir, write_atomic
 from tests.waiting import poll_until
 
 

@@ -16,12 +16,12 @@ from test_report_common import dciodvfy, make_prediction, make_volume
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import default_config
-from ihd_node.db import Database, ResultObject, open_database
-from ihd_node.dicom.mini_pacs import free_port
-from ihd_node.dicom.sender import Outbox
+from ihd_node.delivery.sender import Outbox
+from ihd_node.intake.spool import write_dataset_atomic
 from ihd_node.report import build_results
-from ihd_node.report.sr_classes import SR_CLASSES, as_sr_class
-from ihd_node.spool import write_dataset_atomic
+from ihd_node.sim.mini_pacs import free_port
+from ihd_node.sr_classes import SR_CLASSES, as_sr_class
+from ihd_node.store.database import Database, ResultObject, open_database
 
 pytestmark = pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("dciodvfy") is None,
                                 reason="dcmtk storescp and dicom3tools dciodvfy are needed")

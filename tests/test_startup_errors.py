@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ihd_node.dicom.mini_pacs import free_port
+from ihd_node.sim.mini_pacs import free_port
 
 EXE = Path(sys.executable).parent / "ihd-node"
 

@@ -13,15 +13,15 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from ihd_node.admin import format_log, log_data
-from ihd_node.dicom.choice import BONE, SOFT, UNKNOWN, kernel_of_name, profile, rank, why_lower
-from ihd_node.dicom.mini_pacs import MiniPACS, send_datasets
-from ihd_node.dicom.volume import slice_headers
+from ihd_node.commands.admin import format_log, log_data
+from ihd_node.imaging.volume import slice_headers
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.phantom import PhantomSeries, make_series, write_series
-from ihd_node.service import Node
+from ihd_node.node.service import Node
+from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
+from ihd_node.sim.phantom import PhantomSeries, make_series, write_series
+from ihd_node.triage.choice import BONE, SOFT, UNKNOWN, kernel_of_name, profile, rank, why_lower
 from tests.test_service import SR_CLASS, THRESHOLDS, node_config, wait_until
 
 N = 12
@@ -153,7 +153,7 @@ def test_a_better_series_arriving_later_gives_the_study_a_new_result(tmp_path: P
 def _events(node: Node, kind: str) -> list:
     from sqlalchemy import select
 
-    from ihd_node.db import Event
+    from ihd_node.store.database import Event
 
     with node.db.read_session() as s:
         return list(s.scalars(select(Event).where(Event.kind == kind)))

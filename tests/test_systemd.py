@@ -254,7 +254,7 @@ def test_a_crash_loop_after_start_ends_at_the_start_limit(manager: UserManager, 
 
 
 def test_good_config_runs_and_stops_cleanly(manager: UserManager, tmp_path: Path) -> None:
-    from ihd_node.dicom.mini_pacs import free_port
+    from ihd_node.sim.mini_pacs import free_port
 
     config = tmp_path / "good.yaml"
     config.write_text(f"storage: {{dir: {tmp_path / 'state'}, min_free_mb: 0}}\n"

@@ -50,8 +50,8 @@ def work(rsna: RsnaFixture, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fixture_carries_exactly_the_real_attribute_set(rsna: RsnaFixture) -> None:
-    from ihd_node.dicom.volume import slice_problem
-    from ihd_node.spool import valid_uid
+    from ihd_node.imaging.volume import slice_problem
+    from ihd_node.intake.spool import valid_uid
 
     encodings, sizes, windows, media = set(), set(), set(), set()
     quirk = 0
@@ -110,10 +110,10 @@ def test_prepare_reads_the_real_attribute_set(rsna: RsnaFixture, work: Path) -> 
 
 
 def test_training_reader_matches_the_node(tmp_path: Path, rsna: RsnaFixture, work: Path) -> None:
-    """Same input at training and inference: sort, HU, slabs as ihd_node.analysis; cache = prepare_slices."""
-    from ihd_node.dicom.volume import combine_thin_slices, load_volume
+    """Same input at training and inference: sort, HU, slabs as ihd_node.node.analysis; cache = prepare_slices."""
+    from ihd_node.imaging.volume import combine_thin_slices, load_volume
     from ihd_node.model.preprocess import prepare_slices
-    from ihd_node.phantom import make_series, write_series
+    from ihd_node.sim.phantom import make_series, write_series
 
     s = make_series(3, n_slices=20, size=INPUT, thin=True, slice_spacing=1.0, encoding="rsna_quirk")
     write_series(s, tmp_path)
@@ -347,7 +347,7 @@ def test_backbone_weights_imagenet_file_and_paper_preset(tmp_path: Path, monkeyp
 
 def test_lesion_masks_train_the_auxiliary_head(tmp_path: Path) -> None:
     """Phantom masks are cached beside the images and drive the auxiliary map loss of the CNN stage."""
-    from ihd_node.phantom import make_series
+    from ihd_node.sim.phantom import make_series
     from training.data import mask_size, save_manifest, write_cached_scan
     from training.train import stage_cnn
 
@@ -400,10 +400,10 @@ def test_bilstm_on_out_of_fold_cnn_outputs(rsna: RsnaFixture, work: Path, tmp_pa
     for the patients it never trained on; the checkpoint is the shipped CNN + selector + that BiLSTM."""
     import shutil
 
-    from ihd_node.analysis import analyze_series
     from ihd_node.model.checkpoint import load_checkpoint
     from ihd_node.model.pipeline import Predictor
-    from ihd_node.phantom import make_series, write_series
+    from ihd_node.node.analysis import analyze_series
+    from ihd_node.sim.phantom import make_series, write_series
     from training.train import build_cnn, cnn_outputs, load_selector
 
     w = tmp_path / "work"

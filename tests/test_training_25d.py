@@ -127,12 +127,12 @@ def test_training_and_node_feed_the_cnn_the_same_input(rsna: RsnaFixture, traine
 def test_node_analyses_a_series_with_the_25d_checkpoint(trained: Path, tmp_path: Path) -> None:
     """A real DICOM series through the node's analysis (strict reader, slabs, Predictor) with the trained
     2.5D checkpoint; Grad-CAM maps are those of each slice's own input, whose centre is that slice."""
-    from ihd_node.analysis import analyze_series
-    from ihd_node.intracranial import intracranial_mask
+    from ihd_node.imaging.intracranial import intracranial_mask
     from ihd_node.model.gradcam import grad_cam, mask_heatmap
     from ihd_node.model.pipeline import Predictor
     from ihd_node.model.preprocess import prepare_slices
-    from ihd_node.phantom import make_series, write_series
+    from ihd_node.node.analysis import analyze_series
+    from ihd_node.sim.phantom import make_series, write_series
 
     series = make_series(11, subtypes=["subdural"], n_slices=8, size=INPUT)
     paths = write_series(series, tmp_path / "series")

@@ -20,10 +20,10 @@ from loopback import destination, node_config, wait_finished
 from orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc
 from viewer import OHIF_DIST, ViewerServer
 
-from ihd_node.dicom.mini_pacs import free_port
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
-from ihd_node.phantom import make_series, write_series
-from ihd_node.service import Node
+from ihd_node.node.service import Node
+from ihd_node.sim.mini_pacs import free_port
+from ihd_node.sim.phantom import make_series, write_series
 
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

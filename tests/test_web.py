@@ -18,11 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import poll_until
 
+from ihd_node.commands.demo import STUDIES
 from ihd_node.config import default_config
-from ihd_node.demo import STUDIES
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port, send_files
-from ihd_node.phantom import make_series, write_series
-from ihd_node.service import Node
+from ihd_node.node.service import Node
+from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
+from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.web.server import hash_password
 
 USER, PASSWORD, TOKEN = "admin", "correct horse battery", "t0ken-for-prometheus"

@@ -14,7 +14,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from ihd_node.dicom.mini_pacs import free_port
+from ihd_node.sim.mini_pacs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OHIF_VERSION = (ROOT / "Makefile").read_text().split("OHIF_VERSION := ", 1)[1].split()[0]

@@ -210,7 +210,7 @@ def dry_run_report(args: argparse.Namespace, scans: list, size: int, rejected: l
     """What a full run will take, measured on a few scans: slices, cache disk, time with --workers."""
     import time
 
-    from ihd_node.dicom.volume import VolumeError
+    from ihd_node.imaging.volume import VolumeError
     from training.data import windowed_uint8
     from training.rsna import SLAB_MM, load_training_scan
 

@@ -89,11 +89,11 @@ class SeriesChoice:
 
 def choose_series(folder: Path) -> SeriesChoice:
     """The series of a scan the node would analyse: among those `check_series` accepts, the best by the
-    node's own study-level ranking (ihd_node.dicom.choice: soft-tissue kernel, axial, 2.5-5 mm slices,
+    node's own study-level ranking (ihd_node.triage.choice: soft-tissue kernel, axial, 2.5-5 mm slices,
     coverage, noise), so a bone-kernel or thin reconstruction is not scored in place of the standard one."""
-    from ihd_node.dicom.choice import profile, rank
-    from ihd_node.dicom.select import check_series, read_headers
-    from ihd_node.dicom.volume import group_series, slice_headers
+    from ihd_node.imaging.volume import group_series, slice_headers
+    from ihd_node.triage.choice import profile, rank
+    from ihd_node.triage.select import check_series, read_headers
 
     groups = group_series([folder])
     if not groups.series:
@@ -120,9 +120,9 @@ def choose_series(folder: Path) -> SeriesChoice:
 def evaluate_cq500(checkpoint: Path, root: Path, device: str = "auto", max_rejected: float = 0.1,
                    write: bool = True, verbose: bool = True, tta: str = "none") -> dict[str, Any]:
     """Scan-level metrics of the checkpoint on CQ500 against the readers' majority vote."""
-    from ihd_node.analysis import analyze_series
-    from ihd_node.dicom.volume import VolumeError
+    from ihd_node.imaging.volume import VolumeError
     from ihd_node.model.pipeline import Predictor
+    from ihd_node.node.analysis import analyze_series
     from training.evaluate import store_metrics
     from training.metrics import format_metrics, level_metrics
     from training.progress import progress

@@ -3,7 +3,7 @@ splits grouped by scan, and torch datasets for slices and scans.
 
 RSNA layout: `stage_2_train.csv` with rows `ID_<sop>_<subtype>,label` and one DICOM file `ID_<sop>.dcm`
 per slice in a folder. The CSV has no notion of scans, so slices are grouped by the SeriesInstanceUID in
-their headers and sorted along the patient axis by ihd_node.dicom.volume (never by file name).
+their headers and sorted along the patient axis by ihd_node.imaging.volume (never by file name).
 
 Cache: one uint8 `.npy` per scan holding the three windowed channels at the input size (n, 3, S, S), made
 by the model's own prepare_slices (so training sees exactly what inference sees, including how the
@@ -250,7 +250,7 @@ def write_cached_scan(cache_dir: Path, scan_id: str, group: str, hu: np.ndarray,
 def _cache_one(job: tuple[ScanIndex, str, int, dict[str, list[int]]]
                ) -> tuple[CachedScan | None, list[tuple[str, str]]]:
     """Load, slab, window and store one scan; runs in worker processes. Returns the dropped files too."""
-    from ihd_node.dicom.volume import VolumeError
+    from ihd_node.imaging.volume import VolumeError
     from training.rsna import load_training_scan
 
     scan, cache_dir, size, labels = job

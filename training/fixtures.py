@@ -1,6 +1,6 @@
 """Test data shaped like the real files: the RSNA 2019 layout with exactly the RSNA attribute set, and the
 CQ500 layout (reads.csv with three radiologists' reads per scan). Pixels and labels come from the node's
-phantom generator (ihd_node.phantom), headers are rewritten to what the real data sets carry.
+phantom generator (ihd_node.sim.phantom), headers are rewritten to what the real data sets carry.
 
 The RSNA files carry only these data set attributes (no SOPClassUID, ImageType, InstanceNumber,
 SliceThickness, dates; UIDs are `ID_<hex>`, not valid DICOM UIDs), and the set mixes PixelRepresentation
@@ -110,7 +110,7 @@ def write_rsna_fixture(root: Path, n_scans: int = 24, seed: int = 100, size: int
     """
     from pydicom import config as pydicom_config
 
-    from ihd_node.phantom import make_series
+    from ihd_node.sim.phantom import make_series
 
     images = root / "stage_2_train"
     images.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def write_cq500_fixture(root: Path, n_scans: int = 6, seed: int = 700, size: int
     (`name,Category,R1:ICH,...,R3:MidlineShift`). Each study has a 5 mm series; every other study also a
     thin series, the first also a bone-kernel series (the node's choice must pick the 5 mm soft one).
     One radiologist disagrees on some findings, so only the majority vote gives the truth."""
-    from ihd_node.phantom import make_series
+    from ihd_node.sim.phantom import make_series
 
     root.mkdir(parents=True, exist_ok=True)
     header = ["name", "Category"] + [f"R{r}:{f}" for r in (1, 2, 3) for f in CQ500_FINDINGS]

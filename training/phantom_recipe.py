@@ -84,8 +84,8 @@ def phantom_volume(seed: int, subtypes: Sequence[str], size: int
     HU goes through the node's own to_hu, so the rescale and the pixel representation the phantom chose
     are undone exactly as for a real scanner's files.
     """
-    from ihd_node.dicom.volume import to_hu
-    from ihd_node.phantom import make_series
+    from ihd_node.imaging.volume import to_hu
+    from ihd_node.sim.phantom import make_series
 
     series = make_series(seed, subtypes=list(subtypes), size=size)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in series.datasets}
@@ -203,7 +203,7 @@ def model_card(checkpoint: Path, recipe: Recipe) -> str:
     return f"""# Model card: {loaded.name} {loaded.version}
 
 **NOT FOR CLINICAL USE.** This model was trained only on synthetic head-CT phantoms made by
-`ihd_node/phantom.py`. It exists so that ihd-node works out of the box (demo, tests, integration with
+`ihd_node/sim/phantom/`. It exists so that ihd-node works out of the box (demo, tests, integration with
 a PACS). It has never seen a real patient's CT and says nothing reliable about one. For real use, train
 the `paper` preset on the RSNA 2019 data (see `training/README.md`) and point the node at that
 checkpoint (`model: {{checkpoint: /path/model.pt}}` in config.yaml).
@@ -226,7 +226,7 @@ checkpoint (`model: {{checkpoint: /path/model.pt}}` in config.yaml).
   {recipe.train_seed}..{last_train}), image sizes {", ".join(map(str, recipe.train_sizes))},
   {int(recipe.negative_share * 100)}% without hemorrhage, the others with one subtype (rotating over
   all five) or, in {int(recipe.second_subtype_share * 100)}% of them, two.
-- Phantom physics (`ihd_node/phantom.py`): skull, scalp, grey/white matter with texture, CSF, acute
+- Phantom physics (`ihd_node/sim/phantom/`): skull, scalp, grey/white matter with texture, CSF, acute
   blood of 55-85 HU shaped per subtype; varied head size, position, pose, gantry tilt, noise, blur,
   slice count and spacing, pixel encoding.
 - Training from random initialisation (no pretrained weights). CNN: {recipe.cnn_epochs} epochs of
@@ -293,7 +293,7 @@ def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads:
         mask_weight=recipe.mask_weight, bn_momentum=recipe.bn_momentum, val_every_epoch=False, loss="weighted",
         seq_epochs=recipe.seq_epochs, seq_lr=1e-4 * recipe.seq_lr_scale / recipe.lr_scale, name=MODEL_NAME,
         version=MODEL_VERSION, verbose=verbose,
-        trained_on=f"synthetic head-CT phantoms (ihd_node.phantom), {recipe.train_series} series, "
+        trained_on=f"synthetic head-CT phantoms (ihd_node.sim.phantom), {recipe.train_series} series, "
                    f"seeds from {recipe.train_seed}",
     )
     checkpoint = run_stages(opts, out=out)

@@ -1,7 +1,7 @@
 """Reading the real RSNA 2019 files for training: a relaxed header check, a header index cached in the work
 folder, and a scan loader that drops single bad slices instead of whole scans.
 
-The node's reader (ihd_node.dicom.volume) stays strict, as a DICOM node must be: it wants SOPClassUID = CT
+The node's reader (ihd_node.imaging.volume) stays strict, as a DICOM node must be: it wants SOPClassUID = CT
 Image Storage and valid UIDs. The RSNA files have neither (no SOPClassUID, no ImageType, InstanceNumber,
 SliceThickness or dates; UIDs are `ID_<hex>`), so training decides "is this a CT slice" from Modality, the
 file meta's MediaStorageSOPClassUID or, when both are silent, from the label file naming the slice.
@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from ihd_node.dicom.volume import CT_IMAGE_STORAGE, VolumeError, combine_thin_slices, slice_normal, to_hu
+from ihd_node.imaging.volume import CT_IMAGE_STORAGE, VolumeError, combine_thin_slices, slice_normal, to_hu
 
 # The node's defaults (config series.thin_slice_mm / series.slab_mm): slices thinner than THIN_SLICE_MM are
 # averaged into SLAB_MM slabs, at inference and therefore here.
@@ -183,7 +183,7 @@ class LoadedScan:
 
 def load_training_scan(paths: Sequence[str], thin_slice_mm: float = THIN_SLICE_MM,
                        slab_mm: float = SLAB_MM) -> LoadedScan:
-    """Read, sort along the slice normal, convert to HU and slab one scan, as ihd_node.analysis does.
+    """Read, sort along the slice normal, convert to HU and slab one scan, as ihd_node.node.analysis does.
 
     Unlike the node's load_volume, a slice that cannot be decoded, or whose size or orientation differs
     from the rest, is dropped with its reason; the scan fails only when nothing usable is left.

@@ -4,7 +4,7 @@ The paper feeds each slice alone (three windows as channels). With `neighbours` 
 the paper), slice i's input is the three windows of slices i-k .. i+k stacked along the channel axis,
 3 x (2k + 1) channels, oldest first; slices beyond either end of the series repeat the edge slice.
 "Neighbour" means neighbour in the array: the node and training both pass slices sorted along the
-slice normal and, for thin series, already combined into slabs (ihd_node.dicom.volume), so index
+slice normal and, for thin series, already combined into slabs (ihd_node.imaging.volume), so index
 i +- 1 is the next slice (or slab) in space.
 
 `stack_neighbours` is the one function both sides call: training on its cached windowed channels,

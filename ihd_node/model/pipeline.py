@@ -19,14 +19,14 @@ import torch
 
 from ihd_node.classes import CLASSES
 from ihd_node.errors import UserError
-from ihd_node.intracranial import intracranial_mask
+from ihd_node.imaging.intracranial import intracranial_mask
 from ihd_node.model.checkpoint import load_checkpoint
 from ihd_node.model.gradcam import EXPLAIN_MODES, cams_from_activations, frozen, mask_heatmap
 from ihd_node.model.input import stack_neighbours
 from ihd_node.model.network import IhdModel
 from ihd_node.model.optimize import fuse_conv_bn
 from ihd_node.model.preprocess import prepare_slices
-from ihd_node.prediction import ModelIdentity, Prediction, positive_mask
+from ihd_node.values.prediction import ModelIdentity, Prediction, positive_mask
 
 log = logging.getLogger("ihd_node.model")
 

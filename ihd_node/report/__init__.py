@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from ihd_node.dicom.volume import Volume
-from ihd_node.prediction import Prediction
 from ihd_node.report.sc import SC_SERIES_DESCRIPTION, build_secondary_captures
 from ihd_node.report.sr import SR_SERIES_DESCRIPTION, build_sr
-from ihd_node.report.uids import ResultSettings
+from ihd_node.uids import ResultSettings
+from ihd_node.values.prediction import Prediction
+from ihd_node.values.volume import Volume
 
 __all__ = ["ResultObjects", "ResultSettings", "build_results", "build_sr", "build_secondary_captures",
            "result_file_name",

@@ -19,8 +19,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
-from ihd_node.dicom.volume import Volume
-from ihd_node.prediction import Prediction
 from ihd_node.report.overlay import LegendLine, Orientation, Picture, render
 from ihd_node.report.source import (
     MANUFACTURER,
@@ -34,7 +32,9 @@ from ihd_node.report.source import (
     with_type2,
 )
 from ihd_node.report.sr import PRELIMINARY_LINE
-from ihd_node.report.uids import ResultSettings, result_series_numbers, result_uid
+from ihd_node.uids import ResultSettings, result_series_numbers, result_uid
+from ihd_node.values.prediction import Prediction
+from ihd_node.values.volume import Volume
 
 SC_SERIES_DESCRIPTION = f"ICH AI Grad-CAM - {NOT_FOR_DIAGNOSTIC_USE}"
 OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}

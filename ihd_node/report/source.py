@@ -26,8 +26,8 @@ from pydicom.sr.codedict import codes
 
 import ihd_node
 from ihd_node.classes import CLASSES, NOT_FOR_DIAGNOSTIC_USE
-from ihd_node.dicom.volume import Volume
-from ihd_node.prediction import Prediction
+from ihd_node.values.prediction import Prediction
+from ihd_node.values.volume import Volume
 
 MANUFACTURER = "ihd-node"
 

@@ -48,8 +48,6 @@ from pydicom.sr.coding import Code
 from pydicom.valuerep import DS
 
 from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
-from ihd_node.dicom.volume import Volume
-from ihd_node.prediction import Prediction
 from ihd_node.report.regions import largest_part, outline
 from ihd_node.report.source import (
     MANUFACTURER,
@@ -61,8 +59,10 @@ from ihd_node.report.source import (
     volume_lossy,
     with_type2,
 )
-from ihd_node.report.sr_classes import SR_CLASSES, as_sr_class
-from ihd_node.report.uids import ResultSettings, result_series_numbers, result_uid
+from ihd_node.sr_classes import SR_CLASSES, as_sr_class
+from ihd_node.uids import ResultSettings, result_series_numbers, result_uid
+from ihd_node.values.prediction import Prediction
+from ihd_node.values.volume import Volume
 
 PRIVATE_SCHEME = "99IHD"
 

@@ -22,10 +22,10 @@ import yaml
 from waiting import poll_until
 
 from ihd_node.classes import CLASSES
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port
 from ihd_node.model.checkpoint import save_checkpoint
 from ihd_node.model.network import IhdModel
 from ihd_node.model.presets import tiny_config
+from ihd_node.sim.mini_pacs import MiniPACS, free_port
 
 NODE_AET = "IHD_AI"
 PACS_AET = "PACS"

@@ -20,10 +20,10 @@ import pydicom
 from pydicom import uid as tsuid
 from pynetdicom import AE
 
-from ihd_node.dicom.mini_pacs import MiniPACS
 from ihd_node.faults import CRASH_ENV, PAUSE_ENV
-from ihd_node.phantom import PhantomSeries, make_series, write_series
-from ihd_node.report.uids import result_uid
+from ihd_node.sim.mini_pacs import MiniPACS
+from ihd_node.sim.phantom import PhantomSeries, make_series, write_series
+from ihd_node.uids import result_uid
 
 NODE_AET = "IHD_AI"  # same as conftest (not imported: conftest is not a module of a package)
 SENDER_AET = "PACS"
@@ -155,7 +155,7 @@ class ResultCheck:
 def check_results_once(pacs: MiniPACS, node: object, study: Study) -> ResultCheck:
     """Assert the PACS holds each result object once and exactly what the node's outbox booked as sent;
     that the latest analysis is there completely; and that every object carries a UID the deterministic
-    scheme (ihd_node.report.uids) gives for this series, model and revision. Returns what was found."""
+    scheme (ihd_node.uids) gives for this series, model and revision. Returns what was found."""
     analyses = node.query(  # type: ignore[attr-defined]
         "SELECT a.revision, a.model_name, a.model_version, a.sr_sop_instance_uid, a.n_secondary_captures, "
         "a.n_model_slices, a.settings_key FROM analyses a JOIN series s ON s.id = a.series_id "

@@ -20,7 +20,7 @@ from certs import have_openssl, make_test_certs
 from conftest import wait_until
 from faults import crash_env, done, make_study, start, store, wait_exit
 
-from ihd_node.dicom.mini_pacs import free_port
+from ihd_node.sim.mini_pacs import free_port
 
 aiosmtpd = pytest.importorskip("aiosmtpd", reason="aiosmtpd (dev extra) is needed for the SMTP alert test")
 from aiosmtpd.controller import Controller  # noqa: E402

@@ -55,9 +55,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ihd_node.dicom.mini_pacs import MiniPACS, send_files
-from ihd_node.phantom import make_series, write_series
-from ihd_node.spool import dataset_bytes, valid_uid
+from ihd_node.intake.spool import dataset_bytes, valid_uid
+from ihd_node.sim.mini_pacs import MiniPACS, send_files
+from ihd_node.sim.phantom import make_series, write_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk storescu not installed")

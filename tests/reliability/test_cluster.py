@@ -26,7 +26,7 @@ from conftest import NODE_AET, PACS_AET, reap, wait_until
 from faults import Study, make_study, pause_env, store
 from sqlalchemy import create_engine, text
 
-from ihd_node.dicom.mini_pacs import MiniPACS, free_port
+from ihd_node.sim.mini_pacs import MiniPACS, free_port
 
 N = 12  # slices per study (min_slices is 10)
 

@@ -28,7 +28,7 @@ from faults import (
     wait_log,
 )
 
-from ihd_node.spool import dataset_bytes, sha256_hex
+from ihd_node.intake.spool import dataset_bytes, sha256_hex
 
 N = 12  # slices per study; min_slices (10) makes a partial series "ignored", never analysed
 KILLED = -signal.SIGKILL  # what Popen reports for a process ended by SIGKILL

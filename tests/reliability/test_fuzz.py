@@ -52,12 +52,12 @@ from pydicom.uid import (
 from sqlalchemy import func, select
 
 from ihd_node.config import SeriesConfig
-from ihd_node.db import Database, Event, Instance, open_database, utcnow
-from ihd_node.dicom.assembler import Assembler
-from ihd_node.dicom.receiver import Admission, DatabaseRecorder, Receiver
-from ihd_node.dicom.select import Eligibility, check_series
-from ihd_node.dicom.volume import Volume, VolumeError, group_series, load_volume
-from ihd_node.spool import Spool, dataset_bytes, valid_uid
+from ihd_node.imaging.volume import Volume, VolumeError, group_series, load_volume
+from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.spool import Spool, dataset_bytes, valid_uid
+from ihd_node.store.database import Database, Event, Instance, open_database, utcnow
+from ihd_node.triage.assembler import Assembler
+from ihd_node.triage.select import Eligibility, check_series
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns on every odd value we make
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from conftest import PACS_AET, wait_until
 from faults import check_results_once, done, make_study, start, store
 
-from ihd_node.dicom.mini_pacs import MiniPACS
+from ihd_node.sim.mini_pacs import MiniPACS
 
 N = 10
 # Result objects of one positive phantom series here: SR + summary capture + 2 slice captures.

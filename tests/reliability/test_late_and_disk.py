@@ -3,7 +3,7 @@
 - Slices of a series that was already analysed and delivered arrive later: the series is analysed again,
   a revised SR (new SOP Instance in a new SR series) names the earlier SR in its
   PredecessorDocumentsSequence, and the captures of the revision form a new SC series (UIDs from
-  ihd_node.report.uids with the revision in them); nothing of the first result is sent again.
+  ihd_node.uids with the revision in them); nothing of the first result is sent again.
 - Free disk under storage.min_free_mb: every C-STORE is answered 0xA700 (Out of Resources) and nothing
   is written; restarted with a normal watermark, the node takes the same study.
 - retention.spool_keep_hours: once a series is delivered and the keep time has passed, its spool files
@@ -22,7 +22,7 @@ import yaml
 from conftest import wait_until
 from faults import SC_CLASS, SR_CLASS, check_results_once, done, instance_rows, make_study, start, store
 
-from ihd_node.report.uids import result_uid
+from ihd_node.uids import result_uid
 
 N = 12
 

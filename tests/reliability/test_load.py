@@ -24,8 +24,8 @@ from conftest import NODE_AET, wait_until
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from ihd_node.dicom.mini_pacs import send_datasets
-from ihd_node.phantom import PhantomSeries, make_series
+from ihd_node.sim.mini_pacs import send_datasets
+from ihd_node.sim.phantom import PhantomSeries, make_series
 
 N_ASSOCIATIONS = 8
 N_SLICES = 100

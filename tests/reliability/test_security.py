@@ -38,8 +38,8 @@ from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from ihd_node.dicom.mini_pacs import MiniPACS
-from ihd_node.phantom import make_series, write_series
+from ihd_node.sim.mini_pacs import MiniPACS
+from ihd_node.sim.phantom import make_series, write_series
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("echoscu") is None or shutil.which("storescu") is None,
                                  reason="dcmtk (echoscu, storescu) not installed")
