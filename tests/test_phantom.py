@@ -18,6 +18,7 @@ from ihd_node.commands.cli import main as cli_main
 from ihd_node.errors import UserError
 from ihd_node.imaging.volume import load_volume
 from ihd_node.sim import phantom
+from ihd_node.sim.phantom.render import min_pixels
 
 T = phantom.TISSUE
 # Noise-free, unblurred, one plane per slice: every pixel holds exactly the value of its tissue.
@@ -65,7 +66,7 @@ def test_labels_agree_with_masks_and_noise_is_there() -> None:
     for seed in range(6):
         s = phantom.make_series(seed, subtypes=["any"], n_slices=10, size=128)
         per_subtype = np.stack([((s.masks >> k) & 1).reshape(s.n_slices, -1).sum(1) for k in range(5)], 1)
-        min_px = phantom._min_pixels(s.pixel_spacing)
+        min_px = min_pixels(s.pixel_spacing)
         assert np.array_equal(s.labels[:, 1:], (per_subtype > 0).astype(np.uint8))
         assert per_subtype[per_subtype > 0].min() >= min_px
         assert np.array_equal(s.labels[:, 0], s.labels[:, 1:].max(1))

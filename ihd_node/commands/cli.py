@@ -21,7 +21,7 @@ HANDLERS = {
     "worker": "ihd_node.node.service:worker_command",
     "analyze": "ihd_node.commands.analyze:analyze_command",
     "demo": "ihd_node.commands.demo:demo_command",
-    "phantom": "ihd_node.sim.phantom:phantom_command",
+    "phantom": "ihd_node.commands.phantom:phantom_command",
     "echo": "ihd_node.delivery.sender:echo_command",
     "status": "ihd_node.commands.admin:status_command",
     "log": "ihd_node.commands.admin:log_command",
