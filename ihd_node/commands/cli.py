@@ -26,7 +26,7 @@ HANDLERS = {
     "status": "ihd_node.commands.admin:status_command",
     "log": "ihd_node.commands.admin:log_command",
     "retry": "ihd_node.commands.admin:retry_command",
-    "check-config": "ihd_node.config:check_config_command",
+    "check-config": "ihd_node.commands.check_config:check_config_command",
     "model": "ihd_node.model.describe:model_command",
     "db": "ihd_node.store.migrations.cli:db_command",
     "web-user": "ihd_node.web.server:web_user_command",
