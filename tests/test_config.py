@@ -11,7 +11,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from ihd_node.config import Config, ConfigError, _model_in, default_config, load_config, reference_markdown
+from ihd_node.config import Config, ConfigError, default_config, load_config, reference_markdown
+from ihd_node.config.fields import model_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,7 +247,7 @@ def all_keys(model: type[BaseModel], prefix: str) -> list[str]:
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         out.append(key)
-        sub = _model_in(info.annotation)
+        sub = model_in(info.annotation)
         if sub is not None:
             out += all_keys(sub, key + ("[]." if typing.get_origin(info.annotation) is list else "."))
     return out
