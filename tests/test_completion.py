@@ -28,7 +28,7 @@ from ihd_node.model.pipeline import Predictor
 from ihd_node.node.service import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import make_series, write_series
-from ihd_node.store.database import Event
+from ihd_node.store import Event
 from ihd_node.triage.completion import CompletionJudge, HeaderCache, SliceGeometry, find_gaps, read_geometry
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"

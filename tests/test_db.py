@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import default_config
-from ihd_node.store.database import (
+from ihd_node.store import (
     Base,
     Database,
     InstanceBatcher,
@@ -263,7 +263,7 @@ def test_outbox_backoff_reject_and_give_up(db: Database) -> None:
     assert series.state == "failed" and "2 of 4 result deliveries failed" in series.reason
     assert db.due_deliveries(at(10**6)) == []
     with db.read_session() as s:
-        from ihd_node.store.database import Delivery, DeliveryAttempt
+        from ihd_node.store import Delivery, DeliveryAttempt
 
         attempts = s.query(DeliveryAttempt).filter_by(delivery_id=pacs[0].id).count()
         row = s.get(Delivery, pacs[0].id)
@@ -317,7 +317,7 @@ def test_events_are_rows_and_log_lines(db: Database, caplog: pytest.LogCaptureFi
         )
     assert 'ignored series=1.2.3 aet=PACS msg="3 slices (min_slices 10)"' in caplog.text
     with db.read_session() as s:
-        from ihd_node.store.database import Event
+        from ihd_node.store import Event
 
         [event] = s.query(Event).all()
         assert event.level == "WARNING" and event.kind == "ignored" and event.at.tzinfo is not None
@@ -487,7 +487,7 @@ def test_requeue_failed_deliveries_of_the_latest_analysis(db: Database) -> None:
 def test_a_worker_taken_for_dead_cannot_add_a_second_revision(db: Database) -> None:
     # Multi-machine mode: worker A analyses from t=8, is taken for dead; worker B takes the series over at
     # t=20. A finishing late is refused (Superseded); B's analysis is the one recorded.
-    from ihd_node.store.database import Superseded
+    from ihd_node.store import Superseded
 
     receive(db, "1.2.3.1")
     db.set_series_state("1.2.3", "analyzing", analysis_started=at(8))
@@ -601,7 +601,7 @@ def test_a_write_session_is_not_refused_when_another_process_commits_between_its
     transaction's upgrade to a write after another connection committed in between."""
     from sqlalchemy import func, select
 
-    from ihd_node.store.database import Event, utcnow
+    from ihd_node.store import Event, utcnow
 
     url = f"sqlite:///{tmp_path / 'ihd.sqlite'}"
     admin, node = open_database(url), open_database(url)

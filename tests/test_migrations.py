@@ -21,9 +21,18 @@ from sqlalchemy import create_engine, func, select, text
 from ihd_node.classes import CLASSES
 from ihd_node.commands.cli import main
 from ihd_node.config import default_config
-from ihd_node.store import migrations
-from ihd_node.store.database import Analysis, Database, DatabaseError, Delivery, Event, Instance, ResultObject, Series
-from ihd_node.store.database import open_database as open_today
+from ihd_node.store import (
+    Analysis,
+    Database,
+    DatabaseError,
+    Delivery,
+    Event,
+    Instance,
+    ResultObject,
+    Series,
+    migrations,
+)
+from ihd_node.store import open_database as open_today
 from tests.legacy import db_0_1_0 as legacy
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from ihd_node.classes import CLASSES
 from ihd_node.config import load_config
 from ihd_node.errors import UserError
-from ihd_node.store.database import Analysis, Database, Delivery, NodeRun, Series, Study, utcnow
+from ihd_node.store import Analysis, Database, Delivery, NodeRun, Series, Study, utcnow
 
 IN_FLIGHT = ("received", "complete", "analyzing", "delivering")
 WAITING = "waiting for the rest of the series"  # series.reason while the completion checks hold it back

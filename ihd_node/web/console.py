@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from ihd_node import __version__
 from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
-from ihd_node.store.database import (
+from ihd_node.store import (
     UNFINISHED_STATES,
     Alert,
     Analysis,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from ihd_node.store.database import Database
+from ihd_node.store import Database
 from ihd_node.web.server import disk_free
 
 

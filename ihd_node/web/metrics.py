@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import CollectorRegistry
 from sqlalchemy import func, select
 
-from ihd_node.store.database import (
+from ihd_node.store import (
     DELIVERY_STATES,
     SERIES_STATES,
     Alert,
