@@ -26,6 +26,7 @@ from ihd_node.store import (
     InstanceBatcher,
     InstanceRecord,
     ResultObject,
+    RetryPolicy,
     Series,
     classify_status,
     open_database,
@@ -227,6 +228,37 @@ def test_late_instance_reopens_series_and_reanalysis_supersedes(db: Database) ->
     assert {d.sop_instance_uid for d in due} == {"9.1.2.3.0", "9.1.2.3.1"}
     assert all(d.analysis_id == second.id for d in due)
     assert db.latest_analysis("1.2.3").id == second.id
+
+
+def test_one_retry_policy_from_the_delivery_config() -> None:
+    """Deliveries and alerts retry by one RetryPolicy, set by the delivery.* keys as before the split."""
+    policy = RetryPolicy.of(POLICY)
+    assert policy == RetryPolicy(5.0, 300.0, 86400.0) and RetryPolicy.of(policy) is policy
+    assert [policy.backoff(n) for n in (1, 2, 3, 10)] == [POLICY.backoff(n) for n in (1, 2, 3, 10)]
+    assert policy.next_attempt(1, at(0), at(10)) == at(15)
+    assert policy.next_attempt(3, at(0), at(100)) == at(120)
+    assert policy.next_attempt(4, at(0), at(86399)) == at(86399 + 40)
+    assert policy.next_attempt(5, at(0), at(86400)) is None  # waited give_up_after_seconds since queued
+
+
+def test_alerts_retry_and_give_up_like_deliveries(db: Database) -> None:
+    receive(db, "1.2.3.1")
+    probs = dict.fromkeys(CLASSES, 0.01) | {"any": 0.93, "subdural": 0.91}
+    db.finish_analysis("1.2.3", model_name="m", model_version="1", probabilities=probs,
+                       positive_classes=["subdural", "any"], thresholds=dict.fromkeys(CLASSES, 0.5), n_slices=28,
+                       objects=[], destinations=(), alert_channels=("pager", "mail"), now=at(10))
+    pager, mail = sorted(db.due_alerts(at(10)), key=lambda a: a.channel != "pager")
+    short = RetryPolicy(1.0, 4.0, 60.0)
+    a = db.record_alert_attempt(pager.id, outcome="retry", error="down", policy=short, now=at(10))
+    assert a.status == "pending" and a.next_attempt_at == at(11)
+    a = db.record_alert_attempt(pager.id, outcome="retry", error="down", policy=short, now=at(11))
+    assert a.next_attempt_at == at(13)
+    a = db.record_alert_attempt(pager.id, outcome="retry", error="still down", policy=short, now=at(70))
+    assert a.status == "failed" and a.last_error == "gave up after 3 attempts: still down"
+    # The config keys work as the policy, as the alert outbox passes them.
+    a = db.record_alert_attempt(mail.id, outcome="retry", error=None, policy=POLICY, now=at(10))
+    assert a.status == "pending" and a.next_attempt_at == at(15)
+    assert db.record_alert_attempt(mail.id, outcome="sent", error=None, policy=POLICY, now=at(15)).status == "sent"
 
 
 def test_outbox_backoff_reject_and_give_up(db: Database) -> None:

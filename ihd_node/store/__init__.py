@@ -8,7 +8,7 @@ admin commands, console and metrics read), database (the `Database` that puts th
 
 from ihd_node.store.database import Database, open_database
 from ihd_node.store.intake import InstanceBatcher, InstanceRecord, Recorded
-from ihd_node.store.outbox import AttemptResult, ResultObject, classify_status
+from ihd_node.store.outbox import AttemptResult, ResultObject, RetryPolicy, RetrySettings, classify_status
 from ihd_node.store.schema import (
     DELIVERY_STATES,
     SCHEMA_VERSION,
@@ -40,6 +40,6 @@ __all__ = [
     "DELIVERY_STATES", "SCHEMA_VERSION", "SERIES_STATES", "SERIES_TIMES", "TIMING_KEYS", "UNFINISHED_STATES",
     "Alert", "Analysis", "AttemptResult", "Base", "Candidate", "Completion", "Database", "DatabaseError",
     "Delivery", "DeliveryAttempt", "Event", "Instance", "InstanceBatcher", "InstanceRecord", "Meta", "Mpps",
-    "MppsInstance", "NodeRun", "Recorded", "ResultObject", "Series", "Study", "Superseded", "UTCDateTime",
-    "classify_status", "open_database", "utcnow",
+    "MppsInstance", "NodeRun", "Recorded", "ResultObject", "RetryPolicy", "RetrySettings", "Series", "Study",
+    "Superseded", "UTCDateTime", "classify_status", "open_database", "utcnow",
 ]

@@ -1,11 +1,17 @@
-"""The outboxes: result deliveries and alerts, and the ONE retry policy both follow."""
+"""The outboxes: result deliveries and alerts, and the ONE retry policy both follow.
+
+A try that may succeed later (no answer, out of resources, an alert channel down) is retried with the
+same exponential backoff on every outbox, until the row has waited `give_up_after_seconds` since it was
+queued; then it is failed with the last reason. RetryPolicy is that rule; the delivery.* config keys
+(retry_initial_seconds, retry_max_seconds, give_up_after_seconds) set it for deliveries and alerts alike.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -40,6 +46,50 @@ def classify_status(status: int | None) -> str:
     if 0xA700 <= status <= 0xA7FF:  # Out of Resources: the PACS may have room later
         return "retry"
     return "rejected"
+
+
+class RetrySettings(Protocol):
+    """The config keys that set the retry policy (config.DeliveryConfig has them)."""
+
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    give_up_after_seconds: float
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try an outbox row again after a failed try, and when to give up on it."""
+
+    initial_seconds: float  # wait after the first failed try; doubles per try
+    max_seconds: float  # longest wait between tries
+    give_up_after_seconds: float  # counted from when the row was queued (or re-queued)
+
+    @classmethod
+    def of(cls, settings: RetryPolicy | RetrySettings) -> RetryPolicy:
+        if isinstance(settings, RetryPolicy):
+            return settings
+        return cls(settings.retry_initial_seconds, settings.retry_max_seconds, settings.give_up_after_seconds)
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the next try after `attempts` failed tries (exponential, capped)."""
+        return min(self.initial_seconds * 2.0 ** max(attempts - 1, 0), self.max_seconds)
+
+    def next_attempt(self, attempts: int, queued_at: datetime, now: datetime) -> datetime | None:
+        """When to try again after `attempts` tries, the last one failed at `now`; None: give up."""
+        if (now - queued_at).total_seconds() >= self.give_up_after_seconds:
+            return None
+        return now + timedelta(seconds=self.backoff(attempts))
+
+
+def _retry_or_give_up(row: Delivery | Alert, policy: RetryPolicy, now: datetime, error: str | None) -> bool:
+    """Book a retryable failed try on an outbox row (its attempts already count it). True: gave up."""
+    retry_at = policy.next_attempt(row.attempts, row.created_at, now)
+    if retry_at is None:
+        row.status = "failed"
+        row.last_error = f"gave up after {row.attempts} attempts: {error or 'no answer'}"
+        return True
+    row.next_attempt_at = retry_at
+    return False
 
 
 
@@ -87,17 +137,19 @@ class OutboxStore(DatabaseEngine):
         *,
         status: int | None,
         error: str | None = None,
-        policy: Any,
+        policy: RetryPolicy | RetrySettings,
         now: datetime | None = None,
         seconds: float | None = None,
     ) -> AttemptResult:
         """Book one send attempt: success/warning -> sent; refusal -> rejected (no retry); no answer or
-        out-of-resources -> retry with backoff until policy.give_up_after_seconds -> failed.
+        out-of-resources -> retried by the RetryPolicy until it gives up -> failed.
 
-        `policy` is config.DeliveryConfig (backoff(), give_up_after_seconds). When no delivery of the series'
-        latest analysis is pending any more, the series becomes delivered (all sent) or failed (with why).
+        `policy`: a RetryPolicy or the config keys that set it (config.DeliveryConfig). When no delivery of
+        the series' latest analysis is pending any more, the series becomes delivered (all sent) or failed
+        (with why).
         """
         now = now or utcnow()
+        policy = RetryPolicy.of(policy)
         with self.session() as s:
             d = s.get(Delivery, delivery_id)
             if d is None:
@@ -115,11 +167,8 @@ class OutboxStore(DatabaseEngine):
             elif outcome == "rejected":
                 d.status = "rejected"
                 d.last_error = error or f"refused with status 0x{status:04X}"
-            elif (now - d.created_at).total_seconds() >= policy.give_up_after_seconds:
-                d.status, outcome = "failed", "failed"
-                d.last_error = f"gave up after {d.attempts} attempts: {error or 'no answer'}"
-            else:
-                d.next_attempt_at = now + timedelta(seconds=policy.backoff(d.attempts))
+            elif _retry_or_give_up(d, policy, now, error):
+                outcome = "failed"
             s.add(
                 DeliveryAttempt(
                     delivery_id=d.id, at=now, outcome=outcome, status=status, error=error, seconds=seconds
@@ -189,11 +238,19 @@ class OutboxStore(DatabaseEngine):
         return self._next_attempt(Alert)
 
     def record_alert_attempt(
-        self, alert_id: int, *, outcome: str, error: str | None, policy: Any, now: datetime | None = None
+        self,
+        alert_id: int,
+        *,
+        outcome: str,
+        error: str | None,
+        policy: RetryPolicy | RetrySettings,
+        now: datetime | None = None,
     ) -> Alert:
-        """Book one alert attempt. outcome: sent, retry (backoff until policy.give_up_after_seconds, then
-        failed) or rejected (the receiving server refused the content: resending cannot help)."""
+        """Book one alert attempt. outcome: sent, retry (by the same RetryPolicy as deliveries: backoff,
+        then failed once it gives up) or rejected (the receiving server refused the content: resending
+        cannot help)."""
         now = now or utcnow()
+        policy = RetryPolicy.of(policy)
         with self.session() as s:
             a = s.get(Alert, alert_id)
             if a is None:
@@ -205,11 +262,8 @@ class OutboxStore(DatabaseEngine):
                 a.status, a.sent_at = "sent", now
             elif outcome == "rejected":
                 a.status = "rejected"
-            elif (now - a.created_at).total_seconds() >= policy.give_up_after_seconds:
-                a.status = "failed"
-                a.last_error = f"gave up after {a.attempts} attempts: {error or 'no answer'}"
             else:
-                a.next_attempt_at = now + timedelta(seconds=policy.backoff(a.attempts))
+                _retry_or_give_up(a, policy, now, error)
             s.flush()
             return a
 
