@@ -13,14 +13,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
-
 from ihd_node.classes import CLASSES
 from ihd_node.config import load_config
 from ihd_node.errors import UserError
-from ihd_node.store import Analysis, Database, Delivery, NodeRun, Series, Study, utcnow
+from ihd_node.store import Database, Delivery, NodeRun, Series, utcnow
 
-IN_FLIGHT = ("received", "complete", "analyzing", "delivering")
 WAITING = "waiting for the rest of the series"  # series.reason while the completion checks hold it back
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -56,55 +53,7 @@ def _seconds(later: datetime | None, earlier: datetime | None) -> float | None:
 def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
     """What is in flight now, the outbox, and failures that still need an admin."""
     now = now or utcnow()
-    with db.read_session() as s:
-        series = list(
-            s.scalars(select(Series).where(Series.state.in_(IN_FLIGHT)).order_by(Series.last_received))
-        )
-        sent = dict(
-            s.execute(
-                select(Delivery.series_id, func.count())
-                .where(Delivery.status == "sent")
-                .group_by(Delivery.series_id)
-            ).all()
-        )
-        pending_by_series = dict(
-            s.execute(
-                select(Delivery.series_id, func.count())
-                .where(Delivery.status == "pending")
-                .group_by(Delivery.series_id)
-            ).all()
-        )
-        pending = s.execute(
-            select(func.count(), func.min(Delivery.created_at), func.min(Delivery.next_attempt_at)).where(
-                Delivery.status == "pending"
-            )
-        ).one()
-        failed_series = list(
-            s.scalars(
-                select(Series).where(Series.state == "failed").order_by(Series.updated.desc()).limit(50)
-            )
-        )
-        failed_ids = [x.id for x in failed_series]
-        failed_deliveries = (
-            list(
-                s.scalars(
-                    select(Delivery)
-                    .where(Delivery.status.in_(("failed", "rejected")), Delivery.series_id.in_(failed_ids))
-                    .order_by(Delivery.updated_at.desc())
-                    .limit(50)
-                )
-            )
-            if failed_ids
-            else []
-        )
-        retrying = list(
-            s.scalars(
-                select(Delivery)
-                .where(Delivery.status == "pending", Delivery.attempts > 0)
-                .order_by(Delivery.next_attempt_at)
-                .limit(50)
-            )
-        )
+    rows = db.status_rows()
 
     def row(x: Series) -> dict[str, Any]:
         return {
@@ -120,8 +69,8 @@ def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
             "last_received": _iso(x.last_received),
             "seconds_since_last_instance": _seconds(now, x.last_received),
             "association_open": x.association_released is None and x.state == "received",
-            "objects_sent": sent.get(x.id, 0),
-            "objects_pending": pending_by_series.get(x.id, 0),
+            "objects_sent": rows.sent_by_series.get(x.id, 0),
+            "objects_pending": rows.pending_by_series.get(x.id, 0),
             "reason": x.reason,
         }
 
@@ -140,20 +89,19 @@ def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
             "next_attempt_at": _iso(d.next_attempt_at) if d.status == "pending" else None,
         }
 
-    count, oldest, next_at = pending
     return {
         "generated_at": _iso(now),
         "database": db.url.render_as_string(hide_password=True),
         "node": node_data(db.node_runs(), now),
-        "in_flight": [row(x) for x in series],
+        "in_flight": [row(x) for x in rows.in_flight],
         "outbox": {
-            "pending": int(count or 0),
-            "oldest_pending_since": _iso(oldest),
-            "next_attempt_at": _iso(next_at),
-            "retrying": [delivery(d) for d in retrying],
+            "pending": rows.pending,
+            "oldest_pending_since": _iso(rows.oldest_pending),
+            "next_attempt_at": _iso(rows.next_attempt),
+            "retrying": [delivery(d) for d in rows.retrying],
         },
-        "failed_series": [row(x) for x in failed_series],
-        "failed_deliveries": [delivery(d) for d in failed_deliveries],
+        "failed_series": [row(x) for x in rows.failed_series],
+        "failed_deliveries": [delivery(d) for d in rows.failed_deliveries],
     }
 
 
@@ -372,27 +320,10 @@ def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dic
     """Studies with an instance received since `now - since`, newest first, with findings and timings."""
     now = now or utcnow()
     start = now - since
-    with db.read_session() as s:
-        studies = list(
-            s.scalars(select(Study).where(Study.last_received >= start).order_by(Study.last_received.desc()))
-        )
-        ids = [st.id for st in studies]
-        series = (
-            list(s.scalars(select(Series).where(Series.study_id.in_(ids)).order_by(Series.first_received)))
-            if ids
-            else []
-        )
-        latest: dict[int, Analysis] = {}
-        if series:
-            for a in s.scalars(
-                select(Analysis)
-                .where(Analysis.series_id.in_([x.id for x in series]))
-                .order_by(Analysis.revision)
-            ):
-                latest[a.series_id] = a  # ordered by revision: the last one wins
+    recent = db.recent_studies(start)
 
     def one(x: Series) -> dict[str, Any]:
-        a = latest.get(x.id)
+        a = recent.latest.get(x.id)
         entry: dict[str, Any] = {
             "series_instance_uid": x.series_instance_uid,
             "series_description": x.series_description,
@@ -437,7 +368,7 @@ def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dic
         return entry
 
     by_study: dict[int, list[dict[str, Any]]] = {}
-    for x in series:
+    for x in recent.series:
         by_study.setdefault(x.study_id, []).append(one(x))
     return {
         "generated_at": _iso(now),
@@ -450,7 +381,7 @@ def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dic
                 "last_received": _iso(st.last_received),
                 "series": by_study.get(st.id, []),
             }
-            for st in studies
+            for st in recent.studies
         ],
     }
 
@@ -545,9 +476,7 @@ def retry_command(args: Any) -> int:
         total = sum(done.values())
         db.log_event("retry", f"re-queued {total} result deliveries of {len(done)} series by ihd-node retry")
         known = {d.name for d in config.destinations}
-        with db.read_session() as s:
-            gone = sorted({d for (d,) in s.execute(select(Delivery.destination).where(
-                Delivery.status == "pending", Delivery.destination.not_in(known))).all()})
+        gone = db.pending_destinations_except(known)
         node = node_data(db.node_runs(), utcnow())
     finally:
         db.close()

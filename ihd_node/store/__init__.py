@@ -9,8 +9,17 @@ admin commands, console and metrics read), database (the `Database` that puts th
 from ihd_node.store.database import Database, open_database
 from ihd_node.store.intake import InstanceBatcher, InstanceRecord, Recorded
 from ihd_node.store.outbox import AttemptResult, ResultObject, RetryPolicy, RetrySettings, classify_status
+from ihd_node.store.queries import (
+    MetricCounts,
+    RecentStudies,
+    SeriesDetail,
+    SeriesSummary,
+    StatusRows,
+    StudyDetail,
+)
 from ihd_node.store.schema import (
     DELIVERY_STATES,
+    IN_FLIGHT_STATES,
     SCHEMA_VERSION,
     SERIES_STATES,
     SERIES_TIMES,
@@ -37,9 +46,10 @@ from ihd_node.store.schema import (
 from ihd_node.store.series import Candidate, Superseded
 
 __all__ = [
-    "DELIVERY_STATES", "SCHEMA_VERSION", "SERIES_STATES", "SERIES_TIMES", "TIMING_KEYS", "UNFINISHED_STATES",
-    "Alert", "Analysis", "AttemptResult", "Base", "Candidate", "Completion", "Database", "DatabaseError",
-    "Delivery", "DeliveryAttempt", "Event", "Instance", "InstanceBatcher", "InstanceRecord", "Meta", "Mpps",
-    "MppsInstance", "NodeRun", "Recorded", "ResultObject", "RetryPolicy", "RetrySettings", "Series", "Study",
+    "DELIVERY_STATES", "IN_FLIGHT_STATES", "SCHEMA_VERSION", "SERIES_STATES", "SERIES_TIMES", "TIMING_KEYS",
+    "UNFINISHED_STATES", "Alert", "Analysis", "AttemptResult", "Base", "Candidate", "Completion", "Database",
+    "DatabaseError", "Delivery", "DeliveryAttempt", "Event", "Instance", "InstanceBatcher", "InstanceRecord",
+    "Meta", "MetricCounts", "Mpps", "MppsInstance", "NodeRun", "RecentStudies", "Recorded", "ResultObject",
+    "RetryPolicy", "RetrySettings", "Series", "SeriesDetail", "SeriesSummary", "StatusRows", "Study", "StudyDetail",
     "Superseded", "UTCDateTime", "classify_status", "open_database", "utcnow",
 ]

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -179,6 +179,11 @@ class DatabaseEngine:
         Closing (not rolling back) ends it: rollback would expire the rows handed out as snapshots."""
         with self._sessions() as s:
             yield s
+
+    def ping(self) -> None:
+        """One round trip to the database (readiness checks); raises what the database raised."""
+        with self.read_session() as s:
+            s.execute(text("SELECT 1"))
 
     def journal_mode(self) -> str | None:
         if not self.is_sqlite:

@@ -49,6 +49,7 @@ SERIES_STATES = (
     "failed",
 )
 UNFINISHED_STATES = ("received", "complete", "analyzing")
+IN_FLIGHT_STATES = (*UNFINISHED_STATES, "delivering")  # what `ihd-node status` and the console list
 SERIES_TIMES = (
     "first_received",
     "last_received",
