@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ihd_node.classes import CLASSES
-from ihd_node.commands.admin import format_log, format_status, log_data, parse_since, status_data
+from ihd_node.commands.log import format_log, log_data, parse_since
+from ihd_node.commands.status import format_status, status_data
 from ihd_node.config import default_config
 from ihd_node.errors import UserError
 from ihd_node.store import Database, ResultObject, open_database, utcnow

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from waiting import poll_until
 
-from ihd_node.commands.admin import format_status, status_data
+from ihd_node.commands.status import format_status, status_data
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.model.pipeline import Predictor
 from ihd_node.node.service import Node

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from ihd_node.commands.admin import format_log, log_data
+from ihd_node.commands.log import format_log, log_data
 from ihd_node.imaging.volume import slice_headers
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
