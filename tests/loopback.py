@@ -18,7 +18,7 @@ from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
 from ihd_node.node.service import Node
 from ihd_node.sim.mini_pacs import free_port
-from ihd_node.store.database import Series
+from ihd_node.store import Series
 
 NODE_AET = "IHD_AI"
 FINISHED = ("delivered", "failed", "ignored")

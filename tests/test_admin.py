@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from ihd_node.classes import CLASSES
-from ihd_node.commands.admin import format_log, format_status, log_data, parse_since, status_data
+from ihd_node.commands.log import format_log, log_data, parse_since
+from ihd_node.commands.status import format_status, status_data
 from ihd_node.config import default_config
 from ihd_node.errors import UserError
-from ihd_node.store.database import Database, ResultObject, open_database, utcnow
+from ihd_node.store import Database, ResultObject, open_database, utcnow
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"

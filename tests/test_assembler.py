@@ -16,7 +16,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from ihd_node.config import SeriesConfig
-from ihd_node.store.database import Event, utcnow
+from ihd_node.store import Event, utcnow
 from ihd_node.triage.assembler import Assembler
 from tests.test_receiver import NODE_AET, Setup, ct_dataset, send, start_receiver, wait_for
 

@@ -22,13 +22,13 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from waiting import poll_until
 
-from ihd_node.commands.admin import format_status, status_data
+from ihd_node.commands.status import format_status, status_data
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.model.pipeline import Predictor
 from ihd_node.node.service import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import make_series, write_series
-from ihd_node.store.database import Event
+from ihd_node.store import Event
 from ihd_node.triage.completion import CompletionJudge, HeaderCache, SliceGeometry, find_gaps, read_geometry
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"

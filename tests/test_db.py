@@ -20,12 +20,13 @@ from sqlalchemy.exc import IntegrityError
 
 from ihd_node.classes import CLASSES
 from ihd_node.config import default_config
-from ihd_node.store.database import (
+from ihd_node.store import (
     Base,
     Database,
     InstanceBatcher,
     InstanceRecord,
     ResultObject,
+    RetryPolicy,
     Series,
     classify_status,
     open_database,
@@ -229,6 +230,37 @@ def test_late_instance_reopens_series_and_reanalysis_supersedes(db: Database) ->
     assert db.latest_analysis("1.2.3").id == second.id
 
 
+def test_one_retry_policy_from_the_delivery_config() -> None:
+    """Deliveries and alerts retry by one RetryPolicy, set by the delivery.* keys as before the split."""
+    policy = RetryPolicy.of(POLICY)
+    assert policy == RetryPolicy(5.0, 300.0, 86400.0) and RetryPolicy.of(policy) is policy
+    assert [policy.backoff(n) for n in (1, 2, 3, 10)] == [POLICY.backoff(n) for n in (1, 2, 3, 10)]
+    assert policy.next_attempt(1, at(0), at(10)) == at(15)
+    assert policy.next_attempt(3, at(0), at(100)) == at(120)
+    assert policy.next_attempt(4, at(0), at(86399)) == at(86399 + 40)
+    assert policy.next_attempt(5, at(0), at(86400)) is None  # waited give_up_after_seconds since queued
+
+
+def test_alerts_retry_and_give_up_like_deliveries(db: Database) -> None:
+    receive(db, "1.2.3.1")
+    probs = dict.fromkeys(CLASSES, 0.01) | {"any": 0.93, "subdural": 0.91}
+    db.finish_analysis("1.2.3", model_name="m", model_version="1", probabilities=probs,
+                       positive_classes=["subdural", "any"], thresholds=dict.fromkeys(CLASSES, 0.5), n_slices=28,
+                       objects=[], destinations=(), alert_channels=("pager", "mail"), now=at(10))
+    pager, mail = sorted(db.due_alerts(at(10)), key=lambda a: a.channel != "pager")
+    short = RetryPolicy(1.0, 4.0, 60.0)
+    a = db.record_alert_attempt(pager.id, outcome="retry", error="down", policy=short, now=at(10))
+    assert a.status == "pending" and a.next_attempt_at == at(11)
+    a = db.record_alert_attempt(pager.id, outcome="retry", error="down", policy=short, now=at(11))
+    assert a.next_attempt_at == at(13)
+    a = db.record_alert_attempt(pager.id, outcome="retry", error="still down", policy=short, now=at(70))
+    assert a.status == "failed" and a.last_error == "gave up after 3 attempts: still down"
+    # The config keys work as the policy, as the alert outbox passes them.
+    a = db.record_alert_attempt(mail.id, outcome="retry", error=None, policy=POLICY, now=at(10))
+    assert a.status == "pending" and a.next_attempt_at == at(15)
+    assert db.record_alert_attempt(mail.id, outcome="sent", error=None, policy=POLICY, now=at(15)).status == "sent"
+
+
 def test_outbox_backoff_reject_and_give_up(db: Database) -> None:
     receive(db, "1.2.3.1")
     analysis = analyze(db, n_objects=2, destinations=("pacs", "archive"), t=10)
@@ -263,7 +295,7 @@ def test_outbox_backoff_reject_and_give_up(db: Database) -> None:
     assert series.state == "failed" and "2 of 4 result deliveries failed" in series.reason
     assert db.due_deliveries(at(10**6)) == []
     with db.read_session() as s:
-        from ihd_node.store.database import Delivery, DeliveryAttempt
+        from ihd_node.store import Delivery, DeliveryAttempt
 
         attempts = s.query(DeliveryAttempt).filter_by(delivery_id=pacs[0].id).count()
         row = s.get(Delivery, pacs[0].id)
@@ -317,7 +349,7 @@ def test_events_are_rows_and_log_lines(db: Database, caplog: pytest.LogCaptureFi
         )
     assert 'ignored series=1.2.3 aet=PACS msg="3 slices (min_slices 10)"' in caplog.text
     with db.read_session() as s:
-        from ihd_node.store.database import Event
+        from ihd_node.store import Event
 
         [event] = s.query(Event).all()
         assert event.level == "WARNING" and event.kind == "ignored" and event.at.tzinfo is not None
@@ -487,7 +519,7 @@ def test_requeue_failed_deliveries_of_the_latest_analysis(db: Database) -> None:
 def test_a_worker_taken_for_dead_cannot_add_a_second_revision(db: Database) -> None:
     # Multi-machine mode: worker A analyses from t=8, is taken for dead; worker B takes the series over at
     # t=20. A finishing late is refused (Superseded); B's analysis is the one recorded.
-    from ihd_node.store.database import Superseded
+    from ihd_node.store import Superseded
 
     receive(db, "1.2.3.1")
     db.set_series_state("1.2.3", "analyzing", analysis_started=at(8))
@@ -601,7 +633,7 @@ def test_a_write_session_is_not_refused_when_another_process_commits_between_its
     transaction's upgrade to a write after another connection committed in between."""
     from sqlalchemy import func, select
 
-    from ihd_node.store.database import Event, utcnow
+    from ihd_node.store import Event, utcnow
 
     url = f"sqlite:///{tmp_path / 'ihd.sqlite'}"
     admin, node = open_database(url), open_database(url)

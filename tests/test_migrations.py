@@ -21,9 +21,18 @@ from sqlalchemy import create_engine, func, select, text
 from ihd_node.classes import CLASSES
 from ihd_node.commands.cli import main
 from ihd_node.config import default_config
-from ihd_node.store import migrations
-from ihd_node.store.database import Analysis, Database, DatabaseError, Delivery, Event, Instance, ResultObject, Series
-from ihd_node.store.database import open_database as open_today
+from ihd_node.store import (
+    Analysis,
+    Database,
+    DatabaseError,
+    Delivery,
+    Event,
+    Instance,
+    ResultObject,
+    Series,
+    migrations,
+)
+from ihd_node.store import open_database as open_today
 from tests.legacy import db_0_1_0 as legacy
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -227,3 +236,18 @@ def test_an_unreachable_postgresql_is_one_clear_error() -> None:
 
     with pytest.raises(DatabaseError, match=r"cannot open the log database postgresql\+psycopg://ihd@127.0.0.1"):
         open_today(f"postgresql+psycopg://ihd@127.0.0.1:{free_port()}/ihd")
+
+
+def test_migrations_import_only_the_schema_of_the_store() -> None:
+    """The migrations and the engine that runs them must not import each other: migrations/ may import
+    ihd_node.store.schema (and itself), nothing else of ihd_node."""
+    import ast
+
+    here = Path(migrations.__file__).parent
+    for path in sorted(here.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                if name.startswith("ihd_node"):
+                    assert name in ("ihd_node.store.schema", "ihd_node.store.migrations"), f"{path}: {name}"

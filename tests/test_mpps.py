@@ -21,7 +21,7 @@ from waiting import poll_until
 from ihd_node.node.service import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import make_series
-from ihd_node.store.database import Event
+from ihd_node.store import Event
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 QUIET, MAX_WAIT = 0.5, 6.0

@@ -39,7 +39,7 @@ from ihd_node.intake.network import (
 )
 from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.intake.spool import Spool, valid_uid
-from ihd_node.store.database import open_database
+from ihd_node.store import open_database
 
 AET = "IHD_AI"
 

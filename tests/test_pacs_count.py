@@ -17,7 +17,7 @@ from waiting import poll_until
 
 from ihd_node.sim.mini_pacs import free_port, send_datasets
 from ihd_node.sim.phantom import make_series, write_series
-from ihd_node.store.database import Event
+from ihd_node.store import Event
 
 pytestmark = pytest.mark.skipif(ORTHANC_BINARY is None,
                                 reason="Orthanc is not installed (Debian package orthanc; .ci/run installs it)")

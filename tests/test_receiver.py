@@ -35,7 +35,7 @@ from sqlalchemy import select
 
 from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.intake.spool import Spool, file_preamble
-from ihd_node.store.database import Database, Event, open_database
+from ihd_node.store import Database, Event, open_database
 
 NODE_AET = "IHD_AI"
 

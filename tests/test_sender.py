@@ -23,7 +23,7 @@ from ihd_node.config import Config, default_config
 from ihd_node.delivery.sender import Outbox, echo_command
 from ihd_node.intake.spool import write_dataset_atomic
 from ihd_node.sim.mini_pacs import MiniPACS, free_port
-from ihd_node.store.database import Database, Delivery, DeliveryAttempt, ResultObject, open_database
+from ihd_node.store import Database, Delivery, DeliveryAttempt, ResultObject, open_database
 
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 

@@ -132,7 +132,7 @@ def test_restart_reindexes_the_spool_and_resumes_unfinished_series(tmp_path: Pat
             srs = [o for o in pacs.objects() if o.sop_class_uid == SR_CLASS]
             assert len(srs) == 2
             with second.db.read_session() as s:
-                from ihd_node.store.database import Event
+                from ihd_node.store import Event
 
                 messages = [e.message for e in s.query(Event).filter(Event.kind == "recovery")]
             assert any("reindexed=1" in m for m in messages)

@@ -21,7 +21,7 @@ from ihd_node.intake.spool import write_dataset_atomic
 from ihd_node.report import build_results
 from ihd_node.sim.mini_pacs import free_port
 from ihd_node.sr_classes import SR_CLASSES, as_sr_class
-from ihd_node.store.database import Database, ResultObject, open_database
+from ihd_node.store import Database, ResultObject, open_database
 
 pytestmark = pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("dciodvfy") is None,
                                 reason="dcmtk storescp and dicom3tools dciodvfy are needed")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from ihd_node.commands.admin import format_log, log_data
+from ihd_node.commands.log import format_log, log_data
 from ihd_node.imaging.volume import slice_headers
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
@@ -153,7 +153,7 @@ def test_a_better_series_arriving_later_gives_the_study_a_new_result(tmp_path: P
 def _events(node: Node, kind: str) -> list:
     from sqlalchemy import select
 
-    from ihd_node.store.database import Event
+    from ihd_node.store import Event
 
     with node.db.read_session() as s:
         return list(s.scalars(select(Event).where(Event.kind == kind)))

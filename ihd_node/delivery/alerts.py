@@ -31,7 +31,7 @@ import pydicom
 from ihd_node import faults, nodelog
 from ihd_node.classes import FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
 from ihd_node.config import AlertChannel, Config
-from ihd_node.store.database import Alert, Database, utcnow
+from ihd_node.store import Alert, Database, utcnow
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ihd_node import faults, nodelog
 from ihd_node.config import Config
 from ihd_node.intake.network import identify, on_outgoing_connection
 from ihd_node.sr_classes import SR_CLASS_NAMES, SR_CLASSES, as_sr_class, sr_fallbacks
-from ihd_node.store.database import AttemptResult, Database, Delivery, utcnow
+from ihd_node.store import AttemptResult, Database, Delivery, utcnow
 
 NOT_SUPPORTED = 0x0122  # booked when the destination did not accept the SOP class's presentation context
 PROCESSING_FAILURE = 0x0110  # booked when a result file cannot be read

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 
 from ihd_node import nodelog
 from ihd_node.intake.spool import valid_uid
-from ihd_node.store.database import Database
+from ihd_node.store import Database
 
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
 STATUSES = ("IN PROGRESS", "COMPLETED", "DISCONTINUED")

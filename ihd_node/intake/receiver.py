@@ -37,7 +37,7 @@ from ihd_node.imaging.volume import CT_CLASSES
 from ihd_node.intake.mpps import MPPS_SOP_CLASS, MppsScp
 from ihd_node.intake.network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.intake.spool import Spool, file_preamble, sha256_hex, valid_uid, write_atomic
-from ihd_node.store.database import Database, InstanceBatcher, InstanceRecord, Series, Study, utcnow
+from ihd_node.store import Database, InstanceBatcher, InstanceRecord, Series, Study, utcnow
 
 # Uncompressed, deflated and the common compressed syntaxes (all decodable by pydicom + pylibjpeg).
 TRANSFER_SYNTAXES: list[str] = [

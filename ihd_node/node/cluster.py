@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ihd_node import nodelog
 from ihd_node.config import Config
-from ihd_node.store.database import Database, NodeRun, Series, utcnow
+from ihd_node.store import Database, NodeRun, Series, utcnow
 
 if TYPE_CHECKING:  # procrastinate is imported where jobs are submitted or run: `status` needs only SQL
     import procrastinate

@@ -46,7 +46,7 @@ from ihd_node.intake.mpps import MppsScp
 from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.intake.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
 from ihd_node.site import site_value
-from ihd_node.store.database import Database, Delivery, NodeRun, ResultObject, open_database, utcnow
+from ihd_node.store import Database, Delivery, NodeRun, ResultObject, open_database, utcnow
 from ihd_node.triage.assembler import Assembler
 from ihd_node.triage.completion import CompletionJudge, MppsList
 from ihd_node.triage.select import judge_series
@@ -750,7 +750,7 @@ class Node:
         from sqlalchemy.exc import DBAPIError
 
         from ihd_node.node.cluster import other_job_running
-        from ihd_node.store.database import Superseded
+        from ihd_node.store import Superseded
 
         assert self.db is not None
         series = self.db.get_series(uid)

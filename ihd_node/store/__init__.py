@@ -1,0 +1,55 @@
+"""The log database: every SQL statement of the node lives in this package.
+
+Other stages import from here only (`from ihd_node.store import Database, Series, utcnow`). Inside:
+schema (tables and column types; the migrations import only this), engine (engine and sessions),
+intake, series, outbox (with the one retry policy), runs (node runs and events), queries (what the
+admin commands, console and metrics read), database (the `Database` that puts them together).
+"""
+
+from ihd_node.store.database import Database, open_database
+from ihd_node.store.intake import InstanceBatcher, InstanceRecord, Recorded
+from ihd_node.store.outbox import AttemptResult, ResultObject, RetryPolicy, RetrySettings, classify_status
+from ihd_node.store.queries import (
+    MetricCounts,
+    RecentStudies,
+    SeriesDetail,
+    SeriesSummary,
+    StatusRows,
+    StudyDetail,
+)
+from ihd_node.store.schema import (
+    DELIVERY_STATES,
+    IN_FLIGHT_STATES,
+    SCHEMA_VERSION,
+    SERIES_STATES,
+    SERIES_TIMES,
+    TIMING_KEYS,
+    UNFINISHED_STATES,
+    Alert,
+    Analysis,
+    Base,
+    Completion,
+    DatabaseError,
+    Delivery,
+    DeliveryAttempt,
+    Event,
+    Instance,
+    Meta,
+    Mpps,
+    MppsInstance,
+    NodeRun,
+    Series,
+    Study,
+    UTCDateTime,
+    utcnow,
+)
+from ihd_node.store.series import Candidate, Superseded
+
+__all__ = [
+    "DELIVERY_STATES", "IN_FLIGHT_STATES", "SCHEMA_VERSION", "SERIES_STATES", "SERIES_TIMES", "TIMING_KEYS",
+    "UNFINISHED_STATES", "Alert", "Analysis", "AttemptResult", "Base", "Candidate", "Completion", "Database",
+    "DatabaseError", "Delivery", "DeliveryAttempt", "Event", "Instance", "InstanceBatcher", "InstanceRecord",
+    "Meta", "MetricCounts", "Mpps", "MppsInstance", "NodeRun", "RecentStudies", "Recorded", "ResultObject",
+    "RetryPolicy", "RetrySettings", "Series", "SeriesDetail", "SeriesSummary", "StatusRows", "Study", "StudyDetail",
+    "Superseded", "UTCDateTime", "classify_status", "open_database", "utcnow",
+]

@@ -21,7 +21,7 @@ from datetime import datetime
 
 from ihd_node import nodelog
 from ihd_node.config import SeriesConfig
-from ihd_node.store.database import Candidate, Database, utcnow
+from ihd_node.store import Candidate, Database, utcnow
 from ihd_node.triage.completion import CompletionJudge, Evidence
 
 TICK_SECONDS = 0.25  # upper bound on the delay the tick adds to the quiet period

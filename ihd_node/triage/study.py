@@ -22,7 +22,7 @@ from sqlalchemy import select
 from ihd_node import nodelog
 from ihd_node.config import SeriesConfig
 from ihd_node.imaging.volume import SliceHeader, slice_headers
-from ihd_node.store.database import Database, Series, Study
+from ihd_node.store import Database, Series, Study
 from ihd_node.triage.choice import UNKNOWN, SeriesProfile, profile, rank, why_lower
 
 ANALYSED = ("analyzing", "analyzed", "delivering", "delivered")

@@ -20,21 +20,10 @@ import jinja2
 import numpy as np
 import pydicom
 from PIL import Image
-from sqlalchemy import select
 
 from ihd_node import __version__
 from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
-from ihd_node.store.database import (
-    UNFINISHED_STATES,
-    Alert,
-    Analysis,
-    Delivery,
-    DeliveryAttempt,
-    Event,
-    Series,
-    Study,
-    utcnow,
-)
+from ihd_node.store import IN_FLIGHT_STATES, Analysis, Series, utcnow
 from ihd_node.web.health import readiness
 from ihd_node.web.server import Request, Response, WebServer, disk_free, text
 
@@ -117,66 +106,34 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
                 "runs": [(r, r.alive(now)) for r in runs], "model": node.model_name() or "not loaded",
                 "free_mb": None if free is None else free >> 20, "min_free_mb": cfg.storage.min_free_mb}
 
-    def rows(where: Any, limit: int = 200) -> list[Row]:
-        with db.read_session() as s:
-            series = list(s.scalars(select(Series).join(Study).where(*where)
-                                    .order_by(Series.updated.desc()).limit(limit)))
-            ids = [x.id for x in series]
-            latest: dict[int, Analysis] = {}
-            for a in s.scalars(select(Analysis).where(Analysis.series_id.in_(ids)).order_by(Analysis.revision)):
-                latest[a.series_id] = a
-            deliveries: dict[int, dict[str, int]] = {}
-            analysis_ids = [a.id for a in latest.values()]
-            for sid, status in s.execute(select(Delivery.series_id, Delivery.status)
-                                         .where(Delivery.analysis_id.in_(analysis_ids))):
-                deliveries.setdefault(sid, {}).setdefault(status, 0)
-                deliveries[sid][status] += 1
-            alerts: dict[int, dict[str, int]] = {}
-            for sid, status in s.execute(select(Alert.series_id, Alert.status).where(Alert.series_id.in_(ids))):
-                alerts.setdefault(sid, {}).setdefault(status, 0)
-                alerts[sid][status] += 1
-        return [Row(x, latest.get(x.id), deliveries.get(x.id, {}), alerts.get(x.id, {})) for x in series]
+    def rows(updated_since: datetime | None, limit: int = 200) -> list[Row]:
+        return [Row(x.series, x.analysis, x.deliveries, x.alerts) for x in db.series_overview(updated_since, limit)]
 
     def index(request: Request) -> Response:
         which = FILTERS.get(request.query.get("filter", "all"), "all")
         recent = request.query.get("hours") == "24"
-        where = [Series.updated >= utcnow() - timedelta(hours=24)] if recent else []
-        found = rows(where)
+        found = rows(utcnow() - timedelta(hours=24) if recent else None)
         if which == "positive":
             found = [r for r in found if r.positive]
         elif which == "failed":
             found = [r for r in found if r.failed]
-        in_flight = [r for r in found if r.series.state in (*UNFINISHED_STATES, "delivering")]
+        in_flight = [r for r in found if r.series.state in IN_FLIGHT_STATES]
         done = [r for r in found if r not in in_flight]
         return render("index.html", in_flight=in_flight, done=done, which=which, recent=recent, health=health(),
                       user=request.user)
 
     def study(request: Request) -> Response:
         study_uid = request.path.removeprefix("/study/")
-        with db.read_session() as s:
-            found = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
-            if found is None:
-                return text(404, "no such study in the log database\n")
-            series = list(s.scalars(select(Series).where(Series.study_id == found.id).order_by(Series.first_received)))
-            blocks = []
-            for x in series:
-                analysis = s.scalars(select(Analysis).where(Analysis.series_id == x.id)
-                                     .order_by(Analysis.revision.desc()).limit(1)).one_or_none()
-                deliveries = list(s.scalars(select(Delivery).where(Delivery.analysis_id == analysis.id)
-                                            .order_by(Delivery.destination, Delivery.id))) if analysis else []
-                attempts: dict[int, list[DeliveryAttempt]] = {}
-                for att in s.scalars(select(DeliveryAttempt).where(
-                        DeliveryAttempt.delivery_id.in_([d.id for d in deliveries])).order_by(DeliveryAttempt.id)):
-                    attempts.setdefault(att.delivery_id, []).append(att)
-                alerts = list(s.scalars(select(Alert).where(Alert.series_id == x.id).order_by(Alert.id)))
-                blocks.append({"series": x, "analysis": analysis, "findings": findings(analysis),
-                               "stages": stages(x), "deliveries": deliveries, "attempts": attempts, "alerts": alerts,
-                               "thumbnail": capture(x.series_instance_uid, analysis) is not None,
-                               "can_resend": any(d.status in ("failed", "rejected") for d in deliveries),
-                               "can_reanalyse": x.state in REANALYSABLE and x.spool_removed is None})
-            events = list(s.scalars(select(Event).where(Event.study_instance_uid == study_uid)
-                                    .order_by(Event.at.desc(), Event.id.desc()).limit(50)))
-        return render("study.html", study=found, blocks=blocks, events=events, user=request.user,
+        detail = db.study_detail(study_uid)
+        if detail is None:
+            return text(404, "no such study in the log database\n")
+        blocks = [{"series": x.series, "analysis": x.analysis, "findings": findings(x.analysis),
+                   "stages": stages(x.series), "deliveries": x.deliveries, "attempts": x.attempts, "alerts": x.alerts,
+                   "thumbnail": capture(x.series.series_instance_uid, x.analysis) is not None,
+                   "can_resend": any(d.status in ("failed", "rejected") for d in x.deliveries),
+                   "can_reanalyse": x.series.state in REANALYSABLE and x.series.spool_removed is None}
+                  for x in detail.series]
+        return render("study.html", study=detail.study, blocks=blocks, events=detail.events, user=request.user,
                       notice=request.query.get("done"))
 
     def capture(series_uid: str, analysis: Analysis | None) -> Path | None:

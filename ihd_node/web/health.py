@@ -6,9 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import text
-
-from ihd_node.store.database import Database
+from ihd_node.store import Database
 from ihd_node.web.server import disk_free
 
 
@@ -23,8 +21,7 @@ def readiness(db: Database, spool_dir: Path, min_free_mb: int, model: Callable[[
               dead_threads: Callable[[], list[str]]) -> list[Check]:
     checks = []
     try:
-        with db.read_session() as s:
-            s.execute(text("SELECT 1"))
+        db.ping()
         checks.append(Check("database", True, "answers"))
     except Exception as exc:
         checks.append(Check("database", False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))

@@ -13,19 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
-from sqlalchemy import func, select
 
-from ihd_node.store.database import (
-    DELIVERY_STATES,
-    SERIES_STATES,
-    Alert,
-    Analysis,
-    Database,
-    Delivery,
-    DeliveryAttempt,
-    Instance,
-    Series,
-)
+from ihd_node.store import DELIVERY_STATES, SERIES_STATES, Database
 
 TIME_TO_RESULT_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 MODEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -59,46 +48,35 @@ class DatabaseCollector:
         self.live = live
 
     def collect(self) -> Iterator[Metric]:
-        with self.db.read_session() as s:
-            instances = s.scalar(select(func.count()).select_from(Instance)) or 0
-            by_state = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
-            analyses = dict(s.execute(
-                select(Analysis.positive_classes != "", func.count()).group_by(Analysis.positive_classes != "")
-            ).all())
-            inference = [v for (v,) in s.execute(
-                select(Analysis.inference_seconds).where(Analysis.inference_seconds.is_not(None))).all()]
-            finished = s.execute(select(Series.last_received, Series.delivered, Series.analysis_finished)
-                                 .where(Series.analysis_finished.is_not(None))).all()
-            attempts = dict(s.execute(
-                select(DeliveryAttempt.outcome, func.count()).group_by(DeliveryAttempt.outcome)).all())
-            deliveries = dict(s.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
-            alerts = dict(s.execute(select(Alert.status, func.count()).group_by(Alert.status)).all())
-        yield CounterMetricFamily("ihd_instances_received", "DICOM instances received and recorded.", instances)
+        counts = self.db.metric_counts()
+        yield CounterMetricFamily("ihd_instances_received", "DICOM instances received and recorded.",
+                                  counts.instances)
         series = GaugeMetricFamily("ihd_series", "Series by state.", labels=["state"])
         for state in SERIES_STATES:
-            series.add_metric([state], by_state.get(state, 0))
+            series.add_metric([state], counts.series_by_state.get(state, 0))
         yield series
         done = CounterMetricFamily("ihd_analyses", "Analyses done, by result.", labels=["result"])
-        done.add_metric(["positive"], analyses.get(True, 0))
-        done.add_metric(["negative"], analyses.get(False, 0))
+        done.add_metric(["positive"], counts.analyses_by_positive.get(True, 0))
+        done.add_metric(["negative"], counts.analyses_by_positive.get(False, 0))
         yield done
         # Last instance received -> results accepted by every destination (or analysed, with none).
-        seconds = [((delivered or analysed) - last).total_seconds() for last, delivered, analysed in finished]
+        seconds = [((delivered or analysed) - last).total_seconds() for last, delivered, analysed in counts.finished]
         yield _histogram("ihd_time_to_result_seconds", "Last instance received to result delivered (or analysed "
                          "when there are no destinations).", [max(0.0, v) for v in seconds], TIME_TO_RESULT_BUCKETS)
-        yield _histogram("ihd_model_seconds", "Model inference time per analysis.", inference, MODEL_BUCKETS)
+        yield _histogram("ihd_model_seconds", "Model inference time per analysis.", counts.inference_seconds,
+                         MODEL_BUCKETS)
         failures = CounterMetricFamily("ihd_delivery_failures", "Delivery attempts that did not store the object, "
                                        "by outcome (retry, rejected, failed).", labels=["outcome"])
         for outcome in ("retry", "rejected", "failed"):
-            failures.add_metric([outcome], attempts.get(outcome, 0))
+            failures.add_metric([outcome], counts.attempts_by_outcome.get(outcome, 0))
         yield failures
         outbox = GaugeMetricFamily("ihd_deliveries", "Result deliveries by status.", labels=["status"])
         for status in DELIVERY_STATES:
-            outbox.add_metric([status], deliveries.get(status, 0))
+            outbox.add_metric([status], counts.deliveries_by_status.get(status, 0))
         yield outbox
         sent = GaugeMetricFamily("ihd_alerts", "Alerts by status.", labels=["status"])
         for status in ("pending", "sent", "failed", "rejected"):
-            sent.add_metric([status], alerts.get(status, 0))
+            sent.add_metric([status], counts.alerts_by_status.get(status, 0))
         yield sent
         live = self.live()
         yield GaugeMetricFamily("ihd_queue_depth", "Series waiting for the model in this process.",

@@ -3,8 +3,8 @@ connection in config.attributes, so no alembic.ini and no URL are needed at run 
 
 from alembic import context
 
-from ihd_node.store.database import Base
 from ihd_node.store.migrations import include_name
+from ihd_node.store.schema import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -23,7 +23,7 @@ def _id() -> sa.Column:
 
 
 def _time(name: str, nullable: bool = False) -> sa.Column:
-    # ihd_node.store.database.UTCDateTime stores naive UTC in a plain DATETIME / timestamp without time zone.
+    # ihd_node.store.schema.UTCDateTime stores naive UTC in a plain DATETIME / timestamp without time zone.
     return sa.Column(name, sa.DateTime(), nullable=nullable)
 
 

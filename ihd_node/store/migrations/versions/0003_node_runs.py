@@ -26,7 +26,7 @@ def upgrade() -> None:
         sa.Column("host", sa.String(128), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=False),
         sa.Column("version", sa.String(32), nullable=True),
-        sa.Column("started_at", sa.DateTime(), nullable=False),  # naive UTC, as ihd_node.store.database.UTCDateTime
+        sa.Column("started_at", sa.DateTime(), nullable=False),  # naive UTC, as ihd_node.store.schema.UTCDateTime
         sa.Column("heartbeat_at", sa.DateTime(), nullable=False),
         sa.Column("heartbeat_seconds", sa.Float(), nullable=False),
         sa.Column("stopped_at", sa.DateTime(), nullable=True),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ihd_node.config import load_config
-from ihd_node.store.database import Database
+from ihd_node.store import Database
 
 
 def db_command(args: Any) -> int:
