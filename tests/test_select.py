@@ -109,7 +109,7 @@ def test_description_rules_and_missing_geometry(tmp_path: Path) -> None:
 def test_recent_headers_reads_a_series_once(tmp_path, monkeypatch):
     """The judge and the study choice read the same series one after the other: the second read is the
     first's result. Other paths (a late or resent instance) are read afresh; a failed read is not kept."""
-    import ihd_node.imaging.volume as volume
+    import ihd_node.imaging.headers as volume
     from ihd_node.sim.phantom import make_series, write_series
 
     paths = [str(p) for p in write_series(make_series(8, n_slices=10, size=64), tmp_path / "s")]

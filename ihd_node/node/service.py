@@ -41,7 +41,7 @@ from ihd_node.config import Config, load_config, runtime_problems, summary
 from ihd_node.delivery.alerts import AlertOutbox
 from ihd_node.delivery.sender import Outbox
 from ihd_node.errors import UserError
-from ihd_node.imaging.volume import FrameGroupsError, RecentHeaders
+from ihd_node.imaging.headers import FrameGroupsError, RecentHeaders
 from ihd_node.intake.mpps import MppsScp
 from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.intake.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic

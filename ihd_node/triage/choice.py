@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ihd_node.imaging.volume import SliceHeader, VolumeError, slices_hu
+from ihd_node.imaging.headers import SliceHeader, VolumeError
+from ihd_node.imaging.volume import slices_hu
 from ihd_node.triage.select import _normal, _thickness, tilt_degrees
 
 SOFT, UNKNOWN, BONE = "soft-tissue", "unknown", "bone"
@@ -130,7 +131,7 @@ def image_noise(hu: np.ndarray) -> float | None:
 
 def profile(refs: Sequence[SliceHeader], *, axial_tolerance_degrees: float = 30.0,
             measure_noise: bool = False) -> SeriesProfile:
-    """The ranking profile of one eligible series (refs as ihd_node.imaging.volume.slice_headers gives them)."""
+    """The ranking profile of one eligible series (refs as ihd_node.imaging.headers.slice_headers gives them)."""
     headers = [r.ds for r in refs]
     first = headers[0]
     kernel, evidence = kernel_of(headers)

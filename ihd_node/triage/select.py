@@ -4,7 +4,7 @@ The node receives whatever the PACS routes to it (scouts, dose reports, coronal 
 results); only axial CT stacks of a sensible size are analysed. Everything else is recorded as
 "ignored" with the reason, so an admin can see why a study got no result. `judge_series` adds the
 head check (ihd_node.imaging.head_check), which looks at a few images; `serve` and `analyze` both use it.
-Enhanced CT frames are judged as slices (ihd_node.imaging.volume.slice_headers).
+Enhanced CT frames are judged as slices (ihd_node.imaging.headers.slice_headers).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pydicom.dataset import Dataset
 
 from ihd_node.config import SeriesConfig
 from ihd_node.imaging.head_check import body_part_problem, head_problem, sample_indices
-from ihd_node.imaging.volume import CT_CLASSES, SliceHeader, VolumeError, iter_slices_hu, slice_headers
+from ihd_node.imaging.headers import CT_CLASSES, SliceHeader, VolumeError, slice_headers
+from ihd_node.imaging.volume import iter_slices_hu
 
 
 @dataclass(frozen=True)
