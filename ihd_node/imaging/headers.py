@@ -11,11 +11,13 @@ completion checks and loading treat both kinds alike. No pixel data is read here
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pydicom
@@ -138,31 +140,6 @@ def slice_headers(paths: Iterable[str | Path]) -> list[SliceHeader]:
     return out
 
 
-class RecentHeaders:
-    """slice_headers() of the last few series read, by their files: completing a series reads its headers
-    to judge it and, right after, again to choose the study's best series (300 header reads each, ~0.5 s, for
-    a thin-slice study). Spool files are named by the SHA-256 of their content, so the same paths are the
-    same headers; a late instance or a resent one changes the paths and is read afresh."""
-
-    def __init__(self, keep: int = 4) -> None:
-        self._keep = keep
-        self._lock = threading.Lock()
-        self._recent: OrderedDict[tuple[str, ...], list[SliceHeader]] = OrderedDict()
-
-    def __call__(self, paths: Iterable[str | Path]) -> list[SliceHeader]:
-        key = tuple(str(p) for p in paths)
-        with self._lock:
-            if key in self._recent:
-                self._recent.move_to_end(key)
-                return self._recent[key]
-        refs = slice_headers(key)
-        with self._lock:
-            self._recent[key] = refs
-            while len(self._recent) > self._keep:
-                self._recent.popitem(last=False)
-        return refs
-
-
 def slice_problem(ds: Dataset) -> str | None:
     """Why a (flat) header is not a usable axial-type CT slice, or None when it is."""
     if ds.get("Modality", "") != "CT":
@@ -199,11 +176,19 @@ def decimal_values(ds: Dataset, keyword: str) -> list[float]:
 
 
 def slice_normal(ds: Dataset) -> np.ndarray:
-    """Unit normal of the slice plane: row direction x column direction."""
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+    """Unit normal of the slice plane: row direction x column direction.
+
+    The one place the normal is computed. Raises VolumeError when ImageOrientationPatient is missing, not six
+    numbers, or has parallel row and column vectors; callers that only describe a series catch it."""
+    try:
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+    except (AttributeError, TypeError, ValueError):
+        raise VolumeError("ImageOrientationPatient is missing or not numbers; the series is damaged") from None
+    if iop.shape != (6,):
+        raise VolumeError(f"ImageOrientationPatient holds {iop.size} values, not 6; the series is damaged")
     normal = np.cross(iop[:3], iop[3:])
-    norm = np.linalg.norm(normal)
-    if norm < 1e-6:
+    norm = float(np.linalg.norm(normal))
+    if not norm > 1e-6:  # also NaN
         raise VolumeError("ImageOrientationPatient has parallel row and column vectors; the series is damaged")
     return normal / norm
 
@@ -211,3 +196,157 @@ def slice_normal(ds: Dataset) -> np.ndarray:
 def slice_position(ds: Dataset, normal: np.ndarray) -> float:
     """Distance of the slice along the normal, in mm."""
     return float(np.dot(np.asarray([float(v) for v in ds.ImagePositionPatient]), normal))
+
+
+def tilt_degrees(ds: Dataset) -> float | None:
+    """Angle between the slice normal and the patient's z (foot-head) axis; None when unknown."""
+    try:
+        normal = slice_normal(ds)
+    except VolumeError:
+        return None
+    return math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+
+
+def slice_thickness(headers: Sequence[Dataset]) -> float | None:
+    """SliceThickness when the headers give it, else the median step between slice positions."""
+    values = [float(ds.SliceThickness) for ds in headers if ds.get("SliceThickness") not in (None, "")]
+    if values:
+        return float(np.median(values))
+    if len(headers) < 2:
+        return None
+    try:
+        normal = slice_normal(headers[0])
+    except VolumeError:
+        return None
+    stack = sort_stack([slice_position(ds, normal) for ds in headers])
+    steps = np.diff([stack.positions[i] for i in stack.order])
+    return float(np.median(steps)) if len(steps) else None
+
+
+# ------------------------------------------------------------------ the order of a stack
+
+DUPLICATE_MM = 1e-3  # two slices closer than this along the normal lie at one position (one slice sent twice)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Slices sorted along the normal, by their positions (mm) in the order given."""
+
+    positions: tuple[float, ...]
+    order: tuple[int, ...]  # every slice, lowest position first; equal positions keep the order given
+    kept: tuple[int, ...]  # `order` without the slices at a position already taken (the first one stays)
+    duplicates: tuple[tuple[int, int], ...]  # (dropped, the kept slice at its position)
+
+    def dropped(self, labels: Sequence[str]) -> list[str]:
+        """One human-readable line per position that held more than one slice (labels: one per slice)."""
+        by_kept: dict[int, list[int]] = {}
+        for dropped, kept in self.duplicates:
+            by_kept.setdefault(kept, []).append(dropped)
+        return [f"{1 + len(dropped)} slices at duplicate positions ({self.positions[kept]:.1f} mm along the "
+                f"slice normal): kept {labels[kept]}, dropped {', '.join(labels[i] for i in dropped)}"
+                for kept, dropped in by_kept.items()]
+
+
+def sort_stack(positions: Sequence[float]) -> Stack:
+    """The one stack sort: by position along the normal, stable, duplicates (within DUPLICATE_MM of the slice
+    kept before them) set aside, as a stack with the same slice twice would lie about its spacing."""
+    order = sorted(range(len(positions)), key=lambda i: positions[i])
+    kept: list[int] = []
+    duplicates: list[tuple[int, int]] = []
+    for i in order:
+        if kept and abs(positions[i] - positions[kept[-1]]) < DUPLICATE_MM:
+            duplicates.append((i, kept[-1]))
+            continue
+        kept.append(i)
+    return Stack(tuple(positions), tuple(order), tuple(kept), tuple(duplicates))
+
+
+# ------------------------------------------------------------------ geometry of one spool file, and the cache
+
+# Header elements the completion checks read; pydicom stops parsing once it has these (no pixel data).
+GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber", "SOPInstanceUID",
+                 "PixelSpacing", "Rows", "Columns"]
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where one instance lies, read once from its header."""
+
+    path: str
+    sop_instance_uid: str
+    position: float | None  # mm along the slice normal; None when the header lacks it
+    normal: tuple[float, float, float] | None
+    instance_number: int | None
+    pixel_spacing: float | None
+
+
+def read_geometry(path: str) -> SliceGeometry:
+    """The position of one slice from its header only (stop_before_pixels, only the tags needed)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=GEOMETRY_TAGS)
+    normal = position = spacing = None
+    number = None
+    try:
+        n = slice_normal(ds)
+        normal = (float(n[0]), float(n[1]), float(n[2]))
+        position = slice_position(ds, n)
+    except (VolumeError, AttributeError, TypeError, ValueError, IndexError):
+        normal = position = None  # eligibility (select.py) rejects such a series with its own reason
+    try:
+        number = int(ds.InstanceNumber) if ds.get("InstanceNumber") is not None else None
+    except (TypeError, ValueError):
+        number = None
+    try:
+        spacing = float(ds.PixelSpacing[0])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        spacing = None
+    return SliceGeometry(path, str(ds.get("SOPInstanceUID", "")), position, normal, number, spacing)
+
+
+KeyT = TypeVar("KeyT")
+ValueT = TypeVar("ValueT")
+
+
+class HeaderCache(Generic[KeyT, ValueT]):
+    """What `read` made of a key, for the `size` keys asked for last (least recently used dropped first).
+
+    Spool files are named by the SHA-256 of their content, so the same paths are the same headers; a late
+    instance or a resent one changes the paths and is read afresh. A failed read is not kept. Thread-safe:
+    the assembler, the node's judge and the study choice share one."""
+
+    def __init__(self, read: Callable[[KeyT], ValueT], size: int,
+                 key: Callable[[Any], KeyT] = lambda k: k) -> None:
+        self.size = size
+        self._read = read
+        self._key = key
+        self._items: OrderedDict[KeyT, ValueT] = OrderedDict()
+        self._lock = threading.Lock()
+        self.reads = 0  # reads done (tests and the benchmark check the cache works)
+
+    def get(self, key: Any) -> ValueT:
+        k = self._key(key)
+        with self._lock:
+            if k in self._items:
+                self._items.move_to_end(k)
+                return self._items[k]
+        value = self._read(k)
+        with self._lock:
+            self.reads += 1
+            self._items[k] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    __call__ = get
+
+
+def geometry_cache(size: int = 20000) -> HeaderCache[str, SliceGeometry]:
+    """SliceGeometry per spool file: the completion judge asks for every instance at every new arrival, so a
+    series of 300+ slices costs one header read per instance, not one per tick."""
+    return HeaderCache(read_geometry, size, key=str)
+
+
+def series_header_cache(keep: int = 4) -> HeaderCache[tuple[str, ...], list[SliceHeader]]:
+    """slice_headers() of the last few series read, by their files: completing a series reads its headers to
+    judge it and, right after, again to choose the study's best series (300 header reads each, ~0.5 s, for a
+    thin-slice study)."""
+    return HeaderCache(slice_headers, keep, key=lambda paths: tuple(str(p) for p in paths))

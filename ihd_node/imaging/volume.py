@@ -25,6 +25,7 @@ from ihd_node.imaging.headers import (
     slice_normal,
     slice_position,
     slice_problem,
+    sort_stack,
 )
 from ihd_node.values.volume import SliceInfo, Volume  # noqa: F401  (the typed value this stage makes)
 
@@ -158,13 +159,8 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
         raise VolumeError(f"slices of the series differ in size {sorted(sizes)}; it is not one stack")
 
     positions = [slice_position(ds, normal) for ds in headers]
-    order = sorted(range(len(headers)), key=lambda i: positions[i])
     # Duplicate positions (the same slice sent twice under two UIDs) would make the stack lie: keep the first.
-    kept: list[int] = []
-    for i in order:
-        if kept and abs(positions[i] - positions[kept[-1]]) < 1e-3:
-            continue
-        kept.append(i)
+    kept = sort_stack(positions).kept
 
     hu = np.stack(slices_hu([refs[i] for i in kept])).astype(np.float32)
     sorted_headers = [headers[i] for i in kept]

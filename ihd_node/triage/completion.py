@@ -20,21 +20,17 @@ slices costs one header read per instance, not one per tick.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pydicom
 
 from ihd_node import nodelog
+from ihd_node.imaging.headers import HeaderCache, SliceGeometry, geometry_cache, sort_stack
 from ihd_node.imaging.skull import skull_ring
 
-# Header elements the checks read; pydicom stops parsing once it has these (no pixel data).
-GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber", "SOPInstanceUID",
-                 "PixelSpacing", "Rows", "Columns"]
 GAP_FACTOR = 1.5  # a step this much larger than the spacing around it is a gap (missing slices)
 # Coverage: an end slice "reaches past the intracranial space" when its intracranial area is at most this
 # share of the widest sampled section (the cranial cavity narrows to nothing at the vertex and below the
@@ -45,18 +41,6 @@ INTERIOR_SAMPLES = 7  # slices between the ends whose pixels are read to find th
 BONE_HU, SOFT_LO_HU, SOFT_HI_HU = 200.0, 0.0, 100.0
 CLOSE_MM = 5.0  # closes foramina and partial-volume breaks in the skull ring
 MAX_WORK_PIXELS = 256  # images are subsampled to at most this many pixels a side for the area estimate
-
-
-@dataclass(frozen=True)
-class SliceGeometry:
-    """Where one instance lies, read once from its header."""
-
-    path: str
-    sop_instance_uid: str
-    position: float | None  # mm along the slice normal; None when the header lacks it
-    normal: tuple[float, float, float] | None
-    instance_number: int | None
-    pixel_spacing: float | None
 
 
 @dataclass(frozen=True)
@@ -79,56 +63,6 @@ class Evidence:
         return f"checks passed: {', '.join(self.passed)}" if self.passed else "no evidence either way"
 
 
-class HeaderCache:
-    """SliceGeometry per spool file, least recently used dropped beyond `size` entries."""
-
-    def __init__(self, size: int = 20000) -> None:
-        self.size = size
-        self._items: OrderedDict[str, SliceGeometry] = OrderedDict()
-        self._lock = threading.Lock()
-        self.reads = 0  # header reads done (tests and the benchmark check the cache works)
-
-    def get(self, path: str | Path) -> SliceGeometry:
-        key = str(path)
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-                return found
-        geometry = read_geometry(key)
-        with self._lock:
-            self.reads += 1
-            self._items[key] = geometry
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return geometry
-
-
-def read_geometry(path: str) -> SliceGeometry:
-    """The position of one slice from its header only (stop_before_pixels, only the tags needed)."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=GEOMETRY_TAGS)
-    normal = position = spacing = None
-    number = None
-    try:
-        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-        n = np.cross(iop[:3], iop[3:])
-        if np.linalg.norm(n) > 1e-6:
-            n = n / np.linalg.norm(n)
-            normal = (float(n[0]), float(n[1]), float(n[2]))
-            position = float(np.dot([float(v) for v in ds.ImagePositionPatient], n))
-    except (AttributeError, TypeError, ValueError, IndexError):
-        pass  # eligibility (select.py) rejects such a series with its own reason
-    try:
-        number = int(ds.InstanceNumber) if ds.get("InstanceNumber") is not None else None
-    except (TypeError, ValueError):
-        number = None
-    try:
-        spacing = float(ds.PixelSpacing[0])
-    except (AttributeError, TypeError, ValueError, IndexError):
-        spacing = None
-    return SliceGeometry(path, str(ds.get("SOPInstanceUID", "")), position, normal, number, spacing)
-
-
 def sorted_stack(slices: Sequence[SliceGeometry]) -> list[SliceGeometry]:
     """Slices with a position, along the normal of the first, duplicate positions dropped (as load_volume)."""
     usable = [s for s in slices if s.position is not None and s.normal is not None]
@@ -137,16 +71,9 @@ def sorted_stack(slices: Sequence[SliceGeometry]) -> list[SliceGeometry]:
     ref = np.asarray(usable[0].normal)
     same = [s for s in usable if abs(float(np.dot(ref, s.normal))) >= 0.999]  # type: ignore[arg-type]
     # Positions were taken along each slice's own normal; flip those whose normal points the other way.
-    signed = sorted(((s.position if float(np.dot(ref, s.normal)) > 0 else -s.position), s)  # type: ignore
-                    for s in same)
-    out: list[SliceGeometry] = []
-    last = None
-    for pos, s in signed:
-        if last is not None and abs(pos - last) < 1e-3:
-            continue
-        out.append(SliceGeometry(s.path, s.sop_instance_uid, pos, s.normal, s.instance_number, s.pixel_spacing))
-        last = pos
-    return out
+    signed = [s.position if float(np.dot(ref, s.normal)) > 0 else -s.position for s in same]  # type: ignore
+    stack = sort_stack(signed)  # type: ignore[arg-type]
+    return [dataclasses.replace(same[i], position=signed[i]) for i in stack.kept]
 
 
 def find_gaps(stack: Sequence[SliceGeometry]) -> list[str]:
@@ -233,12 +160,13 @@ class CompletionJudge:
     def __init__(self, *, check_geometry: bool = True, check_coverage: bool = True,
                  mpps_lists: Callable[[str], list[MppsList]] | None = None,
                  pacs_count: Callable[[str, str], list[tuple[str, int]]] | None = None,
-                 cache: HeaderCache | None = None, load_hu: Callable[[str], np.ndarray] = _load_hu) -> None:
+                 cache: HeaderCache[str, SliceGeometry] | None = None,
+                 load_hu: Callable[[str], np.ndarray] = _load_hu) -> None:
         self.check_geometry = check_geometry
         self.check_coverage = check_coverage
         self.mpps_lists = mpps_lists
         self.pacs_count = pacs_count
-        self.headers = cache or HeaderCache()
+        self.headers = cache or geometry_cache()
         self.load_hu = load_hu
         self._cache: dict[str, tuple[object, Evidence]] = {}
 
