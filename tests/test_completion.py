@@ -23,6 +23,7 @@ from sqlalchemy import select
 from waiting import poll_until
 
 from ihd_node.commands.admin import format_status, status_data
+from ihd_node.imaging.coverage import find_gaps
 from ihd_node.imaging.headers import SliceGeometry, geometry_cache, read_geometry
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.model.pipeline import Predictor
@@ -30,7 +31,7 @@ from ihd_node.node.service import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.store.database import Event
-from ihd_node.triage.completion import CompletionJudge, find_gaps
+from ihd_node.triage.completion import CompletionJudge
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEED = 1300  # its subdural lies on slices 5-11 of 24 (checked in console_series)
