@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 
 from ihd_node.imaging.headers import SliceGeometry, sort_stack
-from ihd_node.imaging.skull import skull_ring
+from ihd_node.imaging.skull import COVERAGE, skull_ring
 
 GAP_FACTOR = 1.5  # a step this much larger than the spacing around it is a gap (missing slices)
 # Coverage: an end slice "reaches past the intracranial space" when its intracranial area is at most this
@@ -27,8 +27,6 @@ GAP_FACTOR = 1.5  # a step this much larger than the spacing around it is a gap 
 END_AREA_SHARE = 0.25
 MIN_WIDEST_CM2 = 40.0  # below this no sampled slice shows a cranial cavity: coverage cannot be judged
 INTERIOR_SAMPLES = 7  # slices between the ends whose pixels are read to find the widest section
-BONE_HU, SOFT_LO_HU, SOFT_HI_HU = 200.0, 0.0, 100.0
-CLOSE_MM = 5.0  # closes foramina and partial-volume breaks in the skull ring
 MAX_WORK_PIXELS = 256  # images are subsampled to at most this many pixels a side for the area estimate
 
 
@@ -79,8 +77,9 @@ def intracranial_area_cm2(hu: np.ndarray, pixel_spacing: float) -> float:
     step = max(1, int(np.ceil(max(hu.shape) / MAX_WORK_PIXELS)))
     image = hu[::step, ::step]
     ps = pixel_spacing * step
-    _, inside = skull_ring(image, ps, BONE_HU, CLOSE_MM)
-    soft = inside & (image > SOFT_LO_HU) & (image < SOFT_HI_HU)
+    _, inside = skull_ring(image, ps, COVERAGE)
+    low, high = COVERAGE.soft_hu
+    soft = inside & (image > low) & (image < high)
     return float(soft.sum()) * ps * ps / 100.0
 
 
