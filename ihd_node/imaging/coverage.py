@@ -30,17 +30,19 @@ INTERIOR_SAMPLES = 7  # slices between the ends whose pixels are read to find th
 MAX_WORK_PIXELS = 256  # images are subsampled to at most this many pixels a side for the area estimate
 
 
-def sorted_stack(slices: Sequence[SliceGeometry]) -> list[SliceGeometry]:
-    """Slices with a position, along the normal of the first, duplicate positions dropped (as load_volume)."""
+def sorted_stack(slices: Sequence[SliceGeometry]) -> tuple[list[SliceGeometry], list[str]]:
+    """Slices with a position, along the normal of the first, duplicate positions dropped (as load_volume),
+    and one line per position that held more than one slice, naming what was kept and dropped."""
     usable = [s for s in slices if s.position is not None and s.normal is not None]
     if not usable:
-        return []
+        return [], []
     ref = np.asarray(usable[0].normal)
     same = [s for s in usable if abs(float(np.dot(ref, s.normal))) >= 0.999]  # type: ignore[arg-type]
     # Positions were taken along each slice's own normal; flip those whose normal points the other way.
     signed = [s.position if float(np.dot(ref, s.normal)) > 0 else -s.position for s in same]  # type: ignore
     stack = sort_stack(signed)  # type: ignore[arg-type]
-    return [dataclasses.replace(same[i], position=signed[i]) for i in stack.kept]
+    kept = [dataclasses.replace(same[i], position=signed[i]) for i in stack.kept]
+    return kept, stack.dropped([f"SOP {s.sop_instance_uid}" for s in same])
 
 
 def find_gaps(stack: Sequence[SliceGeometry]) -> list[str]:

@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from ihd_node import nodelog
 from ihd_node.imaging.headers import (
     SliceHeader,
     VolumeError,
@@ -159,8 +160,13 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
         raise VolumeError(f"slices of the series differ in size {sorted(sizes)}; it is not one stack")
 
     positions = [slice_position(ds, normal) for ds in headers]
-    # Duplicate positions (the same slice sent twice under two UIDs) would make the stack lie: keep the first.
-    kept = sort_stack(positions).kept
+    # Duplicate positions (the same slice sent twice under two UIDs) would make the stack lie: keep the first,
+    # and say which were dropped.
+    stack = sort_stack(positions)
+    kept = stack.kept
+    dropped = stack.dropped([_label(ref) for ref in refs])
+    if dropped:
+        nodelog.warning("volume.slices_dropped", series=str(headers[0].SeriesInstanceUID), dropped="; ".join(dropped))
 
     hu = np.stack(slices_hu([refs[i] for i in kept])).astype(np.float32)
     sorted_headers = [headers[i] for i in kept]
@@ -186,7 +192,14 @@ def load_volume(paths: Sequence[str | Path]) -> Volume:
         pixel_spacing=(spacing[0], spacing[1]),
         slice_spacing=slice_spacing,
         headers=sorted_headers,
+        dropped=dropped,
     )
+
+
+def _label(ref: SliceHeader) -> str:
+    """How a dropped slice is named: its SOP Instance UID, and its frame in a multi-frame file."""
+    frame = "" if ref.frame is None else f" frame {ref.frame + 1}"
+    return f"SOP {ref.ds.get('SOPInstanceUID', '?')}{frame}"
 
 
 def _instance_number(ds: Dataset) -> int | None:

@@ -38,6 +38,7 @@ class Evidence:
     holds: tuple[str, ...] = ()  # one reason per check that says "incomplete", named by the check
     proof: str | None = None  # a check that proves completeness on its own ("mpps"), overriding holds
     passed: tuple[str, ...] = ()  # checks that ran and found nothing missing
+    notes: tuple[str, ...] = ()  # what the checks set aside without holding back (slices at duplicate positions)
 
     @property
     def complete(self) -> bool:
@@ -47,8 +48,10 @@ class Evidence:
         if self.proof:
             return f"proved by {self.proof}"
         if self.holds:
-            return "; ".join(self.holds)
-        return f"checks passed: {', '.join(self.passed)}" if self.passed else "no evidence either way"
+            said = "; ".join(self.holds)
+        else:
+            said = f"checks passed: {', '.join(self.passed)}" if self.passed else "no evidence either way"
+        return "; ".join([said, *self.notes])
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class CompletionJudge:
         if cached is not None and cached[0] == key:
             return cached[1]
         result = self._judge(study_uid, series_uid, instances)
+        if result.notes and (cached is None or cached[1].notes != result.notes):  # once per change, not per tick
+            nodelog.warning("completion.slices_dropped", series=series_uid, dropped="; ".join(result.notes))
         self._cache[series_uid] = (key, result)
         if len(self._cache) > 5000:  # finished series are never asked again
             self._cache.pop(next(iter(self._cache)))
@@ -107,6 +112,7 @@ class CompletionJudge:
     def _judge(self, study_uid: str, series_uid: str, instances: Sequence[tuple[str, str]]) -> Evidence:
         holds: list[str] = []
         passed: list[str] = []
+        notes: list[str] = []
         have = {uid for uid, _ in instances}
         if self.mpps_lists is not None:
             lists = self.mpps_lists(series_uid)
@@ -133,7 +139,7 @@ class CompletionJudge:
             elif counts:
                 passed.append("pacs")
         if self.check_geometry or self.check_coverage:
-            stack = sorted_stack([self.headers.get(path) for _, path in instances])
+            stack, notes = sorted_stack([self.headers.get(path) for _, path in instances])
             if self.check_geometry:
                 gaps = find_gaps(stack)
                 if gaps:
@@ -146,4 +152,4 @@ class CompletionJudge:
                     holds.append("coverage: " + problem)
                 else:
                     passed.append("coverage")
-        return Evidence(holds=tuple(holds), passed=tuple(passed))
+        return Evidence(holds=tuple(holds), passed=tuple(passed), notes=tuple(notes))
