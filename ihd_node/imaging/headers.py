@@ -7,6 +7,10 @@ Enhanced CT (and Legacy Converted Enhanced CT) put a whole series in one multi-f
 becomes one slice, its geometry and rescale taken from the per-frame functional groups, else the shared
 ones (PS3.3 C.7.6.16). `slice_headers` flattens those into one header per slice, so eligibility, the
 completion checks and loading treat both kinds alike. No pixel data is read here (ihd_node.imaging.volume).
+
+Each geometric idea is here once: the slice normal (slice_normal), the stack order (sort_stack) and the
+cache of what was read (HeaderCache: per spool file for the completion checks, per series for eligibility
+and the study choice).
 """
 
 from __future__ import annotations
