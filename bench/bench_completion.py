@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from ihd_node.config import default_config
+from ihd_node.imaging.headers import geometry_cache, read_geometry
 from ihd_node.node.service import Node
 from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.sim.phantom import make_series, write_series
-from ihd_node.triage.completion import CompletionJudge, HeaderCache, read_geometry
+from ihd_node.triage.completion import CompletionJudge
 
 
 def time_to_result(node: Node, pacs: MiniPACS, files: list[Path], series_uid: str,
@@ -102,7 +103,7 @@ def checks_cost(root: Path, n: int) -> None:
     files = write_series(series, root / "long")
     by_uid = {read_geometry(str(p)).sop_instance_uid: str(p) for p in files}
     instances = [(uid, by_uid[uid]) for uid in series.sop_uids_sorted]
-    cache = HeaderCache()
+    cache = geometry_cache()
     judge = CompletionJudge(cache=cache)
     t0 = time.perf_counter()
     first = judge.evidence("1.2", "1.2.3", instances[:-1], version=1)

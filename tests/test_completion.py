@@ -23,13 +23,15 @@ from sqlalchemy import select
 from waiting import poll_until
 
 from ihd_node.commands.status import format_status, status_data
+from ihd_node.imaging.coverage import find_gaps
+from ihd_node.imaging.headers import SliceGeometry, geometry_cache, read_geometry
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.model.pipeline import Predictor
 from ihd_node.node.service import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.store import Event
-from ihd_node.triage.completion import CompletionJudge, HeaderCache, SliceGeometry, find_gaps, read_geometry
+from ihd_node.triage.completion import CompletionJudge
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEED = 1300  # its subdural lies on slices 5-11 of 24 (checked in console_series)
@@ -100,7 +102,7 @@ def test_a_gap_in_the_middle_is_held_back_by_geometry_and_named(files) -> None:
 
 
 def test_headers_are_read_once_per_instance(files) -> None:
-    cache = HeaderCache()
+    cache = geometry_cache()
     judge = CompletionJudge(check_coverage=False, cache=cache)
     judge.evidence("1.2", "1.2.7", files[:20], version=1)
     assert cache.reads == 20

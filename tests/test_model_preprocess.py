@@ -10,7 +10,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ihd_node.classes import CHANNEL_MEAN, CHANNEL_STD
-from ihd_node.imaging.volume import CT_IMAGE_STORAGE, load_volume, to_hu
+from ihd_node.imaging.headers import CT_IMAGE_STORAGE
+from ihd_node.imaging.volume import load_volume, to_hu
 from ihd_node.model.preprocess import prepare_slices, window_channels
 
 HU = np.array([-1000.0, 0.0, 40.0, 80.0, 100.0, 180.0, 230.0, 3000.0], dtype=np.float32)

@@ -16,7 +16,7 @@ import pytest
 from loopback import destination, node_config, wait_finished
 from orthanc import ORTHANC_BINARY, Orthanc
 
-from ihd_node.imaging.volume import CT_IMAGE_STORAGE
+from ihd_node.imaging.headers import CT_IMAGE_STORAGE
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.node.service import Node
 from ihd_node.report.sr import FINDING_CODES

@@ -10,7 +10,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ihd_node.config import SeriesConfig, default_config
-from ihd_node.triage.select import check_series, read_headers, tilt_degrees
+from ihd_node.imaging.headers import tilt_degrees
+from ihd_node.triage.select import check_series, read_headers
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -106,24 +107,22 @@ def test_description_rules_and_missing_geometry(tmp_path: Path) -> None:
     assert "is not CT Image Storage or Enhanced CT" in check_series(mr).reason
 
 
-def test_recent_headers_reads_a_series_once(tmp_path, monkeypatch):
+def test_recent_headers_reads_a_series_once(tmp_path):
     """The judge and the study choice read the same series one after the other: the second read is the
     first's result. Other paths (a late or resent instance) are read afresh; a failed read is not kept."""
-    import ihd_node.imaging.volume as volume
+    from ihd_node.imaging.headers import VolumeError, series_header_cache
     from ihd_node.sim.phantom import make_series, write_series
 
     paths = [str(p) for p in write_series(make_series(8, n_slices=10, size=64), tmp_path / "s")]
-    reads = []
-    real = volume.slice_headers
-    monkeypatch.setattr(volume, "slice_headers", lambda ps: reads.append(len(ps)) or real(ps))
-    recent = volume.RecentHeaders(keep=2)
+    recent = series_header_cache(keep=2)
     first = recent(paths)
-    assert recent(list(paths)) is first and reads == [10]
-    assert len(recent(paths[:9])) == 9 and reads == [10, 9]  # other files: read
-    recent(paths[:8])
-    recent(paths)  # pushed out by the two after it: read again
-    assert reads == [10, 9, 8, 10]
-    with pytest.raises(volume.VolumeError):
+    assert len(first) == 10 and recent(list(paths)) is first and recent.reads == 1
+    assert len(recent(paths[:9])) == 9 and recent.reads == 2  # other files: read
+    assert len(recent(paths[:8])) == 8 and recent.reads == 3
+    again = recent(paths)  # pushed out by the two after it: read again
+    assert again is not first and len(again) == 10 and recent.reads == 4
+    with pytest.raises(VolumeError):
         recent([str(tmp_path / "missing.dcm")])
-    with pytest.raises(volume.VolumeError):
+    with pytest.raises(VolumeError):
         recent([str(tmp_path / "missing.dcm")])
+    assert recent.reads == 4  # the failed reads were not kept (nor counted)

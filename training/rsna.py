@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from ihd_node.imaging.volume import CT_IMAGE_STORAGE, VolumeError, combine_thin_slices, slice_normal, to_hu
+from ihd_node.imaging.headers import CT_IMAGE_STORAGE
+from ihd_node.imaging.volume import VolumeError, combine_thin_slices, slice_normal, to_hu
 
 # The node's defaults (config series.thin_slice_mm / series.slab_mm): slices thinner than THIN_SLICE_MM are
 # averaged into SLAB_MM slabs, at inference and therefore here.

@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from ihd_node.imaging.skull import skull_ring
+from ihd_node.imaging.skull import HEAD_CHECK, skull_ring
 
 # BodyPartExamined values (PS3.16 Annex L and common local spellings) that mean the head is in the scan.
 HEAD_PARTS = ("HEAD", "BRAIN", "SKULL", "CRANI", "CEREBR", "KOPF", "SCHAEDEL", "SCHADEL", "HEADNECK",
@@ -32,8 +32,6 @@ OTHER_PARTS = ("CHEST", "THORAX", "LUNG", "HEART", "CARDIAC", "ABDOMEN", "ABDOME
                "ELBOW", "WRIST", "HAND", "FOOT", "ANKLE", "LEG", "ARM", "EXTREMITY", "BREAST", "COLON",
                "AORTA", "THORAXABDOMEN", "CHESTABDOMEN", "CHESTABDPELVIS", "ABDPELVIS")
 
-BONE_HU = 300.0  # skull bone (cortical 1000+, diploe 500+) but not enhanced vessels or calcified plaques
-INTRACRANIAL_HU = (-10.0, 100.0)  # CSF to fresh blood
 FAT_HU = (-200.0, -30.0)
 MIN_ENCLOSED_MM2 = 2500.0  # intracranial area of a small child's head at the skull base is larger
 MIN_ENCLOSED_SHARE = 0.35  # of the body's cross-section; a mid-level head slice reaches ~0.6-0.8
@@ -42,7 +40,6 @@ MAX_FAT_SHARE = 0.05
 # Fractions of the sorted stack looked at: spread over all of it, as a short stack may cover only the skull
 # base (orbits and the anterior fossa floor break the ring) plus a few cerebral slices above it.
 SAMPLE_AT = (0.05, 0.15, 0.27, 0.39, 0.5, 0.61, 0.73, 0.85, 0.95)
-CLOSE_MM = 3.0  # gaps in the skull ring up to ~2x this are closed; intercostal spaces are wider
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ def look(hu: np.ndarray, pixel_spacing: tuple[float, float]) -> SliceLook:
     """Measure one slice (HU, rows x cols) for the skull-ring test."""
     px_mm2 = float(pixel_spacing[0]) * float(pixel_spacing[1])
     # Gaps of a few mm (sutures, foramina, thin temporal squama) closed, so the ring reads as closed.
-    _, enclosed = skull_ring(hu, min(pixel_spacing), BONE_HU, CLOSE_MM)
+    _, enclosed = skull_ring(hu, min(pixel_spacing), HEAD_CHECK)
     # Keep the largest enclosed region: the cranial cavity, not a vertebral canal or a sinus cell.
     labels, count = ndimage.label(enclosed)
     if count == 0:
@@ -88,7 +85,7 @@ def look(hu: np.ndarray, pixel_spacing: tuple[float, float]) -> SliceLook:
     # median does not smear the skull into the brain as a mean would).
     inside = ndimage.median_filter(hu.astype(np.float32), size=3)[cavity]
     n = max(int(cavity.sum()), 1)
-    lo, hi = INTRACRANIAL_HU
+    lo, hi = HEAD_CHECK.soft_hu
     return SliceLook(
         enclosed_mm2=n * px_mm2,
         enclosed_share=n / max(int(body.sum()), 1),
@@ -118,6 +115,7 @@ def head_problem(images: Iterable[np.ndarray], pixel_spacing: tuple[float, float
     if not looks:
         return "no image to check for a head"
     best = max(looks, key=lambda lk: (lk.enclosed_share, lk.density_share))
+    lo, hi = HEAD_CHECK.soft_hu
     return (f"does not look like a head CT: no sampled slice shows a skull ring around intracranial-density "
             f"tissue (best of {len(looks)}: {best.enclosed_share:.0%} of the body inside a bone ring, "
-            f"{best.density_share:.0%} of that at -10..100 HU, {best.fat_share:.0%} fat)")
+            f"{best.density_share:.0%} of that at {lo:g}..{hi:g} HU, {best.fat_share:.0%} fat)")

@@ -13,14 +13,11 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from ihd_node.imaging.skull import close_gaps, enclosed_by
+from ihd_node.imaging.skull import INTRACRANIAL, close_gaps, enclosed_by
 
-BONE_HU = 300.0  # cortical and most cancellous bone lie above; acute blood (50-100 HU) far below
-AIR_HU = -300.0
-SOFT_MIN_HU, SOFT_MAX_HU = -50.0, 200.0  # CSF to clotted blood, with room for partial volume
+AIR_HU = -300.0  # air cells inside the skull's outline wall the brain in like bone
 MIN_FRACTION = 0.002  # enclosed soft regions smaller than this share of the image are marrow, not brain
 BRAIN_FRACTION = 0.02  # less enclosed soft tissue than this: the ring is probably open, close it first
-CLOSE_MM = 3.0  # gaps in the ring (vertex, foramina, thin temporal bone) closed up to about twice this
 
 
 def intracranial_mask(hu: np.ndarray, pixel_spacing_mm: float = 0.5) -> np.ndarray:
@@ -32,16 +29,17 @@ def intracranial_mask(hu: np.ndarray, pixel_spacing_mm: float = 0.5) -> np.ndarr
     hu = np.asarray(hu, dtype=np.float32)
     if hu.ndim != 2:
         raise ValueError(f"expected one slice (rows, cols), got shape {hu.shape}")
-    bone = hu >= BONE_HU
+    bone = hu >= INTRACRANIAL.bone_hu
     if not bone.any():
         return np.zeros(hu.shape, dtype=bool)
-    soft = (hu >= SOFT_MIN_HU) & (hu <= SOFT_MAX_HU)
+    low, high = INTRACRANIAL.soft_hu
+    soft = (hu >= low) & (hu <= high)
     # Air inside the skull's outline (sinus cells, air opening the table) walls the brain in like bone does.
     barrier = bone | ((hu < AIR_HU) & _convex_hull(bone))
     mask = _soft_regions(enclosed_by(barrier) & soft)
     if mask.sum() < BRAIN_FRACTION * hu.size:
         # An open ring (vertex, foramina, thin temporal bone): close gaps of a few millimetres.
-        closed = _soft_regions(enclosed_by(close_gaps(barrier, pixel_spacing_mm, CLOSE_MM)) & soft)
+        closed = _soft_regions(enclosed_by(close_gaps(barrier, pixel_spacing_mm, INTRACRANIAL.close_mm)) & soft)
         if closed.sum() > mask.sum():
             mask = closed
     if mask.sum() < BRAIN_FRACTION * hu.size:

@@ -33,7 +33,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
 from ihd_node import nodelog
-from ihd_node.imaging.volume import CT_CLASSES
+from ihd_node.imaging.headers import CT_CLASSES
 from ihd_node.intake.mpps import MPPS_SOP_CLASS, MppsScp
 from ihd_node.intake.network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.intake.spool import Spool, file_preamble, sha256_hex, valid_uid, write_atomic

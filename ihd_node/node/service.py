@@ -41,7 +41,7 @@ from ihd_node.config import Config, load_config, runtime_problems, summary
 from ihd_node.delivery.alerts import AlertOutbox
 from ihd_node.delivery.sender import Outbox
 from ihd_node.errors import UserError
-from ihd_node.imaging.volume import FrameGroupsError, RecentHeaders
+from ihd_node.imaging.headers import FrameGroupsError, series_header_cache
 from ihd_node.intake.mpps import MppsScp
 from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
 from ihd_node.intake.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
@@ -103,7 +103,7 @@ class Node:
         self._model_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._choice: StudyChoice | None = None  # set in start() when series.selection is best_per_study
-        self._headers = RecentHeaders()  # the judge and the study choice read the same series in turn
+        self._headers = series_header_cache()  # the judge and the study choice read the same series in turn
         self._last_retention = 0.0
         self._stopping = False
         self._run: NodeRun | None = None

@@ -22,8 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ihd_node.imaging.volume import SliceHeader, VolumeError, slices_hu
-from ihd_node.triage.select import _normal, _thickness, tilt_degrees
+from ihd_node.imaging.headers import (
+    SliceHeader,
+    VolumeError,
+    slice_normal,
+    slice_position,
+    slice_thickness,
+    sort_stack,
+    tilt_degrees,
+)
+from ihd_node.imaging.volume import slices_hu
 
 SOFT, UNKNOWN, BONE = "soft-tissue", "unknown", "bone"
 KERNEL_ORDER = {SOFT: 0, UNKNOWN: 1, BONE: 2}
@@ -130,20 +138,22 @@ def image_noise(hu: np.ndarray) -> float | None:
 
 def profile(refs: Sequence[SliceHeader], *, axial_tolerance_degrees: float = 30.0,
             measure_noise: bool = False) -> SeriesProfile:
-    """The ranking profile of one eligible series (refs as ihd_node.imaging.volume.slice_headers gives them)."""
+    """The ranking profile of one eligible series (refs as ihd_node.imaging.headers.slice_headers gives them)."""
     headers = [r.ds for r in refs]
     first = headers[0]
     kernel, evidence = kernel_of(headers)
     tilt = tilt_degrees(first) or 0.0
-    normal = _normal(first)
-    positions = sorted(float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for ds in headers) \
-        if normal is not None else [0.0]
-    thickness = _thickness(headers)
+    try:
+        normal = slice_normal(first)
+    except VolumeError:
+        normal = None
+    stack = sort_stack([slice_position(ds, normal) if normal is not None else 0.0 for ds in headers])
+    positions = [stack.positions[i] for i in stack.order]
+    thickness = slice_thickness(headers)
     coverage = (positions[-1] - positions[0]) + (thickness or 0.0)
     noise = None
     if measure_noise:
-        order = sorted(range(len(refs)), key=lambda i: float(np.dot(
-            [float(v) for v in headers[i].ImagePositionPatient], normal)) if normal is not None else i)
+        order = stack.order
         try:
             noise = image_noise(slices_hu([refs[order[len(order) // 2]]])[0])
         except VolumeError:

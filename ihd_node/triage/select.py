@@ -4,12 +4,11 @@ The node receives whatever the PACS routes to it (scouts, dose reports, coronal 
 results); only axial CT stacks of a sensible size are analysed. Everything else is recorded as
 "ignored" with the reason, so an admin can see why a study got no result. `judge_series` adds the
 head check (ihd_node.imaging.head_check), which looks at a few images; `serve` and `analyze` both use it.
-Enhanced CT frames are judged as slices (ihd_node.imaging.volume.slice_headers).
+Enhanced CT frames are judged as slices (ihd_node.imaging.headers.slice_headers).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,18 @@ from pydicom.dataset import Dataset
 
 from ihd_node.config import SeriesConfig
 from ihd_node.imaging.head_check import body_part_problem, head_problem, sample_indices
-from ihd_node.imaging.volume import CT_CLASSES, SliceHeader, VolumeError, iter_slices_hu, slice_headers
+from ihd_node.imaging.headers import (
+    CT_CLASSES,
+    SliceHeader,
+    VolumeError,
+    slice_headers,
+    slice_normal,
+    slice_position,
+    slice_thickness,
+    sort_stack,
+    tilt_degrees,
+)
+from ihd_node.imaging.volume import iter_slices_hu
 
 
 @dataclass(frozen=True)
@@ -44,10 +54,8 @@ def judge_series(refs: Sequence[SliceHeader], rules: SeriesConfig | None = None)
     if problem:
         return Eligibility(False, problem)
     try:  # header values were checked by check_series
-        normal = _normal(headers[0])
-        assert normal is not None
-        order = sorted(range(len(refs)), key=lambda i: float(np.dot(
-            [float(v) for v in headers[i].ImagePositionPatient], normal)))
+        normal = slice_normal(headers[0])
+        order = sort_stack([slice_position(ds, normal) for ds in headers]).order
         sample = [refs[order[i]] for i in sample_indices(len(order))]
         spacing = [float(v) for v in headers[0].PixelSpacing]
         # Read one slice at a time: head_problem stops at the first that passes.
@@ -57,39 +65,6 @@ def judge_series(refs: Sequence[SliceHeader], rules: SeriesConfig | None = None)
     if problem:
         return Eligibility(False, problem)
     return Eligibility(True, verdict.reason + ", head")
-
-
-def _normal(ds: Dataset) -> np.ndarray | None:
-    try:
-        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if iop.shape != (6,):
-        return None
-    n = np.cross(iop[:3], iop[3:])
-    norm = float(np.linalg.norm(n))
-    return n / norm if norm > 1e-6 else None
-
-
-def tilt_degrees(ds: Dataset) -> float | None:
-    """Angle between the slice normal and the patient's z (foot-head) axis; None when unknown."""
-    n = _normal(ds)
-    if n is None:
-        return None
-    return math.degrees(math.acos(min(1.0, abs(float(n[2])))))
-
-
-def _thickness(headers: Sequence[Dataset]) -> float | None:
-    """SliceThickness when the headers give it, else the median step between slice positions."""
-    values = [float(ds.SliceThickness) for ds in headers if ds.get("SliceThickness") not in (None, "")]
-    if values:
-        return float(np.median(values))
-    normal = _normal(headers[0])
-    if normal is None or len(headers) < 2:
-        return None
-    positions = sorted(float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for ds in headers)
-    steps = np.diff(positions)
-    return float(np.median(steps)) if len(steps) else None
 
 
 def check_series(headers: Sequence[Dataset], rules: SeriesConfig | None = None) -> Eligibility:
@@ -138,8 +113,9 @@ def _check_series(headers: Sequence[Dataset], rules: SeriesConfig) -> Eligibilit
     if not (16 <= rows <= 4096 and 16 <= cols <= 4096):
         return Eligibility(False, f"impossible image size {rows}x{cols}")
 
-    normals = [_normal(ds) for ds in headers]
-    if any(n is None for n in normals):
+    try:
+        normals = [slice_normal(ds) for ds in headers]
+    except VolumeError:
         return Eligibility(False, "ImageOrientationPatient is malformed")
     if any(abs(float(np.dot(n, normals[0]))) < 0.999 for n in normals[1:]):
         return Eligibility(False, "slices differ in orientation; not one stack")
@@ -153,7 +129,7 @@ def _check_series(headers: Sequence[Dataset], rules: SeriesConfig) -> Eligibilit
         return Eligibility(False, f"too few slices: {n} < {rules.min_slices}")
     if n > rules.max_slices:
         return Eligibility(False, f"too many slices: {n} > {rules.max_slices}")
-    thick = _thickness(headers)
+    thick = slice_thickness(headers)
     lo, hi = rules.min_slice_thickness_mm, rules.max_slice_thickness_mm
     if thick is not None and lo is not None and thick < lo:
         return Eligibility(False, f"slices too thin: {thick:g} mm < {lo:g}")

@@ -34,7 +34,7 @@ class StudyChoice:
                  is_queued: Callable[[str], bool],
                  read_headers: Callable[[list[str]], list[SliceHeader]] = slice_headers) -> None:
         self.db = db
-        self.read_headers = read_headers  # the node's RecentHeaders: the judge has just read these files
+        self.read_headers = read_headers  # the node's series_header_cache: the judge has just read these files
         self.rules = rules
         self.enqueue = enqueue
         self.is_queued = is_queued

@@ -36,6 +36,9 @@ class Volume:
     pixel_spacing: tuple[float, float]
     slice_spacing: float
     headers: list[Dataset] = field(repr=False)  # per slice, without pixel data, same order as slices
+    # What the loader set aside, one human-readable line each (slices at duplicate positions), so that it
+    # can be recorded rather than vanish.
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def n_slices(self) -> int:
