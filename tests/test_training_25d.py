@@ -81,7 +81,7 @@ def test_training_and_node_feed_the_cnn_the_same_input(rsna: RsnaFixture, traine
     """For the same slices, what the CNN gets in training (slice batches of stage 1, whole scans of the
     features stage) and in the node's Predictor is the same 9-channel input (up to the cache's uint8 step)."""
     from ihd_node.model.pipeline import Predictor
-    from training.train import cnn_outputs
+    from training.stages.cnn import cnn_outputs
 
     store = ScanStore(trained / "cache")
     scan = max(store.scans.values(), key=lambda s: s.n_slices)

@@ -37,7 +37,7 @@ import torch
 from training.data import ScanStore
 from training.metrics import evaluate_scans, jsonable
 from training.progress import progress
-from training.train import (
+from training.stages.cnn import (
     ScanFeatures,
     TrainingError,
     TrainOptions,
@@ -294,7 +294,7 @@ def compare_on_phantoms(work: Path, scale: float, folds: int, threads: int, work
     from ihd_node.model.presets import get_preset
     from training.metrics import format_metrics
     from training.phantom_recipe import Recipe, evaluate_held_out, make_training_cache
-    from training.train import run_stages
+    from training.stages.cnn import run_stages
 
     torch.set_num_threads(threads)
     recipe = Recipe()
@@ -333,7 +333,7 @@ def compare_on_phantoms(work: Path, scale: float, folds: int, threads: int, work
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m training.oof",
+    parser = argparse.ArgumentParser(prog="python -m training.stages.oof",
                                      description="in-sample vs out-of-fold BiLSTM on the phantom recipe")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--scale", type=float, default=0.2)

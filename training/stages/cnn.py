@@ -666,7 +666,7 @@ def export_checkpoint(opts: TrainOptions, store: ScanStore, splits: dict[str, li
         "metrics": {"validation": jsonable(val_metrics)},
     }
     if opts.bilstm_features == "oof":
-        from training.oof import oof_provenance
+        from training.stages.oof import oof_provenance
 
         provenance["bilstm_features"] = oof_provenance(opts, seq, data, val, thresholds, device)
     path = out or opts.work / ("model-oof.pt" if opts.bilstm_features == "oof" else "model.pt")
@@ -698,7 +698,7 @@ def run_stages(opts: TrainOptions, stages: Sequence[str] = STAGES, out: Path | N
     if "features" in stages:
         stage_features(opts, store, splits)
         if opts.bilstm_features == "oof":
-            from training.oof import stage_oof
+            from training.stages.oof import stage_oof
 
             stage_oof(opts, store, splits)
     if "sequence" in stages:
