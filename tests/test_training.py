@@ -23,8 +23,9 @@ from training.augment import AugmentConfig, Augmenter, to_input
 from training.cli import main as training_main
 from training.data import PAUSE_ENV, PROGRESS_FILE, ScanStore, read_rsna_labels
 from training.fixtures import RSNA_ATTRIBUTES, RsnaFixture, write_cq500_fixture, write_rsna_fixture
+from training.options import TrainOptions
 from training.rsna import lenient_uids, load_training_scan
-from training.stages.cnn import TrainOptions, run_stages
+from training.run import run_stages
 
 # Training runs on one intra-op torch thread (tests/conftest.py one_torch_thread).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -376,8 +377,9 @@ def test_lesion_masks_train_the_auxiliary_head(tmp_path: Path) -> None:
 
 
 def test_losses_eq1_is_the_papers_plain_sum_and_weighted_the_metric() -> None:
+    from training.losses import loss_function
     from training.metrics import weighted_log_loss
-    from training.stages.cnn import TrainingError, loss_function
+    from training.options import TrainingError
 
     logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0, 0.0], [-1.0, 0.0, 2.0, 1.0, -2.0, 3.0]])
     targets = torch.tensor([[1.0, 0, 1, 0, 1, 0], [0.0, 0, 0, 1, 0, 1]])
@@ -404,7 +406,8 @@ def test_bilstm_on_out_of_fold_cnn_outputs(rsna: RsnaFixture, work: Path, tmp_pa
     from ihd_node.model.pipeline import Predictor
     from ihd_node.node.analysis import analyze_series
     from ihd_node.sim.phantom import make_series, write_series
-    from training.stages.cnn import build_cnn, cnn_outputs, load_selector
+    from training.stages.cnn import build_cnn, cnn_outputs
+    from training.stages.features import load_selector
 
     w = tmp_path / "work"
     shutil.copytree(work / "cache", w / "cache")
