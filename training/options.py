@@ -45,7 +45,7 @@ class TrainOptions:
     loss: str = "eq1"  # "eq1": the paper's Eq. 1 (plain sum over classes); "weighted": the challenge metric
     seq_clip: float = 5.0  # BiLSTM gradient-norm clipping (not in the paper; 0 = off)
     # What the BiLSTM is trained on: "in_sample" (paper) = the shipped CNN's features of its own training
-    # slices; "oof" = out-of-fold features of `folds` CNNs trained on the other folds (training/oof.py).
+    # slices; "oof" = out-of-fold features of `folds` CNNs trained on the other folds (training/stages/oof.py).
     bilstm_features: str = "in_sample"
     folds: int = 5
     # Stage 2.

@@ -8,7 +8,7 @@
                its outputs precomputed; then choose per-class thresholds on the validation split and
                export one checkpoint with ihd_node.model.checkpoint.save_checkpoint.
 
-With `bilstm_features="oof"` (not in the paper; training/oof.py) the features stage also trains K fold
+With `bilstm_features="oof"` (not in the paper; training/stages/oof.py) the features stage also trains K fold
 CNNs and writes out-of-fold inputs for the BiLSTM, which then trains in oof/sequence/ and exports
 model-oof.pt; the CNN and selector stay the ones above.
 
