@@ -36,7 +36,7 @@ from ihd_node.model.pipeline import Predictor  # noqa: E402
 from ihd_node.model.presets import BACKBONE_FEATURE_DIMS, get_preset  # noqa: E402
 from training.augment import AugmentConfig, Augmenter  # noqa: E402
 from training.data import ScanStore, SliceDataset, write_cached_scan  # noqa: E402
-from training.train import multi_bce  # noqa: E402
+from training.losses import multi_bce  # noqa: E402
 
 
 def main() -> None:

@@ -23,8 +23,9 @@ from training.augment import AugmentConfig, Augmenter, to_input
 from training.cli import main as training_main
 from training.data import PAUSE_ENV, PROGRESS_FILE, ScanStore, read_rsna_labels
 from training.fixtures import RSNA_ATTRIBUTES, RsnaFixture, write_cq500_fixture, write_rsna_fixture
+from training.options import TrainOptions
 from training.rsna import lenient_uids, load_training_scan
-from training.train import TrainOptions, run_stages
+from training.run import run_stages
 
 # Training runs on one intra-op torch thread (tests/conftest.py one_torch_thread).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -265,16 +266,23 @@ def test_three_stages_resume_evaluate_and_cq500(rsna: RsnaFixture, work: Path, t
     # Flip test-time augmentation (an option beyond the paper): the mean over the scan and its mirror image.
     from training.evaluate import FlipTTA, predict_cached
 
+    # How much the tiny model's output moves with the mirror is the CPU kernels' rounding (a few Adam steps
+    # leave it almost blind in eval mode), so what the model is given is checked, not what it makes of it.
     ids = json.loads((work / "splits.json").read_text())["test"][:2]
     model = load_checkpoint(work / "model.pt").model
     _, plain = predict_cached(model, store, ids, torch.device("cpu"), verbose=False)
-    _, flipped = predict_cached(model, store, ids, torch.device("cpu"), verbose=False, tta="flip")
+    given: list[torch.Tensor] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: given.append(args[0].clone()))
+    try:
+        _, flipped = predict_cached(model, store, ids, torch.device("cpu"), verbose=False, tta="flip")
+    finally:
+        handle.remove()
     x = to_input(torch.from_numpy(np.array(store.images(ids[0]))))
+    assert len(given) == 2 * len(ids) and torch.equal(given[0], x) and torch.equal(given[1], x.flip(-1))
+    assert not torch.equal(x, x.flip(-1))
     with torch.no_grad():
         mirror = torch.sigmoid(model(x.flip(-1))).numpy()
-    gap = float(np.abs(mirror - plain[0]).max())  # a tiny model barely cares about the mirror, but does
-    assert gap > 0
-    np.testing.assert_allclose(flipped[0], (plain[0] + mirror) / 2, rtol=0, atol=gap / 10)
+    np.testing.assert_allclose(flipped[0], (plain[0] + mirror) / 2, rtol=0, atol=1e-6)
     predictor = Predictor.load(work / "model.pt", device="cpu")
     both = FlipTTA(predictor).predict(loaded.hu)
     np.testing.assert_allclose(both.slice_probabilities, (pred.slice_probabilities + predictor.predict(
@@ -349,7 +357,7 @@ def test_lesion_masks_train_the_auxiliary_head(tmp_path: Path) -> None:
     """Phantom masks are cached beside the images and drive the auxiliary map loss of the CNN stage."""
     from ihd_node.sim.phantom import make_series
     from training.data import mask_size, save_manifest, write_cached_scan
-    from training.train import stage_cnn
+    from training.stages.cnn import stage_cnn
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -376,8 +384,9 @@ def test_lesion_masks_train_the_auxiliary_head(tmp_path: Path) -> None:
 
 
 def test_losses_eq1_is_the_papers_plain_sum_and_weighted_the_metric() -> None:
+    from training.losses import loss_function
     from training.metrics import weighted_log_loss
-    from training.train import TrainingError, loss_function
+    from training.options import TrainingError
 
     logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0, 0.0], [-1.0, 0.0, 2.0, 1.0, -2.0, 3.0]])
     targets = torch.tensor([[1.0, 0, 1, 0, 1, 0], [0.0, 0, 0, 1, 0, 1]])
@@ -404,7 +413,8 @@ def test_bilstm_on_out_of_fold_cnn_outputs(rsna: RsnaFixture, work: Path, tmp_pa
     from ihd_node.model.pipeline import Predictor
     from ihd_node.node.analysis import analyze_series
     from ihd_node.sim.phantom import make_series, write_series
-    from training.train import build_cnn, cnn_outputs, load_selector
+    from training.stages.cnn import build_cnn, cnn_outputs
+    from training.stages.features import load_selector
 
     w = tmp_path / "work"
     shutil.copytree(work / "cache", w / "cache")

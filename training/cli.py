@@ -241,7 +241,8 @@ def dry_run_report(args: argparse.Namespace, scans: list, size: int, rejected: l
 
 def train_command(args: argparse.Namespace) -> int:
     from training.augment import AugmentConfig
-    from training.train import TrainOptions, run_stages
+    from training.options import TrainOptions
+    from training.run import run_stages
     from training.weights import resolve_weights
 
     config = model_config(args)

@@ -99,7 +99,7 @@ def evaluate_checkpoint(checkpoint: Path, work: Path, split: str = "test", devic
                         write: bool = True, verbose: bool = True, tta: str = "none") -> dict[str, Any]:
     """Evaluate a checkpoint on one split of a prepared work folder; print and (optionally) store."""
     from ihd_node.model.checkpoint import load_checkpoint
-    from training.train import TrainingError, load_splits, resolve_device
+    from training.options import TrainingError, load_splits, resolve_device
 
     loaded = load_checkpoint(checkpoint)
     store = ScanStore(work / "cache")

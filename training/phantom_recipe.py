@@ -278,7 +278,8 @@ def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads:
                verbose: bool = True, neighbours: int = 0) -> dict[str, Any]:
     from ihd_node.model.presets import get_preset
     from training.evaluate import store_provenance
-    from training.train import TrainOptions, run_stages
+    from training.options import TrainOptions
+    from training.run import run_stages
 
     started = time.monotonic()
     torch.set_num_threads(threads)

@@ -1,0 +1,61 @@
+"""The end of stage 3: CNN + selector + BiLSTM in one checkpoint, per-class thresholds chosen on the
+validation split (WORK/model.pt, or model-oof.pt with out-of-fold BiLSTM features)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.data import ScanStore
+from training.metrics import choose_thresholds, evaluate_scans, format_metrics, jsonable
+from training.options import TrainingError, TrainOptions, load_state, log, resolve_device
+from training.stages.features import load_selector
+from training.stages.oof import oof_provenance
+from training.stages.sequence import ScanFeatures, sequence_folder, sequence_probabilities
+
+
+def export_checkpoint(opts: TrainOptions, store: ScanStore, splits: dict[str, list[str]],
+                      out: Path | None = None) -> Path:
+    """Assemble CNN + selector + BiLSTM into one checkpoint, thresholds chosen on the validation split."""
+    from ihd_node.model.checkpoint import save_checkpoint
+    from ihd_node.model.network import IhdModel
+
+    cnn_state = load_state(opts.work / "cnn" / "state.pt")
+    seq_state = load_state(sequence_folder(opts) / "state.pt")
+    if not (cnn_state and cnn_state.get("done") and seq_state and seq_state.get("done")):
+        raise TrainingError("export needs finished cnn, features and sequence stages")
+    model = IhdModel(opts.config)
+    model.cnn.load_state_dict(cnn_state["model"])
+    model.selector.load_state_dict(load_selector(opts).state_dict())
+    model.sequence.load_state_dict(seq_state["model"])
+    model.eval()
+
+    device = resolve_device(opts.device)
+    data = ScanFeatures(opts, store)
+    val = splits.get("val") or splits["train"]
+    seq = model.sequence.to(device)
+    labels, probs = sequence_probabilities(seq, data, val, device)
+    scan_labels = np.stack([y.max(axis=0) for y in labels])
+    scan_probs = np.stack([p.max(axis=0) for p in probs])
+    thresholds = choose_thresholds(scan_labels, scan_probs, opts.threshold_method)
+    val_metrics = evaluate_scans(labels, probs, thresholds)
+    log(opts, "validation split, chosen thresholds:\n" + format_metrics(val_metrics))
+    model.to("cpu")
+    provenance = {
+        "data": opts.trained_on or f"scans in {opts.work / 'cache'}",
+        "date": time.strftime("%Y-%m-%d"),
+        "splits": {k: len(v) for k, v in splits.items()},
+        "training": {k: v for k, v in opts.jsonable().items() if k not in ("config", "verbose")},
+        "history": {"cnn": cnn_state.get("history", []), "sequence": seq_state.get("history", [])},
+        "threshold_method": f"{opts.threshold_method} on the validation split, scan level",
+        "metrics": {"validation": jsonable(val_metrics)},
+    }
+    if opts.bilstm_features == "oof":
+        provenance["bilstm_features"] = oof_provenance(opts, seq, data, val, thresholds, device)
+    path = out or opts.work / ("model-oof.pt" if opts.bilstm_features == "oof" else "model.pt")
+    save_checkpoint(path, model, thresholds=thresholds, name=opts.name, version=opts.version,
+                    provenance=provenance)
+    log(opts, f"checkpoint written: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return path
