@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from ihd_node.config import Config, ConfigError, default_config, load_config, reference_markdown
 from ihd_node.config.fields import model_in
+from ihd_node.store import RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,8 +204,9 @@ def test_default_config_in_code(tmp_path: Path) -> None:
 
 
 def test_backoff_doubles_and_caps() -> None:
-    delivery = default_config("/tmp").delivery
-    assert [delivery.backoff(n) for n in (1, 2, 3, 10)] == [5, 10, 20, 300]
+    """The delivery settings drive the one retry policy (deliveries and alerts alike)."""
+    policy = RetryPolicy.of(default_config("/tmp").delivery)
+    assert [policy.backoff(n) for n in (1, 2, 3, 10)] == [5, 10, 20, 300]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

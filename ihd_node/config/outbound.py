@@ -69,10 +69,6 @@ class DeliveryConfig(Section):
             raise ValueError("retry_max_seconds is below retry_initial_seconds; make it larger")
         return self
 
-    def backoff(self, attempts: int) -> float:
-        """Seconds before the next try after `attempts` failed tries (exponential, capped)."""
-        return min(self.retry_initial_seconds * 2.0 ** max(attempts - 1, 0), self.retry_max_seconds)
-
 
 def _url_template(value: str | None) -> str | None:
     if value is None:
