@@ -14,7 +14,7 @@ from sqlalchemy import text
 from ihd_node.config import default_config
 from ihd_node.errors import UserError
 from ihd_node.node import cluster
-from ihd_node.node.service import Node, parse_roles
+from ihd_node.node.wiring import Node, parse_roles
 from ihd_node.store.database import open_database, utcnow
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

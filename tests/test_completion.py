@@ -25,7 +25,7 @@ from waiting import poll_until
 from ihd_node.commands.admin import format_status, status_data
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.model.pipeline import Predictor
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.store.database import Event

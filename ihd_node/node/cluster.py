@@ -218,7 +218,7 @@ def requeue_stalled(app: procrastinate.App, engine: Engine, stalled_seconds: flo
 
 
 def join(db: Database, run_id: int, roles: list[str], device: str | None) -> None:
-    """Note this process's roles on its node_runs row (whose heartbeat ihd_node.node.service writes)."""
+    """Note this process's roles on its node_runs row (whose heartbeat ihd_node.node.wiring writes)."""
     with db.session() as s:
         s.execute(update(NodeRun).where(NodeRun.id == run_id).values(roles=",".join(roles), device=device))
 

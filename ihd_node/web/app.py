@@ -12,7 +12,7 @@ from ihd_node.web.server import Request, Response, WebServer, as_json, disk_free
 
 
 def make_web_server(node: Any) -> WebServer:
-    """`node` is the running ihd_node.node.service.Node."""
+    """`node` is the running ihd_node.node.wiring.Node."""
     cfg = node.config
     db = node.db
     spool_dir = Path(cfg.storage.spool_dir)
