@@ -11,10 +11,12 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import text
 
+from ihd_node.commands.serve import parse_roles
 from ihd_node.config import default_config
 from ihd_node.errors import UserError
 from ihd_node.node import cluster
-from ihd_node.node.wiring import Node, parse_roles
+from ihd_node.node.wiring import Node
+from ihd_node.store import work
 from ihd_node.store.database import open_database, utcnow
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -117,10 +119,10 @@ def test_members_and_their_heartbeats(setup) -> None:
     receiver = db.start_run(host="rx", pid=1, version=None, heartbeat_seconds=1, now=now)
     worker = db.start_run(host="gpu", pid=2, version=None, heartbeat_seconds=1, now=now)
     single = db.start_run(host="one", pid=3, version=None, heartbeat_seconds=1, now=now)  # all in one: no roles
-    cluster.join(db, receiver.id, ["receive", "deliver"], None)
-    cluster.join(db, worker.id, ["analyse"], "cuda:1")
+    work.join(db, receiver.id, ["receive", "deliver"], None)
+    work.join(db, worker.id, ["analyse"], "cuda:1")
     for seconds in (2.0, 4.0):
-        cluster.job_done(db, worker.id, seconds)
+        work.job_done(db, worker.id, seconds)
     db.heartbeat(worker.id, now=now + timedelta(seconds=60))
     db.heartbeat(single.id, now=now + timedelta(seconds=60))
     db.stop_run(receiver.id, "clean stop on SIGTERM", now=now + timedelta(seconds=30))
