@@ -144,7 +144,7 @@ def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
     return {
         "generated_at": _iso(now),
         "database": db.url.render_as_string(hide_password=True),
-        "node": node_data(db.node_runs(), now),
+        "node": _with_health(db, node_data(db.node_runs(), now)),
         "in_flight": [row(x) for x in series],
         "outbox": {
             "pending": int(count or 0),
@@ -191,6 +191,16 @@ def node_data(runs: Sequence[NodeRun], now: datetime) -> dict[str, Any]:
     }
 
 
+def _with_health(db: Database, node: dict[str, Any]) -> dict[str, Any]:
+    """The running node's last "degraded"/"recovered" note (ihd_node.node.loops), None when it has none."""
+    from ihd_node.store.work import last_health_event
+
+    cur = node["current"]
+    event = last_health_event(db, datetime.fromisoformat(cur["started_at"])) if node["state"] == "running" else None
+    node["health"] = None if event is None else {"at": _iso(event.at), "note": event.message}
+    return node
+
+
 def format_node(node: dict[str, Any]) -> list[str]:
     cur = node["current"]
     if node["state"] == "never_started":
@@ -201,6 +211,10 @@ def format_node(node: dict[str, Any]) -> list[str]:
                  f"(heartbeat {_age(cur['seconds_since_heartbeat'])} ago)"]
         lines += [f"  also running: {r['host']} pid {r['pid']} since {_short(r['started_at'])}"
                   for r in node["running"][1:]]
+        health = node.get("health")
+        if health:
+            word = "DEGRADED" if health["note"].startswith("degraded") else "was degraded"
+            lines.append(f"  {word} (booked {_short(health['at'])}): {health['note']}")
         return lines
     if node["state"] == "not_responding":
         return [f"Node: NOT RUNNING - {where} gave its last heartbeat {_short(cur['last_heartbeat'])} "
