@@ -15,8 +15,8 @@ point was reached. The points (where they sit, and what the state is there):
 
     receive.spooled    ihd_node.intake.spool.write_atomic: a received instance's file is renamed into place and
                        fsynced; its database row is not written and its C-STORE not answered yet
-    analysis.started   ihd_node.node.wiring: the series is "analyzing"; the model has not run yet
-    analysis.written   ihd_node.node.wiring: the result files (SR, captures) are written; the analysis and
+    analysis.started   ihd_node.node.worker: the series is "analyzing"; the model has not run yet
+    analysis.written   ihd_node.node.worker: the result files (SR, captures) are written; the analysis and
                        its outbox rows are not committed yet
     delivery.stored    ihd_node.delivery.sender: the destination answered a C-STORE with success; the answer
                        is not booked in the outbox yet (the object is in the PACS, the node does not know)

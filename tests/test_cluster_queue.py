@@ -59,6 +59,9 @@ def test_identity_changes_with_model_and_result_settings(setup, tmp_path: Path) 
     other = config.model_copy(deep=True)
     other.analysis.thresholds = {"any": 0.2}
     assert cluster.analysis_identity(other) != same
+    explained = config.model_copy(deep=True)  # the heatmaps explain the CNN instead of the decision
+    explained.model.explain = "cnn" if config.model.explain != "cnn" else "decision"
+    assert cluster.analysis_identity(explained) != same
     Path(config.model.checkpoint).write_bytes(b"another model")
     assert cluster.analysis_identity(config) != same
 

@@ -142,12 +142,13 @@ class OrphanSweep:
     """Queues again what fell between the completion and the queue, for the local and the cluster queue alike."""
 
     def __init__(self, db: Database, queue: AnalysisQueue, judge: Callable[[str], None],
-                 grace_seconds: float = ORPHAN_AFTER_SECONDS, every_seconds: float = ORPHAN_CHECK_SECONDS) -> None:
+                 grace_seconds: float | None = None, every_seconds: float | None = None) -> None:
         self.db = db
         self.queue = queue
         self.judge = judge
-        self.grace_seconds = grace_seconds
-        self.every_seconds = every_seconds
+        # Read at construction (not as defaults) so that a test can shorten them for one node.
+        self.grace_seconds = ORPHAN_AFTER_SECONDS if grace_seconds is None else grace_seconds
+        self.every_seconds = ORPHAN_CHECK_SECONDS if every_seconds is None else every_seconds
         self._last = 0.0
 
     def __call__(self) -> int:

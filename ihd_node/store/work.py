@@ -15,6 +15,12 @@ from ihd_node.store.database import Database, Delivery, Event, NodeRun, Series
 HEALTH_EVENT = "health"  # the events kind of "degraded" / "recovered" notes (ihd_node.node.loops)
 
 
+def database_answers(db: Database) -> None:
+    """Raises when the database cannot be reached (/healthz)."""
+    with db.read_session() as s:
+        s.execute(text("SELECT 1"))
+
+
 def pending_deliveries(db: Database) -> int:
     with db.read_session() as s:
         return int(s.scalar(select(func.count()).select_from(Delivery).where(Delivery.status == "pending")) or 0)

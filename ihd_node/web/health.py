@@ -6,9 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import text
-
 from ihd_node.store.database import Database
+from ihd_node.store.work import database_answers
 from ihd_node.web.server import disk_free
 
 
@@ -24,8 +23,7 @@ def readiness(db: Database, spool_dir: Path, min_free_mb: int, model: Callable[[
               degraded: Callable[[], str | None] = lambda: None) -> list[Check]:
     checks = []
     try:
-        with db.read_session() as s:
-            s.execute(text("SELECT 1"))
+        database_answers(db)
         checks.append(Check("database", True, "answers"))
     except Exception as exc:
         checks.append(Check("database", False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
