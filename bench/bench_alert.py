@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ihd_node.config import default_config
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.sim.phantom import make_series, write_series
 

@@ -6,14 +6,17 @@ IHD_NODE_CRASH_AT="<point>[:N][,<point>[:N]...]"
 IHD_NODE_PAUSE_AT="<point>[:N][,...]"
     The thread that passes <point> the N-th time logs `fault.paused point=<point>` and blocks for ever, so a
     test can `kill -9` the process from outside at a known place (other threads keep running).
+IHD_NODE_SLOW_AT="<point>[:N]" with IHD_NODE_SLOW_SECONDS=S
+    The thread that passes <point> the N-th time logs `fault.slowed` and sleeps S seconds (default 10), so a
+    test can take the database away while that thread is at a known place (it then carries on).
 
 Before acting, a `fault.crash` / `fault.paused` line is written to the log, so a test can tell that the
 point was reached. The points (where they sit, and what the state is there):
 
     receive.spooled    ihd_node.intake.spool.write_atomic: a received instance's file is renamed into place and
                        fsynced; its database row is not written and its C-STORE not answered yet
-    analysis.started   ihd_node.node.service: the series is "analyzing"; the model has not run yet
-    analysis.written   ihd_node.node.service: the result files (SR, captures) are written; the analysis and
+    analysis.started   ihd_node.node.worker: the series is "analyzing"; the model has not run yet
+    analysis.written   ihd_node.node.worker: the result files (SR, captures) are written; the analysis and
                        its outbox rows are not committed yet
     delivery.stored    ihd_node.delivery.sender: the destination answered a C-STORE with success; the answer
                        is not booked in the outbox yet (the object is in the PACS, the node does not know)
@@ -31,6 +34,7 @@ import threading
 from ihd_node import nodelog
 
 CRASH_ENV = "IHD_NODE_CRASH_AT"
+SLOW_ENV = "IHD_NODE_SLOW_AT"
 PAUSE_ENV = "IHD_NODE_PAUSE_AT"
 POINTS = ("receive.spooled", "analysis.started", "analysis.written", "delivery.stored", "delivery.booked",
           "alert.sending", "alert.accepted")
@@ -50,6 +54,8 @@ def _parse(text: str | None) -> dict[str, int]:
 
 
 _CRASH = _parse(os.environ.get(CRASH_ENV))
+_SLOW = _parse(os.environ.get(SLOW_ENV))
+_SLOW_SECONDS = float(os.environ.get("IHD_NODE_SLOW_SECONDS", "10"))
 _PAUSE = _parse(os.environ.get(PAUSE_ENV))
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
@@ -57,7 +63,7 @@ _lock = threading.Lock()
 
 def point(name: str) -> None:
     """A named place where a test may kill or pause the process; does nothing unless configured."""
-    if not _CRASH and not _PAUSE:
+    if not _CRASH and not _PAUSE and not _SLOW:
         return
     with _lock:
         _counts[name] = count = _counts.get(name, 0) + 1
@@ -67,3 +73,6 @@ def point(name: str) -> None:
     if _PAUSE.get(name) == count:
         nodelog.warning("fault.paused", point=name, count=count)
         threading.Event().wait()  # until the test kills the process
+    if _SLOW.get(name) == count:
+        nodelog.warning("fault.slowed", point=name, count=count, seconds=_SLOW_SECONDS)
+        threading.Event().wait(_SLOW_SECONDS)

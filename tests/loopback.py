@@ -16,7 +16,7 @@ from ihd_node.config import Config, default_config
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import free_port
 from ihd_node.store import Series
 

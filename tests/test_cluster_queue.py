@@ -11,11 +11,12 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import text
 
+from ihd_node.commands.serve import parse_roles
 from ihd_node.config import default_config
 from ihd_node.errors import UserError
 from ihd_node.node import cluster
-from ihd_node.node.service import Node, parse_roles
-from ihd_node.store import open_database, utcnow
+from ihd_node.node.wiring import Node
+from ihd_node.store import open_database, utcnow, work
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -57,6 +58,9 @@ def test_identity_changes_with_model_and_result_settings(setup, tmp_path: Path) 
     other = config.model_copy(deep=True)
     other.analysis.thresholds = {"any": 0.2}
     assert cluster.analysis_identity(other) != same
+    explained = config.model_copy(deep=True)  # the heatmaps explain the CNN instead of the decision
+    explained.model.explain = "cnn" if config.model.explain != "cnn" else "decision"
+    assert cluster.analysis_identity(explained) != same
     Path(config.model.checkpoint).write_bytes(b"another model")
     assert cluster.analysis_identity(config) != same
 
@@ -117,10 +121,10 @@ def test_members_and_their_heartbeats(setup) -> None:
     receiver = db.start_run(host="rx", pid=1, version=None, heartbeat_seconds=1, now=now)
     worker = db.start_run(host="gpu", pid=2, version=None, heartbeat_seconds=1, now=now)
     single = db.start_run(host="one", pid=3, version=None, heartbeat_seconds=1, now=now)  # all in one: no roles
-    cluster.join(db, receiver.id, ["receive", "deliver"], None)
-    cluster.join(db, worker.id, ["analyse"], "cuda:1")
+    work.join(db, receiver.id, ["receive", "deliver"], None)
+    work.join(db, worker.id, ["analyse"], "cuda:1")
     for seconds in (2.0, 4.0):
-        cluster.job_done(db, worker.id, seconds)
+        work.job_done(db, worker.id, seconds)
     db.heartbeat(worker.id, now=now + timedelta(seconds=60))
     db.heartbeat(single.id, now=now + timedelta(seconds=60))
     db.stop_run(receiver.id, "clean stop on SIGTERM", now=now + timedelta(seconds=30))

@@ -27,7 +27,7 @@ from ihd_node.imaging.coverage import find_gaps
 from ihd_node.imaging.headers import SliceGeometry, geometry_cache, read_geometry
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.model.pipeline import Predictor
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.store import Event

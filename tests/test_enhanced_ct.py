@@ -17,7 +17,7 @@ from ihd_node.imaging.volume import VolumeError, load_volume, slice_headers
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_files
 from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.triage.select import judge_series

@@ -18,7 +18,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
 from waiting import poll_until
 
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import make_series
 from ihd_node.store import Event

@@ -18,7 +18,7 @@ from orthanc import ORTHANC_BINARY, Orthanc
 
 from ihd_node.imaging.headers import CT_IMAGE_STORAGE
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.report.sr import FINDING_CODES
 from ihd_node.sim.mini_pacs import free_port
 from ihd_node.sim.phantom import make_series, write_series

@@ -338,7 +338,7 @@ def test_tls_inbound_with_client_certificates(tmp_path: Path) -> None:
     import ssl
 
     from ihd_node.config import default_config
-    from ihd_node.node.service import server_ssl_context
+    from ihd_node.node.wiring import server_ssl_context
 
     certs = make_certs(tmp_path / "tls")
     tls = default_config(tmp_path, node={"tls": {

@@ -24,7 +24,7 @@ from ihd_node.config import default_config
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.site import SITE_FILE

@@ -24,7 +24,7 @@ from ihd_node.model.checkpoint import save_checkpoint
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.sim.phantom import make_series, write_series
 
@@ -195,3 +195,79 @@ def test_serve_process_with_dcmtk_storescu_and_sigterm(tmp_path: Path) -> None:
     listening = [k for k, line in enumerate(lines) if "scp.listening" in line]
     assert warmed and listening and warmed[0] < listening[0], out
     assert "PatientName" not in out and str(phantom.datasets[0].PatientName) not in out
+
+
+def test_a_series_whose_hand_off_failed_is_swept_and_analysed(tmp_path: Path, predictor: Predictor,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17 (c): the series is booked complete, then its hand-off to the queue fails; the single-process
+    node's orphan sweep finds it (complete, not queued, nothing analysing it) and queues it again."""
+    from ihd_node.node import recovery
+
+    monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 1.0)
+    monkeypatch.setattr(recovery, "ORPHAN_CHECK_SECONDS", 0.2)
+    phantom = make_series(13, subtypes=["subdural"], n_slices=N_SLICES, size=128)
+    files = write_series(phantom, tmp_path / "study")
+    real_judge = Node._judge
+    failed: list[str] = []
+
+    def judge_failing_once(self: Node, series_uid: str) -> str | None:
+        if not failed:
+            failed.append(series_uid)
+            raise OSError("hand-off lost (injected)")
+        return real_judge(self, series_uid)
+
+    monkeypatch.setattr(Node, "_judge", judge_failing_once)
+    with MiniPACS(tmp_path / "pacs", ae_title="PACS") as pacs:
+        node = Node(node_config(tmp_path / "node", pacs), predictor=predictor).start()
+        try:
+            assert send_files(files, host="127.0.0.1", port=node.port, called_aet="IHD_AI",
+                              calling_aet="PACS") == [0] * N_SLICES
+            uid = phantom.series_instance_uid
+            assert wait_until(lambda: node.db.get_series(uid).state == "delivered", 60), node.db.get_series(uid)
+            assert failed == [uid]
+            with node.db.read_session() as s:
+                from ihd_node.store import Event
+
+                notes = [e.message for e in s.query(Event).filter(Event.series_instance_uid == uid,
+                                                                   Event.kind == "recovery")]
+            assert any("no analysis queued or running" in m for m in notes), notes
+            assert node.dead_threads() == [] and node.degraded() is None
+        finally:
+            node.stop()
+
+
+def test_a_spool_file_that_cannot_be_indexed_again_is_kept_aside_and_booked(tmp_path: Path,
+                                                                           predictor: Predictor) -> None:
+    """Issue 17 (e): at start, a spool file without a database row that cannot be read is moved to
+    storage.dir/quarantine and booked as an event with the reason (never only logged, never lost)."""
+    phantom = make_series(17, subtypes=[], n_slices=N_SLICES, size=64)
+    root = tmp_path / "node"
+    config = node_config(root, None, quiet_seconds=600.0, max_wait_seconds=900.0)
+    first = Node(config, predictor=predictor).start()
+    files = write_series(phantom, tmp_path / "study")
+    assert send_files(files, host="127.0.0.1", port=first.port, called_aet="IHD_AI", calling_aet="PACS") \
+        == [0] * N_SLICES
+    first.stop()
+    # A crash between the spool rename and the commit, and the file damaged as well.
+    sop = phantom.sop_uids_sorted[2]
+    [spooled] = list((root / "spool").glob(f"*/*/{sop}_*.dcm"))
+    spooled.write_bytes(b"not DICOM at all")
+    con = sqlite3.connect(root / "ihd.sqlite")
+    con.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop,))
+    con.commit()
+    con.close()
+
+    second = Node(config, predictor=predictor).start()
+    try:
+        assert not spooled.exists()
+        kept = list((root / "quarantine").rglob(f"{sop}_*.dcm"))
+        assert len(kept) == 1 and kept[0].read_bytes() == b"not DICOM at all"
+        with second.db.read_session() as s:
+            from ihd_node.store import Event
+
+            notes = [(e.level, e.message, e.series_instance_uid) for e in s.query(Event).filter(
+                Event.kind == "recovery")]
+        assert any(level == "ERROR" and "cannot be indexed again" in message and str(kept[0]) in message
+                   and series == phantom.series_instance_uid for level, message, series in notes), notes
+    finally:
+        second.stop()

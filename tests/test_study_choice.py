@@ -18,7 +18,7 @@ from ihd_node.imaging.volume import slice_headers
 from ihd_node.model.network import IhdModel
 from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import tiny_config
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import PhantomSeries, make_series, write_series
 from ihd_node.triage.choice import BONE, SOFT, UNKNOWN, kernel_of_name, profile, rank, why_lower

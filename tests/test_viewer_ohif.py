@@ -21,7 +21,7 @@ from orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc
 from viewer import OHIF_DIST, ViewerServer
 
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import free_port
 from ihd_node.sim.phantom import make_series, write_series
 

@@ -20,7 +20,7 @@ from waiting import poll_until
 
 from ihd_node.commands.demo import STUDIES
 from ihd_node.config import default_config
-from ihd_node.node.service import Node
+from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.sim.phantom import make_series, write_series
 from ihd_node.web.server import hash_password

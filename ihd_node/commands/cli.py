@@ -17,8 +17,8 @@ CONFIG_HELP = "path of the node's config file (e.g. /etc/ihd-node/config.yaml)"
 
 # subcommand -> "module:function"; each function takes the parsed args and returns an exit code.
 HANDLERS = {
-    "serve": "ihd_node.node.service:serve_command",
-    "worker": "ihd_node.node.service:worker_command",
+    "serve": "ihd_node.commands.serve:serve_command",
+    "worker": "ihd_node.commands.worker:worker_command",
     "analyze": "ihd_node.commands.analyze:analyze_command",
     "demo": "ihd_node.commands.demo:demo_command",
     "phantom": "ihd_node.commands.phantom:phantom_command",

@@ -53,7 +53,7 @@ def sr_findings(path: Path) -> list[str]:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from ihd_node.node.service import Node
+    from ihd_node.node.wiring import Node
     from ihd_node.sim.phantom import make_series, write_series
 
     # The node's own event log goes to the log database here; the terminal shows what a person wants to see.

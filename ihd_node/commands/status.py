@@ -26,6 +26,7 @@ from ihd_node.commands.readout import (
     text_table,
 )
 from ihd_node.store import Database, Delivery, NodeRun, Series, utcnow
+from ihd_node.store.work import last_health_event
 
 WAITING = "waiting for the rest of the series"  # series.reason while the completion checks hold it back
 
@@ -72,7 +73,7 @@ def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
     return {
         "generated_at": iso(now),
         "database": db.url.render_as_string(hide_password=True),
-        "node": node_data(db.node_runs(), now),
+        "node": with_health(db, node_data(db.node_runs(), now)),
         "in_flight": [row(x) for x in rows.in_flight],
         "outbox": {
             "pending": rows.pending,
@@ -119,6 +120,14 @@ def node_data(runs: Sequence[NodeRun], now: datetime) -> dict[str, Any]:
     }
 
 
+def with_health(db: Database, node: dict[str, Any]) -> dict[str, Any]:
+    """The running node's last "degraded"/"recovered" note (ihd_node.node.loops), None when it has none."""
+    cur = node["current"]
+    event = last_health_event(db, datetime.fromisoformat(cur["started_at"])) if node["state"] == "running" else None
+    node["health"] = None if event is None else {"at": iso(event.at), "note": event.message}
+    return node
+
+
 def format_node(node: dict[str, Any]) -> list[str]:
     cur = node["current"]
     if node["state"] == "never_started":
@@ -129,6 +138,10 @@ def format_node(node: dict[str, Any]) -> list[str]:
                  f"(heartbeat {age(cur['seconds_since_heartbeat'])} ago)"]
         lines += [f"  also running: {r['host']} pid {r['pid']} since {short_time(r['started_at'])}"
                   for r in node["running"][1:]]
+        health = node.get("health")
+        if health:
+            word = "DEGRADED" if health["note"].startswith("degraded") else "was degraded"
+            lines.append(f"  {word} (booked {short_time(health['at'])}): {health['note']}")
         return lines
     if node["state"] == "not_responding":
         return [f"Node: NOT RUNNING - {where} gave its last heartbeat {short_time(cur['last_heartbeat'])} "

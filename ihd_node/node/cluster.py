@@ -29,18 +29,18 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
 from ihd_node import nodelog
 from ihd_node.config import Config
-from ihd_node.store import Database, NodeRun, Series, utcnow
+from ihd_node.store import Database, utcnow, work
 
 if TYPE_CHECKING:  # procrastinate is imported where jobs are submitted or run: `status` needs only SQL
     import procrastinate
@@ -49,7 +49,6 @@ QUEUE = "analysis"
 TASK = "ihd_node.analyse_series"
 PRIORITY = {"stat": 10, "normal": 0}  # procrastinate runs higher numbers first
 DELIVERY_LOCK_KEY = 7_140_002  # pg advisory lock: the one active deliverer
-RESUBMIT_AFTER_SECONDS = 20.0  # a series complete this long without a job gets one
 
 
 def conninfo(database_url: str) -> str:
@@ -83,8 +82,10 @@ def analysis_identity(config: Config) -> str:
         checkpoint = Path(__file__).resolve().parent / "weights" / "default.pt"
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]
     a, s = config.analysis, config.series
+    # model.explain picks what the heatmaps explain (decision or CNN): other captures, so another job.
     settings = json.dumps({"thresholds": a.thresholds, "gradcam": a.gradcam, "max_sc": a.max_secondary_captures,
-                           "thin": s.thin_slice_mm, "slab": s.slab_mm}, sort_keys=True)
+                           "thin": s.thin_slice_mm, "slab": s.slab_mm, "explain": config.model.explain},
+                          sort_keys=True)
     return f"{digest}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -140,26 +141,15 @@ class JobQueue:
 
     def is_queued(self, series_uid: str) -> bool:
         """A job for the series waits or runs (the study choice does not queue it twice)."""
-        with self.db.engine.connect() as conn:
-            return bool(conn.execute(text(
-                "SELECT count(*) FROM procrastinate_jobs WHERE queueing_lock = :k AND status IN ('todo', 'doing')"),
-                {"k": job_key(series_uid, self.identity)}).scalar())
+        return work.job_waits_or_runs(self.db.engine, job_key(series_uid, self.identity))
 
     def depth(self) -> int:
         return sum(queue_depth(self.db.engine).values())
 
-    def orphans(self, now: datetime | None = None) -> list[Series]:
-        """Series complete (or analyzing) for a while with no job waiting or running for them."""
-        now = now or utcnow()
-        before = now - timedelta(seconds=RESUBMIT_AFTER_SECONDS)
-        series = [s for s in self.db.series_in_state("complete", "analyzing") if s.updated <= before]
-        if not series:
-            return []
-        with self.db.engine.connect() as conn:
-            live = set(conn.execute(text(
-                "SELECT queueing_lock FROM procrastinate_jobs WHERE status IN ('todo', 'doing') "
-                "AND queue_name = :q"), {"q": QUEUE}).scalars())
-        return [s for s in series if job_key(s.series_instance_uid, self.identity) not in live]
+    def live_series(self) -> Callable[[str], bool]:
+        """A test "has this series a job waiting or running", on one snapshot of the queue (orphan sweep)."""
+        live = work.live_job_keys(self.db.engine, QUEUE)
+        return lambda series_uid: job_key(series_uid, self.identity) in live
 
 
 def queue_depth(engine: Engine) -> dict[str, int]:
@@ -167,22 +157,12 @@ def queue_depth(engine: Engine) -> dict[str, int]:
     if engine.dialect.name != "postgresql":
         return {}
     names = {v: k for k, v in PRIORITY.items()}
-    with engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT priority, count(*) FROM procrastinate_jobs WHERE status = 'todo' AND queue_name = :q "
-            "GROUP BY priority"), {"q": QUEUE}).all()
+    rows = work.waiting_jobs_by_priority(engine, QUEUE)
     depth = dict.fromkeys(PRIORITY, 0)
     for priority, count in rows:
         name = names.get(priority, str(priority))
         depth[name] = depth.get(name, 0) + int(count)
     return depth
-
-
-def other_job_running(engine: Engine, key: str, job_id: int) -> bool:
-    with engine.connect() as conn:
-        return bool(conn.execute(text(
-            "SELECT count(*) FROM procrastinate_jobs WHERE queueing_lock = :k AND status = 'doing' AND id <> :id"),
-            {"k": key, "id": job_id}).scalar())
 
 
 def requeue_stalled(app: procrastinate.App, engine: Engine, stalled_seconds: float) -> list[int]:
@@ -204,9 +184,7 @@ def requeue_stalled(app: procrastinate.App, engine: Engine, stalled_seconds: flo
                 app.job_manager.retry_job_by_id(job_id, retry_at=utcnow())
                 requeued.append(job_id)
             except Exception as exc:  # another worker's sweep was first, or an identical job already waits
-                with engine.begin() as conn:
-                    conn.execute(text("UPDATE procrastinate_jobs SET status = 'failed' WHERE id = :id AND "
-                                      "status = 'doing'"), {"id": job_id})
+                work.drop_stalled_job(engine, job_id)
                 nodelog.info("analysis.stalled_job_dropped", job=job_id, why=f"{type(exc).__name__}: {exc}")
     for job_id in requeued:
         nodelog.warning("analysis.stalled_job_requeued", job=job_id,
@@ -215,18 +193,6 @@ def requeue_stalled(app: procrastinate.App, engine: Engine, stalled_seconds: flo
 
 
 # ---------------------------------------------------------------- membership (node_runs)
-
-
-def join(db: Database, run_id: int, roles: list[str], device: str | None) -> None:
-    """Note this process's roles on its node_runs row (whose heartbeat ihd_node.node.service writes)."""
-    with db.session() as s:
-        s.execute(update(NodeRun).where(NodeRun.id == run_id).values(roles=",".join(roles), device=device))
-
-
-def job_done(db: Database, run_id: int, seconds: float) -> None:
-    with db.session() as s:
-        s.execute(update(NodeRun).where(NodeRun.id == run_id).values(
-            jobs_done=NodeRun.jobs_done + 1, busy_seconds=NodeRun.busy_seconds + seconds))
 
 
 def stalled_after(config: Config) -> float:
@@ -249,10 +215,7 @@ class MemberView:
 def cluster_view(db: Database, now: datetime | None = None) -> dict[str, Any]:
     """What `ihd-node status` shows of a multi-machine node; {} for a single process."""
     now = now or utcnow()
-    with db.read_session() as s:
-        rows = list(s.scalars(select(NodeRun).where(NodeRun.roles.is_not(None), NodeRun.stopped_at.is_(None),
-                                                    NodeRun.heartbeat_at >= now - timedelta(hours=1))
-                              .order_by(NodeRun.started_at)))
+    rows = work.cluster_members(db, now)
     if not rows:
         return {}
     members = []
@@ -280,12 +243,10 @@ class DeliveryLease:
         """True while this process is the deliverer; tries to become it otherwise."""
         try:
             if self._conn is not None:
-                self._conn.execute(text("SELECT 1"))  # the server still knows us: the lock is still ours
+                work.ping(self._conn)  # the server still knows us: the lock is still ours
                 return True
             conn = self.engine.connect()
-            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": DELIVERY_LOCK_KEY}).scalar())
-            conn.commit()
-            if got:
+            if work.try_advisory_lock(conn, DELIVERY_LOCK_KEY):
                 self._conn = conn
                 nodelog.info("delivery.lease_taken")
                 return True

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from ihd_node.web.console import console_routes
-from ihd_node.web.health import readiness
+from ihd_node.web.health import overall, readiness
 from ihd_node.web.metrics import Live, registry
 from ihd_node.web.server import Request, Response, WebServer, as_json, disk_free, text
 
 
 def make_web_server(node: Any) -> WebServer:
-    """`node` is the running ihd_node.node.service.Node."""
+    """`node` is the running ihd_node.node.wiring.Node."""
     cfg = node.config
     db = node.db
     spool_dir = Path(cfg.storage.spool_dir)
@@ -27,10 +27,14 @@ def make_web_server(node: Any) -> WebServer:
         return node.model_name()
 
     def healthz(_r: Request) -> Response:
-        checks = readiness(db, spool_dir, cfg.storage.min_free_mb, model, node.dead_threads)
-        ready = all(c.ok for c in checks)
-        return as_json(200 if ready else 503, {"status": "ready" if ready else "not ready",
-                                               "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}})
+        checks = readiness(db, spool_dir, cfg.storage.min_free_mb, model, node.dead_threads,
+                           getattr(node, "degraded", lambda: None))
+        code, word = overall(checks)
+        body: dict[str, object] = {"status": word,
+                                   "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}}
+        if word == "degraded":
+            body["reason"] = next(c.detail for c in checks if c.name == "loops")
+        return as_json(code, body)
 
     def liveness(_r: Request) -> Response:
         dead = node.dead_threads()

