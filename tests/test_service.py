@@ -271,3 +271,27 @@ def test_a_spool_file_that_cannot_be_indexed_again_is_kept_aside_and_booked(tmp_
                    and series == phantom.series_instance_uid for level, message, series in notes), notes
     finally:
         second.stop()
+
+
+def test_a_slice_left_out_at_a_duplicate_position_is_booked(tmp_path: Path, predictor: Predictor) -> None:
+    """Two instances at one position: the volume keeps the first and the node books which it left out."""
+    phantom = make_series(11, subtypes=[], n_slices=N_SLICES, size=128)
+    files = write_series(phantom, tmp_path / "study")
+    twin = pydicom.dcmread(files[5])
+    twin.SOPInstanceUID = twin.file_meta.MediaStorageSOPInstanceUID = f"{twin.SOPInstanceUID}.9"
+    twin.InstanceNumber = 99
+    twin.save_as(tmp_path / "study" / "twin.dcm")
+    files.append(tmp_path / "study" / "twin.dcm")
+    with MiniPACS(tmp_path / "pacs", ae_title="PACS") as pacs:
+        node = Node(node_config(tmp_path / "node", pacs), predictor=predictor).start()
+        try:
+            assert send_files(files, host="127.0.0.1", port=node.port, called_aet="IHD_AI",
+                              calling_aet="PACS") == [0] * (N_SLICES + 1)
+            uid = phantom.series_instance_uid
+            assert wait_until(lambda: node.db.get_series(uid).state == "delivered", 60), node.db.get_series(uid)
+            assert node.db.latest_analysis(uid).n_slices == N_SLICES
+            notes = [e.message for e in node.db.study_detail(phantom.study_instance_uid).events]
+            assert any("slice left out" in m and "duplicate position" in m and twin.SOPInstanceUID in m
+                       for m in notes), notes
+        finally:
+            node.stop()

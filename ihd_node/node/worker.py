@@ -161,6 +161,9 @@ class AnalysisWorker:
                 self.db.log_event("analysis", f"cannot analyse: {exc}", level="WARNING",
                                   series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
             return
+        for note in result.volume.dropped:  # never silent: a slice left out of the volume is booked with why
+            self.db.log_event("analysis", f"slice left out: {note}", level="WARNING",
+                              series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
 
         revision = series.revision  # analyses done before this one; the report's revision counter
         t0 = time.perf_counter()
