@@ -7,9 +7,14 @@ STAMP := $(VENV)/.installed
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .viewer/ohif-$(OHIF_VERSION)
 
-.PHONY: venv viewer demo test lint bench train-phantom clean
+.PHONY: venv packages viewer demo test lint bench train-phantom clean
 
 venv: $(STAMP)
+
+# The Debian packages the tests need (.ci/packages.txt): installed when run as root with apt-get, else one line
+# naming what is missing and which tests that skips. Never stops the run.
+packages:
+	@.ci/packages
 
 # Re-install only when the project's dependencies change; a no-op otherwise.
 $(STAMP): pyproject.toml
@@ -23,7 +28,7 @@ $(STAMP): pyproject.toml
 # into the git-ignored .viewer/. Skipped with a note when npm is not installed.
 viewer: $(OHIF_DIR)/dist/index.html
 
-$(OHIF_DIR)/dist/index.html:
+$(OHIF_DIR)/dist/index.html: | packages
 	@if command -v npm >/dev/null; then \
 	  mkdir -p .viewer && cd .viewer && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && \
 	  rm -rf ohif-$(OHIF_VERSION) && mkdir ohif-$(OHIF_VERSION) && \
@@ -34,7 +39,7 @@ $(OHIF_DIR)/dist/index.html:
 demo: venv
 	$(BIN)/ihd-node demo
 
-test: venv viewer
+test: packages venv viewer
 	$(BIN)/python -m pytest -q
 
 lint: venv

@@ -1,12 +1,16 @@
 """The `paper` preset on an accelerator: end-to-end model time of one study and CNN training throughput.
 
-1. Model time per study: a --slices study (HU array in host memory, 512x512) -> preprocessing on the device,
-   CNN in batches, PCA + BiLSTM, sigmoid, Grad-CAM for --cam-slices slices (every class of each), all
-   results back on the host; bf16 autocast (where the device supports it), channels-last,
-   cudnn.benchmark; warmed up first, then the median of --repeats. Target on an H100/H200: < 150 ms.
+1. Model time per study, on the node's own path: Predictor.predict (ihd_node/model/pipeline.py) on a --slices
+   phantom head (HU array in host memory, 512x512): preprocessing on the device, CNN in batches, PCA +
+   BiLSTM, sigmoid, then Grad-CAM of the decision (the BiLSTM's logit back through the selector into the
+   CNN's CAM layer, as the node's default `explain: decision`) for --cam-slices slices, every class of each,
+   each map kept inside the slice's intracranial mask, all results back on the host. As the node runs it:
+   fp32, channels-last; cudnn.benchmark on; warmed up first, then the median of --repeats.
+   Target on an H100/H200: < 150 ms.
 2. Training throughput of the CNN stage: slices/s at --train-size px with AMP (bf16 autocast), AdamW,
    batch --train-batch, channels-last; warmed up, then --train-steps timed. Target: >= 800 slices/s.
-The weights are random (only speed is measured). `--device cpu --tiny` runs the same code at toy sizes
+The weights are random (only speed is measured): all thresholds are 0 so every slice is positive and the
+--cam-slices slices get maps. `--device cpu --tiny` runs the same code at toy sizes
 (tests/test_bench_gpu.py runs it so that this script cannot rot while no GPU is at hand).
 
     bench/gpu.sh [--device cuda] [--slices 40] [--repeats 5] [--train-batch 64] [--train-steps 30]
@@ -25,10 +29,10 @@ import numpy as np
 import torch
 
 from ihd_node.classes import CLASSES
-from ihd_node.model.gradcam import grad_cam
 from ihd_node.model.network import IhdModel
-from ihd_node.model.preprocess import prepare_slices
+from ihd_node.model.pipeline import Predictor
 from ihd_node.model.presets import get_preset, tiny_config
+from ihd_node.sim.phantom import make_series
 
 TARGET_STUDY_MS = 150.0
 TARGET_TRAIN_SLICES_S = 800.0
@@ -51,24 +55,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def study_seconds(model: IhdModel, hu: np.ndarray, device: torch.device, cam_slices: int, bf16: bool) -> float:
-    """One study end to end (host HU in, host probabilities and heatmaps out)."""
-    cfg = model.config
-    sync(device)
+def study_seconds(predictor: Predictor, hu: np.ndarray, pixel_spacing: float, cam_slices: int) -> float:
+    """One study end to end as the node analyses it (host HU in, host probabilities and heatmaps out)."""
+    sync(predictor.device)
     t0 = time.perf_counter()
-    x = prepare_slices(hu, cfg.input_size, device, windows=cfg.windows, mean=cfg.mean,
-                       std=cfg.std).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        with torch.inference_mode():
-            logits, feats = model.cnn(x)
-            seq = model.sequence_logits(feats.float().unsqueeze(0), logits.float().unsqueeze(0))[0]
-            probs = torch.sigmoid(seq.float()).cpu().numpy()
-        top = np.argsort(-probs.max(axis=1))[:cam_slices]  # the slices the node would explain
-        targets = [(int(i), k) for i in top for k in range(len(CLASSES))]
-        maps = grad_cam(model.cnn, x.clone(), targets, out_size=hu.shape[1:], batch_size=len(hu))
-    assert maps.shape[0] == len(targets) and np.isfinite(probs).all()
-    sync(device)
-    return time.perf_counter() - t0
+    prediction = predictor.predict(hu, explain=True, max_cam_slices=cam_slices, pixel_spacing_mm=pixel_spacing)
+    sync(predictor.device)
+    seconds = time.perf_counter() - t0
+    assert prediction.explained == "decision" and len(prediction.heatmaps) == cam_slices * len(CLASSES)
+    assert np.isfinite(prediction.slice_probabilities).all()
+    return seconds
 
 
 def train_slices_per_second(model: IhdModel, device: torch.device, size: int, batch: int, steps: int,
@@ -122,14 +118,19 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     torch.manual_seed(0)
-    model = IhdModel(config).to(device).eval()
-    model.cnn.to(memory_format=torch.channels_last)
-    hu = np.random.default_rng(0).normal(40, 30, (args.slices, 512, 512)).astype(np.float32)
+    model = IhdModel(config)
+    predictor = Predictor.from_model(model, dict.fromkeys(CLASSES, 0.0), "random", "0", device=device,
+                                     explain="decision")
+    # A phantom head (skull, brain, a bleed): the intracranial masks are made as for a real series.
+    head = make_series(7, subtypes=["subdural"], n_slices=args.slices, size=512,
+                       slice_spacing=min(10.0, 190.0 / max(args.slices - 1, 1)))
+    hu = head.hu
 
-    print(f"device: {device_name(device)}; torch {torch.__version__}; bf16 autocast {'on' if bf16 else 'off'}")
+    print(f"device: {device_name(device)}; torch {torch.__version__}; node path (Predictor.predict, fp32, "
+          f"decision Grad-CAM); training bf16 autocast {'on' if bf16 else 'off'}")
     for _ in range(3):  # warm: kernels, cudnn autotuning, allocator
-        study_seconds(model, hu, device, args.cam_slices, bf16)
-    times = [study_seconds(model, hu, device, args.cam_slices, bf16) for _ in range(args.repeats)]
+        study_seconds(predictor, hu, head.pixel_spacing, args.cam_slices)
+    times = [study_seconds(predictor, hu, head.pixel_spacing, args.cam_slices) for _ in range(args.repeats)]
     ms = 1000 * statistics.median(times)
     name = "tiny resnet18" if args.tiny else args.preset
     print(f"  {name}: one {args.slices}-slice study end to end with Grad-CAM for {args.cam_slices} slices x "

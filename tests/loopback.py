@@ -39,7 +39,8 @@ def destination(name: str, ae_title: str, port: int, **extra: Any) -> dict[str, 
 def node_config(root: Path, destinations: list[dict[str, Any]], port: int | None = None,
                 **sections: Any) -> Config:
     """The node as IHD_AI on 127.0.0.1 (a free port unless given), no free-disk floor, state under root;
-    `sections` override or extend the defaults like default_config's."""
+    `sections` override or extend the defaults like default_config's. The series defaults are the shipped
+    ones (completion evidence on): send full heads (tests/heads.py)."""
     node = {"ae_title": NODE_AET, "host": "127.0.0.1", "port": port or free_port(), **sections.pop("node", {})}
     storage = {"min_free_mb": 0, **sections.pop("storage", {})}
     return default_config(root, node=node, storage=storage, destinations=destinations, **sections)

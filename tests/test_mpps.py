@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pydicom
 import pytest
+from heads import full_head, full_head_spacing
 from loopback import destination, node_config, running_node, tiny_predictor
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -20,7 +21,7 @@ from waiting import poll_until
 
 from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
-from ihd_node.sim.phantom import make_series
+from ihd_node.sim.phantom import PhantomSeries, make_series
 from ihd_node.store import Event
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -32,8 +33,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Mi
     root = tmp_path_factory.mktemp("mpps")
     with MiniPACS(root / "pacs", ae_title="PACS") as pacs:
         config = node_config(root / "state", [destination("pacs", "PACS", pacs.port)],
-                             series={"quiet_seconds": QUIET, "max_wait_seconds": MAX_WAIT,
-                                     "check_geometry": False, "check_coverage": False, "trust_mpps": ["CT1"]},
+                             series={"quiet_seconds": QUIET, "max_wait_seconds": MAX_WAIT, "trust_mpps": ["CT1"]},
                              analysis={"max_secondary_captures": 1})
         with running_node(config, tiny_predictor()) as node:
             yield node, pacs
@@ -97,6 +97,12 @@ def srs(pacs: MiniPACS, study_uid: str) -> list[Dataset]:
     return [pydicom.dcmread(o.path) for o in pacs.objects(study_uid) if o.sop_class_uid == SR_CLASS]
 
 
+def upper(series: PhantomSeries, n: int) -> list[Dataset]:
+    """The `n` uppermost slices of a series, in spatial order."""
+    by_sop = {ds.SOPInstanceUID: ds for ds in series.datasets}
+    return [by_sop[sop] for sop in series.sop_uids_sorted[-n:]]
+
+
 def events(node: Node, kind: str, uid: str | None = None) -> list[str]:
     with node.db.read_session() as s:
         query = select(Event).where(Event.kind == kind).order_by(Event.id)
@@ -107,7 +113,7 @@ def events(node: Node, kind: str, uid: str | None = None) -> list[str]:
 
 def test_completed_mpps_holds_the_series_until_the_rest_arrive_then_at_once(running) -> None:
     node, pacs = running
-    series = make_series(51, subtypes=[], n_slices=24, size=64)
+    series = full_head(51, n_slices=24, size=64)
     uid, study = series.series_instance_uid, series.study_instance_uid
     assert mpps(node.port, *step(series.datasets)) == [0, 0]
     store(node.port, series.datasets[:20])
@@ -137,7 +143,7 @@ def test_completed_mpps_holds_the_series_until_the_rest_arrive_then_at_once(runn
 
 def test_completed_mpps_with_instances_never_arriving_gives_a_preliminary_result(running) -> None:
     node, pacs = running
-    series = make_series(52, subtypes=[], n_slices=24, size=64)
+    series = full_head(52, n_slices=24, size=64)
     uid, study = series.series_instance_uid, series.study_instance_uid
     assert mpps(node.port, *step(series.datasets)) == [0, 0]
     sent = time.monotonic()
@@ -151,15 +157,16 @@ def test_completed_mpps_with_instances_never_arriving_gives_a_preliminary_result
 
 def test_discontinued_or_untrusted_mpps_does_not_hold_a_series(running) -> None:
     node, pacs = running
-    discontinued = make_series(53, subtypes=[], n_slices=12, size=64)
+    # 24 slices whose upper 20 span the head: sent alone, geometry and coverage pass and only MPPS could hold.
+    discontinued = full_head(53, n_slices=24, size=64, slice_spacing=full_head_spacing(20))
     create, _ = step(discontinued.datasets)
     stop = Dataset()
     stop.PerformedProcedureStepStatus = "DISCONTINUED"
     assert mpps(node.port, create, stop) == [0, 0]
-    untrusted = make_series(54, subtypes=[], n_slices=12, size=64)
+    untrusted = full_head(54, n_slices=24, size=64, slice_spacing=full_head_spacing(20))
     assert mpps(node.port, *step(untrusted.datasets), calling="OTHER_CT") == [0, 0]
     for series in (discontinued, untrusted):
-        store(node.port, series.datasets[:10])
+        store(node.port, upper(series, 20))
         assert wait_until(lambda s=series: node.db.get_series(s.series_instance_uid).state == "delivered", 60)
         row = node.db.get_series(series.series_instance_uid)
         assert (row.completed - row.last_received).total_seconds() < MAX_WAIT  # the quiet rule, not max_wait

@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
+from heads import full_head, full_head_spacing
 from waiting import poll_until
 
 from ihd_node.classes import CLASSES
@@ -29,7 +30,7 @@ from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.sim.phantom import make_series, write_series
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-N_SLICES = 12
+N_SLICES = 24  # a full head (tests/heads.py): the shipped completion evidence holds back less
 THRESHOLDS = dict.fromkeys(CLASSES, 0.3)  # a random model near 0.5 then finds "hemorrhage": captures are made
 
 
@@ -44,10 +45,7 @@ def node_config(root: Path, pacs: MiniPACS | None, **series: float) -> Config:
     dests = [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}] if pacs \
         else []
     return default_config(root, node={"ae_title": "IHD_AI", "host": "127.0.0.1", "port": free_port()},
-                          # Short phantoms (a stretch of the head) and late slices on purpose: the completion
-                          # evidence that would hold them back has its own tests (test_completion.py).
-                          series={"quiet_seconds": 0.3, "max_wait_seconds": 30.0, "check_geometry": False,
-                                  "check_coverage": False, **series},
+                          series={"quiet_seconds": 0.3, "max_wait_seconds": 30.0, **series},
                           storage={"min_free_mb": 0}, analysis={"max_secondary_captures": 3},
                           destinations=dests,
                           delivery={"retry_initial_seconds": 0.2, "retry_max_seconds": 1.0})
@@ -59,9 +57,12 @@ def wait_until(condition: Callable[[], object], seconds: float = 30.0) -> bool:
 
 def test_study_in_results_out_and_a_late_slice_gives_a_revised_sr(tmp_path: Path,
                                                                   predictor: Predictor) -> None:
-    phantom = make_series(3, subtypes=["subdural"], n_slices=N_SLICES, size=128)
+    # The upper N_SLICES - 1 slices span the head: the lowest one is spare, sent after the series was analysed.
+    phantom = full_head(3, ["subdural"], n_slices=N_SLICES, slice_spacing=full_head_spacing(N_SLICES - 1))
     files = write_series(phantom, tmp_path / "study")
-    late_file = files.pop()  # sent later: a slice that arrives after the series was analysed
+    late_file = dict(zip((ds.SOPInstanceUID for ds in phantom.datasets), files, strict=True))[
+        phantom.sop_uids_sorted[0]]
+    files.remove(late_file)
     with MiniPACS(tmp_path / "pacs", ae_title="PACS") as pacs:
         node = Node(node_config(tmp_path / "node", pacs), predictor=predictor).start()
         try:
@@ -100,8 +101,8 @@ def test_study_in_results_out_and_a_late_slice_gives_a_revised_sr(tmp_path: Path
 
 def test_restart_reindexes_the_spool_and_resumes_unfinished_series(tmp_path: Path,
                                                                    predictor: Predictor) -> None:
-    received = make_series(5, subtypes=["epidural"], n_slices=N_SLICES, size=128)
-    crashed = make_series(6, subtypes=[], n_slices=N_SLICES, size=128)
+    received = full_head(5, ["epidural"], n_slices=N_SLICES)
+    crashed = full_head(6, n_slices=N_SLICES)
     files_a = write_series(received, tmp_path / "a")
     files_b = write_series(crashed, tmp_path / "b")
     root = tmp_path / "node"
@@ -143,7 +144,8 @@ def test_restart_reindexes_the_spool_and_resumes_unfinished_series(tmp_path: Pat
 def test_ineligible_series_is_ignored_with_the_reason(tmp_path: Path, predictor: Predictor) -> None:
     few = make_series(7, subtypes=[], n_slices=4, size=64)
     files = write_series(few, tmp_path / "few")
-    node = Node(node_config(tmp_path / "node", None), predictor=predictor).start()
+    # Four slices of a head: the coverage evidence holds them until max_wait (short here), then they are judged.
+    node = Node(node_config(tmp_path / "node", None, max_wait_seconds=2.0), predictor=predictor).start()
     try:
         assert send_files(files, host="127.0.0.1", port=node.port, called_aet="IHD_AI", calling_aet="PACS") \
             == [0] * 4
@@ -158,7 +160,7 @@ def test_serve_process_with_dcmtk_storescu_and_sigterm(tmp_path: Path) -> None:
     torch.manual_seed(1)
     checkpoint = save_checkpoint(tmp_path / "tiny.pt", IhdModel(tiny_config()), thresholds=THRESHOLDS,
                                  name="tiny-random", version="0", provenance={"data": "none"})
-    phantom = make_series(11, subtypes=["intraventricular"], n_slices=N_SLICES, size=128)
+    phantom = full_head(11, ["intraventricular"], n_slices=N_SLICES)
     folder = tmp_path / "study"
     write_series(phantom, folder)
     port = free_port()
@@ -167,7 +169,7 @@ def test_serve_process_with_dcmtk_storescu_and_sigterm(tmp_path: Path) -> None:
         config.write_text(
             f"node: {{ae_title: IHD_AI, host: 127.0.0.1, port: {port}, allowed_calling_aets: [CT_SCANNER]}}\n"
             f"storage: {{dir: {tmp_path / 'state'}, min_free_mb: 0}}\n"
-            "series: {quiet_seconds: 0.3, check_coverage: false}\n"
+            "series: {quiet_seconds: 0.3}\n"
             f"destinations:\n  - {{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {pacs.port}}}\n"
             f"model: {{checkpoint: {checkpoint}, device: cpu}}\n"
             "analysis: {max_secondary_captures: 2}\n")

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ihd_node.sim.mini_pacs import free_port
+from tests.unprivileged import unprivileged
 
 EXE = Path(sys.executable).parent / "ihd-node"
 
@@ -90,12 +93,22 @@ def test_serve_answers_with_one_line_and_exit_2(configs: dict, case: str) -> Non
     one_clear_line(run("serve", "--config", str(path)), "serve", *words)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder: the permission case needs a user")
 def test_storage_dir_without_write_permission(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    path = config_file(tmp_path, storage={"dir": str(locked / "state")})
-    one_clear_line(run("check-config", str(path)), "check-config", "storage.dir", "not writable")
+    # Root may write into any folder: the command runs without that power (tests/unprivileged.py), from a
+    # folder everyone may enter (pytest's tmp_path is private to its owner) holding one nobody may write.
+    folder = Path(tempfile.mkdtemp(prefix="ihd-perm-"))
+    try:
+        folder.chmod(0o755)
+        locked = folder / "locked"
+        locked.mkdir(mode=0o555)
+        path = config_file(folder, storage={"dir": str(locked / "state")})
+        path.chmod(0o644)
+        proc = subprocess.run(unprivileged([str(EXE), "check-config", str(path)]), capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        one_clear_line(proc, "check-config", "storage.dir", "not writable")
+        assert not (locked / "state").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_serve_turns_an_unforeseen_start_up_failure_into_one_line(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from heads import full_head
 from loopback import destination, node_config, wait_finished
 from orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc
 from viewer import OHIF_DIST, ViewerServer
@@ -23,7 +24,7 @@ from viewer import OHIF_DIST, ViewerServer
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import free_port
-from ihd_node.sim.phantom import make_series, write_series
+from ihd_node.sim.phantom import write_series
 
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -43,6 +44,10 @@ pytestmark = [
 ]
 
 
+# Skull base to vertex at 5.4 mm, as the shipped model saw in training; completion evidence as shipped.
+HEAD_SLICES = 36
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """Orthanc holding a phantom study and the node's results for it; yields (orthanc, study UID)."""
@@ -53,10 +58,10 @@ def study(tmp_path_factory):
     try:
         config = node_config(
             tmp / "node", [destination("orthanc", orthanc.aet, orthanc.dicom_port)], port=node_port,
-            series={"quiet_seconds": 1, "check_coverage": False},  # 24 phantom slices: part of a head
+            series={"quiet_seconds": 1},
             analysis={"max_secondary_captures": 4})
         node = Node(config).start()
-        series = make_series(101, subtypes=["subdural"], n_slices=24)
+        series = full_head(101, ["subdural"], n_slices=HEAD_SLICES, size=512)
         files = write_series(series, tmp / "study")
         study_id = {orthanc.upload(f)["ParentStudy"] for f in files}.pop()
         orthanc.post("/modalities/ai/store", {"Resources": [study_id], "Synchronous": True})

@@ -70,9 +70,8 @@ class NodeProcess:
         config: dict = {
             "node": {"ae_title": NODE_AET, "host": "127.0.0.1", "port": self.port},
             "storage": {"dir": str(self.state_dir), "min_free_mb": 0},
-            # Short phantoms and late slices on purpose; completion evidence: tests/test_completion.py.
-            "series": {"quiet_seconds": 0.5, "max_wait_seconds": 30, "check_geometry": False,
-                       "check_coverage": False},
+            # Completion evidence (check_geometry, check_coverage) as shipped: tests send full heads (faults.py).
+            "series": {"quiet_seconds": 0.5, "max_wait_seconds": 30},
             "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}]
             if pacs else [],
             "model": {"checkpoint": str(checkpoint), "device": "cpu"},

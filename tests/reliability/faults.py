@@ -1,6 +1,6 @@
 """Helpers of the crash / outage / late / disk tests (the harness itself is conftest.py).
 
-- `make_study`: a small phantom series written to files (128x128, 8-12 slices).
+- `make_study`: a full-head phantom series written to files (128x128, 24 slices unless asked).
 - `store`: a C-STORE SCU that survives the node dying under it (answers None for what got no answer),
   as a PACS routing a study would see it.
 - `crash_env` / `pause_env`: the environment that arms a fault point of ihd_node.faults in the node.
@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from heads import full_head, full_head_spacing
 from pydicom import uid as tsuid
 from pynetdicom import AE
 
 from ihd_node.faults import CRASH_ENV, PAUSE_ENV
 from ihd_node.sim.mini_pacs import MiniPACS
-from ihd_node.sim.phantom import PhantomSeries, make_series, write_series
+from ihd_node.sim.phantom import PhantomSeries, write_series
 from ihd_node.uids import result_uid
 
 NODE_AET = "IHD_AI"  # same as conftest (not imported: conftest is not a module of a package)
@@ -50,10 +51,12 @@ class Study:
         return list(self.phantom.sop_uids_sorted)
 
 
-def make_study(folder: Path, seed: int, n_slices: int = 12,
-               subtypes: tuple[str, ...] = ("subdural",)) -> Study:
-    """A phantom head-CT series as files, listed in spatial order (so a test can hold back the last ones)."""
-    phantom = make_series(seed, subtypes=list(subtypes), n_slices=n_slices, size=128)
+def make_study(folder: Path, seed: int, n_slices: int = 24, subtypes: tuple[str, ...] = ("subdural",),
+               slice_spacing: float | None = None) -> Study:
+    """A phantom head-CT series, skull base to vertex (tests/heads.py), as files listed in spatial order (so a
+    test can hold back some). `slice_spacing` wider than a full head's leaves slices to spare at the ends."""
+    phantom = full_head(seed, subtypes, n_slices=n_slices, size=128,
+                        slice_spacing=slice_spacing or full_head_spacing(n_slices))
     paths = write_series(phantom, folder)
     by_sop = {str(ds.SOPInstanceUID): path for ds, path in zip(phantom.datasets, paths, strict=True)}
     files = [by_sop[uid] for uid in phantom.sop_uids_sorted]

@@ -26,7 +26,7 @@ aiosmtpd = pytest.importorskip("aiosmtpd", reason="aiosmtpd (dev extra) is neede
 from aiosmtpd.controller import Controller  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not have_openssl(), reason="the openssl command makes the SMTP test certificate")
-N = 12
+N = 24  # slices per study: a full head (faults.make_study), as the shipped completion evidence wants
 KILLED = -signal.SIGKILL
 
 

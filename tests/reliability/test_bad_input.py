@@ -42,6 +42,7 @@ from badinput import (
     status_name,
 )
 from conftest import NODE_AET, PACS_AET, NodeProcess, wait_until
+from heads import full_head
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
@@ -57,7 +58,7 @@ from pydicom.uid import (
 
 from ihd_node.intake.spool import dataset_bytes, valid_uid
 from ihd_node.sim.mini_pacs import MiniPACS, send_files
-from ihd_node.sim.phantom import make_series, write_series
+from ihd_node.sim.phantom import write_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk storescu not installed")
@@ -65,6 +66,7 @@ needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk
 REFUSALS = {MISMATCH, CANNOT_UNDERSTAND, UNPARSEABLE}
 NETWORK_TIMEOUT = 4  # node.network_timeout here: a peer stalled inside a PDU is dropped after this
 SLICES = 12  # >= series.min_slices (10), so a series is judged on what is wrong with it, not its length
+HEAD_SLICES = 24  # the phantom studies that must go through: full heads (tests/heads.py), evidence on
 SETTLED = ("ignored", "failed", "analyzed", "delivered")
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 TALLY = Tally()
@@ -651,7 +653,7 @@ def test_uids_with_path_characters_never_write_outside_the_spool(env: Env) -> No
 
 @needs_dcmtk
 def test_association_aborted_half_way_then_resent(env: Env) -> None:
-    series = make_series(11, n_slices=SLICES, size=64, encoding="int16")
+    series = full_head(11, None, n_slices=HEAD_SLICES, size=64, encoding="int16")
     files = write_series(series, env.root / "aborted")
     half = files[: SLICES // 2]
     since = env.last_event()
@@ -676,7 +678,7 @@ def test_association_aborted_half_way_then_resent(env: Env) -> None:
     run = env.storescu(files)  # the sender tries again with the whole study
     assert run.returncode == 0, run.stdout + run.stderr
     assert env.node.wait_state(uid_, ("delivered",), 90) == "delivered"
-    assert env.node.query("SELECT n_instances FROM series WHERE series_instance_uid = ?", uid_) == [(SLICES,)]
+    assert env.node.query("SELECT n_instances FROM series WHERE series_instance_uid = ?", uid_) == [(HEAD_SLICES,)]
     assert any(o.sop_class_uid == COMPREHENSIVE_3D_SR for o in env.pacs.objects(series.study_instance_uid))
     assert env.serving()
 
@@ -685,11 +687,11 @@ def test_association_aborted_half_way_then_resent(env: Env) -> None:
 
 
 def test_good_study_after_all_of_this_is_analysed_and_delivered(env: Env) -> None:
-    series = make_series(3, n_slices=SLICES, size=64, encoding="int16")
+    series = full_head(3, None, n_slices=HEAD_SLICES, size=64, encoding="int16")
     files = write_series(series, env.root / "good")
     assert (
         send_files(files, host="127.0.0.1", port=env.port, called_aet=NODE_AET, calling_aet="PACS")
-        == [SUCCESS] * SLICES
+        == [SUCCESS] * HEAD_SLICES
     )
     assert env.node.wait_state(series.series_instance_uid, ("delivered",), 90) == "delivered"
     received = env.pacs.objects(series.study_instance_uid)

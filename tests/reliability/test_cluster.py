@@ -28,7 +28,7 @@ from sqlalchemy import create_engine, text
 
 from ihd_node.sim.mini_pacs import MiniPACS, free_port
 
-N = 12  # slices per study (min_slices is 10)
+N = 24  # slices per study: a full head (faults.make_study)
 
 
 class Member:

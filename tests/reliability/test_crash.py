@@ -30,7 +30,7 @@ from faults import (
 
 from ihd_node.intake.spool import dataset_bytes, sha256_hex
 
-N = 12  # slices per study; min_slices (10) makes a partial series "ignored", never analysed
+N = 24  # slices per study: a full head (faults.make_study); min_slices (10) ignores a 5-slice partial
 KILLED = -signal.SIGKILL  # what Popen reports for a process ended by SIGKILL
 
 

@@ -22,7 +22,7 @@ from faults import check_results_once, done, make_study, start, store
 
 from ihd_node.sim.mini_pacs import MiniPACS
 
-N = 10
+N = 24  # slices per study: a full head (faults.make_study)
 # Result objects of one positive phantom series here: SR + summary capture + 2 slice captures.
 OBJECTS = 4
 HEARTBEAT = {"heartbeat_seconds": 0.5}

@@ -21,17 +21,24 @@ import pydicom
 import yaml
 from conftest import wait_until
 from faults import SC_CLASS, SR_CLASS, check_results_once, done, instance_rows, make_study, start, store
+from heads import full_head_spacing
 
 from ihd_node.uids import result_uid
 
-N = 12
+N = 24
+
+
+def with_spare(late: int) -> float:
+    """Slice spacing at which the N - `late` upper slices already span the head: the `late` lowest ones are
+    spare, so the series is complete (evidence on) before they come."""
+    return full_head_spacing(N - late)
 
 
 def test_late_slices_give_a_revised_sr_and_a_new_capture_series(tmp_path: Path, pacs, make_node) -> None:
-    study = make_study(tmp_path / "study", seed=31, n_slices=N)
+    study = make_study(tmp_path / "study", seed=31, n_slices=N, slice_spacing=with_spare(2))
     node = start(make_node(pacs, analysis={"max_secondary_captures": 3}))
-    first, late = study.files[:10], study.files[10:]  # the last two slices (in space) come late
-    assert store(first, node.port) == [0x0000] * 10
+    first, late = study.files[2:], study.files[:2]  # the lowest two slices (in space) come late
+    assert store(first, node.port) == [0x0000] * (N - 2)
     assert node.wait_state(study.series_uid, ("delivered",), 60) == "delivered", node.log()[-3000:]
     r0 = {o.sop_instance_uid: o for o in pacs.objects(study.study_uid)}
     assert len(r0) == 5  # SR, summary capture, 3 slice captures
@@ -44,7 +51,7 @@ def test_late_slices_give_a_revised_sr_and_a_new_capture_series(tmp_path: Path, 
 
     found = check_results_once(pacs, node, study)
     assert not found.duplicates and sorted(found.revisions) == [1, 2]
-    assert node.query("SELECT revision, n_slices FROM analyses ORDER BY revision") == [(1, 10), (2, N)]
+    assert node.query("SELECT revision, n_slices FROM analyses ORDER BY revision") == [(1, N - 2), (2, N)]
     assert node.query("SELECT revision FROM series")[0][0] == 2
     # Nothing of the first result went out twice; the revision added its own SR and captures.
     objects = pacs.objects(study.study_uid)
@@ -66,7 +73,7 @@ def test_late_slices_give_a_revised_sr_and_a_new_capture_series(tmp_path: Path, 
     assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (SR_CLASS, sr0.SOPInstanceUID)
     assert sr1.StudyInstanceUID == sr0.StudyInstanceUID == study.study_uid
 
-    # Captures: one SC series per revision, never mixed; the revision's captures cite the 12-slice series.
+    # Captures: one SC series per revision, never mixed; the revision's captures cite the whole series.
     by_rev = {r: [pydicom.dcmread(o.path) for o in objects
                   if o.sop_class_uid == SC_CLASS and o.series_instance_uid == uid("sc-series", r)]
               for r in (0, 1)}
@@ -114,13 +121,13 @@ def test_below_free_space_watermark_refuses_with_a700_then_accepts(tmp_path: Pat
 
 
 def test_spool_removed_after_delivery_when_keep_time_passed(tmp_path: Path, pacs, make_node) -> None:
-    study = make_study(tmp_path / "study", seed=33, n_slices=N)
+    study = make_study(tmp_path / "study", seed=33, n_slices=N, slice_spacing=with_spare(1))
     keep_hours = 0.0003  # 1.08 s
     node = start(make_node(pacs, retention={"spool_keep_hours": keep_hours}))
-    assert store(study.files[:11], node.port) == [0x0000] * 11
+    assert store(study.files[1:], node.port) == [0x0000] * (N - 1)
     assert node.wait_state(study.series_uid, ("delivered",), 60) == "delivered", node.log()[-3000:]
     spool = node.state_dir / "spool" / study.study_uid / study.series_uid
-    assert len(list(spool.glob("*.dcm"))) == 11
+    assert len(list(spool.glob("*.dcm"))) == N - 1
     assert wait_until(lambda: node.query("SELECT spool_removed FROM series")[0][0] is not None, 30)
     assert not spool.exists()
     delivered, removed = node.query("SELECT delivered, spool_removed FROM series")[0]
@@ -128,7 +135,7 @@ def test_spool_removed_after_delivery_when_keep_time_passed(tmp_path: Path, pacs
     assert waited >= keep_hours * 3600 - 0.05, waited
     # Rows stay: series, instances (their paths now point at nothing), analysis, outbox; the SR stays.
     assert node.series_state(study.series_uid) == "delivered"
-    assert len(instance_rows(node, study.series_uid)) == 11
+    assert len(instance_rows(node, study.series_uid)) == N - 1
     assert node.query("SELECT count(*) FROM analyses")[0][0] == 1
     assert node.query("SELECT count(*) FROM deliveries WHERE status = 'sent'")[0][0] == 4  # SR, summary, 2 SCs
     results = node.state_dir / "results" / study.series_uid / "r0"
@@ -136,7 +143,7 @@ def test_spool_removed_after_delivery_when_keep_time_passed(tmp_path: Path, pacs
     assert "retention.spool_removed" in node.log()
 
     # A late slice now: the earlier slices are gone, so the series cannot be analysed again; said so.
-    assert store(study.files[11:], node.port) == [0x0000]
+    assert store(study.files[:1], node.port) == [0x0000]
     assert node.wait_state(study.series_uid, ("failed",), 30) == "failed"
     reason = node.query("SELECT reason FROM series")[0][0]
     assert "files were removed" in reason and "spool_keep_hours" in reason, reason

@@ -24,7 +24,7 @@ from ihd_node.sim.mini_pacs import MiniPACS
 # Result objects of one positive phantom series here: SR + summary capture + 2 slice captures.
 OBJECTS = 4
 
-N = 10
+N = 24  # slices per study: a full head (faults.make_study)
 
 
 def attempts_of(node, series_uid: str) -> list[tuple[int, str, str, int | None, str | None]]:
