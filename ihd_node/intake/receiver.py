@@ -30,14 +30,14 @@ from pydicom.filereader import read_dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import select
 
 from ihd_node import nodelog
 from ihd_node.imaging.volume import CT_CLASSES
 from ihd_node.intake.mpps import MPPS_SOP_CLASS, MppsScp
 from ihd_node.intake.network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.intake.spool import Spool, file_preamble, sha256_hex, valid_uid, write_atomic
-from ihd_node.store.database import Database, InstanceBatcher, InstanceRecord, Series, Study, utcnow
+from ihd_node.store.arrivals import IgnoredArrival, record_ignored
+from ihd_node.store.database import Database, InstanceBatcher, InstanceRecord
 
 # Uncompressed, deflated and the common compressed syntaxes (all decodable by pydicom + pylibjpeg).
 TRANSFER_SYNTAXES: list[str] = [
@@ -471,7 +471,10 @@ class DatabaseRecorder:
 
     def instance_received(self, inst: ReceivedInstance) -> None:
         if inst.ignored_reason is not None:
-            if self._record_ignored(inst):
+            if record_ignored(self.db, IgnoredArrival(
+                    study_instance_uid=inst.study_instance_uid, series_instance_uid=inst.series_instance_uid,
+                    reason=inst.ignored_reason, accession_number=inst.accession_number, modality=inst.modality,
+                    series_description=inst.series_description, calling_aet=inst.peer.calling_aet)):
                 self.event("ignored", inst.ignored_reason, peer=inst.peer,
                            series_uid=inst.series_instance_uid, study_uid=inst.study_instance_uid)
             return
@@ -493,30 +496,3 @@ class DatabaseRecorder:
         elif rec.reopened:
             self.event("received", f"late instance after state {rec.previous_state}: the series will be "
                        "analysed again (revision + 1)", **where)
-
-    def _record_ignored(self, inst: ReceivedInstance) -> bool:
-        """A series of a class the node does not analyse: a row in state "ignored", no files, no instances.
-
-        True when the series is new (worth one event; not one per instance)."""
-        now = utcnow()
-        with self.db.session() as s:
-            study = s.scalars(select(Study).where(
-                Study.study_instance_uid == inst.study_instance_uid)).one_or_none()
-            if study is None:
-                study = Study(study_instance_uid=inst.study_instance_uid, first_received=now,
-                              last_received=now, accession_number=inst.accession_number[:16] or None)
-                s.add(study)
-            study.last_received = now
-            series = s.scalars(select(Series).where(
-                Series.series_instance_uid == inst.series_instance_uid)).one_or_none()
-            if series is None:
-                s.add(Series(series_instance_uid=inst.series_instance_uid, study=study, state="ignored",
-                             reason=inst.ignored_reason, modality=inst.modality[:16] or None,
-                             series_description=inst.series_description[:64] or None, n_instances=1,
-                             revision=0, calling_aet=inst.peer.calling_aet[:16], first_received=now,
-                             last_received=now, updated=now))
-                return True
-            if series.state == "ignored":  # otherwise a CT series holds a stray object: leave its state alone
-                series.n_instances += 1
-                series.last_received = series.updated = now
-            return False

@@ -17,12 +17,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from sqlalchemy import select
-
 from ihd_node import nodelog
 from ihd_node.config import SeriesConfig
 from ihd_node.imaging.volume import SliceHeader, slice_headers
-from ihd_node.store.database import Database, Series, Study
+from ihd_node.store.arrivals import study_series
+from ihd_node.store.database import Database, Series
 from ihd_node.triage.choice import UNKNOWN, SeriesProfile, profile, rank, why_lower
 
 ANALYSED = ("analyzing", "analyzed", "delivering", "delivered")
@@ -41,9 +40,7 @@ class StudyChoice:
         self._lock = threading.Lock()  # the assembler, start-up recovery and the worker (on failure) decide
 
     def study_series(self, study_uid: str) -> list[Series]:
-        with self.db.read_session() as s:
-            return list(s.scalars(select(Series).join(Study, Series.study_id == Study.id)
-                                  .where(Study.study_instance_uid == study_uid).order_by(Series.id)))
+        return study_series(self.db, study_uid)
 
     def decide(self, study_uid: str) -> None:
         with self._lock:
