@@ -6,9 +6,12 @@ IHD_NODE_CRASH_AT="<point>[:N][,<point>[:N]...]"
 IHD_NODE_PAUSE_AT="<point>[:N][,...]"
     The thread that passes <point> the N-th time logs `fault.paused point=<point>` and blocks for ever, so a
     test can `kill -9` the process from outside at a known place (other threads keep running).
+IHD_NODE_FAIL_AT="<point>[:N][,...]"
+    From the N-th time on, every pass of <point> raises InjectedFault: a step that keeps failing (an
+    unreadable file, a bug), to check that the failure ends in a recorded state with its reason.
 
-Before acting, a `fault.crash` / `fault.paused` line is written to the log, so a test can tell that the
-point was reached. The points (where they sit, and what the state is there):
+Before acting, a `fault.crash` / `fault.paused` / `fault.failed` line is written to the log (once), so a test
+can tell that the point was reached. The points (where they sit, and what the state is there):
 
     receive.spooled    ihd_node.intake.spool.write_atomic: a received instance's file is renamed into place and
                        fsynced; its database row is not written and its C-STORE not answered yet
@@ -20,6 +23,8 @@ point was reached. The points (where they sit, and what the state is there):
     delivery.booked    ihd_node.delivery.sender: one answer was booked in the outbox
     alert.sending      ihd_node.delivery.alerts: an alert row is due (the analysis is committed); nothing sent yet
     alert.accepted     ihd_node.delivery.alerts: the receiving server accepted the alert; not booked yet
+    completion.judge   ihd_node.triage.assembler: the completion checks of a quiet series are about to run
+    study.profile      ihd_node.triage.study: the profile of a complete series is about to be built
 """
 
 from __future__ import annotations
@@ -32,8 +37,13 @@ from ihd_node import nodelog
 
 CRASH_ENV = "IHD_NODE_CRASH_AT"
 PAUSE_ENV = "IHD_NODE_PAUSE_AT"
+FAIL_ENV = "IHD_NODE_FAIL_AT"
 POINTS = ("receive.spooled", "analysis.started", "analysis.written", "delivery.stored", "delivery.booked",
-          "alert.sending", "alert.accepted")
+          "alert.sending", "alert.accepted", "completion.judge", "study.profile")
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a point armed by IHD_NODE_FAIL_AT."""
 
 
 def _parse(text: str | None) -> dict[str, int]:
@@ -51,13 +61,14 @@ def _parse(text: str | None) -> dict[str, int]:
 
 _CRASH = _parse(os.environ.get(CRASH_ENV))
 _PAUSE = _parse(os.environ.get(PAUSE_ENV))
+_FAIL = _parse(os.environ.get(FAIL_ENV))
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
 
 
 def point(name: str) -> None:
     """A named place where a test may kill or pause the process; does nothing unless configured."""
-    if not _CRASH and not _PAUSE:
+    if not _CRASH and not _PAUSE and not _FAIL:
         return
     with _lock:
         _counts[name] = count = _counts.get(name, 0) + 1
@@ -67,3 +78,7 @@ def point(name: str) -> None:
     if _PAUSE.get(name) == count:
         nodelog.warning("fault.paused", point=name, count=count)
         threading.Event().wait()  # until the test kills the process
+    if name in _FAIL and count >= _FAIL[name]:
+        if count == _FAIL[name]:
+            nodelog.warning("fault.failed", point=name, count=count)
+        raise InjectedFault(f"fault injected at {name} (pass {count})")

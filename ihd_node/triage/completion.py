@@ -59,6 +59,18 @@ class SliceGeometry:
     pixel_spacing: float | None
 
 
+CHECK_FAILED = "check failed"
+
+
+class UnreadableHeader(Exception):
+    """A spool file whose header cannot be read (the message names the file)."""
+
+
+def check_failed(what: str, exc: BaseException) -> str:
+    """The hold reason of a check that could not be made: evidence of incompleteness, not its absence."""
+    return f"{CHECK_FAILED}: {what}: {type(exc).__name__}: {exc}"[:500]
+
+
 @dataclass(frozen=True)
 class Evidence:
     """What the checks say about one series now."""
@@ -66,6 +78,11 @@ class Evidence:
     holds: tuple[str, ...] = ()  # one reason per check that says "incomplete", named by the check
     proof: str | None = None  # a check that proves completeness on its own ("mpps"), overriding holds
     passed: tuple[str, ...] = ()  # checks that ran and found nothing missing
+
+    @property
+    def failed(self) -> bool:
+        """A check could not be made: that holds the series as any missing instance would."""
+        return any(h.startswith(CHECK_FAILED) for h in self.holds)
 
     @property
     def complete(self) -> bool:
@@ -251,6 +268,8 @@ class CompletionJudge:
         if cached is not None and cached[0] == key:
             return cached[1]
         result = self._judge(study_uid, series_uid, instances)
+        if result.failed:
+            return result  # not cached: the next tick tries again (a file may be readable by then)
         self._cache[series_uid] = (key, result)
         if len(self._cache) > 5000:  # finished series are never asked again
             self._cache.pop(next(iter(self._cache)))
@@ -300,7 +319,11 @@ class CompletionJudge:
             elif counts:
                 passed.append("pacs")
         if self.check_geometry or self.check_coverage:
-            stack = sorted_stack([self.headers.get(path) for _, path in instances])
+            try:  # the MPPS and PACS holds above are kept whatever happens here
+                stack = sorted_stack([self._header(path) for _, path in instances])
+            except UnreadableHeader as exc:
+                holds.append(f"{CHECK_FAILED}: slice headers: {exc}"[:500])
+                return Evidence(holds=tuple(holds), passed=tuple(passed))
             if self.check_geometry:
                 gaps = find_gaps(stack)
                 if gaps:
@@ -308,9 +331,18 @@ class CompletionJudge:
                 else:
                     passed.append("geometry")
             if self.check_coverage:
-                problem = coverage_problem(stack, self.load_hu)
+                try:
+                    problem = coverage_problem(stack, self.load_hu)
+                except Exception as exc:  # e.g. an end slice's pixels cannot be decoded
+                    problem = check_failed("coverage", exc)
                 if problem:
-                    holds.append("coverage: " + problem)
+                    holds.append(problem if problem.startswith(CHECK_FAILED) else "coverage: " + problem)
                 else:
                     passed.append("coverage")
         return Evidence(holds=tuple(holds), passed=tuple(passed))
+
+    def _header(self, path: str) -> SliceGeometry:
+        try:
+            return self.headers.get(path)
+        except Exception as exc:  # name the file: an admin looks for it in the spool
+            raise UnreadableHeader(f"{Path(path).name}: {type(exc).__name__}: {exc}") from exc
