@@ -11,7 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 
-from ihd_node.store.database import Database, Series, Study, utcnow
+from ihd_node.store.database import Completion, Database, Series, Study, utcnow
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,23 @@ def note_open_series(db: Database, reason: str, association_id: str | None = Non
     with db.session() as s:
         result = s.execute(update(Series).where(*where).values(reason=reason[:2000]))
         return int(result.rowcount or 0)
+
+
+def complete_series(db: Database, series_uid: str, rule: str, *, when: datetime, last_received: datetime | None,
+                    at: datetime, evidence: str | None, preliminary: str | None) -> Series | None:
+    """received -> complete with the rule that fired and, when the checks ran, its completions row, in one
+    transaction: a crash or a database error between the two would leave a series judged incomplete to be
+    analysed without its PRELIMINARY mark. None (nothing written) when the series is no longer "received" or
+    an instance arrived after `last_received` (not quiet after all: the next tick looks again)."""
+    with db.session() as s:
+        series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one_or_none()
+        if series is None or series.state != "received":
+            return None
+        if last_received is not None and series.last_received > last_received:
+            return None
+        series.state, series.reason, series.completion_rule = "complete", None, rule
+        series.completed, series.updated = when, utcnow()
+        if evidence is not None:
+            s.add(Completion(series_instance_uid=series_uid, at=at, rule=rule, n_instances=series.n_instances,
+                             evidence=evidence, preliminary=preliminary))
+        return series

@@ -23,6 +23,7 @@ from datetime import datetime
 
 from ihd_node import faults, nodelog
 from ihd_node.config import SeriesConfig
+from ihd_node.store.arrivals import complete_series
 from ihd_node.store.database import Candidate, Database, utcnow
 from ihd_node.triage.completion import CompletionJudge, Evidence, check_failed
 
@@ -66,25 +67,23 @@ class Assembler:
                         continue
                     rule, preliminary = "max_wait", "; ".join(evidence.holds)
             # Compare-and-set: a late instance may have reopened it since the query.
-            if not self.db.mark_complete(cand.series_instance_uid, rule, when=utcnow() if live else now,
-                                         last_received=cand.last_received):
+            series = complete_series(self.db, cand.series_instance_uid, rule, when=utcnow() if live else now,
+                                     last_received=cand.last_received, at=now, preliminary=preliminary,
+                                     evidence=evidence.describe() if evidence is not None else None)
+            if series is None:
                 continue
             self._held.pop(cand.series_instance_uid, None)
-            series = self.db.get_series(cand.series_instance_uid)
-            waited = (now - series.last_received).total_seconds() if series else 0.0
+            waited = (now - series.last_received).total_seconds()
             why = {"quiet": "association ended and quiet for", "mpps": "MPPS instances all here after"}.get(
                 rule, "no instance for")
-            message = f"rule={rule} ({why} {waited:.1f} s) instances={series.n_instances if series else '?'}"
+            message = f"rule={rule} ({why} {waited:.1f} s) instances={series.n_instances}"
             if evidence is not None:
                 message += f"; evidence: {evidence.describe()}"
-                self.db.record_completion(cand.series_instance_uid, rule=rule, at=now,
-                                          n_instances=series.n_instances if series else 0,
-                                          evidence=evidence.describe(), preliminary=preliminary)
             if preliminary:
                 message += "; the result will be PRELIMINARY (series may be incomplete)"
             self.db.log_event("complete", message, level="WARNING" if preliminary else "INFO",
                               series_instance_uid=cand.series_instance_uid,
-                              study_instance_uid=series.study_instance_uid if series else None)
+                              study_instance_uid=series.study_instance_uid)
             done.append(Candidate(cand.series_instance_uid, rule, cand.last_received))
             try:
                 self.on_complete(cand.series_instance_uid)
