@@ -36,7 +36,7 @@ from ihd_node.imaging.volume import CT_CLASSES
 from ihd_node.intake.mpps import MPPS_SOP_CLASS, MppsScp
 from ihd_node.intake.network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.intake.spool import Spool, file_preamble, sha256_hex, valid_uid, write_atomic
-from ihd_node.store.arrivals import IgnoredArrival, record_ignored
+from ihd_node.store.arrivals import IgnoredArrival, note_open_series, record_ignored
 from ihd_node.store.database import Database, InstanceBatcher, InstanceRecord
 
 # Uncompressed, deflated and the common compressed syntaxes (all decodable by pydicom + pylibjpeg).
@@ -66,6 +66,10 @@ DATASET_MISMATCH = 0xA900  # required UID missing, or dataset and request disagr
 CANNOT_UNDERSTAND = 0xC000  # a UID that is not a valid DICOM UID (path characters, too long)
 UNPARSEABLE = 0xC210  # the dataset bytes cannot be parsed
 
+# The reason a received series shows while it waits after its association ended without a release.
+ABORTED_WAITING = ("waiting for the rest of the series: its association {how} without a release, so instances "
+                   "may be missing; it completes at series.max_wait_seconds after the last instance (sooner "
+                   "only by a trusted MPPS listing all of them), PRELIMINARY while the checks say incomplete")
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ class Recorder(Protocol):
         ...
 
     def association_ended(self, peer: Peer, how: str) -> None:
-        """Released or aborted: its series may complete by the quiet rule."""
+        """`how`: "released" (its series may complete by the quiet rule), "aborted" or "closed" (no release:
+        its series may lack instances and wait for evidence or max_wait)."""
         ...
 
     def instance_received(self, instance: ReceivedInstance) -> None:
@@ -453,6 +458,12 @@ class Receiver:
         return SUCCESS
 
 
+def abort_open_associations(db: Database) -> int:
+    """At start-up: an association that was open when the node stopped ended without a release (the node
+    died or stopped with it), so its series wait as after an A-ABORT. Returns how many series."""
+    return note_open_series(db, ABORTED_WAITING.format(how="was open when the node stopped, so it ended"))
+
+
 class DatabaseRecorder:
     """The Recorder over ihd_node.store.database: instances, association ends, and audit events."""
 
@@ -467,7 +478,10 @@ class DatabaseRecorder:
                           peer_address=f"{peer.address}:{peer.port}" if peer else None)
 
     def association_ended(self, peer: Peer, how: str) -> None:
-        self.db.association_released(peer.key)
+        if how == "released":
+            self.db.association_released(peer.key)
+        else:  # an A-ABORT or a dropped connection says nothing about the series being whole
+            note_open_series(self.db, ABORTED_WAITING.format(how=how), association_id=peer.key)
 
     def instance_received(self, inst: ReceivedInstance) -> None:
         if inst.ignored_reason is not None:

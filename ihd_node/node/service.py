@@ -43,7 +43,7 @@ from ihd_node.delivery.sender import Outbox
 from ihd_node.errors import UserError
 from ihd_node.imaging.volume import FrameGroupsError, RecentHeaders
 from ihd_node.intake.mpps import MppsScp
-from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver, abort_open_associations
 from ihd_node.intake.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
 from ihd_node.site import site_value
 from ihd_node.store.database import Database, Delivery, NodeRun, ResultObject, open_database, utcnow
@@ -328,7 +328,7 @@ class Node:
         # "analyzing" series may be in a live worker's hands (dead workers' jobs come back by the stalled sweep).
         removed = 0 if self.clustered else self.spool.remove_temp_files()
         reindexed = self._reindex_spool()
-        released = 0 if self.clustered else self.db.release_all_associations()
+        left_open = 0 if self.clustered else abort_open_associations(self.db)  # they wait as after an A-ABORT
         requeued = 0
         for series in self.db.unfinished_series():
             if series.state == "analyzing" and self.clustered:
@@ -348,9 +348,9 @@ class Node:
                 requeued += 1
         with self.db.read_session() as s:
             pending = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.status == "pending"))
-        if removed or reindexed or released or requeued or pending:
+        if removed or reindexed or left_open or requeued or pending:
             self.db.log_event("recovery", f"temp_files_removed={removed} reindexed={reindexed} "
-                              f"series_resumed={released + requeued} deliveries_pending={pending}")
+                              f"series_resumed={left_open + requeued} deliveries_pending={pending}")
 
     def _reindex_spool(self) -> int:
         """Spool files whose database row is missing (a crash between the rename and the commit)."""
