@@ -37,7 +37,8 @@ from ihd_node.intake.network import (
     encode_store_response,
     parse_store_request,
 )
-from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.receiver import Admission, Receiver
+from ihd_node.intake.recorder import DatabaseRecorder
 from ihd_node.intake.spool import Spool, valid_uid
 from ihd_node.store.database import open_database
 

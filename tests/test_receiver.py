@@ -33,7 +33,8 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.receiver import Admission, Receiver
+from ihd_node.intake.recorder import DatabaseRecorder
 from ihd_node.intake.spool import Spool, file_preamble
 from ihd_node.store.database import Database, Event, open_database
 
@@ -379,7 +380,7 @@ def test_an_aborted_association_keeps_its_series_waiting_for_evidence(node: Setu
     from datetime import timedelta
 
     from ihd_node.config import SeriesConfig
-    from ihd_node.intake.receiver import abort_open_associations
+    from ihd_node.intake.recorder import abort_open_associations
     from ihd_node.store.database import utcnow
     from ihd_node.triage.assembler import Assembler
 

@@ -43,7 +43,8 @@ from ihd_node.delivery.sender import Outbox
 from ihd_node.errors import UserError
 from ihd_node.imaging.volume import FrameGroupsError, RecentHeaders
 from ihd_node.intake.mpps import MppsScp
-from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver, abort_open_associations
+from ihd_node.intake.receiver import Admission, Receiver
+from ihd_node.intake.recorder import DatabaseRecorder, abort_open_associations
 from ihd_node.intake.spool import Spool, dataset_bytes, sha256_hex, write_dataset_atomic
 from ihd_node.site import site_value
 from ihd_node.store.database import Database, Delivery, NodeRun, ResultObject, open_database, utcnow
