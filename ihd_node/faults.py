@@ -9,9 +9,12 @@ IHD_NODE_PAUSE_AT="<point>[:N][,...]"
 IHD_NODE_SLOW_AT="<point>[:N]" with IHD_NODE_SLOW_SECONDS=S
     The thread that passes <point> the N-th time logs `fault.slowed` and sleeps S seconds (default 10), so a
     test can take the database away while that thread is at a known place (it then carries on).
+IHD_NODE_FAIL_AT="<point>[:N][,...]"
+    From the N-th time on, every pass of <point> raises InjectedFault: a step that keeps failing (an
+    unreadable file, a bug), to check that the failure ends in a recorded state with its reason.
 
-Before acting, a `fault.crash` / `fault.paused` line is written to the log, so a test can tell that the
-point was reached. The points (where they sit, and what the state is there):
+Before acting, a `fault.crash` / `fault.paused` / `fault.failed` line is written to the log (once), so a test
+can tell that the point was reached. The points (where they sit, and what the state is there):
 
     receive.spooled    ihd_node.intake.spool.write_atomic: a received instance's file is renamed into place and
                        fsynced; its database row is not written and its C-STORE not answered yet
@@ -23,6 +26,8 @@ point was reached. The points (where they sit, and what the state is there):
     delivery.booked    ihd_node.delivery.sender: one answer was booked in the outbox
     alert.sending      ihd_node.delivery.alerts: an alert row is due (the analysis is committed); nothing sent yet
     alert.accepted     ihd_node.delivery.alerts: the receiving server accepted the alert; not booked yet
+    completion.judge   ihd_node.triage.assembler: the completion checks of a quiet series are about to run
+    study.profile      ihd_node.triage.study: the profile of a complete series is about to be built
 """
 
 from __future__ import annotations
@@ -36,8 +41,13 @@ from ihd_node import nodelog
 CRASH_ENV = "IHD_NODE_CRASH_AT"
 SLOW_ENV = "IHD_NODE_SLOW_AT"
 PAUSE_ENV = "IHD_NODE_PAUSE_AT"
+FAIL_ENV = "IHD_NODE_FAIL_AT"
 POINTS = ("receive.spooled", "analysis.started", "analysis.written", "delivery.stored", "delivery.booked",
-          "alert.sending", "alert.accepted")
+          "alert.sending", "alert.accepted", "completion.judge", "study.profile")
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a point armed by IHD_NODE_FAIL_AT."""
 
 
 def _parse(text: str | None) -> dict[str, int]:
@@ -57,13 +67,14 @@ _CRASH = _parse(os.environ.get(CRASH_ENV))
 _SLOW = _parse(os.environ.get(SLOW_ENV))
 _SLOW_SECONDS = float(os.environ.get("IHD_NODE_SLOW_SECONDS", "10"))
 _PAUSE = _parse(os.environ.get(PAUSE_ENV))
+_FAIL = _parse(os.environ.get(FAIL_ENV))
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
 
 
 def point(name: str) -> None:
     """A named place where a test may kill or pause the process; does nothing unless configured."""
-    if not _CRASH and not _PAUSE and not _SLOW:
+    if not _CRASH and not _PAUSE and not _SLOW and not _FAIL:
         return
     with _lock:
         _counts[name] = count = _counts.get(name, 0) + 1
@@ -76,3 +87,7 @@ def point(name: str) -> None:
     if _SLOW.get(name) == count:
         nodelog.warning("fault.slowed", point=name, count=count, seconds=_SLOW_SECONDS)
         threading.Event().wait(_SLOW_SECONDS)
+    if name in _FAIL and count >= _FAIL[name]:
+        if count == _FAIL[name]:
+            nodelog.warning("fault.failed", point=name, count=count)
+        raise InjectedFault(f"fault injected at {name} (pass {count})")

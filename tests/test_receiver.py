@@ -33,7 +33,8 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.receiver import Admission, Receiver
+from ihd_node.intake.recorder import DatabaseRecorder
 from ihd_node.intake.spool import Spool, file_preamble
 from ihd_node.store import Database, Event, open_database
 
@@ -371,3 +372,40 @@ def test_tls_inbound_with_client_certificates(tmp_path: Path) -> None:
     finally:
         receiver.stop()
         db.close()
+
+
+def test_an_aborted_association_keeps_its_series_waiting_for_evidence(node: Setup) -> None:
+    """A-ABORT half-way is no release: the series does not complete by the quiet rule, it waits (reason
+    recorded) for max_wait; an association that was open when the node stopped counts as aborted too."""
+    from datetime import timedelta
+
+    from ihd_node.config import SeriesConfig
+    from ihd_node.intake.recorder import abort_open_associations
+    from ihd_node.store.database import utcnow
+    from ihd_node.triage.assembler import Assembler
+
+    aborted, left_open = generate_uid(), generate_uid()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert [int(assoc.send_c_store(ct_dataset(aborted, i)).Status) for i in range(2)] == [0, 0]
+    assoc.abort()
+    assert wait_for(lambda: any(e.message.startswith(("aborted", "closed without release"))
+                                for e in node.events("association")))
+    series = node.db.get_series(aborted)
+    assert series.association_released is None
+    assert series.reason.startswith("waiting for the rest of the series: its association")
+
+    still = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)  # open while the node "dies"
+    try:
+        assert int(still.send_c_store(ct_dataset(left_open, 0)).Status) == 0
+        assert abort_open_associations(node.db) == 2  # the start-up recovery's call
+        assert "was open when the node stopped" in node.db.get_series(left_open).reason
+        assert node.db.get_series(left_open).association_released is None
+    finally:
+        still.abort()
+
+    assembler = Assembler(node.db, SeriesConfig(quiet_seconds=0.5, max_wait_seconds=10.0), lambda uid: None)
+    assert assembler.tick(now=utcnow() + timedelta(seconds=5)) == []  # quiet, but not released
+    done = assembler.tick(now=utcnow() + timedelta(seconds=10.5))
+    assert {(d.series_instance_uid, d.rule) for d in done} == {(aborted, "max_wait"), (left_open, "max_wait")}

@@ -124,7 +124,8 @@ def test_restart_reindexes_the_spool_and_resumes_unfinished_series(tmp_path: Pat
         con.commit()
         con.close()
 
-        second = Node(node_config(root, pacs), predictor=predictor).start()
+        # The re-indexed file's association was open at the "crash": its series waits for max_wait, not quiet.
+        second = Node(node_config(root, pacs, max_wait_seconds=5.0), predictor=predictor).start()
         try:
             for series in (received, crashed):
                 uid = series.series_instance_uid

@@ -90,3 +90,20 @@ def test_concurrent_atomic_writes_into_one_folder_all_land(tmp_path: Path, n: in
         t.join(30)
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{i}.dcm" for i in range(n))
     assert all((folder / f"{i}.dcm").read_bytes() == bytes([i]) * 1000 for i in range(n))
+
+
+def test_new_study_and_series_folders_are_fsynced_in_their_parents(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename into a new folder is durable only when the folder's own entry is: each folder made for
+    a new study or series is fsynced in its parent, once; a file into an existing folder syncs only it."""
+    import ihd_node.intake.spool as spool
+
+    synced: list[Path] = []
+    monkeypatch.setattr(spool, "_dir_sync", DirSync(lambda folder: synced.append(folder)))
+    root = tmp_path / "spool"
+    root.mkdir()
+    write_atomic(root / "1.2" / "1.2.3" / "a.dcm", b"x", fault=None)
+    assert synced == [root, root / "1.2", root / "1.2" / "1.2.3"]
+    synced.clear()
+    write_atomic(root / "1.2" / "1.2.3" / "b.dcm", b"y", fault=None)
+    assert synced == [root / "1.2" / "1.2.3"]

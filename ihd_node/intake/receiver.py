@@ -30,14 +30,12 @@ from pydicom.filereader import read_dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import select
 
 from ihd_node import nodelog
 from ihd_node.imaging.headers import CT_CLASSES
 from ihd_node.intake.mpps import MPPS_SOP_CLASS, MppsScp
 from ihd_node.intake.network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.intake.spool import Spool, file_preamble, sha256_hex, valid_uid, write_atomic
-from ihd_node.store import Database, InstanceBatcher, InstanceRecord, Series, Study, utcnow
 
 # Uncompressed, deflated and the common compressed syntaxes (all decodable by pydicom + pylibjpeg).
 TRANSFER_SYNTAXES: list[str] = [
@@ -99,7 +97,7 @@ class ReceivedInstance:
 
 
 class Recorder(Protocol):
-    """What the receiver needs from the node's database (the service implements it over ihd_node.store.database)."""
+    """What the receiver needs from the node's database (ihd_node.intake.recorder.DatabaseRecorder)."""
 
     def event(self, kind: str, message: str, *, level: str = "INFO", peer: Peer | None = None,
               series_uid: str | None = None, study_uid: str | None = None) -> None:
@@ -107,7 +105,8 @@ class Recorder(Protocol):
         ...
 
     def association_ended(self, peer: Peer, how: str) -> None:
-        """Released or aborted: its series may complete by the quiet rule."""
+        """`how`: "released" (its series may complete by the quiet rule), "aborted" or "closed" (no release:
+        its series may lack instances and wait for evidence or max_wait)."""
         ...
 
     def instance_received(self, instance: ReceivedInstance) -> None:
@@ -451,72 +450,3 @@ class Receiver:
                           error=f"{type(exc).__name__}: {exc}")
             return OUT_OF_RESOURCES
         return SUCCESS
-
-
-class DatabaseRecorder:
-    """The Recorder over ihd_node.store.database: instances, association ends, and audit events."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.batcher = InstanceBatcher(db)  # concurrent associations share transactions
-
-    def event(self, kind: str, message: str, *, level: str = "INFO", peer: Peer | None = None,
-              series_uid: str | None = None, study_uid: str | None = None) -> None:
-        self.db.log_event(kind, message, level=level, series_instance_uid=series_uid,
-                          study_instance_uid=study_uid, calling_aet=(peer.calling_aet[:16] or None) if peer else None,
-                          peer_address=f"{peer.address}:{peer.port}" if peer else None)
-
-    def association_ended(self, peer: Peer, how: str) -> None:
-        self.db.association_released(peer.key)
-
-    def instance_received(self, inst: ReceivedInstance) -> None:
-        if inst.ignored_reason is not None:
-            if self._record_ignored(inst):
-                self.event("ignored", inst.ignored_reason, peer=inst.peer,
-                           series_uid=inst.series_instance_uid, study_uid=inst.study_instance_uid)
-            return
-        rec = self.batcher.record(InstanceRecord(
-            study_instance_uid=inst.study_instance_uid, series_instance_uid=inst.series_instance_uid,
-            sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid, path=str(inst.path),
-            size=inst.size, sha256=inst.sha256, transfer_syntax=inst.transfer_syntax_uid,
-            calling_aet=inst.peer.calling_aet[:16], peer_address=inst.peer.address,
-            association_id=inst.peer.key,
-            accession_number=inst.accession_number or None, modality=inst.modality or None,
-            series_description=inst.series_description or None))
-        where = {"peer": inst.peer, "series_uid": inst.series_instance_uid,
-                 "study_uid": inst.study_instance_uid}
-        if rec.changed_content:
-            self.event("received", f"instance {inst.sop_instance_uid} sent again with other content; the "
-                       "newest is analysed, both files are kept", level="WARNING", **where)
-        if rec.previous_state is None:
-            self.event("received", "first instance of a new series", **where)
-        elif rec.reopened:
-            self.event("received", f"late instance after state {rec.previous_state}: the series will be "
-                       "analysed again (revision + 1)", **where)
-
-    def _record_ignored(self, inst: ReceivedInstance) -> bool:
-        """A series of a class the node does not analyse: a row in state "ignored", no files, no instances.
-
-        True when the series is new (worth one event; not one per instance)."""
-        now = utcnow()
-        with self.db.session() as s:
-            study = s.scalars(select(Study).where(
-                Study.study_instance_uid == inst.study_instance_uid)).one_or_none()
-            if study is None:
-                study = Study(study_instance_uid=inst.study_instance_uid, first_received=now,
-                              last_received=now, accession_number=inst.accession_number[:16] or None)
-                s.add(study)
-            study.last_received = now
-            series = s.scalars(select(Series).where(
-                Series.series_instance_uid == inst.series_instance_uid)).one_or_none()
-            if series is None:
-                s.add(Series(series_instance_uid=inst.series_instance_uid, study=study, state="ignored",
-                             reason=inst.ignored_reason, modality=inst.modality[:16] or None,
-                             series_description=inst.series_description[:64] or None, n_instances=1,
-                             revision=0, calling_aet=inst.peer.calling_aet[:16], first_received=now,
-                             last_received=now, updated=now))
-                return True
-            if series.state == "ignored":  # otherwise a CT series holds a stray object: leave its state alone
-                series.n_instances += 1
-                series.last_received = series.updated = now
-            return False

@@ -148,11 +148,27 @@ class DirSync:
 _dir_sync = DirSync()
 
 
+def make_dirs_durable(folder: Path, mode: int = 0o700) -> None:
+    """mkdir -p whose new folders survive a crash: the entry of each new folder is fsynced in its parent
+    (a new study or series folder otherwise may vanish with the files renamed into it, answered success)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode=mode)
+        except FileExistsError:
+            pass  # a concurrent writer made it; its entry may not be durable yet, so sync the parent anyway
+        _dir_sync(new.parent)
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o600, fault: str | None = "receive.spooled") -> None:
     """Temp file in the same folder + fsync + rename: readers see the whole file or none.
 
     `fault` names the crash point of ihd_node.faults passed once the file is in place (tests only)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.parent.is_dir():
+        make_dirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pydicom
 
 from ihd_node import nodelog
+from ihd_node.intake.recorder import abort_open_associations
 from ihd_node.intake.spool import Spool, dataset_bytes, sha256_hex
 from ihd_node.node.loops import describe
 from ihd_node.node.queue import AnalysisQueue
@@ -48,7 +49,7 @@ class Recovery:
         # "analyzing" series may be in a live worker's hands (dead workers' jobs come back by the stalled sweep).
         removed = 0 if self.clustered else self.spool.remove_temp_files()
         reindexed = self.reindex_spool()
-        released = 0 if self.clustered else self.db.release_all_associations()
+        left_open = 0 if self.clustered else abort_open_associations(self.db)  # they wait as after an A-ABORT
         requeued = 0
         for series in self.db.unfinished_series():
             if series.state == "analyzing" and self.clustered:
@@ -67,9 +68,9 @@ class Recovery:
                     continue
                 requeued += 1
         pending = pending_deliveries(self.db)
-        if removed or reindexed or released or requeued or pending:
+        if removed or reindexed or left_open or requeued or pending:
             self.db.log_event("recovery", f"temp_files_removed={removed} reindexed={reindexed} "
-                              f"series_resumed={released + requeued} deliveries_pending={pending}")
+                              f"series_resumed={left_open + requeued} deliveries_pending={pending}")
 
     def reindex_spool(self) -> int:
         """Spool files whose database row is missing (a crash between the rename and the commit)."""

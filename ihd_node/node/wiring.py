@@ -35,7 +35,8 @@ from ihd_node.delivery.sender import Outbox
 from ihd_node.errors import UserError
 from ihd_node.imaging.headers import FrameGroupsError, series_header_cache
 from ihd_node.intake.mpps import MppsScp
-from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.receiver import Admission, Receiver
+from ihd_node.intake.recorder import DatabaseRecorder
 from ihd_node.intake.spool import Spool
 from ihd_node.node.cluster import DeliveryLease
 from ihd_node.node.loops import Health, run_loop, supervised
@@ -287,15 +288,12 @@ class Node:
         def mpps_lists(series_uid: str) -> list[MppsList]:
             return [MppsList(uid, sops) for uid, sops in db.mpps_lists(series_uid)]
 
-        def pacs_count(study_uid: str, series_uid: str) -> list[tuple[str, int]]:
+        def pacs_count(study_uid: str, series_uid: str) -> list[tuple[str, int | None]]:
             from ihd_node.delivery.sender import count_series_instances
 
-            found = []
-            for dest in counted:
-                n = count_series_instances(dest, self.config.node.ae_title, study_uid, series_uid)
-                if n is not None:
-                    found.append((dest.name, n))
-            return found
+            # None where a destination could not be asked: the judge holds the series for it (fail closed)
+            return [(dest.name, count_series_instances(dest, self.config.node.ae_title, study_uid, series_uid))
+                    for dest in counted]
 
         return CompletionJudge(check_geometry=rules.check_geometry, check_coverage=rules.check_coverage,
                                mpps_lists=mpps_lists, pacs_count=pacs_count if counted else None)

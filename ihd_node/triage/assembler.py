@@ -10,6 +10,8 @@ evidence (MPPS instance list, PACS count, slice geometry, head coverage) says in
 series waits, each reason logged once. When max_wait runs out with evidence still saying "incomplete", the
 series completes anyway and its result goes out PRELIMINARY (the completions table keeps why). A trusted
 MPPS COMPLETED whose listed instances have all arrived completes the series at once ("mpps").
+A check that cannot be made (an unreadable file, the judge itself failing) is a hold like any other
+("check failed: <what>: <error>"): such a series is never completed as COMPLETE by the quiet rule.
 The rule that fired is stored with the series and logged.
 """
 
@@ -19,10 +21,11 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 
-from ihd_node import nodelog
+from ihd_node import faults, nodelog
 from ihd_node.config import SeriesConfig
 from ihd_node.store import Candidate, Database, utcnow
-from ihd_node.triage.completion import CompletionJudge, Evidence
+from ihd_node.store.arrivals import complete_series
+from ihd_node.triage.completion import CompletionJudge, Evidence, check_failed
 
 TICK_SECONDS = 0.25  # upper bound on the delay the tick adds to the quiet period
 
@@ -64,25 +67,23 @@ class Assembler:
                         continue
                     rule, preliminary = "max_wait", "; ".join(evidence.holds)
             # Compare-and-set: a late instance may have reopened it since the query.
-            if not self.db.mark_complete(cand.series_instance_uid, rule, when=utcnow() if live else now,
-                                         last_received=cand.last_received):
+            series = complete_series(self.db, cand.series_instance_uid, rule, when=utcnow() if live else now,
+                                     last_received=cand.last_received, at=now, preliminary=preliminary,
+                                     evidence=evidence.describe() if evidence is not None else None)
+            if series is None:
                 continue
             self._held.pop(cand.series_instance_uid, None)
-            series = self.db.get_series(cand.series_instance_uid)
-            waited = (now - series.last_received).total_seconds() if series else 0.0
+            waited = (now - series.last_received).total_seconds()
             why = {"quiet": "association ended and quiet for", "mpps": "MPPS instances all here after"}.get(
                 rule, "no instance for")
-            message = f"rule={rule} ({why} {waited:.1f} s) instances={series.n_instances if series else '?'}"
+            message = f"rule={rule} ({why} {waited:.1f} s) instances={series.n_instances}"
             if evidence is not None:
                 message += f"; evidence: {evidence.describe()}"
-                self.db.record_completion(cand.series_instance_uid, rule=rule, at=now,
-                                          n_instances=series.n_instances if series else 0,
-                                          evidence=evidence.describe(), preliminary=preliminary)
             if preliminary:
                 message += "; the result will be PRELIMINARY (series may be incomplete)"
             self.db.log_event("complete", message, level="WARNING" if preliminary else "INFO",
                               series_instance_uid=cand.series_instance_uid,
-                              study_instance_uid=series.study_instance_uid if series else None)
+                              study_instance_uid=series.study_instance_uid)
             done.append(Candidate(cand.series_instance_uid, rule, cand.last_received))
             try:
                 self.on_complete(cand.series_instance_uid)
@@ -92,21 +93,22 @@ class Assembler:
         return done
 
     def _evidence(self, series_uid: str) -> Evidence | None:
-        """The judge's verdict; None (no evidence either way) when it cannot be had, which is logged."""
+        """The judge's verdict; None when the series is gone. A judge that fails is evidence itself."""
         assert self.judge is not None
         series = self.db.get_series(series_uid)
         if series is None:
             return None
         version = (series.n_instances, series.last_received)
         try:
+            faults.point("completion.judge")
             cached = self.judge.lookup(series_uid, version)
             if cached is not None:
                 return cached
             instances = [(i.sop_instance_uid, i.path) for i in self.db.series_instances(series_uid)]
             return self.judge.evidence(series.study_instance_uid, series_uid, instances, version=version)
-        except Exception as exc:  # unreadable file and the like: eligibility names it; the timers decide
+        except Exception as exc:  # a check that cannot be made holds the series: max_wait, then PRELIMINARY
             nodelog.warning("completion.check_failed", series=series_uid, error=f"{type(exc).__name__}: {exc}")
-            return None
+            return Evidence(holds=(check_failed("completion judge", exc),))
 
     def _hold(self, series_uid: str, evidence: Evidence) -> None:
         """Log (event + series reason) what holds a series back, once per change of reason."""

@@ -23,12 +23,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ihd_node import nodelog
 from ihd_node.imaging.coverage import coverage_problem, find_gaps, read_slice_hu, sorted_stack
 from ihd_node.imaging.headers import HeaderCache, SliceGeometry, geometry_cache
+
+CHECK_FAILED = "check failed"
+
+
+class UnreadableHeader(Exception):
+    """A spool file whose header cannot be read (the message names the file)."""
+
+
+def check_failed(what: str, exc: BaseException) -> str:
+    """The hold reason of a check that could not be made: evidence of incompleteness, not its absence."""
+    return f"{CHECK_FAILED}: {what}: {type(exc).__name__}: {exc}"[:500]
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,11 @@ class Evidence:
     proof: str | None = None  # a check that proves completeness on its own ("mpps"), overriding holds
     passed: tuple[str, ...] = ()  # checks that ran and found nothing missing
     notes: tuple[str, ...] = ()  # what the checks set aside without holding back (slices at duplicate positions)
+
+    @property
+    def failed(self) -> bool:
+        """A check could not be made: that holds the series as any missing instance would."""
+        return any(h.startswith(CHECK_FAILED) for h in self.holds)
 
     @property
     def complete(self) -> bool:
@@ -67,7 +84,7 @@ class CompletionJudge:
 
     def __init__(self, *, check_geometry: bool = True, check_coverage: bool = True,
                  mpps_lists: Callable[[str], list[MppsList]] | None = None,
-                 pacs_count: Callable[[str, str], list[tuple[str, int]]] | None = None,
+                 pacs_count: Callable[[str, str], list[tuple[str, int | None]]] | None = None,  # None: not asked
                  cache: HeaderCache[str, SliceGeometry] | None = None,
                  load_hu: Callable[[str], np.ndarray] = read_slice_hu) -> None:
         self.check_geometry = check_geometry
@@ -87,6 +104,8 @@ class CompletionJudge:
         if cached is not None and cached[0] == key:
             return cached[1]
         result = self._judge(study_uid, series_uid, instances)
+        if result.failed:
+            return result  # not cached: the next tick tries again (a file may be readable by then)
         if result.notes and (cached is None or cached[1].notes != result.notes):  # once per change, not per tick
             nodelog.warning("completion.slices_dropped", series=series_uid, dropped="; ".join(result.notes))
         self._cache[series_uid] = (key, result)
@@ -126,20 +145,26 @@ class CompletionJudge:
         if self.pacs_count is not None:
             try:
                 counts = self.pacs_count(study_uid, series_uid)
-            except Exception as exc:  # an unreachable PACS is no evidence either way
-                nodelog.warning("completion.pacs_count_failed", series=series_uid,
-                                error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a count that cannot be made is no proof that nothing is missing
+                holds.append(check_failed("pacs count", exc))
                 counts = []
-            counts = [(name, n) for name, n in counts if n > 0]  # 0: the PACS does not know it (yet)
+            unasked = [name for name, n in counts if n is None]
+            if unasked:
+                holds.append(f"{CHECK_FAILED}: pacs count: {', '.join(unasked)} could not be asked")
+            counts = [(name, n) for name, n in counts if n]  # 0: the PACS does not know it (yet)
             more = [(name, n) for name, n in counts if n > len(have)]
             if more:
                 name, n = max(more, key=lambda x: x[1])
                 holds.append(f"pacs: destination {name} holds {n} instances of the series, the node "
                              f"{len(have)}")
-            elif counts:
+            elif counts and not unasked:
                 passed.append("pacs")
         if self.check_geometry or self.check_coverage:
-            stack, notes = sorted_stack([self.headers.get(path) for _, path in instances])
+            try:  # the MPPS and PACS holds above are kept whatever happens here
+                stack, notes = sorted_stack([self._header(path) for _, path in instances])
+            except UnreadableHeader as exc:
+                holds.append(f"{CHECK_FAILED}: slice headers: {exc}"[:500])
+                return Evidence(holds=tuple(holds), passed=tuple(passed))
             if self.check_geometry:
                 gaps = find_gaps(stack)
                 if gaps:
@@ -147,9 +172,18 @@ class CompletionJudge:
                 else:
                     passed.append("geometry")
             if self.check_coverage:
-                problem = coverage_problem(stack, self.load_hu)
+                try:
+                    problem = coverage_problem(stack, self.load_hu)
+                except Exception as exc:  # e.g. an end slice's pixels cannot be decoded
+                    problem = check_failed("coverage", exc)
                 if problem:
-                    holds.append("coverage: " + problem)
+                    holds.append(problem if problem.startswith(CHECK_FAILED) else "coverage: " + problem)
                 else:
                     passed.append("coverage")
         return Evidence(holds=tuple(holds), passed=tuple(passed), notes=tuple(notes))
+
+    def _header(self, path: str) -> SliceGeometry:
+        try:
+            return self.headers.get(path)
+        except Exception as exc:  # name the file: an admin looks for it in the spool
+            raise UnreadableHeader(f"{Path(path).name}: {type(exc).__name__}: {exc}") from exc

@@ -9,7 +9,8 @@ series already analysed for the study:
 - every other eligible series becomes "not_chosen" with the reason (the first criterion that differs);
 - a later series that ranks above the analysed one is analysed too: the study gets a new result, whose
   SR names the earlier one as its predecessor; the earlier series keeps its delivered result.
-If the chosen series then fails to load, the decision runs again without it.
+If the chosen series then fails to load, the decision runs again without it. A candidate whose profile
+cannot be built (an unreadable file) fails with the reason and an event, never left waiting in "complete".
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from sqlalchemy import select
-
-from ihd_node import nodelog
+from ihd_node import faults, nodelog
 from ihd_node.config import SeriesConfig
 from ihd_node.imaging.volume import SliceHeader, slice_headers
-from ihd_node.store import Database, Series, Study
+from ihd_node.store import Database, Series
+from ihd_node.store.arrivals import study_series
 from ihd_node.triage.choice import UNKNOWN, SeriesProfile, profile, rank, why_lower
 
 ANALYSED = ("analyzing", "analyzed", "delivering", "delivered")
@@ -41,9 +41,7 @@ class StudyChoice:
         self._lock = threading.Lock()  # the assembler, start-up recovery and the worker (on failure) decide
 
     def study_series(self, study_uid: str) -> list[Series]:
-        with self.db.read_session() as s:
-            return list(s.scalars(select(Series).join(Study, Series.study_id == Study.id)
-                                  .where(Study.study_instance_uid == study_uid).order_by(Series.id)))
+        return study_series(self.db, study_uid)
 
     def decide(self, study_uid: str) -> None:
         with self._lock:
@@ -66,13 +64,13 @@ class StudyChoice:
         profiles: dict[str, SeriesProfile] = {}
         for x in [*candidates, *analysed]:
             try:
+                faults.point("study.profile")
                 refs = self.read_headers([i.path for i in self.db.series_instances(x.series_instance_uid)])
                 profiles[x.series_instance_uid] = profile(
                     refs, axial_tolerance_degrees=self.rules.axial_tolerance_degrees,
                     measure_noise=len(candidates) + len(analysed) > 1)
-            except Exception as exc:  # judged readable a moment ago; leave it to the worker to report
-                nodelog.warning("choice.profile_failed", series=x.series_instance_uid,
-                                error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a series that cannot be ranked must not wait for ever in "complete"
+                self._profile_failed(x, study_uid, f"{type(exc).__name__}: {exc}")
         if not profiles:
             return
         ranked = rank(list(profiles.values()))
@@ -100,6 +98,17 @@ class StudyChoice:
             self.db.set_series_state(uid, "complete", why[:1000], expect="complete")
             self.db.log_event("chosen", why, series_instance_uid=uid, study_instance_uid=study_uid)
             self.enqueue(uid, why)
+
+    def _profile_failed(self, series: Series, study_uid: str, error: str) -> None:
+        """A candidate whose profile cannot be built fails with the reason (retry or a resend starts it
+        again); an analysed one keeps its state and result, and is left out of the ranking."""
+        uid = series.series_instance_uid
+        nodelog.warning("choice.profile_failed", series=uid, error=error)
+        if series.state in ANALYSED:
+            return
+        reason = f"cannot be profiled for the study choice ({error})"[:1000]
+        if self.db.set_series_state(uid, "failed", reason, expect=("complete", "not_chosen")):
+            self.db.log_event("error", reason, level="ERROR", series_instance_uid=uid, study_instance_uid=study_uid)
 
 
 def _summary(p: SeriesProfile) -> str:

@@ -660,7 +660,8 @@ def test_association_aborted_half_way_then_resent(env: Env) -> None:
     run = env.storescu(half, "--abort")
     assert "Aborting Association" in run.stdout + run.stderr or run.returncode == 0, run.stdout + run.stderr
     uid_ = series.series_instance_uid
-    state, reason = env.settle(uid_)  # the abort ends the association: the quiet rule completes the part
+    # An abort is no release: the part waits for series.max_wait_seconds (30 s here), not the quiet rule.
+    state, reason = env.settle(uid_, 90)
     assert (state, reason) == ("ignored", f"too few slices: {SLICES // 2} < 10")
     # pynetdicom hands the A-ABORT to the association thread and closes the socket in the DUL thread:
     # whichever event the node sees first names the end ("aborted" or "closed without release").

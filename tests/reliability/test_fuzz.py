@@ -53,7 +53,8 @@ from sqlalchemy import func, select
 
 from ihd_node.config import SeriesConfig
 from ihd_node.imaging.volume import Volume, VolumeError, group_series, load_volume
-from ihd_node.intake.receiver import Admission, DatabaseRecorder, Receiver
+from ihd_node.intake.receiver import Admission, Receiver
+from ihd_node.intake.recorder import DatabaseRecorder
 from ihd_node.intake.spool import Spool, dataset_bytes, valid_uid
 from ihd_node.store import Database, Event, Instance, open_database, utcnow
 from ihd_node.triage.assembler import Assembler
