@@ -46,7 +46,7 @@ AET = "IHD_AI"
 BARE_SCP = r"""
 import socket, sys
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from ihd_node.intake.network import DEFAULT_MAX_PDU
+from ihd_node.dicom_network import DEFAULT_MAX_PDU
 from ihd_node.intake.receiver import TRANSFER_SYNTAXES
 ae = AE(ae_title=sys.argv[2])
 for cx in AllStoragePresentationContexts:

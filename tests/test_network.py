@@ -28,7 +28,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ihd_node.config import default_config
 from ihd_node.delivery.sender import _associate
-from ihd_node.intake.network import (
+from ihd_node.dicom_network import (
     DEFAULT_MAX_PDU,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,

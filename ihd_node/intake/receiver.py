@@ -32,9 +32,9 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ihd_node import nodelog
+from ihd_node.dicom_network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.imaging.headers import CT_CLASSES
 from ihd_node.intake.mpps import MPPS_SOP_CLASS, MppsScp
-from ihd_node.intake.network import DEFAULT_MAX_PDU, identify, server_class
 from ihd_node.intake.spool import Spool, file_preamble, sha256_hex, valid_uid, write_atomic
 
 # Uncompressed, deflated and the common compressed syntaxes (all decodable by pydicom + pylibjpeg).
@@ -213,7 +213,7 @@ class Receiver:
 
         ae = AE(ae_title=admission.ae_title)
         ae.maximum_associations = max_associations
-        ae.maximum_pdu_size = max_pdu  # announced, and the bound on what is read (ihd_node.intake.network)
+        ae.maximum_pdu_size = max_pdu  # announced, and the bound on what is read (ihd_node.dicom_network)
         identify(ae)
         self.fast_network = fast_network
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = acse_timeout, dimse_timeout, network_timeout
@@ -337,7 +337,7 @@ class Receiver:
 
     def _on_ended(self, event: evt.Event, how: str) -> None:
         if how == "closed" and getattr(event.assoc, "is_released", False):
-            how = "released"  # the close overtook EVT_RELEASED (ihd_node.intake.network.FastAssociation)
+            how = "released"  # the close overtook EVT_RELEASED (ihd_node.dicom_network.FastAssociation)
         with self._lock:
             peer = self._peers.pop(event.assoc, None)
             unrequested = self._unrequested.pop(event.assoc, None)

@@ -1,6 +1,8 @@
 """The node's network layer under pynetdicom: who the node says it is, socket options, and a faster
 and bounded receive path for the associations it accepts.
 
+Shared below the stages: intake accepts associations through it, delivery opens them through it.
+
 Why an adapter, and why this small:
 - pynetdicom's two per-association threads poll: the association thread sleeps 1 ms before every look
   at its message queue, and the DUL thread sleeps 1 ms whenever it found nothing to do. Every C-STORE
