@@ -19,8 +19,9 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage, Secon
 from sqlalchemy import select
 
 from ihd_node.classes import CLASSES
+from ihd_node.commands.echo import echo_command
 from ihd_node.config import Config, default_config
-from ihd_node.delivery.sender import Outbox, echo_command
+from ihd_node.delivery.sender import Outbox
 from ihd_node.intake.spool import write_dataset_atomic
 from ihd_node.sim.mini_pacs import MiniPACS, free_port
 from ihd_node.store import Database, Delivery, DeliveryAttempt, ResultObject, open_database

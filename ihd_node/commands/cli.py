@@ -22,14 +22,14 @@ HANDLERS = {
     "analyze": "ihd_node.commands.analyze:analyze_command",
     "demo": "ihd_node.commands.demo:demo_command",
     "phantom": "ihd_node.commands.phantom:phantom_command",
-    "echo": "ihd_node.delivery.sender:echo_command",
+    "echo": "ihd_node.commands.echo:echo_command",
     "status": "ihd_node.commands.status:status_command",
     "log": "ihd_node.commands.log:log_command",
     "retry": "ihd_node.commands.retry:retry_command",
     "check-config": "ihd_node.commands.check_config:check_config_command",
-    "model": "ihd_node.model.describe:model_command",
+    "model": "ihd_node.commands.model:model_command",
     "db": "ihd_node.commands.db:db_command",
-    "web-user": "ihd_node.web.server:web_user_command",
+    "web-user": "ihd_node.commands.web_user:web_user_command",
 }
 
 

@@ -232,23 +232,6 @@ def count_series_instances(dest: object, calling_aet: str, study_uid: str, serie
     return max(counts, default=0)
 
 
-def echo_command(args) -> int:
-    """`ihd-node echo --config FILE`: C-ECHO each destination; non-zero exit when any failed."""
-    from ihd_node.config import load_config
-
-    config = load_config(args.config)
-    if not config.destinations:
-        print("no destinations configured (destinations: in the config); nothing to check")
-        return 0
-    failed = 0
-    for dest in config.destinations:
-        ok, detail = echo(config.node.ae_title, dest)
-        failed += not ok
-        where = f"{dest.ae_title}@{dest.host}:{dest.port}{' (TLS)' if dest.tls.enabled else ''}"
-        print(f"{'OK' if ok else 'FAILED'} {dest.name} {where}: {detail}")
-    return 1 if failed else 0
-
-
 class Outbox:
     """Delivers due outbox rows, one association per destination, and books every attempt."""
 

@@ -151,7 +151,7 @@ def _provenance_lines(prov: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _summary(d: dict[str, Any]) -> str:
+def summary_text(d: dict[str, Any]) -> str:
     sel, lstm, size = d["selector"], d["lstm"], d["input_size"]
     concat = "yes" if d["concat_cnn_probabilities"] else "no"
     lines = [
@@ -173,11 +173,3 @@ def _summary(d: dict[str, Any]) -> str:
                                    initial_indent="thresholds  ", subsequent_indent=" " * 12))
         lines += _provenance_lines(d["provenance"])
     return "\n".join(lines)
-
-
-def model_command(args: Any) -> int:
-    if getattr(args, "model_command", "describe") != "describe":
-        raise UserError(f"unknown model command {args.model_command!r}; use `ihd-node model describe`")
-    info = describe(args.name)
-    print(json.dumps(info, indent=2) if args.json else _summary(info))
-    return 0

@@ -248,25 +248,4 @@ def disk_free(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def web_user_command(args: Any) -> int:
-    """`ihd-node web-user FILE USER`: add or replace one user of the console's users file."""
-    import getpass
-    import sys
-
-    if not args.user or ":" in args.user or any(c.isspace() for c in args.user):
-        raise UserError("the user name must be non-empty, without ':' or spaces")
-    password = getpass.getpass(f"password for {args.user}: ") if sys.stdin.isatty() else sys.stdin.readline()
-    password = password.rstrip("\n")
-    if len(password) < 8:
-        raise UserError("the password is shorter than 8 characters; choose a longer one")
-    path = Path(args.file)
-    lines = path.read_text().splitlines() if path.exists() else []
-    lines = [line for line in lines if line.partition(":")[0] != args.user] + [f"{args.user}:{hash_password(password)}"]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"{args.user} written to {path}; the node reads the file when it starts")
-    return 0
-
-
 __all__ = ["HTTPStatus", "WebServer", "Request", "Response", "as_json", "text", "hash_password", "disk_free"]
