@@ -10,6 +10,7 @@ shows with the reason.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ from datetime import datetime
 from typing import TypeVar
 
 from ihd_node import nodelog
-from ihd_node.store import Database, utcnow
+from ihd_node.store import Database, RetryPolicy, utcnow
 from ihd_node.store.work import HEALTH_EVENT
 
 MAX_BACKOFF_SECONDS = 5.0  # a database back after an outage is used within this
+# The outboxes' retry policy, with a short cap and no give-up: a loop waits for its database, never gives up.
+LOOP_RETRY = RetryPolicy(initial_seconds=0.5, max_seconds=MAX_BACKOFF_SECONDS, give_up_after_seconds=math.inf)
 T = TypeVar("T")
 
 
@@ -123,7 +126,7 @@ def persist(name: str, call: Callable[[], T], stop: threading.Event, health: Hea
 
 
 def backoff(failures: int) -> float:
-    return min(MAX_BACKOFF_SECONDS, 0.25 * 2 ** min(failures, 8))
+    return LOOP_RETRY.backoff(failures)
 
 
 def supervised(name: str, target: Callable[[], None], stop: threading.Event) -> Callable[[], None]:

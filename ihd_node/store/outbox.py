@@ -72,7 +72,7 @@ class RetryPolicy:
 
     def backoff(self, attempts: int) -> float:
         """Seconds before the next try after `attempts` failed tries (exponential, capped)."""
-        return min(self.initial_seconds * 2.0 ** max(attempts - 1, 0), self.max_seconds)
+        return min(self.initial_seconds * 2.0 ** min(max(attempts - 1, 0), 40), self.max_seconds)  # no overflow
 
     def next_attempt(self, attempts: int, queued_at: datetime, now: datetime) -> datetime | None:
         """When to try again after `attempts` tries, the last one failed at `now`; None: give up."""
