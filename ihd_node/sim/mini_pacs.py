@@ -115,6 +115,9 @@ def send_datasets(datasets: list[Dataset], *, host: str, port: int, called_aet: 
         if barrier is not None:
             barrier.wait(timeout=timeout)
         for ds in datasets:
+            if not assoc.is_established:  # the peer aborted it (e.g. its idle timeout): say so, not pynetdicom's
+                raise ConnectionError(f"association to {called_aet}@{host}:{port} was aborted after "
+                                      f"{len(statuses)} of {len(datasets)} instances")
             answer = assoc.send_c_store(ds)
             statuses.append(int(answer.Status) if "Status" in answer else -1)
     finally:

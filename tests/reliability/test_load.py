@@ -73,7 +73,10 @@ def probe(port: int) -> tuple[str, tuple[int, int, int] | None]:
 
 
 def test_eight_concurrent_100_slice_studies_and_busy_refusal(pacs, make_node) -> None:
-    node = make_node(pacs, analysis={"max_queue": MAX_QUEUE}, series={"quiet_seconds": 0.5}).start()
+    # An association that waits at the barrier for the others to open is idle: on a loaded 2-core machine
+    # that wait must not reach the node's idle timeout (30 s), or the node aborts it before it sends.
+    node = make_node(pacs, analysis={"max_queue": MAX_QUEUE}, series={"quiet_seconds": 0.5},
+                     node={"network_timeout": 180.0}).start()
     pid = node.process.pid
     baseline = proc_status_mb(pid)["VmRSS"]  # model loaded, listening, idle
     studies = [make_series(7000 + k, n_slices=N_SLICES, size=SIZE) for k in range(N_ASSOCIATIONS)]
