@@ -381,7 +381,7 @@ def test_an_aborted_association_keeps_its_series_waiting_for_evidence(node: Setu
 
     from ihd_node.config import SeriesConfig
     from ihd_node.intake.recorder import abort_open_associations
-    from ihd_node.store.database import utcnow
+    from ihd_node.store import utcnow
     from ihd_node.triage.assembler import Assembler
 
     aborted, left_open = generate_uid(), generate_uid()

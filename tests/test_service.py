@@ -208,7 +208,7 @@ def test_a_series_whose_hand_off_failed_is_swept_and_analysed(tmp_path: Path, pr
 
     monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 1.0)
     monkeypatch.setattr(recovery, "ORPHAN_CHECK_SECONDS", 0.2)
-    phantom = make_series(13, subtypes=["subdural"], n_slices=N_SLICES, size=128)
+    phantom = full_head(13, ["subdural"], n_slices=N_SLICES)
     files = write_series(phantom, tmp_path / "study")
     real_judge = Node._judge
     failed: list[str] = []
@@ -243,7 +243,7 @@ def test_a_spool_file_that_cannot_be_indexed_again_is_kept_aside_and_booked(tmp_
                                                                            predictor: Predictor) -> None:
     """Issue 17 (e): at start, a spool file without a database row that cannot be read is moved to
     storage.dir/quarantine and booked as an event with the reason (never only logged, never lost)."""
-    phantom = make_series(17, subtypes=[], n_slices=N_SLICES, size=64)
+    phantom = full_head(17, [], n_slices=N_SLICES)
     root = tmp_path / "node"
     config = node_config(root, None, quiet_seconds=600.0, max_wait_seconds=900.0)
     first = Node(config, predictor=predictor).start()
@@ -278,7 +278,7 @@ def test_a_spool_file_that_cannot_be_indexed_again_is_kept_aside_and_booked(tmp_
 
 def test_a_slice_left_out_at_a_duplicate_position_is_booked(tmp_path: Path, predictor: Predictor) -> None:
     """Two instances at one position: the volume keeps the first and the node books which it left out."""
-    phantom = make_series(11, subtypes=[], n_slices=N_SLICES, size=128)
+    phantom = full_head(11, [], n_slices=N_SLICES)
     files = write_series(phantom, tmp_path / "study")
     twin = pydicom.dcmread(files[5])
     twin.SOPInstanceUID = twin.file_meta.MediaStorageSOPInstanceUID = f"{twin.SOPInstanceUID}.9"

@@ -38,7 +38,7 @@ SETTLED = ("delivered", "ignored", "failed", "not_chosen")
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 # Phantom seeds whose bottom half ends inside the cranial cavity (coverage: "does not reach the vertex");
 # every seed's whole 40 slices pass the checks. One study per test: UIDs follow from the seed.
-HALF_SEEDS = {"killed": 21, "aborted": 24}
+HALF_SEEDS = {"killed": 26, "aborted": 28}
 WHOLE_SEEDS = {"corrupted": 22, "judge": 23, "profile": 25}
 
 
