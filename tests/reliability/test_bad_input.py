@@ -65,6 +65,7 @@ needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk
 
 REFUSALS = {MISMATCH, CANNOT_UNDERSTAND, UNPARSEABLE}
 NETWORK_TIMEOUT = 4  # node.network_timeout here: a peer stalled inside a PDU is dropped after this
+MAX_WAIT = 5.0  # series.max_wait_seconds here (see env)
 SLICES = 12  # >= series.min_slices (10), so a series is judged on what is wrong with it, not its length
 HEAD_SLICES = 24  # the phantom studies that must go through: full heads (tests/heads.py), evidence on
 SETTLED = ("ignored", "failed", "analyzed", "delivered")
@@ -145,8 +146,10 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iter
     (root / "node").mkdir()
     with MiniPACS(root / "pacs", ae_title=PACS_AET) as pacs:
         # The bad input here is noise images (ct_slice): the head check is not what is under test.
+        # max_wait 5 s: a series the completion checks cannot judge (undecodable pixels, an aborted half)
+        # is held until max_wait, and a dozen such cases at the 30 s default would take minutes.
         node = NodeProcess(root / "node", tiny_checkpoint, pacs, node={"network_timeout": NETWORK_TIMEOUT},
-                           series={"require_head": False})
+                           series={"require_head": False, "max_wait_seconds": MAX_WAIT})
         node.start()
         try:
             yield Env(root, node, pacs)
@@ -660,8 +663,8 @@ def test_association_aborted_half_way_then_resent(env: Env) -> None:
     run = env.storescu(half, "--abort")
     assert "Aborting Association" in run.stdout + run.stderr or run.returncode == 0, run.stdout + run.stderr
     uid_ = series.series_instance_uid
-    # An abort is no release: the part waits for series.max_wait_seconds (30 s here), not the quiet rule.
-    state, reason = env.settle(uid_, 90)
+    # An abort is no release: the part waits for series.max_wait_seconds (MAX_WAIT here), not the quiet rule.
+    state, reason = env.settle(uid_, 60)
     assert (state, reason) == ("ignored", f"too few slices: {SLICES // 2} < 10")
     # pynetdicom hands the A-ABORT to the association thread and closes the socket in the DUL thread:
     # whichever event the node sees first names the end ("aborted" or "closed without release").
