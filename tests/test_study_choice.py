@@ -22,10 +22,18 @@ from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
 from ihd_node.sim.phantom import PhantomSeries, make_series, write_series
 from ihd_node.triage.choice import BONE, SOFT, UNKNOWN, kernel_of_name, profile, rank, why_lower
-from tests.test_service import SR_CLASS, THRESHOLDS, node_config, wait_until
+from tests.test_service import SR_CLASS, THRESHOLDS, wait_until
+from tests.test_service import node_config as service_config
 
 N = 12
 STUDY = "1.2.826.0.1.3680043.8.498.7700001"
+
+
+def node_config(root: Path, pacs: MiniPACS | None, **series: object):
+    """The study choice under test ranks reconstructions of one 12-slice stretch of a head (same positions,
+    other kernels and thicknesses); the completion evidence, which would hold each stretch for max_wait as
+    a partial head, has its own tests (test_completion, reliability/test_fail_closed), so it is off here."""
+    return service_config(root, pacs, check_geometry=False, check_coverage=False, **series)
 
 
 @pytest.mark.parametrize(("kernel", "kind"), [
