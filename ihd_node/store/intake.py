@@ -225,17 +225,6 @@ class IntakeStore(DatabaseEngine):
             )
             return int(result.rowcount or 0)
 
-    def release_all_associations(self, when: datetime | None = None) -> int:
-        """At start-up no earlier association is alive: let its series complete by the quiet rule."""
-        when = when or utcnow()
-        with self.session() as s:
-            result = s.execute(
-                update(Series)
-                .where(Series.state == "received", Series.association_released.is_(None))
-                .values(association_released=when, updated=when)
-            )
-            return int(result.rowcount or 0)
-
 
 @dataclass(frozen=True)
 class _FastRecordStatements:
