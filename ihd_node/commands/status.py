@@ -163,7 +163,9 @@ def format_status(data: dict[str, Any]) -> str:
         rows = []
         for x in flight:
             if x["state"] == "received" and (x["reason"] or "").startswith(WAITING):
-                detail = "held: " + x["reason"].split("): ", 1)[-1]  # what the completion checks miss
+                reason = x["reason"]  # what the completion checks miss, or an association that ended unreleased
+                detail = "held: " + (reason.split("): ", 1)[-1] if "): " in reason else
+                                     "aborted, waits for max_wait" if "without a release" in reason else reason)
             elif x["state"] == "received":
                 detail = "association open" if x["association_open"] else "waiting for quiet time"
             elif x["state"] == "delivering":
