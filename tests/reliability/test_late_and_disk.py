@@ -123,7 +123,9 @@ def test_below_free_space_watermark_refuses_with_a700_then_accepts(tmp_path: Pat
 def test_spool_removed_after_delivery_when_keep_time_passed(tmp_path: Path, pacs, make_node) -> None:
     study = make_study(tmp_path / "study", seed=33, n_slices=N, slice_spacing=with_spare(1))
     keep_hours = 0.0003  # 1.08 s
-    node = start(make_node(pacs, retention={"spool_keep_hours": keep_hours}))
+    # max_wait 5 s: the late slice below reopens a series whose other files are gone, so the completion checks
+    # cannot read them and hold it until max_wait (fail closed) before the analysis says why it cannot run.
+    node = start(make_node(pacs, retention={"spool_keep_hours": keep_hours}, series={"max_wait_seconds": 5.0}))
     assert store(study.files[1:], node.port) == [0x0000] * (N - 1)
     assert node.wait_state(study.series_uid, ("delivered",), 60) == "delivered", node.log()[-3000:]
     spool = node.state_dir / "spool" / study.study_uid / study.series_uid
