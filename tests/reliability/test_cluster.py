@@ -242,7 +242,12 @@ def test_kill9_of_a_worker_mid_analysis_the_other_redoes_it(cluster: Cluster, tm
     cluster.wait_delivered([study], 120)
     took = time.monotonic() - killed_at
     cluster.check_once([study])
-    assert "analysis.taken_over" in w4.log() and "analysis.stalled_job_requeued" in w4.log(), w4.log()[-3000:]
+    # Two recoveries race for the dead worker's series, and either may win: procrastinate's stalled-job
+    # retry (the other worker takes the job over) or the orphan sweep (the series is queued again).
+    # check_once above says it was analysed and delivered exactly once either way.
+    taken_over = "analysis.taken_over" in w4.log() and "analysis.stalled_job_requeued" in w4.log()
+    swept = any("analysis.resubmitted" in m.log() for m in cluster.members.values())
+    assert taken_over or swept, w4.log()[-3000:]
     print(f"\nFIGURE worker kill -9 mid-analysis: redone by the other worker, delivered {took:.1f} s after the kill")
 
 
