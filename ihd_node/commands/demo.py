@@ -21,7 +21,7 @@ from ihd_node import nodelog
 from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.config import default_config
 from ihd_node.errors import UserError
-from ihd_node.report.sr import FINDING_CODES
+from ihd_node.report.codes import FINDING_CODES
 from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
 
 SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."

@@ -48,6 +48,16 @@ from pydicom.sr.coding import Code
 from pydicom.valuerep import DS
 
 from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
+from ihd_node.report.codes import (  # noqa: F401 (FINDING_CODES and PRIVATE_SCHEME are read through sr too)
+    ABSENT,
+    FINDING_CODES,
+    FINDING_SITE,
+    PRESENT,
+    PRIVATE_SCHEME,
+    PROBABILITY_UNIT,
+    PROCEDURE_REPORTED,
+    QUALITATIVE_EVALUATIONS,
+)
 from ihd_node.report.regions import largest_part, outline
 from ihd_node.report.source import (
     MANUFACTURER,
@@ -63,25 +73,6 @@ from ihd_node.sr_classes import SR_CLASSES, as_sr_class
 from ihd_node.uids import ResultSettings, result_series_numbers, result_uid
 from ihd_node.values.prediction import Prediction
 from ihd_node.values.volume import Volume
-
-PRIVATE_SCHEME = "99IHD"
-
-FINDING_CODES: dict[str, hd.sr.CodedConcept] = {
-    "any": hd.sr.CodedConcept("1386000", "SCT", "Intracranial hemorrhage"),
-    "epidural": hd.sr.CodedConcept("EDH", PRIVATE_SCHEME, "Epidural hemorrhage"),
-    "intraparenchymal": hd.sr.CodedConcept("274100004", "SCT", "Cerebral hemorrhage"),
-    "intraventricular": hd.sr.CodedConcept("IVH", PRIVATE_SCHEME, "Intraventricular hemorrhage"),
-    "subarachnoid": hd.sr.CodedConcept("21454007", "SCT", "Subarachnoid hemorrhage"),
-    "subdural": hd.sr.CodedConcept("35486000", "SCT", "Subdural hemorrhage"),
-}
-PROCEDURE_REPORTED = hd.sr.CodedConcept("303653007", "SCT", "Computed tomography of head")
-# CID 241 "Present/Absent Only" (PS3.16): the SNOMED CT codes that replace the retired DCM 121053/121054.
-PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
-ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
-# Where every finding lies (CID 7140 "Brain Structures for Reporting"); one site for all six classes.
-FINDING_SITE = hd.sr.CodedConcept("128319008", "SCT", "Intracranial structure")
-PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "Probability")
-QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 
 SR_SERIES_DESCRIPTION = f"ICH AI Results - {NOT_FOR_DIAGNOSTIC_USE}"
 PRELIMINARY_LINE = "PRELIMINARY - series may be incomplete"
