@@ -31,6 +31,7 @@ from ihd_node.config.fields import (
     named_once,
     setting,
 )
+from ihd_node.config.monitoring import MonitoringConfig
 from ihd_node.config.outbound import AlertsConfig, DeliveryConfig, Destination
 
 
@@ -404,6 +405,7 @@ class Config(Section):
     web: WebConfig = setting(WebConfig, "The web console, /healthz and /metrics.")
     retention: RetentionConfig = setting(RetentionConfig, "Spool clean-up.")
     cluster: ClusterConfig = setting(ClusterConfig, "Job priorities and heartbeats of a multi-machine node.")
+    monitoring: MonitoringConfig = setting(MonitoringConfig, "Drift of the input mix and the scores after go-live.")
     logging: LoggingConfig = setting(LoggingConfig, "Log output.")
 
     _source: Path | None = PrivateAttr(default=None)  # the file it was read from, for messages

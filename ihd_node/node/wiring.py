@@ -38,6 +38,7 @@ from ihd_node.intake.mpps import MppsScp
 from ihd_node.intake.receiver import Admission, Receiver
 from ihd_node.intake.recorder import DatabaseRecorder
 from ihd_node.intake.spool import Spool
+from ihd_node.monitoring.watch import DriftWatch
 from ihd_node.node.cluster import DeliveryLease
 from ihd_node.node.loops import Health, run_loop, supervised
 from ihd_node.node.queue import STOP_JOIN_SECONDS, AnalysisQueue, ClusterQueue, LocalQueue
@@ -105,6 +106,7 @@ class Node:
         self._run: NodeRun | None = None
         self._predictor_loaded: Any = None
         self.web: Any = None
+        self.drift: DriftWatch | None = None
         self.site = ""
 
     # -- life cycle ----------------------------------------------------------------------------------
@@ -177,6 +179,9 @@ class Node:
             self._loop("housekeeping", housekeeping)
         if "deliver" in self.roles:
             self._start_delivery()
+            if cfg.monitoring.drift:  # the drift watch (ihd_node.monitoring.watch) runs beside delivery
+                self.drift = DriftWatch(db, cfg)
+                self._loop("drift", self.drift.step)
         if "receive" not in self.roles:
             db.log_event("node", f"started roles={','.join(self.roles)} member={self._member_name()}")
             return self

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from ihd_node import faults, nodelog
 from ihd_node.config import Config
 from ihd_node.intake.spool import write_dataset_atomic
+from ihd_node.monitoring.inputs import record_inputs
 from ihd_node.node.loops import Health, describe, persist
 from ihd_node.node.queue import AnalysisQueue
 from ihd_node.store import Database, ResultObject, Superseded, utcnow
@@ -187,6 +188,7 @@ class AnalysisWorker:
             rows.append(ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path))
         report_seconds = time.perf_counter() - t0
         faults.point("analysis.written")
+        record_inputs(self.db, uid, result.volume)  # the input mix drift monitoring compares
 
         prediction = result.prediction
         analysis = self.db.finish_analysis(

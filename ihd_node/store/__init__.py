@@ -8,6 +8,7 @@ admin commands, console and metrics read), database (the `Database` that puts th
 
 from ihd_node.store.database import Database, open_database
 from ihd_node.store.intake import InstanceBatcher, InstanceRecord, Recorded
+from ihd_node.store.monitoring import INPUT_FIELDS, AnalysedResult
 from ihd_node.store.outbox import AttemptResult, ResultObject, RetryPolicy, RetrySettings, classify_status
 from ihd_node.store.queries import (
     MetricCounts,
@@ -32,6 +33,8 @@ from ihd_node.store.schema import (
     DatabaseError,
     Delivery,
     DeliveryAttempt,
+    DriftAlert,
+    DriftEpisode,
     Event,
     Instance,
     Meta,
@@ -39,6 +42,7 @@ from ihd_node.store.schema import (
     MppsInstance,
     NodeRun,
     Series,
+    SeriesInput,
     Study,
     UTCDateTime,
     utcnow,
@@ -52,4 +56,6 @@ __all__ = [
     "Meta", "MetricCounts", "Mpps", "MppsInstance", "NodeRun", "RecentStudies", "Recorded", "ResultObject",
     "RetryPolicy", "RetrySettings", "Series", "SeriesDetail", "SeriesSummary", "StatusRows", "Study", "StudyDetail",
     "Superseded", "UTCDateTime", "classify_status", "open_database", "utcnow",
+    # drift monitoring (issue 19)
+    "INPUT_FIELDS", "AnalysedResult", "DriftAlert", "DriftEpisode", "SeriesInput",
 ]

@@ -7,13 +7,14 @@ Callers hold one `Database` per process and call its units of work (`db.record_i
 from __future__ import annotations
 
 from ihd_node.store.intake import IntakeStore
+from ihd_node.store.monitoring import MonitoringStore
 from ihd_node.store.outbox import OutboxStore
 from ihd_node.store.queries import QueryStore
 from ihd_node.store.runs import RunStore
 from ihd_node.store.series import SeriesStore
 
 
-class Database(IntakeStore, SeriesStore, OutboxStore, RunStore, QueryStore):
+class Database(IntakeStore, SeriesStore, OutboxStore, RunStore, QueryStore, MonitoringStore):
     """One per process. Methods are units of work; each opens and closes its own session."""
 
 

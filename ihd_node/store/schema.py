@@ -339,3 +339,57 @@ class NodeRun(Base):
         """Not stopped, and a heartbeat within three periods (one missed beat is not yet death)."""
         late = (now - self.heartbeat_at).total_seconds()
         return self.stopped_at is None and late <= 3 * self.heartbeat_seconds + 2
+
+
+# ---------------------------------------------------------------- drift monitoring (issue 19)
+
+
+class SeriesInput(Base):
+    """The acquisition facts of an analysed series that drift monitoring compares over time (the input mix):
+    written when the series is analysed (a re-analysis overwrites it with the same facts)."""
+
+    __tablename__ = "series_inputs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), unique=True)
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    model_name: Mapped[str | None] = mapped_column(String(64))  # ManufacturerModelName
+    kernel: Mapped[str | None] = mapped_column(String(64))  # ConvolutionKernel, values joined with "\"
+    enhanced: Mapped[bool] = mapped_column(Boolean)  # Enhanced CT (multi-frame) rather than classic CT
+    slice_thickness: Mapped[float | None] = mapped_column(Float)  # mm
+    kvp: Mapped[float | None] = mapped_column(Float)
+    pixel_spacing: Mapped[float | None] = mapped_column(Float)  # mm, the smaller of row and column spacing
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DriftEpisode(Base):
+    """A stretch of time in which drift was at or above monitoring.alert_psi: opened by the check that first
+    saw it (which books one alert per channel), ended by the first check that finds every PSI back under
+    monitoring.warning_psi."""
+
+    __tablename__ = "drift_episodes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    reason: Mapped[str] = mapped_column(Text)  # the features over the limit, in words
+    worst_feature: Mapped[str] = mapped_column(String(64))
+    worst_psi: Mapped[float] = mapped_column(Float)
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the latest check that still saw it
+
+
+class DriftAlert(Base):
+    """The drift alert outbox: one row per (episode, channel), sent and retried like the finding alerts."""
+
+    __tablename__ = "drift_alerts"
+    __table_args__ = (UniqueConstraint("episode_id", "channel"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    episode_id: Mapped[int] = mapped_column(ForeignKey("drift_episodes.id"), index=True)
+    channel: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending / sent / failed / rejected
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    episode: Mapped[DriftEpisode] = relationship(lazy="joined")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ihd_node.monitoring.watch import drift_warning
 from ihd_node.web.console import console_routes
 from ihd_node.web.health import overall, readiness
 from ihd_node.web.metrics import Live, registry
@@ -34,6 +35,8 @@ def make_web_server(node: Any) -> WebServer:
                                    "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}}
         if word == "degraded":
             body["reason"] = next(c.detail for c in checks if c.name == "loops")
+        elif word == "ready" and (drift := drift_warning(db)) is not None:
+            body.update(status="warning", warning=drift)  # drift is a warning for admins, never "down"
         return as_json(code, body)
 
     def liveness(_r: Request) -> Response:

@@ -1,0 +1,170 @@
+"""Drift (issue 19): a running node receives a reference cohort, then the same cohort again (new UIDs), then
+a cohort from "another scanner protocol" (a sharper kernel and thinner slices). The same cohort raises
+nothing; the shifted one opens one drift episode, whose alert reaches a real webhook receiver once (not per
+check), and /healthz says "warning" with the reason while staying 200. One node for the module."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pydicom
+import pytest
+from loopback import node_config, running_node, tiny_predictor
+from pydicom.uid import generate_uid
+from waiting import poll_until
+
+from ihd_node.config import MonitoringConfig
+from ihd_node.monitoring.drift import EPSILON, numeric_bin, psi
+from ihd_node.node.wiring import Node
+from ihd_node.sim.mini_pacs import free_port, send_datasets
+from ihd_node.sim.phantom import make_series, write_series
+
+N = 8  # studies per cohort
+SEEDS = range(190, 190 + N)
+
+
+class Hooks:
+    """A local webhook receiver that keeps every POSTed JSON body."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                hooks.posts.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def drift(self) -> list[dict]:
+        return [p for p in self.posts if p.get("event") == "ihd.drift"]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def cohort(root: Path, name: str, *, kernel: str, slice_spacing: float) -> list[list[pydicom.Dataset]]:
+    """N negative phantom studies with fresh UIDs; the kernel is written into every header."""
+    out = []
+    for seed in SEEDS:
+        series = make_series(seed, subtypes=[], n_slices=12, size=128, slice_spacing=slice_spacing,
+                             study_instance_uid=generate_uid())
+        datasets = [pydicom.dcmread(p) for p in write_series(series, root / name / str(seed))]
+        for ds in datasets:
+            ds.ConvolutionKernel = kernel
+        out.append(datasets)
+    return out
+
+
+@dataclass
+class Site:
+    node: Node
+    hooks: Hooks
+    root: Path
+
+    def send(self, studies: list[list[pydicom.Dataset]]) -> None:
+        before = len(self.node.db.analysed_results())
+        for datasets in studies:
+            assert set(send_datasets(datasets, host="127.0.0.1", port=self.node.port, called_aet="IHD_AI")) == {0}
+        assert poll_until(lambda: len(self.node.db.analysed_results()) == before + len(studies), 120, every=0.2)
+
+    def checked_after_last_result(self) -> None:
+        """Wait for a drift check that saw every result so far."""
+        last = self.node.db.analysed_results()[-1].at
+
+        def seen() -> bool:
+            report = self.node.drift.last if self.node.drift else None
+            return report is not None and report.generated_at > last
+        assert poll_until(seen, 30, every=0.1)
+
+    def healthz(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.node.web.port}/healthz", timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("drift")
+    hooks = Hooks()
+    config = node_config(
+        root / "node", [], web={"port": free_port()},
+        series={"quiet_seconds": 0.2, "check_geometry": False, "check_coverage": False},
+        alerts={"channels": [{"name": "ops", "kind": "webhook", "url": hooks.url}]},
+        monitoring={"reference_results": N, "min_results": N, "check_seconds": 0.3})
+    try:
+        with running_node(config, tiny_predictor()) as node:
+            yield Site(node, hooks, root)
+    finally:
+        hooks.close()
+
+
+def test_psi_and_bins_by_hand() -> None:
+    assert psi([5, 5], [5, 5]) == 0.0
+    # one bin empty in the reference: the floor EPSILON keeps the index finite (and large)
+    expected = (0.5 - 1.0) * __import__("math").log(0.5 / 1.0) + (0.5 - EPSILON) * __import__("math").log(0.5 / EPSILON)
+    assert psi([10, 0], [5, 5]) == pytest.approx(expected)
+    assert [numeric_bin(v, (1.5, 2.5)) for v in (1.0, 1.5, 2.0, 3.0, None)] == [0, 1, 1, 2, 3]
+    with pytest.raises(ValueError, match="warning_psi"):
+        MonitoringConfig(warning_psi=0.3, alert_psi=0.2)
+
+
+def test_the_same_cohort_raises_nothing_and_a_shifted_one_alerts_once(site: Site) -> None:
+    site.send(cohort(site.root, "reference", kernel="STANDARD", slice_spacing=5.0))
+    site.checked_after_last_result()
+    assert site.node.drift.last.status == "too_few"  # the reference alone: nothing to compare yet
+
+    site.send(cohort(site.root, "same", kernel="STANDARD", slice_spacing=5.0))
+    site.checked_after_last_result()
+    report = site.node.drift.last
+    assert (report.n_reference, report.n_current, report.status) == (N, N, "ok"), report.to_json()
+    assert max(f.psi for f in report.features) == pytest.approx(0.0, abs=1e-9)
+    assert site.node.db.open_drift_episode() is None and site.hooks.drift() == []
+    status, body = site.healthz()
+    assert (status, body["status"]) == (200, "ready"), body
+
+    site.send(cohort(site.root, "shifted", kernel="BONE", slice_spacing=2.5))
+    site.checked_after_last_result()
+    report = site.node.drift.last
+    assert report.status == "alert", report.to_json()
+    alerted = {f.name for f in report.over("alert")}
+    assert {"input_kernel", "input_slice_thickness"} <= alerted
+    for name in ("input_manufacturer", "input_model_name", "input_enhanced", "input_pixel_spacing"):
+        assert name not in alerted  # what did not change is not blamed
+    kernel = next(f for f in report.features if f.name == "input_kernel")
+    assert (kernel.bins, kernel.reference, kernel.current) == (["STANDARD", "BONE"], [N, 0], [N, N])
+
+    assert poll_until(lambda: len(site.hooks.drift()) == 1, 30, every=0.1)
+    episode = site.node.db.open_drift_episode()
+    assert episode is not None and "Reconstruction kernel" in episode.reason
+    alert = site.hooks.drift()[0]
+    assert alert["not_for_diagnostic_use"] is True and alert["episode"] == episode.id
+    assert "Reconstruction kernel" in alert["reason"] and "Slice thickness" in alert["reason"]
+
+    status, body = site.healthz()
+    assert status == 200 and body["status"] == "warning", body
+    assert "Reconstruction kernel" in body["warning"]
+
+    # Later checks of the same episode book no second alert.
+    checks = site.node.drift.last.generated_at
+    assert poll_until(lambda: site.node.drift.last.generated_at > checks, 10, every=0.1)
+    site.checked_after_last_result()
+    assert len(site.node.db.drift_episodes()) == 1
+    rows = site.node.db.drift_alerts(episode.id)
+    assert [(r.channel, r.status) for r in rows] == [("ops", "sent")]
+    assert len(site.hooks.drift()) == 1
