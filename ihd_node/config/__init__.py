@@ -6,8 +6,8 @@ reference (the table of docs/configuration.md). Other stages import from here.
 """
 
 from ihd_node.config.checks import runtime_problems, summary
-from ihd_node.config.monitoring import MonitoringConfig
 from ihd_node.config.load import ConfigError, default_config, load_config
+from ihd_node.config.monitoring import MonitoringConfig
 from ihd_node.config.outbound import AlertChannel, AlertsConfig, DeliveryConfig, Destination, OutboundTLS
 from ihd_node.config.reference import reference_markdown
 from ihd_node.config.sections import (
@@ -28,7 +28,8 @@ from ihd_node.config.sections import (
 
 __all__ = [
     "AlertChannel", "AlertsConfig", "AnalysisConfig", "ClusterConfig", "Config", "ConfigError", "DatabaseConfig",
-    "DeliveryConfig", "Destination", "InboundTLS", "LoggingConfig", "ModelSection", "MonitoringConfig", "NodeConfig", "OutboundTLS",
+    "DeliveryConfig", "Destination", "InboundTLS", "LoggingConfig", "ModelSection", "MonitoringConfig", "NodeConfig",
+    "OutboundTLS",
     "RetentionConfig", "SeriesConfig", "StorageConfig", "WebAuth", "WebConfig", "default_config", "load_config",
     "reference_markdown", "runtime_problems", "summary",
 ]
