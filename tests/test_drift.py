@@ -5,7 +5,9 @@ check), and /healthz says "warning" with the reason while staying 200. One node 
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 import threading
 import urllib.request
 from dataclasses import dataclass
@@ -56,15 +58,24 @@ class Hooks:
         self.server.server_close()
 
 
-def cohort(root: Path, name: str, *, kernel: str, slice_spacing: float) -> list[list[pydicom.Dataset]]:
-    """N negative phantom studies with fresh UIDs; the kernel is written into every header."""
+@functools.cache
+def phantoms(slice_spacing: float) -> tuple[tuple[Path, ...], ...]:
+    """N negative phantom studies (the same seeds for every cohort: the same heads, the same scores)."""
+    root = Path(tempfile.mkdtemp(prefix="drift-phantoms-"))
+    return tuple(tuple(write_series(make_series(seed, subtypes=[], n_slices=12, size=128,
+                                                slice_spacing=slice_spacing), root / f"{slice_spacing}-{seed}"))
+                 for seed in SEEDS)
+
+
+def cohort(*, kernel: str, slice_spacing: float) -> list[list[pydicom.Dataset]]:
+    """The phantom studies as new studies (fresh UIDs), with `kernel` written into every header."""
     out = []
-    for seed in SEEDS:
-        series = make_series(seed, subtypes=[], n_slices=12, size=128, slice_spacing=slice_spacing,
-                             study_instance_uid=generate_uid())
-        datasets = [pydicom.dcmread(p) for p in write_series(series, root / name / str(seed))]
+    for paths in phantoms(slice_spacing):
+        study, series = generate_uid(), generate_uid()
+        datasets = [pydicom.dcmread(p) for p in paths]
         for ds in datasets:
-            ds.ConvolutionKernel = kernel
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.ConvolutionKernel = study, series, kernel
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         out.append(datasets)
     return out
 
@@ -105,6 +116,7 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     config = node_config(
         root / "node", [], web={"port": free_port()},
         series={"quiet_seconds": 0.2, "check_geometry": False, "check_coverage": False},
+        analysis={"gradcam": False},
         alerts={"channels": [{"name": "ops", "kind": "webhook", "url": hooks.url}]},
         monitoring={"reference_results": N, "min_results": N, "check_seconds": 0.3})
     try:
@@ -125,11 +137,11 @@ def test_psi_and_bins_by_hand() -> None:
 
 
 def test_the_same_cohort_raises_nothing_and_a_shifted_one_alerts_once(site: Site) -> None:
-    site.send(cohort(site.root, "reference", kernel="STANDARD", slice_spacing=5.0))
+    site.send(cohort(kernel="STANDARD", slice_spacing=5.0))
     site.checked_after_last_result()
     assert site.node.drift.last.status == "too_few"  # the reference alone: nothing to compare yet
 
-    site.send(cohort(site.root, "same", kernel="STANDARD", slice_spacing=5.0))
+    site.send(cohort(kernel="STANDARD", slice_spacing=5.0))
     site.checked_after_last_result()
     report = site.node.drift.last
     assert (report.n_reference, report.n_current, report.status) == (N, N, "ok"), report.to_json()
@@ -138,7 +150,7 @@ def test_the_same_cohort_raises_nothing_and_a_shifted_one_alerts_once(site: Site
     status, body = site.healthz()
     assert (status, body["status"]) == (200, "ready"), body
 
-    site.send(cohort(site.root, "shifted", kernel="BONE", slice_spacing=2.5))
+    site.send(cohort(kernel="BONE", slice_spacing=2.5))
     site.checked_after_last_result()
     report = site.node.drift.last
     assert report.status == "alert", report.to_json()
