@@ -77,7 +77,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     z2n = z * z / n
     centre = (p + z2n / 2.0) / (1.0 + z2n)
     half = z / (1.0 + z2n) * math.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the edges, not 1e-17 off
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def _arrays(scores: Iterable[float], truths: Iterable[int | bool]) -> tuple[np.ndarray, np.ndarray]:
