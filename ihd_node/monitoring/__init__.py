@@ -1,3 +1,32 @@
-"""Does the model work here? Local performance against the radiologists' reads, and drift of the input mix
-and the scores after go-live (issue 19). Floor 7: imports store, config and the shared modules; the web
-console, the node and the commands import it."""
+"""Does the model work here (issue 19): the radiologist's reads against the node's results.
+
+stats (pure math: Wilson intervals, AUC with DeLong's interval, calibration, operating points), card (the
+model card's own figures from a checkpoint's metadata), performance (local performance per class and
+period), labels (reading and checking a CSV of reads); drift (input mix and score distributions against a
+reference window), inputs (the input facts of an analysed series), watch (the node's drift check and alert).
+Imports store, config, delivery (the alert channels), imaging (header reading) and shared modules only.
+"""
+
+from ihd_node.monitoring.card import card_figures
+from ihd_node.monitoring.performance import (
+    MAX_INTERVAL_WIDTH,
+    MIN_READS,
+    ClassPerformance,
+    PerformanceReport,
+    local_performance,
+)
+from ihd_node.monitoring.stats import (
+    AUC_MIN_CASES,
+    CalibrationBin,
+    OperatingPoint,
+    auc_with_interval,
+    calibration_deciles,
+    operating_points,
+    wilson_interval,
+)
+
+__all__ = [
+    "AUC_MIN_CASES", "MAX_INTERVAL_WIDTH", "MIN_READS", "CalibrationBin", "ClassPerformance", "OperatingPoint",
+    "PerformanceReport", "auc_with_interval", "calibration_deciles", "card_figures", "local_performance",
+    "operating_points", "wilson_interval",
+]

@@ -5,7 +5,7 @@ New tables only: older rows are untouched (series analysed before this revision 
 are left out of the input-mix comparison, not of the score comparison).
 
 Revision ID: 0010_drift
-Revises: 0007_analysis_lossy_settings
+Revises: 0009_reads
 """
 
 from collections.abc import Sequence
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010_drift"
-down_revision: str | None = "0007_analysis_lossy_settings"
+down_revision: str | None = "0009_reads"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
