@@ -32,6 +32,7 @@ HANDLERS = {
     "web-user": "ihd_node.commands.web_user:web_user_command",
     "labels": "ihd_node.commands.labels:labels_command",
     "performance": "ihd_node.commands.performance:performance_command",
+    "validation-report": "ihd_node.commands.validation_report:validation_report_command",
 }
 
 
@@ -141,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operating-points", action="store_true",
                    help="a table per class: sensitivity and specificity at each threshold (the current one marked)")
     p.add_argument("--finding", choices=CLASSES, help="only this class")
+
+    p = sub.add_parser("validation-report", help="write the local validation report (self-contained HTML)",
+                       description="Cohort, local figures with 95 % intervals beside the model card's, calibration, "
+                       "operating points, drift: one HTML file with inline charts, to file before go-live and after. "
+                       "NOT FOR DIAGNOSTIC USE.")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--out", required=True, metavar="FILE.html", help="the HTML file to write")
+    p.add_argument("--since", metavar="WHEN", help="results from this time (as for `performance`; default: all)")
+    p.add_argument("--until", metavar="WHEN", help="results before this time (default: now)")
+    p.add_argument("--pdf", metavar="FILE.pdf", help="also print it to PDF with headless Chromium")
 
     p = sub.add_parser("web-user", help="add or change a web console user (basic-auth users file)",
                        description="Asks for the password (or reads one line from stdin when it is not a "

@@ -84,6 +84,8 @@ class DriftReport:
     min_results: int
     features: list[FeatureDrift] = field(default_factory=list)
     weeks: list[WeekRate] = field(default_factory=list)
+    reference_positivity: float | None = None  # share of results positive for any finding
+    current_positivity: float | None = None
 
     @property
     def enough(self) -> bool:
@@ -111,7 +113,8 @@ class DriftReport:
         return {"generated_at": iso(self.generated_at), "status": self.status, "epsilon": EPSILON,
                 "reference": {"since": iso(self.reference[0]), "until": iso(self.reference[1]), "n": self.n_reference},
                 "current": {"since": iso(self.current[0]), "until": iso(self.current[1]), "n": self.n_current},
-                "min_results": self.min_results,
+                "min_results": self.min_results, "reference_positivity": self.reference_positivity,
+                "current_positivity": self.current_positivity,
                 "features": [{"name": f.name, "title": f.title, "kind": f.kind, "bins": f.bins,
                               "reference": f.reference, "current": f.current, "psi": round(f.psi, 4),
                               "level": f.level, "ks_p": f.ks_p} for f in self.features],
@@ -208,6 +211,10 @@ def score_drift(cls: str, reference: Sequence[float], current: Sequence[float], 
     return FeatureDrift(f"score_{cls}", title, "score", bins, r, c, value, _level(value, settings, enough), ks_p)
 
 
+def positivity(results: Sequence[AnalysedResult]) -> float | None:
+    return sum(1 for r in results if r.positives) / len(results) if results else None
+
+
 def weekly_positivity(results: Sequence[AnalysedResult]) -> list[WeekRate]:
     counts: dict[str, list[int]] = {}
     for r in results:
@@ -243,5 +250,7 @@ def drift_report(db: Database, settings: MonitoringConfig, now: datetime | None 
     reference, current, ref_window, cur_window = windows(db, settings, now)
     report = DriftReport(now, ref_window, cur_window, len(reference), len(current), settings.min_results)
     report.features = compare(reference, current, settings)
+    report.reference_positivity = positivity(reference)
+    report.current_positivity = positivity(current)
     report.weeks = weekly_positivity(db.analysed_results(since=now - timedelta(weeks=26)))
     return report

@@ -9,6 +9,7 @@ from ihd_node.monitoring.watch import drift_warning
 from ihd_node.web.console import console_routes
 from ihd_node.web.health import overall, readiness
 from ihd_node.web.metrics import Live, registry
+from ihd_node.web.performance_metrics import PerformanceCollector
 from ihd_node.web.server import Request, Response, WebServer, as_json, disk_free, text
 
 
@@ -44,6 +45,7 @@ def make_web_server(node: Any) -> WebServer:
         return text(503, f"threads stopped: {', '.join(dead)}\n") if dead else text(200, "alive\n")
 
     server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"}, registry=registry(db, live))
+    server.registry.register(PerformanceCollector(db, cfg))  # local performance and drift gauges
     server.routes.update({("GET", "/healthz"): healthz, ("GET", "/healthz/live"): liveness,
                           ("GET", "/metrics"): server.metrics})
     server.routes.update(console_routes(node, server))

@@ -25,6 +25,7 @@ from ihd_node import __version__
 from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.store import IN_FLIGHT_STATES, Analysis, Series, utcnow
 from ihd_node.web.health import readiness
+from ihd_node.web.performance_page import performance_routes, study_reads
 from ihd_node.web.server import Request, Response, WebServer, disk_free, text
 
 TEMPLATES = jinja2.Environment(
@@ -134,7 +135,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
                    "can_reanalyse": x.series.state in REANALYSABLE and x.series.spool_removed is None}
                   for x in detail.series]
         return render("study.html", study=detail.study, blocks=blocks, events=detail.events, user=request.user,
-                      notice=request.query.get("done"))
+                      notice=request.query.get("done"), **study_reads(db, study_uid))
 
     def capture(series_uid: str, analysis: Analysis | None) -> Path | None:
         """The summary capture of the latest analysis (the report's instance 1, negatives included; one marked
@@ -193,7 +194,8 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
         return back(series, why)
 
     return {("GET", "/"): index, ("GET", "/study/"): study, ("GET", "/thumb/"): thumb,
-            ("POST", "/actions/resend"): resend, ("POST", "/actions/reanalyse"): reanalyse}
+            ("POST", "/actions/resend"): resend, ("POST", "/actions/reanalyse"): reanalyse,
+            **performance_routes(node, server, render)}
 
 
 REANALYSABLE = ("analyzed", "delivered", "failed")

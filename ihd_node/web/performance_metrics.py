@@ -1,0 +1,71 @@
+"""Prometheus gauges of local performance and drift, read from the log database at each scrape (like
+ihd_node.web.metrics): per finding the local sensitivity, specificity, PPV, NPV and AUC with their 95 %
+interval bounds as `<name>_low` / `<name>_high`, the reads counted and the results without a read; the drift
+PSI per feature, whether a drift episode is open, and the positivity rate of the reference and current windows.
+A figure that cannot be computed (no cases) has no sample rather than a made-up value."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from ihd_node.classes import CLASSES
+from ihd_node.monitoring import local_performance
+from ihd_node.monitoring.drift import drift_report
+from ihd_node.store import Database
+
+FIGURES = ("sensitivity", "specificity", "ppv", "npv", "auc")
+
+
+class PerformanceCollector:
+    def __init__(self, db: Database, config: Any) -> None:
+        self.db = db
+        self.config = config
+
+    def collect(self) -> Iterator[Metric]:
+        perf = local_performance(self.db)
+        for figure in FIGURES:
+            families = {part: GaugeMetricFamily(f"ihd_node_local_{figure}{suffix}",
+                                                f"Local {figure.upper() if len(figure) == 3 else figure} against the "
+                                                f"radiologists' reads{words} (all results).", labels=["finding"])
+                        for part, suffix, words in (("value", "", ""), ("low", "_low", ": 95 % interval, low end"),
+                                                    ("high", "_high", ": 95 % interval, high end"))}
+            for c in CLASSES:
+                cp = perf.classes[c]
+                value, ci = getattr(cp, figure), getattr(cp, f"{figure}_ci")
+                if value is not None:
+                    families["value"].add_metric([c], value)
+                if ci is not None:
+                    families["low"].add_metric([c], ci[0])
+                    families["high"].add_metric([c], ci[1])
+            yield from families.values()
+        counts = {name: GaugeMetricFamily(f"ihd_node_local_{name}", doc, labels=["finding"]) for name, doc in (
+            ("n_read", "Results with a present or absent read of the finding."),
+            ("n_unread", "Results without a read of the finding."),
+            ("few_reads", "1 while the finding has too few reads for reliable figures."))}
+        for c in CLASSES:
+            cp = perf.classes[c]
+            counts["n_read"].add_metric([c], cp.n_read)
+            counts["n_unread"].add_metric([c], cp.n_unread)
+            counts["few_reads"].add_metric([c], 1 if cp.few_reads else 0)
+        yield from counts.values()
+        if not self.config.monitoring.drift:
+            return
+        drift = drift_report(self.db, self.config.monitoring)
+        psi = GaugeMetricFamily("ihd_node_drift_psi", "Population stability index of a feature, current window "
+                                "against the reference.", labels=["feature"])
+        for f in drift.features:
+            psi.add_metric([f.name], f.psi)
+        yield psi
+        yield GaugeMetricFamily("ihd_node_drift_judged", "1 when both windows have monitoring.min_results results.",
+                                value=1 if drift.enough else 0)
+        yield GaugeMetricFamily("ihd_node_drift_episode_open", "1 while a drift episode is open.",
+                                value=1 if self.db.open_drift_episode() is not None else 0)
+        rate = GaugeMetricFamily("ihd_node_positivity_rate", "Share of results positive for any finding.",
+                                 labels=["window"])
+        for window, value in (("reference", drift.reference_positivity), ("current", drift.current_positivity)):
+            if value is not None:
+                rate.add_metric([window], value)
+        yield rate
