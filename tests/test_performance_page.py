@@ -20,6 +20,7 @@ import pytest
 from cohort import Cohort, cohort_plan, run_cohort, truth_rows, write_csv
 from loopback import node_config, running_node, tiny_predictor
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import poll_until
 
 from ihd_node.classes import CLASSES
 from ihd_node.commands.cli import main
@@ -149,7 +150,18 @@ def test_metrics_carry_the_local_figures_and_drift(site: Site) -> None:
     assert samples[("ihd_node_local_sensitivity", (("finding", "any"),))] == pytest.approx(
         perf.classes["any"].sensitivity)
     assert {("ihd_node_drift_psi", (("feature", f),)) for f in ("input_kernel", "score_any")} <= set(samples)
-    assert samples[("ihd_node_drift_episode_open", ())] == 0
+    # The node's first drift check ran at its start (the scrape may come before it booked its episode).
+    assert samples[("ihd_node_drift_episode_open", ())] in (0, 1)
+    assert poll_until(lambda: site.node.drift.last is not None, 30, every=0.1)
+    open_now = site.node.db.open_drift_episode() is not None
+    assert open_now == (site.node.drift.last.status == "alert")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(http(site.base + "/metrics", basic())[1])
+               for s in family.samples}
+    assert samples[("ihd_node_drift_episode_open", ())] == (1 if open_now else 0)
+    report = site.node.drift.last
+    for f in report.features:
+        assert samples[("ihd_node_drift_psi", (("feature", f.name),))] == pytest.approx(f.psi)
     assert ("ihd_node_positivity_rate", (("window", "current"),)) in samples
 
 

@@ -198,7 +198,8 @@ def score_drift(cls: str, reference: Sequence[float], current: Sequence[float], 
         return FeatureDrift(f"score_{cls}", title, "score", [], [], [], 0.0, _level(0.0, settings, enough))
     edges = np.unique(np.quantile(np.asarray(reference, dtype=float), np.linspace(0.1, 0.9, 9)))
     bounds = [0.0, *edges.tolist(), 1.0]
-    bins = [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    digits = next((d for d in range(2, 7) if len({f"{b:.{d}f}" for b in bounds}) == len(bounds)), 7)
+    bins = [f"{lo:.{digits}f}-{hi:.{digits}f}" for lo, hi in zip(bounds, bounds[1:], strict=False)]
     r = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(bins)).tolist()
     c = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(bins)).tolist() \
         if len(current) else [0] * len(bins)

@@ -34,6 +34,7 @@ class Axes:
     y_range: tuple[float, float]
     width: int = WIDTH
     height: int = HEIGHT
+    bottom: int = MARGIN[3]  # room under the plot for the tick labels and the axis title
 
     def x(self, value: float) -> float:
         lo, hi = self.x_range
@@ -41,7 +42,7 @@ class Axes:
 
     def y(self, value: float) -> float:
         lo, hi = self.y_range
-        return self.height - MARGIN[3] - (value - lo) / ((hi - lo) or 1.0) * (self.height - MARGIN[2] - MARGIN[3])
+        return self.height - self.bottom - (value - lo) / ((hi - lo) or 1.0) * (self.height - MARGIN[2] - self.bottom)
 
 
 def _fmt(v: float) -> str:
@@ -59,11 +60,16 @@ def _frame(axes: Axes, title: str, x_label: str, y_label: str, x_ticks: Sequence
         y = axes.y(t)
         out.append(f'<line x1="{_fmt(x0)}" y1="{_fmt(y)}" x2="{_fmt(x1)}" y2="{_fmt(y)}" stroke="#e4e4e4"/>')
         out.append(f'<text x="{_fmt(x0 - 4)}" y="{_fmt(y + 4)}" font-size="11" text-anchor="end">{t:.3g}</text>')
+    slanted = axes.bottom > MARGIN[3]  # crowded category labels are written at a slant
     for i, t in enumerate(x_ticks):
         x = axes.x(t)
         label = x_tick_labels[i] if x_tick_labels else f"{t:g}"
-        out.append(f'<text x="{_fmt(x)}" y="{_fmt(y0 + 14)}" font-size="11" text-anchor="middle">'
-                   f'{escape(label)}</text>')
+        if slanted:
+            out.append(f'<text x="{_fmt(x)}" y="{_fmt(y0 + 12)}" font-size="10" text-anchor="end" '
+                       f'transform="rotate(-35 {_fmt(x)} {_fmt(y0 + 12)})">{escape(label)}</text>')
+        else:
+            out.append(f'<text x="{_fmt(x)}" y="{_fmt(y0 + 14)}" font-size="11" text-anchor="middle">'
+                       f'{escape(label)}</text>')
     out.append(f'<path d="M{_fmt(x0)},{_fmt(y1)} V{_fmt(y0)} H{_fmt(x1)}" fill="none" stroke="#333"/>')
     out.append(f'<text x="{_fmt((x0 + x1) / 2)}" y="{h - 6}" font-size="12" text-anchor="middle">'
                f'{escape(x_label)}</text>')
@@ -129,9 +135,13 @@ def bar_chart(title: str, categories: Sequence[str], groups: Sequence[tuple[str,
     values = [v for _, vals, _ in groups for v in vals]
     top = y_max if y_max is not None else max([*values, 0.0]) or 1.0
     n = max(len(categories), 1)
-    axes = Axes((0.0, float(n)), (0.0, top), width=max(WIDTH, 40 * n + 80))
+    labels = [c if len(c) <= 18 else c[:17] + "…" for c in categories]
+    width = max(WIDTH, 40 * n + 80)
+    crowded = sum(6.5 * len(c) + 8 for c in labels) > width - MARGIN[0] - MARGIN[1]
+    bottom = MARGIN[3] + int(5.5 * max((len(c) for c in labels), default=0)) if crowded else MARGIN[3]
+    axes = Axes((0.0, float(n)), (0.0, top), width=width, height=HEIGHT + bottom - MARGIN[3], bottom=bottom)
     out = _frame(axes, title, "", y_label, [i + 0.5 for i in range(len(categories))],
-                 [top * i / 4 for i in range(5)], [c if len(c) <= 14 else c[:13] + "…" for c in categories])
+                 [top * i / 4 for i in range(5)], labels)
     if not values or not categories:
         out.append(f'<text x="{_fmt(axes.width / 2)}" y="{_fmt(axes.height / 2)}" font-size="13" '
                    f'text-anchor="middle" fill="#777">{escape(empty)}</text>')
