@@ -180,3 +180,63 @@ def test_the_same_cohort_raises_nothing_and_a_shifted_one_alerts_once(site: Site
     rows = site.node.db.drift_alerts(episode.id)
     assert [(r.channel, r.status) for r in rows] == [("ops", "sent")]
     assert len(site.hooks.drift()) == 1
+
+
+def test_input_facts_of_classic_and_enhanced_ct(tmp_path: Path) -> None:
+    """The facts come from the headers; an Enhanced CT's kernel and kVp from its functional groups."""
+    from enhanced_ct import enhanced_from_slices
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    from ihd_node.imaging.volume import load_volume
+    from ihd_node.monitoring.inputs import input_facts
+
+    series = make_series(7, subtypes=[], n_slices=12, size=64, slice_spacing=4.0, pixel_spacing=3.5)
+    paths = write_series(series, tmp_path / "classic")
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.ConvolutionKernel, ds.KVP = ["FC", "21"], "120"
+        ds.save_as(p)
+    facts = input_facts(load_volume(paths))
+    assert facts == {"manufacturer": "ihd-node phantom", "model_name": "synthetic head CT", "kernel": "FC\\21",
+                     "enhanced": False, "slice_thickness": pytest.approx(4.0), "kvp": 120.0,
+                     "pixel_spacing": pytest.approx(3.5)}
+
+    enhanced = enhanced_from_slices([pydicom.dcmread(p) for p in paths])
+    shared = enhanced.SharedFunctionalGroupsSequence[0]
+    recon, xray = Dataset(), Dataset()
+    recon.ConvolutionKernel = "H30s"
+    xray.KVP = "100"
+    shared.CTReconstructionSequence = DicomSequence([recon])
+    shared.CTXRayDetailsSequence = DicomSequence([xray])
+    for keyword in ("ConvolutionKernel", "KVP"):
+        if keyword in enhanced:
+            delattr(enhanced, keyword)
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    facts = input_facts(load_volume([path]))
+    assert (facts["enhanced"], facts["kernel"], facts["kvp"]) == (True, "H30s", 100.0)
+    assert facts["slice_thickness"] == pytest.approx(4.0) and facts["pixel_spacing"] == pytest.approx(3.5)
+
+
+def test_one_episode_one_alert_per_channel_until_it_ends(tmp_path: Path) -> None:
+    from ihd_node.monitoring.watch import drift_warning
+    from ihd_node.store import open_database
+
+    db = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        assert drift_warning(db) is None and db.end_drift() is None
+        first, new = db.book_drift(reason="Reconstruction kernel PSI 4.2", feature="input_kernel", psi=4.2,
+                                   channels=["ops", "mail"])
+        assert new
+        again, new = db.book_drift(reason="Reconstruction kernel PSI 4.5", feature="input_kernel", psi=4.5,
+                                   channels=["ops", "mail"])
+        assert not new and again.id == first.id and again.worst_psi == 4.5
+        assert sorted(a.channel for a in db.drift_alerts(first.id)) == ["mail", "ops"]
+        assert "Reconstruction kernel PSI 4.5" in drift_warning(db)
+        assert db.end_drift().id == first.id and db.open_drift_episode() is None and drift_warning(db) is None
+        second, new = db.book_drift(reason="Slice thickness PSI 1.0", feature="input_slice_thickness", psi=1.0,
+                                    channels=["ops"])
+        assert new and second.id != first.id and len(db.drift_alerts(second.id)) == 1
+    finally:
+        db.close()
