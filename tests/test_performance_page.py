@@ -49,8 +49,8 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("performance")
-    cohort = run_cohort(root / "cohort", plan=cohort_plan(n_negative=6, n_positive=10), first_seed=191000,
-                        node_sections={"monitoring": {"reference_results": 8, "min_results": 8}})
+    cohort = run_cohort(root / "cohort", plan=cohort_plan(n_negative=4, n_positive=8), first_seed=191000,
+                        node_sections={"monitoring": {"reference_results": 6, "min_results": 6}})
     rows = truth_rows(cohort, unread=list(cohort.truth)[:UNREAD], not_assessed=[(list(cohort.truth)[-1], "epidural")])
     assert main(["labels", "import", str(write_csv(root / "reads.csv", rows)), "--config",
                  str(cohort.config_path)]) == 0
@@ -58,7 +58,7 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     # The same node state, started again with its console behind a users file.
     config = node_config(root / "cohort" / "node", [], web={"port": free_port(),
                                                             "auth": {"users_file": str(root / "users")}},
-                         monitoring={"reference_results": 8, "min_results": 8})
+                         monitoring={"reference_results": 6, "min_results": 6})
     assert config.database_url == cohort.database_url
     with running_node(config, tiny_predictor()) as node:
         yield Site(cohort, node, f"http://127.0.0.1:{node.web.port}", Path(config.storage.dir) / "ihd.sqlite")

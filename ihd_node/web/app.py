@@ -45,7 +45,8 @@ def make_web_server(node: Any) -> WebServer:
         return text(503, f"threads stopped: {', '.join(dead)}\n") if dead else text(200, "alive\n")
 
     server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"}, registry=registry(db, live))
-    server.registry.register(PerformanceCollector(db, cfg))  # local performance and drift gauges
+    server.registry.register(PerformanceCollector(  # local performance and drift gauges
+        db, cfg, lambda: node.drift.last if getattr(node, "drift", None) is not None else None))
     server.routes.update({("GET", "/healthz"): healthz, ("GET", "/healthz/live"): liveness,
                           ("GET", "/metrics"): server.metrics})
     server.routes.update(console_routes(node, server))

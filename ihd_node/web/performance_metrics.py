@@ -1,31 +1,49 @@
 """Prometheus gauges of local performance and drift, read from the log database at each scrape (like
 ihd_node.web.metrics): per finding the local sensitivity, specificity, PPV, NPV and AUC with their 95 %
 interval bounds as `<name>_low` / `<name>_high`, the reads counted and the results without a read; the drift
-PSI per feature, whether a drift episode is open, and the positivity rate of the reference and current windows.
-A figure that cannot be computed (no cases) has no sample rather than a made-up value."""
+PSI per feature (as the node's latest drift check found it), whether a drift episode is open, and the positivity
+rate of the reference and current windows. A figure that cannot be computed (no cases) has no sample rather than
+a made-up value. Local performance is recomputed at most every CACHE_SECONDS."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ihd_node.classes import CLASSES
-from ihd_node.monitoring import local_performance
-from ihd_node.monitoring.drift import drift_report
+from ihd_node.monitoring import PerformanceReport, local_performance
+from ihd_node.monitoring.drift import DriftReport, drift_report
 from ihd_node.store import Database
 
 FIGURES = ("sensitivity", "specificity", "ppv", "npv", "auc")
 
 
+CACHE_SECONDS = 60.0  # local performance is recomputed at most this often (Prometheus scrapes every ~15 s)
+
+
 class PerformanceCollector:
-    def __init__(self, db: Database, config: Any) -> None:
+    """`latest_drift`: the node's latest drift check (what the alerting judged), else computed at the scrape."""
+
+    def __init__(self, db: Database, config: Any,
+                 latest_drift: Callable[[], DriftReport | None] = lambda: None) -> None:
         self.db = db
         self.config = config
+        self.latest_drift = latest_drift
+        self._perf: tuple[float, PerformanceReport] | None = None
+        self._lock = threading.Lock()
+
+    def _performance(self) -> PerformanceReport:
+        with self._lock:
+            if self._perf is None or time.monotonic() - self._perf[0] > CACHE_SECONDS:
+                self._perf = (time.monotonic(), local_performance(self.db))
+            return self._perf[1]
 
     def collect(self) -> Iterator[Metric]:
-        perf = local_performance(self.db)
+        perf = self._performance()
         for figure in FIGURES:
             families = {part: GaugeMetricFamily(f"ihd_node_local_{figure}{suffix}",
                                                 f"Local {figure.upper() if len(figure) == 3 else figure} against the "
@@ -53,7 +71,7 @@ class PerformanceCollector:
         yield from counts.values()
         if not self.config.monitoring.drift:
             return
-        drift = drift_report(self.db, self.config.monitoring)
+        drift = self.latest_drift() or drift_report(self.db, self.config.monitoring)
         psi = GaugeMetricFamily("ihd_node_drift_psi", "Population stability index of a feature, current window "
                                 "against the reference.", labels=["feature"])
         for f in drift.features:
