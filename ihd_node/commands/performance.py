@@ -106,7 +106,8 @@ def format_class(p: ClassPerformance) -> list[str]:
     lines = [f"{p.finding} ({FINDING_NAMES[p.finding]}), threshold {thr}",
              f"  {p.n_read} read ({p.n_present} present, {p.n_absent} absent); {p.n_not_assessed} not assessed, "
              f"{p.n_unread} without a read",
-             f"  TP {p.tp}  FP {p.fp}  TN {p.tn}  FN {p.fn}"]
+             f"  TP {p.tp}  FP {p.fp}  TN {p.tn}  FN {p.fn}"
+             + ("  (any is also called whenever a subtype is)" if p.finding == CLASSES[0] else "")]
     rows = [
         ["sensitivity", figure(p.sensitivity, p.sensitivity_ci), _card(p, "sensitivity"),
          _few(p.n_present, "present", p.sensitivity_ci)],
@@ -160,7 +161,7 @@ def format_operating_points(report: PerformanceReport, finding: str | None = Non
         if not p.operating_points:
             lines.append("  no reads yet")
             continue
-        rows = [[("* " if op.current else "  ") + f"{op.threshold:.4f}", num(op.sensitivity, 3), num(op.specificity, 3),
+        rows = [[("* " if op.current else "  ") + f"{op.threshold:.6g}", num(op.sensitivity, 3), num(op.specificity, 3),
                  op.tp, op.fp, op.tn, op.fn] for op in reversed(p.operating_points)]
         headers = ["threshold", "sensitivity", "specificity", "TP", "FP", "TN", "FN"]
         lines += ["  " + line for line in text_table(headers, rows)]
