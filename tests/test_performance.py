@@ -359,7 +359,8 @@ def test_performance_text_puts_each_figure_with_its_interval_and_says_few_reads(
     [line] = [ln for ln in epidural.splitlines() if ln.strip().startswith("sensitivity")]
     assert sens in line and f"FEW READS: {e['n_present']} present" in line
     assert f"TP {e['tp']}  FP {e['fp']}  TN {e['tn']}  FN {e['fn']}" in epidural
-    assert f"Few reads: {e['few_reads_reason']}." in epidural
+    assert f"Few reads: {e['few_reads_reason']}." in " ".join(epidural.split())  # wrapped at 100 columns
+    assert max(len(ln) for ln in text.splitlines()) <= 100
     table = in_process(capsys, "performance", "--operating-points", "--finding", "any", "--config",
                        str(cohort.config_path))
     [marked] = [ln for ln in table.splitlines() if ln.strip().startswith("* ")]

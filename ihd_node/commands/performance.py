@@ -14,7 +14,7 @@ from typing import Any
 
 from ihd_node.classes import CLASSES, FINDING_NAMES
 from ihd_node.commands.log import parse_since
-from ihd_node.commands.readout import open_existing, plural, text_table
+from ihd_node.commands.readout import fit, open_existing, plural, text_table
 from ihd_node.config import load_config
 from ihd_node.errors import UserError
 from ihd_node.monitoring import AUC_MIN_CASES, MIN_READS, ClassPerformance, PerformanceReport, local_performance
@@ -120,7 +120,7 @@ def format_class(p: ClassPerformance) -> list[str]:
     ]
     lines += ["  " + line for line in text_table(["figure", "value (95% CI)", "model card", ""], rows)]
     if p.few_reads:
-        lines.append(f"  Few reads: {p.few_reads_reason}.")
+        lines.append(fit(f"  Few reads: {p.few_reads_reason}.", "    "))
     filled = [b for b in p.calibration if b.n]
     if filled:
         lines.append("  calibration (predicted decile: mean predicted -> observed rate (95% CI), n):")
@@ -142,6 +142,7 @@ def format_report(report: PerformanceReport, finding: str | None = None) -> str:
         lines.append("Time to result (first image received -> results delivered): "
                      f"median {num(t['p50_seconds'], 1)} s, 90th percentile {num(t['p90_seconds'], 1)} s, "
                      f"{t['n']} results.")
+    lines = [fit(line, "  ") for line in lines]
     for c in ([finding] if finding else CLASSES):
         lines += [""] + format_class(report.classes[c])
     return "\n".join(lines)
@@ -152,12 +153,12 @@ def _day(value: datetime | None) -> str | None:
 
 
 def format_operating_points(report: PerformanceReport, finding: str | None = None) -> str:
-    lines = ["Operating points on the local reads: what each threshold would have given (score >= threshold is "
-             "positive). * = the threshold in use. Nothing is changed: set analysis.thresholds yourself."]
+    lines = [fit("Operating points on the local reads: what each threshold would have given (score >= threshold "
+                 "is positive). * = the threshold in use. Nothing is changed: set analysis.thresholds yourself.", "")]
     for c in ([finding] if finding else CLASSES):
         p = report.classes[c]
-        lines += ["", f"{c}: {p.n_read} read ({p.n_present} present, {p.n_absent} absent)"
-                  + (f"; FEW READS: {p.few_reads_reason}" if p.few_reads else "")]
+        lines += ["", fit(f"{c}: {p.n_read} read ({p.n_present} present, {p.n_absent} absent)"
+                          + (f"; FEW READS: {p.few_reads_reason}" if p.few_reads else ""), "  ")]
         if not p.operating_points:
             lines.append("  no reads yet")
             continue
