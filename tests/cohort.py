@@ -5,6 +5,8 @@ run_cohort(tmp_path_factory.mktemp(...)).
 The truth of a study is the classes its phantom shows on at least one slice (PhantomSeries.positive_classes),
 what a radiologist reading the images would find. Small full-head phantoms and the tiny untrained model keep
 it fast: the point is that the node's figures match the database and the truth, not that the model is good.
+The node's completion checks of geometry and coverage are off (12 slices do not span a head; they are tested
+elsewhere): a series is complete once its association is released and quiet.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
-from heads import full_head
 from loopback import destination, node_config, running_node, tiny_predictor
 from pydicom import Dataset
 from waiting import poll_until
@@ -24,6 +26,7 @@ from waiting import poll_until
 from ihd_node.classes import CLASSES, SUBTYPES
 from ihd_node.model.pipeline import Predictor
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
+from ihd_node.sim.phantom import PhantomSeries, make_series
 
 FINAL = ("delivered", "failed", "ignored", "analyzed")
 
@@ -48,14 +51,26 @@ def cohort_plan(n_negative: int = 12, n_positive: int = 30) -> list[tuple[str, .
     return [()] * n_negative + [pairs[k % len(pairs)] for k in range(n_positive)]
 
 
+def split_predictor(sample: list[PhantomSeries]) -> Predictor:
+    """The tiny untrained model with thresholds among its scores on `sample` (they hardly vary), so the cohort
+    gets positive and negative calls of every class: the median for `any`, the 75th percentile for the
+    subtypes (`any` is called whenever a subtype is: it needs studies with no subtype called)."""
+    predictor = tiny_predictor()
+    scores = [predictor.predict(p.hu, explain=False).probabilities() for p in sample]
+    predictor.thresholds = {c: float(np.percentile([s[c] for s in scores], 50 if c == "any" else 75))
+                            for c in CLASSES}
+    return predictor
+
+
 def run_cohort(root: Path, *, first_seed: int = 190000, plan: list[tuple[str, ...]] | None = None,
-               n_slices: int = 20, size: int = 64, predictor: Predictor | None = None,
+               n_slices: int = 12, size: int = 64, predictor: Predictor | None = None,
                tweak: Callable[[Dataset], None] | None = None, node_sections: dict[str, Any] | None = None,
                **variation: Any) -> Cohort:
     """Make the cohort's phantoms (seeds first_seed, first_seed + 1, ...), send each study over its own
     association to a running node that delivers to a MiniPACS, wait until every series is finished, stop.
     `tweak` changes each data set before sending (e.g. another ConvolutionKernel); `variation` goes to
-    make_series (e.g. slice_spacing); `node_sections` overrides the node's config sections."""
+    make_series (e.g. slice_spacing); `node_sections` overrides the node's config sections. Without
+    `predictor`, the tiny model with thresholds that split its scores (split_predictor on every fifth study)."""
     import time
 
     start = time.monotonic()
@@ -64,24 +79,33 @@ def run_cohort(root: Path, *, first_seed: int = 190000, plan: list[tuple[str, ..
     cohort_truth: dict[str, frozenset[str]] = {}
     accession: dict[str, str] = {}
     series_of: dict[str, str] = {}
+
+    def phantom(k: int) -> PhantomSeries:
+        return make_series(first_seed + k, list(plan[k]), n_slices=n_slices, size=size, **variation)
+
+    made: dict[int, PhantomSeries] = {}
+    if predictor is None:
+        made = {k: phantom(k) for k in range(0, len(plan), 5)}
+        predictor = split_predictor(list(made.values()))
     with MiniPACS(root / "pacs", ae_title="PACS") as pacs:
-        sections = {"series": {"quiet_seconds": 0.3, "max_wait_seconds": 30.0},
+        sections = {"series": {"quiet_seconds": 0.3, "max_wait_seconds": 30.0, "check_geometry": False,
+                               "check_coverage": False},
                     "analysis": {"gradcam": False}, **(node_sections or {})}
         config = node_config(root / "node", [destination("pacs", pacs.ae_title, pacs.port)], **sections)
-        with running_node(config, predictor or tiny_predictor()) as node:
-            for k, subtypes in enumerate(plan):
-                phantom = full_head(first_seed + k, subtypes, n_slices=n_slices, size=size, **variation)
-                datasets = phantom.datasets
+        with running_node(config, predictor) as node:
+            for k in range(len(plan)):
+                series = made.pop(k, None) or phantom(k)
+                datasets = series.datasets
                 for ds in datasets:
                     ds.AccessionNumber = f"C{first_seed + k}"
                     if tweak is not None:
                         tweak(ds)
                 assert send_datasets(datasets, host="127.0.0.1", port=node.port, called_aet="IHD_AI",
                                      calling_aet="CT1") == [0] * len(datasets)
-                uid = phantom.study_instance_uid
-                cohort_truth[uid] = frozenset(phantom.positive_classes)
+                uid = series.study_instance_uid
+                cohort_truth[uid] = frozenset(series.positive_classes)
                 accession[uid] = f"C{first_seed + k}"
-                series_of[uid] = phantom.series_instance_uid
+                series_of[uid] = series.series_instance_uid
 
             def finished() -> bool:
                 return all((s := node.db.get_series(x)) is not None and s.state in FINAL for x in series_of.values())

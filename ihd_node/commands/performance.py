@@ -14,7 +14,7 @@ from typing import Any
 
 from ihd_node.classes import CLASSES, FINDING_NAMES
 from ihd_node.commands.log import parse_since
-from ihd_node.commands.readout import open_existing, plural, text_table
+from ihd_node.commands.readout import fit, open_existing, plural, text_table
 from ihd_node.config import load_config
 from ihd_node.errors import UserError
 from ihd_node.monitoring import AUC_MIN_CASES, MIN_READS, ClassPerformance, PerformanceReport, local_performance
@@ -106,7 +106,8 @@ def format_class(p: ClassPerformance) -> list[str]:
     lines = [f"{p.finding} ({FINDING_NAMES[p.finding]}), threshold {thr}",
              f"  {p.n_read} read ({p.n_present} present, {p.n_absent} absent); {p.n_not_assessed} not assessed, "
              f"{p.n_unread} without a read",
-             f"  TP {p.tp}  FP {p.fp}  TN {p.tn}  FN {p.fn}"]
+             f"  TP {p.tp}  FP {p.fp}  TN {p.tn}  FN {p.fn}"
+             + ("  (any is also called whenever a subtype is)" if p.finding == CLASSES[0] else "")]
     rows = [
         ["sensitivity", figure(p.sensitivity, p.sensitivity_ci), _card(p, "sensitivity"),
          _few(p.n_present, "present", p.sensitivity_ci)],
@@ -119,7 +120,7 @@ def format_class(p: ClassPerformance) -> list[str]:
     ]
     lines += ["  " + line for line in text_table(["figure", "value (95% CI)", "model card", ""], rows)]
     if p.few_reads:
-        lines.append(f"  Few reads: {p.few_reads_reason}.")
+        lines.append(fit(f"  Few reads: {p.few_reads_reason}.", "    "))
     filled = [b for b in p.calibration if b.n]
     if filled:
         lines.append("  calibration (predicted decile: mean predicted -> observed rate (95% CI), n):")
@@ -141,6 +142,7 @@ def format_report(report: PerformanceReport, finding: str | None = None) -> str:
         lines.append("Time to result (first image received -> results delivered): "
                      f"median {num(t['p50_seconds'], 1)} s, 90th percentile {num(t['p90_seconds'], 1)} s, "
                      f"{t['n']} results.")
+    lines = [fit(line, "  ") for line in lines]
     for c in ([finding] if finding else CLASSES):
         lines += [""] + format_class(report.classes[c])
     return "\n".join(lines)
@@ -151,16 +153,16 @@ def _day(value: datetime | None) -> str | None:
 
 
 def format_operating_points(report: PerformanceReport, finding: str | None = None) -> str:
-    lines = ["Operating points on the local reads: what each threshold would have given (score >= threshold is "
-             "positive). * = the threshold in use. Nothing is changed: set analysis.thresholds yourself."]
+    lines = [fit("Operating points on the local reads: what each threshold would have given (score >= threshold "
+                 "is positive). * = the threshold in use. Nothing is changed: set analysis.thresholds yourself.", "")]
     for c in ([finding] if finding else CLASSES):
         p = report.classes[c]
-        lines += ["", f"{c}: {p.n_read} read ({p.n_present} present, {p.n_absent} absent)"
-                  + (f"; FEW READS: {p.few_reads_reason}" if p.few_reads else "")]
+        lines += ["", fit(f"{c}: {p.n_read} read ({p.n_present} present, {p.n_absent} absent)"
+                          + (f"; FEW READS: {p.few_reads_reason}" if p.few_reads else ""), "  ")]
         if not p.operating_points:
             lines.append("  no reads yet")
             continue
-        rows = [[("* " if op.current else "  ") + f"{op.threshold:.4f}", num(op.sensitivity, 3), num(op.specificity, 3),
+        rows = [[("* " if op.current else "  ") + f"{op.threshold:.6g}", num(op.sensitivity, 3), num(op.specificity, 3),
                  op.tp, op.fp, op.tn, op.fn] for op in reversed(p.operating_points)]
         headers = ["threshold", "sensitivity", "specificity", "TP", "FP", "TN", "FN"]
         lines += ["  " + line for line in text_table(headers, rows)]

@@ -6,7 +6,10 @@ counted in n_not_assessed; a result without a read of the class is counted in n_
 against the reads of "any" only (never derived from the subtypes' reads).
 
 The call is the node's own: positive when the analysis called the class (analyses.positive_classes, made at
-the thresholds that analysis used); scores are the analysis' probabilities.
+the thresholds that analysis used); scores are the analysis' probabilities. The node calls `any` present
+whenever it calls a subtype present (ihd_node.values.prediction.positive_mask), whatever p_any: the
+operating points of `any` keep those calls (what changing the `any` threshold alone would give); its AUC and
+calibration are those of p_any itself.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ def class_performance(finding: str, results: list[ResultRow], reads: dict[str, d
     scores: list[float] = []
     truths: list[int] = []
     called: list[bool] = []
+    by_subtype: list[bool] = []  # "any" called because a subtype was (positive_mask's rule)
     used: set[float] = set()
     n_unread = n_not_assessed = 0
     for r in results:
@@ -152,6 +156,7 @@ def class_performance(finding: str, results: list[ResultRow], reads: dict[str, d
         scores.append(r.probabilities[finding])
         truths.append(1 if read.value == "present" else 0)
         called.append(finding in r.positives)
+        by_subtype.append(finding == CLASSES[0] and any(c in r.positives for c in CLASSES[1:]))
         if finding in r.thresholds:
             used.add(r.thresholds[finding])
     t = np.asarray(truths, dtype=int)
@@ -164,8 +169,8 @@ def class_performance(finding: str, results: list[ResultRow], reads: dict[str, d
     spec_ci = wilson_interval(tn, n_absent, confidence)
     auc = auc_with_interval(scores, truths, confidence, AUC_MIN_CASES)
     latest = next((r.thresholds[finding] for r in reversed(results) if finding in r.thresholds), None)
-    points = (operating_points(scores, truths, current=latest) if len(set(scores)) <= MAX_DISTINCT_POINTS
-              else operating_points(scores, truths, grid_thresholds(0.01), current=latest))
+    grid = None if len(set(scores)) <= MAX_DISTINCT_POINTS else grid_thresholds(0.01)
+    points = operating_points(scores, truths, grid, current=latest, called_anyway=by_subtype)
     reason = few_reads_reason(n_present, n_absent, sens_ci, spec_ci)
     return ClassPerformance(
         finding=finding, tp=tp, fp=fp, tn=tn, fn=fn,

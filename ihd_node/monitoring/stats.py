@@ -162,24 +162,30 @@ def confusion(scores: Sequence[float] | np.ndarray, truths: Sequence[int] | np.n
 
 
 def operating_points(scores: Iterable[float], truths: Iterable[int | bool],
-                     thresholds: Iterable[float] | None = None,
-                     current: float | None = None) -> list[OperatingPoint]:
+                     thresholds: Iterable[float] | None = None, current: float | None = None,
+                     called_anyway: Iterable[bool] | None = None) -> list[OperatingPoint]:
     """Sensitivity and specificity at each threshold, lowest threshold first.
 
     Default thresholds: every distinct score (the points of the ROC curve, as sklearn's roc_curve with
     drop_intermediate=False gives them, less its "nothing positive" point at +inf); `current`, when given,
-    is added and marked."""
+    is added and marked. `called_anyway` marks cases called positive whatever this threshold (the node calls
+    `any` present whenever a subtype is, ihd_node.values.prediction.positive_mask)."""
     s, t = _arrays(scores, truths)
+    forced = np.zeros(len(s), dtype=bool) if called_anyway is None else np.asarray(list(called_anyway), dtype=bool)
+    if forced.shape != s.shape:
+        raise ValueError("called_anyway must have one entry per score")
     chosen = set(np.unique(s).tolist()) if thresholds is None else {float(x) for x in thresholds}
     if current is not None:
         chosen.add(float(current))
     n_pos, n_neg = int((t == 1).sum()), int((t == 0).sum())
-    ordered = np.sort(s)
-    ordered_pos = np.sort(s[t == 1])
+    free = ~forced
+    ordered = np.sort(s[free])  # only these depend on the threshold
+    ordered_pos = np.sort(s[free & (t == 1)])
+    forced_all, forced_pos = int(forced.sum()), int((forced & (t == 1)).sum())
     points = []
     for thr in sorted(chosen):
-        called = len(s) - int(np.searchsorted(ordered, thr, side="left"))
-        tp = n_pos - int(np.searchsorted(ordered_pos, thr, side="left"))
+        tp = forced_pos + len(ordered_pos) - int(np.searchsorted(ordered_pos, thr, side="left"))
+        called = forced_all + len(ordered) - int(np.searchsorted(ordered, thr, side="left"))
         fp = called - tp
         points.append(OperatingPoint(
             threshold=float(thr), sensitivity=ratio(tp, n_pos), specificity=ratio(n_neg - fp, n_neg),
