@@ -242,3 +242,34 @@ def test_one_episode_one_alert_per_channel_until_it_ends(tmp_path: Path) -> None
         assert new and second.id != first.id and len(db.drift_alerts(second.id)) == 1
     finally:
         db.close()
+
+
+def test_windows_by_weeks_and_by_results() -> None:
+    """The reference is the first weeks (or the first N results); the current window the last days after it."""
+    from datetime import UTC, datetime, timedelta
+
+    from ihd_node.monitoring.drift import drift_report
+    from ihd_node.store import AnalysedResult
+
+    start = datetime(2026, 1, 5, tzinfo=UTC)
+    inputs = {"manufacturer": "X", "model_name": "Y", "kernel": "K", "enhanced": False, "slice_thickness": 5.0,
+              "kvp": 120.0, "pixel_spacing": 0.5}
+    rows = [AnalysedResult(f"1.2.{k}", start + timedelta(days=k), dict.fromkeys(("any", "epidural",
+            "intraparenchymal", "intraventricular", "subarachnoid", "subdural"), 0.1 + 0.01 * (k % 7)),
+            ("any",) if k % 3 == 0 else (), {**inputs, "kernel": "K" if k < 40 else "B"}) for k in range(60)]
+
+    class Rows:
+        def analysed_results(self, since=None, until=None):
+            return [r for r in rows if (since is None or r.at >= since) and (until is None or r.at < until)]
+
+    now = start + timedelta(days=59, hours=1)
+    by_weeks = drift_report(Rows(), MonitoringConfig(reference_weeks=4, window_days=7, min_results=5), now)
+    assert by_weeks.n_reference == 28 and by_weeks.reference == (start, start + timedelta(weeks=4))
+    assert by_weeks.n_current == 7 and by_weeks.current[0] == now - timedelta(days=7)
+    assert by_weeks.status == "alert" and by_weeks.over("alert")[0].name == "input_kernel"  # days 53-59: B
+    by_results = drift_report(Rows(), MonitoringConfig(reference_results=10, window_days=100, min_results=5), now)
+    assert by_results.n_reference == 10 and by_results.n_current == 50
+    kernel = next(f for f in by_results.features if f.name == "input_kernel")
+    assert (kernel.bins, kernel.reference, kernel.current) == (["K", "B"], [10, 0], [30, 20])
+    assert drift_report(Rows(), MonitoringConfig(reference_weeks=4, min_results=30), now).status == "too_few"
+    assert by_weeks.reference_positivity == pytest.approx(10 / 28)
