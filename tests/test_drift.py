@@ -273,3 +273,21 @@ def test_windows_by_weeks_and_by_results() -> None:
     assert (kernel.bins, kernel.reference, kernel.current) == (["K", "B"], [10, 0], [30, 20])
     assert drift_report(Rows(), MonitoringConfig(reference_weeks=4, min_results=30), now).status == "too_few"
     assert by_weeks.reference_positivity == pytest.approx(10 / 28)
+
+
+def test_a_failing_drift_check_is_logged_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the drift check must not make the node's loop fail (that would read as "degraded", 503)."""
+    from ihd_node.config import default_config
+    from ihd_node.monitoring import watch
+    from ihd_node.store import open_database
+
+    db = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        drift = watch.DriftWatch(db, default_config(tmp_path))
+
+        def broken(*args, **kwargs):
+            raise ZeroDivisionError("a bug")
+        monkeypatch.setattr(watch, "drift_report", broken)
+        assert drift.step() > 0 and drift.last is None
+    finally:
+        db.close()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from ihd_node import nodelog
 from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.config import Config
@@ -83,8 +85,14 @@ class DriftWatch:
     def step(self) -> float:
         now = time.monotonic()
         if now >= self._next_check:
-            self.check()
             self._next_check = now + self.settings.check_seconds
+            try:
+                self.check()
+            except DBAPIError:
+                self._next_check = 0.0  # checked again once the database answers
+                raise  # the database is away: the loop's backoff, and the node is "degraded" meanwhile
+            except Exception as exc:  # noqa: BLE001 - a failed drift check must never make the node look down
+                nodelog.error("drift.check_failed", error=f"{type(exc).__name__}: {exc}")
         self.send_due()
         wait = self._next_check - time.monotonic()
         when = self.db.next_drift_alert_time()
