@@ -230,3 +230,19 @@ def test_read_form_is_blind_audited_and_needs_a_user(site: Site) -> None:
                     ("subdural", "absent", "Dr Second", USER, "console", 1)]
     assert len(audits) == 2 and all(f"read entered by {USER}" in m for (m,) in audits)
     assert page.count('class="entered-by">' + USER) == 4  # the history names the console user
+
+
+def test_validation_report_refuses_bad_arguments_with_the_fix(site: Site, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(site.cohort.config_path)
+    assert main(["validation-report", "--config", config, "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert main(["validation-report", "--config", config, "--out", str(tmp_path / "r.html"),
+                 "--since", "2026-12-01", "--until", "2026-11-01"]) == 2
+    assert "swap them" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+    # A period without results still writes a report that says so.
+    assert main(["validation-report", "--config", config, "--out", str(tmp_path / "empty.html"),
+                 "--until", "2000-01-01"]) == 0
+    html = (tmp_path / "empty.html").read_text()
+    assert 'class="n-results">0<' in html and "no read results yet" in html and "NOT FOR DIAGNOSTIC USE" in html
