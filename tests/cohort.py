@@ -12,6 +12,7 @@ elsewhere): a series is complete once its association is released and quiet.
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from waiting import poll_until
 from ihd_node.classes import CLASSES, SUBTYPES
 from ihd_node.model.pipeline import Predictor
 from ihd_node.sim.mini_pacs import MiniPACS, send_datasets
-from ihd_node.sim.phantom import PhantomSeries, make_series
+from ihd_node.sim.phantom import make_series
 
 FINAL = ("delivered", "failed", "ignored", "analyzed")
 
@@ -51,14 +52,24 @@ def cohort_plan(n_negative: int = 12, n_positive: int = 30) -> list[tuple[str, .
     return [()] * n_negative + [pairs[k % len(pairs)] for k in range(n_positive)]
 
 
-def split_predictor(sample: list[PhantomSeries]) -> Predictor:
-    """The tiny untrained model with thresholds among its scores on `sample` (they hardly vary), so the cohort
-    gets positive and negative calls of every class: the median for `any`, the 75th percentile for the
-    subtypes (`any` is called whenever a subtype is: it needs studies with no subtype called)."""
+@functools.cache
+def split_thresholds() -> tuple[tuple[str, float], ...]:
+    """Thresholds among the tiny untrained model's scores (they hardly vary) on every fifth study of the default
+    cohort, so a cohort gets positive and negative calls of every class: the median for `any`, the 75th
+    percentile for the subtypes (`any` is called whenever a subtype is: it needs studies with no subtype
+    called). The same for every cohort of a test run, so cohorts compared with each other (drift) differ only
+    in what was sent."""
     predictor = tiny_predictor()
+    plan = cohort_plan()
+    sample = [make_series(190000 + k, list(plan[k]), n_slices=12, size=64) for k in range(0, len(plan), 5)]
     scores = [predictor.predict(p.hu, explain=False).probabilities() for p in sample]
-    predictor.thresholds = {c: float(np.percentile([s[c] for s in scores], 50 if c == "any" else 75))
-                            for c in CLASSES}
+    return tuple((c, float(np.percentile([s[c] for s in scores], 50 if c == "any" else 75))) for c in CLASSES)
+
+
+def split_predictor() -> Predictor:
+    """The tiny untrained model with split_thresholds()."""
+    predictor = tiny_predictor()
+    predictor.thresholds = dict(split_thresholds())
     return predictor
 
 
@@ -70,7 +81,7 @@ def run_cohort(root: Path, *, first_seed: int = 190000, plan: list[tuple[str, ..
     association to a running node that delivers to a MiniPACS, wait until every series is finished, stop.
     `tweak` changes each data set before sending (e.g. another ConvolutionKernel); `variation` goes to
     make_series (e.g. slice_spacing); `node_sections` overrides the node's config sections. Without
-    `predictor`, the tiny model with thresholds that split its scores (split_predictor on every fifth study)."""
+    `predictor`, the tiny model with thresholds that split its scores (split_predictor)."""
     import time
 
     start = time.monotonic()
@@ -80,13 +91,7 @@ def run_cohort(root: Path, *, first_seed: int = 190000, plan: list[tuple[str, ..
     accession: dict[str, str] = {}
     series_of: dict[str, str] = {}
 
-    def phantom(k: int) -> PhantomSeries:
-        return make_series(first_seed + k, list(plan[k]), n_slices=n_slices, size=size, **variation)
-
-    made: dict[int, PhantomSeries] = {}
-    if predictor is None:
-        made = {k: phantom(k) for k in range(0, len(plan), 5)}
-        predictor = split_predictor(list(made.values()))
+    predictor = predictor or split_predictor()
     with MiniPACS(root / "pacs", ae_title="PACS") as pacs:
         sections = {"series": {"quiet_seconds": 0.3, "max_wait_seconds": 30.0, "check_geometry": False,
                                "check_coverage": False},
@@ -94,14 +99,15 @@ def run_cohort(root: Path, *, first_seed: int = 190000, plan: list[tuple[str, ..
         config = node_config(root / "node", [destination("pacs", pacs.ae_title, pacs.port)], **sections)
         with running_node(config, predictor) as node:
             for k in range(len(plan)):
-                series = made.pop(k, None) or phantom(k)
+                series = make_series(first_seed + k, list(plan[k]), n_slices=n_slices, size=size, **variation)
                 datasets = series.datasets
                 for ds in datasets:
                     ds.AccessionNumber = f"C{first_seed + k}"
                     if tweak is not None:
                         tweak(ds)
+                # A long DIMSE timeout: on a machine shared by many test runs a C-STORE answer can take 30 s.
                 assert send_datasets(datasets, host="127.0.0.1", port=node.port, called_aet="IHD_AI",
-                                     calling_aet="CT1") == [0] * len(datasets)
+                                     calling_aet="CT1", timeout=120) == [0] * len(datasets)
                 uid = series.study_instance_uid
                 cohort_truth[uid] = frozenset(series.positive_classes)
                 accession[uid] = f"C{first_seed + k}"
