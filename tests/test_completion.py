@@ -12,6 +12,7 @@ import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
@@ -23,6 +24,7 @@ from sqlalchemy import select
 from waiting import poll_until
 
 from ihd_node.classes import INCOMPLETE_SERIES_LINE
+from ihd_node.commands.log import format_log, log_data
 from ihd_node.commands.status import format_status, status_data
 from ihd_node.imaging.coverage import find_gaps
 from ihd_node.imaging.headers import SliceGeometry, geometry_cache, read_geometry
@@ -213,6 +215,10 @@ def test_missing_middle_slice_waits_then_goes_out_preliminary_and_the_revision_r
     assert node.db.latest_completion(uid).rule == "max_wait"
     assert "INCOMPLETE SERIES" in events(node, uid, "complete")[0]
     assert "INCOMPLETE SERIES" in events(node, uid, "analysis")[0]
+    logged = log_data(node.db, timedelta(hours=1))  # what `ihd-node log` prints and gives as JSON
+    (entry,) = [x for st in logged["studies"] for x in st["series"] if x["series_instance_uid"] == uid]
+    assert entry["incomplete_series"].startswith("geometry: gap of 14.0 mm")
+    assert "INCOMPLETE SERIES: " in format_log(logged)
 
     # The missing slice arrives: the revision is complete and says what it replaces.
     assert send_datasets([missing], host="127.0.0.1", port=node.port, called_aet="IHD_AI",
@@ -224,6 +230,9 @@ def test_missing_middle_slice_waits_then_goes_out_preliminary_and_the_revision_r
     assert second.CompletionFlag == "COMPLETE"
     assert f"replaces the INCOMPLETE SERIES result {first.SOPInstanceUID}" in summary(second)
     assert "INCOMPLETE SERIES -" not in summary(second) and "PRELIMINARY" not in summary(second)
+    (entry,) = [x for st in log_data(node.db, timedelta(hours=1))["studies"] for x in st["series"]
+                if x["series_instance_uid"] == uid]
+    assert entry["incomplete_series"] is None
     ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
 
