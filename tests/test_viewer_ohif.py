@@ -3,7 +3,9 @@
 Orthanc (with its DICOMweb plugin) holds a phantom study with a subdural bleed and routes it to the node;
 the node's SR and captures come back into Orthanc. OHIF, served on a local port with /dicom-web proxied
 to Orthanc (one origin), opens the study; the SR opened in its SR viewport must draw the finding's
-outline over the CT with the finding's label; the summary capture must open. Screenshots are saved in
+outline over the CT with the finding's label and its probability in percent; the summary capture must open.
+OHIF runs with the one configuration line the README gives sites (tests/viewer.py: its SR handler needs
+it for the SR's six findings, measurement groups without coordinates). Screenshots are saved in
 tests/artifacts/ (git-ignored). Needs Orthanc + orthanc-dicomweb, /usr/bin/chromium, playwright (PyPI,
 no browser download: the system Chromium is used) and OHIF unpacked by `make viewer` (npm).
 """
