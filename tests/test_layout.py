@@ -23,6 +23,7 @@ FLOORS: dict[str, int] = {
     "node": 9,
     "web": 8,
     "intake": 7,
+    "monitoring": 7,  # reads vs results, drift: reads the store; web, node and commands show it
     "triage": 6,
     "imaging": 5, "model": 5,
     "report": 4,

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from ihd_node import __version__
-from ihd_node.classes import SUBTYPES
+from ihd_node.classes import CLASSES, SUBTYPES
 from ihd_node.errors import UserError
 
 CONFIG_HELP = "path of the node's config file (e.g. /etc/ihd-node/config.yaml)"
@@ -30,6 +30,8 @@ HANDLERS = {
     "model": "ihd_node.commands.model:model_command",
     "db": "ihd_node.commands.db:db_command",
     "web-user": "ihd_node.commands.web_user:web_user_command",
+    "labels": "ihd_node.commands.labels:labels_command",
+    "performance": "ihd_node.commands.performance:performance_command",
 }
 
 
@@ -105,6 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("series_uid", nargs="?", metavar="SERIES_UID",
                        help="the source SeriesInstanceUID (as `ihd-node status` shows it)")
     which.add_argument("--failed", action="store_true", help="every series with a failed or rejected delivery")
+
+    p = sub.add_parser("labels", help="the radiologist's reads: import a CSV file, list them",
+                       description="The truth local performance is measured against: per study and finding, "
+                       "present, absent or not assessed, with who read it and when.")
+    lsub = p.add_subparsers(dest="labels_command", required=True, metavar="LABELS_COMMAND")
+    d = lsub.add_parser("import", help="import reads from a CSV file (all rows or none)",
+                        description="Columns: study_instance_uid (or accession_number), finding (one of "
+                        f"{', '.join(CLASSES)}), present (1, 0 or not_assessed), optional reader and read_at "
+                        "(ISO 8601). Every row is checked; if any is bad, each is reported with its line number "
+                        "and nothing is imported (exit status 2). A later read of the same study and finding "
+                        "replaces the earlier one; both stay in the history.")
+    d.add_argument("file", metavar="FILE.csv", help="the CSV file (UTF-8, comma- or semicolon-separated)")
+    d.add_argument("--config", required=True, help=CONFIG_HELP)
+    d.add_argument("--max-mb", type=float, default=10.0, help="refuse a file larger than this (default: 10 MB)")
+    d.add_argument("--dry-run", action="store_true", help="check every row, import nothing")
+    d = lsub.add_parser("list", help="the current reads, or one study's history")
+    d.add_argument("--config", required=True, help=CONFIG_HELP)
+    d.add_argument("--study", metavar="UID", help="every read of this study (the history), newest first")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("performance", help="local performance: the results against the radiologist's reads",
+                       description="Per class: TP/FP/TN/FN, sensitivity, specificity, PPV, NPV (Wilson 95%% "
+                       "intervals), AUC (DeLong 95%%) when both classes have 10 reads, calibration per probability "
+                       "decile, time to result, results without a read; beside the model card's own figures. "
+                       "NOT FOR DIAGNOSTIC USE.")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("--since", metavar="WHEN", help="results from this time: 2026-11-01, 2026-11-01T08:00 or a span "
+                   "back from now, e.g. 30d (default: all)")
+    p.add_argument("--until", metavar="WHEN", help="results before this time; a date includes that whole day "
+                   "(default: now)")
+    p.add_argument("--json", action="store_true", help="print JSON (every figure, calibration, operating points)")
+    p.add_argument("--operating-points", action="store_true",
+                   help="a table per class: sensitivity and specificity at each threshold (the current one marked)")
+    p.add_argument("--finding", choices=CLASSES, help="only this class")
 
     p = sub.add_parser("web-user", help="add or change a web console user (basic-auth users file)",
                        description="Asks for the password (or reads one line from stdin when it is not a "

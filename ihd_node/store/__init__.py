@@ -3,7 +3,8 @@
 Other stages import from here only (`from ihd_node.store import Database, Series, utcnow`). Inside:
 schema (tables and column types; the migrations import only this), engine (engine and sessions),
 intake, series, outbox (with the one retry policy), runs (node runs and events), queries (what the
-admin commands, console and metrics read), database (the `Database` that puts them together).
+admin commands, console and metrics read), reads (the radiologist's reads and the results they judge),
+database (the `Database` that puts them together).
 """
 
 from ihd_node.store.database import Database, open_database
@@ -17,9 +18,13 @@ from ihd_node.store.queries import (
     StatusRows,
     StudyDetail,
 )
+from ihd_node.store.reads import NewRead, ResultRow, StudyRef, UnknownStudies
 from ihd_node.store.schema import (
     DELIVERY_STATES,
+    FINDINGS,
     IN_FLIGHT_STATES,
+    READ_SOURCES,
+    READ_VALUES,
     SCHEMA_VERSION,
     SERIES_STATES,
     SERIES_TIMES,
@@ -38,6 +43,7 @@ from ihd_node.store.schema import (
     Mpps,
     MppsInstance,
     NodeRun,
+    Read,
     Series,
     Study,
     UTCDateTime,
@@ -52,4 +58,5 @@ __all__ = [
     "Meta", "MetricCounts", "Mpps", "MppsInstance", "NodeRun", "RecentStudies", "Recorded", "ResultObject",
     "RetryPolicy", "RetrySettings", "Series", "SeriesDetail", "SeriesSummary", "StatusRows", "Study", "StudyDetail",
     "Superseded", "UTCDateTime", "classify_status", "open_database", "utcnow",
+    "FINDINGS", "READ_SOURCES", "READ_VALUES", "NewRead", "Read", "ResultRow", "StudyRef", "UnknownStudies",
 ]

@@ -339,3 +339,28 @@ class NodeRun(Base):
         """Not stopped, and a heartbeat within three periods (one missed beat is not yet death)."""
         late = (now - self.heartbeat_at).total_seconds()
         return self.stopped_at is None and late <= 3 * self.heartbeat_seconds + 2
+
+
+FINDINGS = CLASSES  # what a read is about: the model's six outputs, "any" = any intracranial hemorrhage
+READ_VALUES = ("present", "absent", "not_assessed")
+READ_SOURCES = ("console", "csv", "hl7")
+
+
+class Read(Base):
+    """A radiologist's read of one study for one finding (issue 19): the truth local performance is measured
+    against. A later read of the same study and finding replaces the earlier one as current (current = True,
+    the earlier one gets superseded_by); every read is kept as history."""
+
+    __tablename__ = "reads"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    finding: Mapped[str] = mapped_column(String(32))  # FINDINGS
+    value: Mapped[str] = mapped_column(String(16))  # READ_VALUES
+    reader: Mapped[str | None] = mapped_column(String(128))  # who read the study
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when they read it
+    source: Mapped[str] = mapped_column(String(16))  # READ_SOURCES
+    entered_by: Mapped[str | None] = mapped_column(String(128))  # who put it into the node (console user, OS user)
+    entered_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    current: Mapped[bool] = mapped_column(Boolean, index=True)
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("reads.id"))
