@@ -36,3 +36,9 @@ CHANNEL_STD: tuple[float, float, float] = (0.3161, 0.2850, 0.3111)
 PAPER_INPUT_SIZE = 256
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+
+# A result of a series analysed before all its images may have arrived (completion checks still holding it
+# when max_wait ran out). Distinct from the SR's PreliminaryFlag PRELIMINARY, which every result carries
+# because no physician verified it: a RIS that shows that flag must not read it as "series incomplete".
+INCOMPLETE_SERIES = "INCOMPLETE SERIES"
+INCOMPLETE_SERIES_LINE = f"{INCOMPLETE_SERIES} - analysed before all images may have arrived"

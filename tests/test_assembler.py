@@ -118,7 +118,8 @@ def corrupt(path: str) -> None:
 
 def test_an_unreadable_header_holds_the_series_then_it_goes_out_preliminary_with_the_reason(node: Setup) -> None:
     """The judge cannot read one file: that is evidence of incompleteness (held, reason recorded), never a
-    COMPLETE by the quiet rule; at max_wait the series completes PRELIMINARY, the completions row says why."""
+    COMPLETE by the quiet rule; at max_wait the series completes marked INCOMPLETE SERIES, the completions
+    row says why."""
     series_uid = generate_uid()
     assert send(node.port, [ct_dataset(series_uid, i) for i in range(4)]) == [0] * 4
     assert wait_for(lambda: node.db.get_series(series_uid).association_released is not None)
@@ -137,7 +138,7 @@ def test_an_unreadable_header_holds_the_series_then_it_goes_out_preliminary_with
     completion = node.db.latest_completion(series_uid)
     assert completion is not None and completion.rule == "max_wait"
     assert completion.preliminary and completion.preliminary.startswith("check failed: slice headers")
-    assert "PRELIMINARY" in complete_events(node)[0]
+    assert "INCOMPLETE SERIES" in complete_events(node)[0]
 
 
 def test_a_failed_check_keeps_the_mpps_hold_gathered_before_it(node: Setup) -> None:

@@ -2,8 +2,8 @@
 whole node on loopback with the shipped default model:
 (a) a console pushing a 24-slice head CT one association per image, top half first, pausing 4 s after 12
     images, gets exactly one SR, on the complete series, naming the subdural bleed of the lower half;
-(c) a series with a slice missing in the middle waits, then goes out PRELIMINARY with the gap named; the
-    missing slice then gives a complete revision that says it replaces the PRELIMINARY result."""
+(c) a series with a slice missing in the middle waits, then goes out marked INCOMPLETE SERIES with the gap
+    named; the missing slice then gives a complete revision that says it replaces the incomplete result."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
@@ -22,6 +23,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from waiting import poll_until
 
+from ihd_node.classes import INCOMPLETE_SERIES_LINE
+from ihd_node.commands.log import format_log, log_data
 from ihd_node.commands.status import format_status, status_data
 from ihd_node.imaging.coverage import find_gaps
 from ihd_node.imaging.headers import SliceGeometry, geometry_cache, read_geometry
@@ -176,7 +179,7 @@ def test_console_pushing_top_half_first_gets_one_sr_on_the_complete_series(runni
     assert sr.CompletionFlag == "COMPLETE"
     assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
                .ReferencedSOPSequence) == 24
-    assert "subdural" in summary(sr) and "PRELIMINARY" not in summary(sr)
+    assert "subdural" in summary(sr) and "INCOMPLETE SERIES" not in summary(sr)
     analysis = node.db.latest_analysis(uid)
     assert analysis.revision == 1 and analysis.n_slices == 24 and "subdural" in analysis.positives()
     held = events(node, uid, "held")  # one per change of reason (a loaded machine may see 13, 14, ... too)
@@ -204,13 +207,18 @@ def test_missing_middle_slice_waits_then_goes_out_preliminary_and_the_revision_r
     [first] = srs(pacs, study)
     assert first.CompletionFlag == "PARTIAL"
     text = summary(first)
-    assert text.startswith("PRELIMINARY - series may be incomplete: geometry: gap of 14.0 mm")
+    assert text.startswith("INCOMPLETE SERIES - analysed before all images may have arrived: geometry: gap of 14.0 mm")
     assert "about 1 slice(s) missing" in text
     captures = [pydicom.dcmread(o.path) for o in pacs.objects(study) if o.sop_class_uid != SR_CLASS]
-    assert captures and all(str(c.ImageComments).startswith("PRELIMINARY - series may be incomplete")
+    assert captures and all(str(c.ImageComments).startswith("INCOMPLETE SERIES - ")
                             for c in captures)
     assert node.db.latest_completion(uid).rule == "max_wait"
-    assert "PRELIMINARY" in events(node, uid, "complete")[0]
+    assert "INCOMPLETE SERIES" in events(node, uid, "complete")[0]
+    assert "INCOMPLETE SERIES" in events(node, uid, "analysis")[0]
+    logged = log_data(node.db, timedelta(hours=1))  # what `ihd-node log` prints and gives as JSON
+    (entry,) = [x for st in logged["studies"] for x in st["series"] if x["series_instance_uid"] == uid]
+    assert entry["incomplete_series"].startswith("geometry: gap of 14.0 mm")
+    assert "INCOMPLETE SERIES: " in format_log(logged)
 
     # The missing slice arrives: the revision is complete and says what it replaces.
     assert send_datasets([missing], host="127.0.0.1", port=node.port, called_aet="IHD_AI",
@@ -220,13 +228,16 @@ def test_missing_middle_slice_waits_then_goes_out_preliminary_and_the_revision_r
     time.sleep(0.5)
     second = next(sr for sr in srs(pacs, study) if sr.SOPInstanceUID != first.SOPInstanceUID)
     assert second.CompletionFlag == "COMPLETE"
-    assert f"replaces the PRELIMINARY result {first.SOPInstanceUID}" in summary(second)
-    assert "PRELIMINARY - series may be incomplete" not in summary(second)
+    assert f"replaces the INCOMPLETE SERIES result {first.SOPInstanceUID}" in summary(second)
+    assert "INCOMPLETE SERIES -" not in summary(second) and "PRELIMINARY" not in summary(second)
+    (entry,) = [x for st in log_data(node.db, timedelta(hours=1))["studies"] for x in st["series"]
+                if x["series_instance_uid"] == uid]
+    assert entry["incomplete_series"] is None
     ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
-# ------------------------------------------------------------------ the PRELIMINARY objects on their own
+# ------------------------------------------------------------- the INCOMPLETE SERIES objects on their own
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (dicom3tools)")
@@ -240,7 +251,7 @@ def test_preliminary_sr_and_captures_say_so_and_stay_valid(tmp_path: Path) -> No
     prediction = dataclasses.replace(make_prediction(6, {"intraparenchymal": [2, 3]}), incomplete=why)
     objects = build_results(volume, prediction, max_secondary_captures=2)
     assert objects.sr.CompletionFlag == "PARTIAL"
-    assert summary(objects.sr).startswith(f"PRELIMINARY - series may be incomplete: {why}. Intracranial hemorrhage")
+    assert summary(objects.sr).startswith(f"{INCOMPLETE_SERIES_LINE}: {why}. Intracranial hemorrhage")
     assert "not for diagnostic use" in summary(objects.sr).lower()
     assert objects.secondary_captures
     for k, ds in enumerate(objects.all()):
@@ -249,10 +260,10 @@ def test_preliminary_sr_and_captures_say_so_and_stay_valid(tmp_path: Path) -> No
         errors, _ = dciodvfy(path)
         assert not errors, "\n".join(errors)
     for sc in objects.secondary_captures:
-        assert str(sc.ImageComments).startswith(f"PRELIMINARY - series may be incomplete: {why}")
+        assert str(sc.ImageComments).startswith(f"{INCOMPLETE_SERIES_LINE}: {why}")
     complete = build_results(volume, make_prediction(6, {"intraparenchymal": [2, 3]}))
-    assert complete.sr.CompletionFlag == "COMPLETE" and "PRELIMINARY" not in summary(complete.sr)
-    # Burned in: the capture's pixels differ from the complete result's (a PRELIMINARY line heads the text).
+    assert complete.sr.CompletionFlag == "COMPLETE" and "INCOMPLETE" not in summary(complete.sr)
+    # Burned in: the capture's pixels differ from the complete result's (an INCOMPLETE SERIES line heads the text).
     for prelim, final in zip(objects.secondary_captures, complete.secondary_captures, strict=True):
         a, b = prelim.pixel_array, final.pixel_array
         assert a.shape != b.shape or (a != b).any()

@@ -1,6 +1,6 @@
 """The node as an MPPS SCP (N-CREATE / N-SET with pynetdicom on loopback): a COMPLETED step listing 24
 instances while only 20 arrived holds the series until the rest arrive (then at once, rule "mpps") or until
-series.max_wait_seconds (then PRELIMINARY); DISCONTINUED cancels the waiting; untrusted callers are not
+series.max_wait_seconds (then INCOMPLETE SERIES); DISCONTINUED cancels the waiting; untrusted callers are not
 used. The geometry and coverage checks are off here, so MPPS alone holds the series back."""
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_summary_then_one_capture_per_positive_slice(positive, tmp_path):
     assert len(scs) == 3
     summary = reread(scs[0], tmp_path / "summary.dcm")
     assert summary.InstanceNumber == 1
-    assert "Intracranial hemorrhage suspected: intraparenchymal (0.95)" in summary.ImageComments
+    assert "Intracranial hemorrhage suspected: intraparenchymal (95 %)" in summary.ImageComments
     for n, (sc, index) in enumerate(zip(scs[1:], (2, 3), strict=True)):
         sc = reread(sc, tmp_path / f"sc{n}.dcm")
         assert sc.SOPClassUID == SC_IMAGE_STORAGE
@@ -83,7 +83,7 @@ def test_summary_then_one_capture_per_positive_slice(positive, tmp_path):
         # The source's own numbers (instance numbers run backwards in this series) and table position.
         header = volume.headers[index]
         assert f"Series 3, image {header.InstanceNumber}, z = " in sc.ImageComments
-        assert f"intraparenchymal {({2: 0.95, 3: 0.85})[index]:.2f} (threshold 0.50)" in sc.ImageComments
+        assert f"intraparenchymal {({2: 95, 3: 85})[index]} % (threshold 50 %)" in sc.ImageComments
     assert len({sc.SeriesInstanceUID for sc in scs}) == 1
 
 

@@ -150,7 +150,8 @@ def test_negative_sr_says_absent(tmp_path):
     groups = finding_groups(reread(sr, tmp_path / "again.dcm"))
     assert all(group_presence(g) == "Absent" and group_images(g) == [] for g in groups.values())
     text = dsrdump(path)
-    assert text.count('(272519000,SCT,"Absent")') == len(CLASSES)
+    # Six in the TID 1501 groups, six more in the document-level Qualitative Evaluations.
+    assert text.count('(272519000,SCT,"Absent")') == 2 * len(CLASSES)
     assert '(52101004,SCT,"Present")' not in text
     assert "No intracranial hemorrhage detected" in text
 
@@ -253,7 +254,7 @@ def test_regions_outline_the_finding_on_its_key_slices(positive, tmp_path):
     size = volume.hu.shape[1]
     for group, index, probability in zip(regions, (2, 3), (0.95, 0.85), strict=True):
         items = {c.ConceptNameCodeSequence[0].CodeValue: c for c in group.ContentSequence}
-        assert items["112039"].TextValue == f"Intraparenchymal hemorrhage {probability:.2f}"  # tracking id
+        assert items["112039"].TextValue == f"Intraparenchymal hemorrhage {100 * probability:.0f} %"  # tracking id
         assert items["121071"].ConceptCodeSequence[0].CodeValue == FINDING_CODES["intraparenchymal"].value
         (scoord,) = [c for c in group.ContentSequence if c.ValueType == "SCOORD"]
         assert scoord.GraphicType == "POLYLINE"
@@ -267,7 +268,8 @@ def test_regions_outline_the_finding_on_its_key_slices(positive, tmp_path):
         assert heat[inside].min() >= 0.4 and heat[~inside].max() <= 0.55  # the >= half-peak core
         (num,) = [c for c in group.ContentSequence if c.ValueType == "NUM"]  # named by the finding
         assert num.ConceptNameCodeSequence[0].CodeMeaning == "Cerebral hemorrhage"
-        assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(probability, abs=1e-5)
+        assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(100 * probability, abs=1e-3)
+        assert num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"
     # The Image Library (TID 1600, 111028) lists every evaluated image.
     (library,) = [c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "111028"]
     listed = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(library, "IMAGE")]
@@ -281,7 +283,7 @@ def test_summary_in_a_doctors_words(positive):
     text = summary_text(volume, prediction)
     # Instance numbers run backwards in this series: slices 2 and 3 are images 4 and 3; the bleed is drawn
     # on the image's left, the patient's right.
-    assert text.startswith("Intracranial hemorrhage suspected: intraparenchymal (0.95), right hemisphere, "
+    assert text.startswith("Intracranial hemorrhage suspected: intraparenchymal (95 %), right hemisphere, "
                            "images 3-4 of series 3. Not for diagnostic use."), text
     assert "any" not in text.split()
     negative = summary_text(volume, make_prediction(6))
@@ -376,12 +378,12 @@ def test_image_library_equals_highdicoms(tmp_path):
 
 
 def test_image_library_sits_where_highdicom_puts_it(positive):
-    """After Procedure Reported, before the measurement containers; one entry per evaluated image."""
+    """After Procedure Reported, before Imaging Measurements; one entry per evaluated image."""
     volume, prediction = positive
     sr = build_sr(volume, prediction)
     names = [item.ConceptNameCodeSequence[0].CodeValue for item in sr.ContentSequence]
     library = names.index("111028")
     assert names[library - 1] == "121058"  # Procedure reported
-    assert names[library + 1] in ("126010", "126011")  # Imaging / Derived Imaging Measurements
+    assert names[library + 1] == "126010"  # Imaging Measurements
     groups = sr.ContentSequence[library].ContentSequence
     assert sum(len(g.ContentSequence) for g in groups) == volume.n_slices

@@ -3,7 +3,9 @@
 Orthanc (with its DICOMweb plugin) holds a phantom study with a subdural bleed and routes it to the node;
 the node's SR and captures come back into Orthanc. OHIF, served on a local port with /dicom-web proxied
 to Orthanc (one origin), opens the study; the SR opened in its SR viewport must draw the finding's
-outline over the CT with the finding's label; the summary capture must open. Screenshots are saved in
+outline over the CT with the finding's label and its probability in percent; the summary capture must open.
+OHIF runs with the one configuration line the README gives sites (tests/viewer.py: its SR handler needs
+it for the SR's six findings, measurement groups without coordinates). Screenshots are saved in
 tests/artifacts/ (git-ignored). Needs Orthanc + orthanc-dicomweb, /usr/bin/chromium, playwright (PyPI,
 no browser download: the system Chromium is used) and OHIF unpacked by `make viewer` (npm).
 """
@@ -11,6 +13,7 @@ no browser download: the system Chromium is used) and OHIF unpacked by `make vie
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import time
 from pathlib import Path
@@ -106,6 +109,9 @@ def test_ohif_draws_the_sr_region_with_its_label_and_opens_the_summary_capture(s
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
+                errors: list[str] = []  # the viewer's own errors: why an SR does not load, if it does not
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: errors.append(str(e)))
                 page.set_default_timeout(120_000)
                 page.goto(f"{server.url}/viewer?StudyInstanceUIDs={study_uid}")
                 skip = page.get_by_text("Skip all")  # OHIF's first-visit tour
@@ -132,8 +138,12 @@ def test_ohif_draws_the_sr_region_with_its_label_and_opens_the_summary_capture(s
                     time.sleep(3)
                 page.screenshot(path=str(ARTIFACTS / "ohif-sr.png"))
                 _small_copy(ARTIFACTS / "ohif-sr.png", canvas.bounding_box(), ARTIFACTS / "ohif-sr-small.png")
-                assert "<polyline" in drawn, "the SR region is not drawn"
+                assert "<polyline" in drawn, f"the SR region is not drawn; viewer errors: {errors[-5:]}"
                 assert "Subdural hemorrhage" in drawn, "the finding's label is not shown"
+                # The probability in percent, as the SR carries it (UCUM "%"), not a raw "{probability}".
+                label = re.search(r"Subdural hemorrhage: (\d+\.\d\d) %", drawn)
+                assert label and 50 <= float(label.group(1)) <= 100, drawn
+                assert "{probability}" not in drawn
                 points = drawn.split('<polyline points="', 1)[1].split('"', 1)[0].split()
                 assert len(points) >= 4  # an outline, not a point or a line
 

@@ -153,6 +153,14 @@ def test_console_pages_over_http(site: Site) -> None:
     assert get(f"{site.base}/thumb/{neg_series}.png", basic())[0] == 200
     assert get(f"{site.base}/thumb/1.2.3.png", basic())[0] == 404
     assert get(f"{site.base}/study/1.2.3.4", basic())[0] == 404
+    # A result of a series that went out before all its images may have arrived says so, in those words.
+    assert "INCOMPLETE SERIES" not in get(f"{site.base}/study/{neg_study}", basic())[1]
+    why = "coverage: top slice at 80.0 mm does not reach the vertex"
+    site.node.db.record_completion(neg_series, rule="max_wait", n_instances=28, evidence="-", preliminary=why)
+    page = get(f"{site.base}/study/{neg_study}", basic())[1]
+    assert "INCOMPLETE SERIES</span>: analysed before all images may have arrived" in page and why in page
+    site.node.db.record_completion(neg_series, rule="quiet", n_instances=28, evidence="-", preliminary=None)
+    assert "INCOMPLETE SERIES" not in get(f"{site.base}/study/{neg_study}", basic())[1]
 
 
 CHROMIUM = Path("/usr/bin/chromium")

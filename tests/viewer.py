@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 OHIF_VERSION = (ROOT / "Makefile").read_text().split("OHIF_VERSION := ", 1)[1].split()[0]
 OHIF_DIST = ROOT / ".viewer" / f"ohif-{OHIF_VERSION}" / "dist"
 
+# OHIF (3.13.2, also 3.14.0-beta.6) cannot open a TID 1500 SR whose Imaging Measurements hold a measurement
+# group without spatial coordinates (the node's six TID 1501 findings): its SR SOP class handler
+# (extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts, _checkIfCanAddMeasurementsToDisplaySet)
+# reads `measurement.coords[0].ReferencedSOPSequence` of every measurement, a TypeError for one without
+# coordinates, so the SR never loads and its viewport stays black. Its own hook, called just before that
+# line, gives such a measurement an empty coordinate, which the handler then skips. The README gives this
+# line to sites that run OHIF; the test runs OHIF as they would.
+OHIF_SR_CUSTOMIZATION = (
+    "window.config.customizationService = [{onBeforeSRAddMeasurement: {$set: ({ measurement }) =>\n"
+    "  measurement.coords && measurement.coords.length ? measurement : { ...measurement, coords: [{}] }}}];\n")
+
 DATA_SOURCE = {
     "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
     "sourceName": "orthanc",
@@ -39,7 +50,7 @@ APP_CONFIG = "window.config = " + json.dumps({
     "showCPUFallbackMessage": False, "showLoadingIndicator": True, "strictZSpacingForVolumeViewport": True,
     "investigationalUseDialog": {"option": "never"}, "defaultDataSourceName": "orthanc",
     "dataSources": [DATA_SOURCE],
-}) + ";\n"
+}) + ";\n" + OHIF_SR_CUSTOMIZATION
 
 
 class ViewerServer:

@@ -30,26 +30,25 @@ RESULT_TIMEOUT_S = 180
 
 
 def sr_findings(path: Path) -> list[str]:
-    """Read the findings back from the SR the PACS received: one line per class, as a viewer shows them."""
-    sr = pydicom.dcmread(path)
+    """Read the findings back from the SR the PACS received as any TID 1500 consumer would, through
+    highdicom's reader (not the node's code): one line per class (finding, Present/Absent, the series
+    probability), then the outlines on the key slices in one line, if there are any."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    report = hd.sr.MeasurementReport.from_sequence([pydicom.dcmread(path)])
+    names = {code.value: cls for cls, code in FINDING_CODES.items()}
     lines = []
-
-    def walk(items, finding=None):
-        for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
-            if item.ValueType == "CODE" and name == "Finding":
-                finding = item.ConceptCodeSequence[0].CodeMeaning
-            if item.ValueType == "NUM" and finding:
-                value = float(item.MeasuredValueSequence[0].NumericValue)
-                lines.append([finding, f"p={value:.3f}"])
-            if item.ValueType == "CODE" and finding and lines and lines[-1][0] == finding and len(lines[-1]) == 2:
-                lines[-1].append(item.ConceptCodeSequence[0].CodeMeaning)
-            if "ContentSequence" in item:
-                walk(item.ContentSequence, finding)
-
-    walk(sr.ContentSequence)
-    names = {code.meaning: cls for cls, code in FINDING_CODES.items()}
-    return [f"{parts[0]:<28} ({names.get(parts[0], '?')}) " + "  ".join(parts[1:]) for parts in lines]
+    for group in report.get_image_measurement_groups():
+        finding = group.finding_type
+        states = [e.value.meaning for e in group.get_qualitative_evaluations() if e.name == finding]
+        probabilities = [f"{m.value:.1f} {m.unit.value}" for m in group.get_measurements(name=codes.DCM.Probability)]
+        lines.append(f"{finding.meaning + ' (' + names.get(finding.value, '?') + ')':<47} "
+                     f"{(states or ['?'])[0]:<8} p = {(probabilities or ['?'])[0]}")
+    regions = [g.tracking_identifier for g in report.get_planar_roi_measurement_groups()]
+    if regions:
+        lines.append(f"outlined on {len(regions)} key slice(s): {'; '.join(r for r in regions if r)}")
+    return lines
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -98,7 +97,8 @@ def demo_command(args: argparse.Namespace) -> int:
             findings = sr_findings(srs[0].path)
             for line in findings:
                 print(f"  {line}")
-            said_ich = any(line.startswith("Intracranial hemorrhage") and line.endswith("Present") for line in findings)
+            said_ich = any(line.startswith("Intracranial hemorrhage (any)") and " Present " in line
+                           for line in findings)
             print(f"  the model {'agrees' if said_ich == bool(subtypes) else 'DISAGREES'} with the phantom's truth "
                   f"({'hemorrhage' if subtypes else 'no hemorrhage'})")
             # Paths only when they will still exist after the demo.

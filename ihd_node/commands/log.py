@@ -12,7 +12,7 @@ import textwrap
 from datetime import datetime, timedelta
 from typing import Any
 
-from ihd_node.classes import CLASSES
+from ihd_node.classes import CLASSES, INCOMPLETE_SERIES
 from ihd_node.commands.readout import (
     WIDTH,
     cluster_data,
@@ -68,6 +68,7 @@ def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dic
                 x.delivered or (x.analysis_finished if x.state == "analyzed" else None), x.last_received
             ),
             "findings": None,
+            "incomplete_series": None,
             "probabilities": None,
             "model": None,
             "stages": {
@@ -87,6 +88,9 @@ def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dic
             entry["probabilities"] = {c: round(probs[c], 4) for c in CLASSES}
             entry["model"] = f"{a.model_name} {a.model_version}"
             entry["sr_sop_instance_uid"] = a.sr_sop_instance_uid
+            # Analysed before all its images may have arrived: the result says INCOMPLETE SERIES (why, else None).
+            completion = db.latest_completion(x.series_instance_uid)
+            entry["incomplete_series"] = completion.preliminary if completion is not None else None
             for k in ("load", "inference", "gradcam", "report"):
                 entry["stages"][f"{k}_seconds"] = getattr(a, f"{k}_seconds")
         return entry
@@ -113,9 +117,10 @@ def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dic
 def _findings_text(x: dict[str, Any]) -> str:
     if x["findings"] is None:
         return x["reason"] or ""
+    partial = f"{INCOMPLETE_SERIES}: " if x.get("incomplete_series") else ""
     if not x["findings"]:
-        return f"negative (any {x['probabilities']['any']:.2f})"
-    return ", ".join(f"{c} {p:.2f}" for c, p in x["findings"].items())
+        return f"{partial}negative (any {x['probabilities']['any']:.2f})"
+    return partial + ", ".join(f"{c} {p:.2f}" for c, p in x["findings"].items())
 
 
 def _stages_text(st: dict[str, float | None]) -> str:

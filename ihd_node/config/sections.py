@@ -169,7 +169,8 @@ class SeriesConfig(Section):
     max_wait_seconds: Num = setting(
         120.0,
         "A series is complete this long after its last instance even if the association is still open, "
-        "or while the completion checks still hold it back; then its result is marked PRELIMINARY.",
+        "or while the completion checks still hold it back; then its result is marked INCOMPLETE SERIES "
+        "(SR CompletionFlag PARTIAL).",
         120,
         gt=0,
     )

@@ -29,7 +29,7 @@ from typing import Any
 import pydicom
 
 from ihd_node import faults, nodelog
-from ihd_node.classes import FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
+from ihd_node.classes import FINDING_NAMES, INCOMPLETE_SERIES, NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
 from ihd_node.config import AlertChannel, Config
 from ihd_node.store import Alert, Database, utcnow
 
@@ -55,7 +55,7 @@ class Message:
     findings: list[Finding]
     overall: float  # probability of any intracranial hemorrhage
     model: str
-    preliminary: bool
+    incomplete_series: bool  # analysed before all images may have arrived (CompletionFlag PARTIAL)
     console_url: str | None
     viewer_url: str | None
     patient: dict[str, str] = field(default_factory=dict)  # only with alerts.include_patient_data
@@ -68,8 +68,9 @@ class Message:
     def lines(self) -> list[str]:
         out = [f"AI second opinion from {self.node}: possible intracranial hemorrhage. {NOT_FOR_DIAGNOSTIC_USE}: "
                "a radiologist reads the images."]
-        if self.preliminary:
-            out.append("PRELIMINARY: the series may have been incomplete when it was analysed.")
+        if self.incomplete_series:
+            out.append(f"{INCOMPLETE_SERIES}: analysed before all images may have arrived; a part not analysed "
+                       "may hold a bleed.")
         if self.patient:
             out.append("Patient: " + ", ".join(f"{k} {v}" for k, v in self.patient.items()))
         out.append(f"Accession number: {self.accession_number or 'none'}; study date: {self.study_date or 'unknown'}"
@@ -94,7 +95,10 @@ class Message:
             "series_description": self.series_description, "revision": self.revision,
             "findings": [{"finding": f.words, "class": f.code, "probability": round(f.probability, 4)}
                          for f in self.findings],
-            "overall_probability": round(self.overall, 4), "model": self.model, "preliminary": self.preliminary,
+            "overall_probability": round(self.overall, 4), "model": self.model,
+            "incomplete_series": self.incomplete_series,
+            # The former name of incomplete_series, kept for receivers written against it.
+            "preliminary": self.incomplete_series,
             "console_url": self.console_url, "viewer_url": self.viewer_url,
         }
         if self.patient:
@@ -150,7 +154,7 @@ def build_message(db: Database, config: Config, alert: Alert, results_dir: Path)
         series_instance_uid=series_uid, series_description=series.series_description, revision=analysis.revision,
         findings=findings(analysis.probabilities(), analysis.positives()), overall=analysis.p_any,
         model=f"{analysis.model_name} {analysis.model_version}",
-        preliminary=bool(completion and completion.preliminary),
+        incomplete_series=bool(completion and completion.preliminary),
         console_url=f"{cfg.console_url.rstrip('/')}/study/{study_uid}" if cfg.console_url else None,
         viewer_url=cfg.viewer_url.format(**fields) if cfg.viewer_url else None, patient=patient)
 

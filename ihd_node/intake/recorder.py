@@ -14,7 +14,7 @@ from ihd_node.store.arrivals import IgnoredArrival, note_open_series, record_ign
 # The reason a received series shows while it waits after its association ended without a release.
 ABORTED_WAITING = ("waiting for the rest of the series: its association {how} without a release, so instances "
                    "may be missing; it completes at series.max_wait_seconds after the last instance (sooner "
-                   "only by a trusted MPPS listing all of them), PRELIMINARY while the checks say incomplete")
+                   "only by a trusted MPPS listing all of them), INCOMPLETE SERIES while the checks say incomplete")
 
 
 def abort_open_associations(db: Database) -> int:

@@ -20,6 +20,7 @@ import pydicom
 from sqlalchemy.exc import DBAPIError
 
 from ihd_node import faults, nodelog
+from ihd_node.classes import INCOMPLETE_SERIES
 from ihd_node.config import Config
 from ihd_node.intake.spool import write_dataset_atomic
 from ihd_node.monitoring.inputs import record_inputs
@@ -211,8 +212,8 @@ class AnalysisWorker:
             self.db.set_series_state(uid, "received", "late instance during analysis",
                                      expect=("delivering", "analyzed", "delivered", "failed"))
         positives = ",".join(prediction.positive_classes()) or "none"
-        preliminary = " PRELIMINARY (series may be incomplete)" if prediction.incomplete else ""
-        self.db.log_event("analysis", f"revision={analysis.revision}{preliminary} positive={positives} "
+        partial = f" {INCOMPLETE_SERIES}" if prediction.incomplete else ""
+        self.db.log_event("analysis", f"revision={analysis.revision}{partial} positive={positives} "
                           f"p_any={prediction.probabilities()['any']:.3f} slices={result.volume.n_slices} "
                           f"model_slices={len(result.slice_groups)} objects={len(rows)} "
                           f"seconds={(utcnow() - started).total_seconds():.2f}",

@@ -23,5 +23,7 @@ PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 # Where every finding lies (CID 7140 "Brain Structures for Reporting"); one site for all six classes.
 FINDING_SITE = hd.sr.CodedConcept("128319008", "SCT", "Intracranial structure")
-PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "Probability")
+# Probabilities travel as percent (75.0 "%"): viewers print a NUM as value and unit code, and "{probability}"
+# (UCUM's annotation for a 0-1 ratio) showed raw beside every outline in OHIF.
+PROBABILITY_UNIT = hd.sr.CodedConcept("%", "UCUM", "percent")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")

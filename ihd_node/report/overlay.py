@@ -135,7 +135,9 @@ class LegendLine:
 
     @property
     def text(self) -> str:
-        return f"{FINDING_NAMES.get(self.cls, self.cls)} {self.probability:.2f} (threshold {self.threshold:.2f})"
+        # Percent, as the SR and the summary write probabilities.
+        return (f"{FINDING_NAMES.get(self.cls, self.cls)} {100 * self.probability:.0f} % "
+                f"(threshold {100 * self.threshold:.0f} %)")
 
 
 @dataclass(frozen=True)

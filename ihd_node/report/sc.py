@@ -18,7 +18,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
+from ihd_node.classes import INCOMPLETE_SERIES_LINE, NOT_FOR_DIAGNOSTIC_USE, SUBTYPES
 from ihd_node.report.overlay import LegendLine, Orientation, Picture, render
 from ihd_node.report.source import (
     MANUFACTURER,
@@ -31,7 +31,7 @@ from ihd_node.report.source import (
     series_description,
     with_type2,
 )
-from ihd_node.report.sr import PRELIMINARY_LINE
+from ihd_node.report.summary import incomplete_text, percent
 from ihd_node.uids import ResultSettings, result_series_numbers, result_uid
 from ihd_node.values.prediction import Prediction
 from ihd_node.values.volume import Volume
@@ -78,11 +78,13 @@ def table_position(ds: Dataset) -> float | None:
     return None
 
 
-def source_line(ds: Dataset) -> str:
-    """'Series 3, image 22, z = 42.5 mm': the numbers a doctor pages to in the viewer."""
+def source_line(ds: Dataset, frame: int | None = None) -> str:
+    """'Series 3, image 22, z = 42.5 mm' ('Series 3, image 1, frame 7, ...' for a frame of a multi-frame
+    instance): the numbers a doctor pages to in the viewer."""
     z = table_position(ds)
     where = f", z = {z:.1f} mm" if z is not None else ""
-    return f"Series {_number(ds.get('SeriesNumber'))}, image {_number(ds.get('InstanceNumber'))}{where}"
+    framed = f", frame {frame}" if frame is not None else ""
+    return f"Series {_number(ds.get('SeriesNumber'))}, image {_number(ds.get('InstanceNumber'))}{framed}{where}"
 
 
 def shown_classes(prediction: Prediction, index: int) -> list[str]:
@@ -98,9 +100,9 @@ def finding_words(prediction: Prediction) -> str:
     if not positive:
         return "No intracranial hemorrhage detected"
     subtypes = [c for c in positive if c != "any"]
-    named = ", ".join(f"{c} ({prediction.series_probability(c):.2f})" for c in subtypes)
+    named = ", ".join(f"{c} ({percent(prediction.series_probability(c))})" for c in subtypes)
     if not named:
-        named = f"type not determined ({prediction.series_probability('any'):.2f})"
+        named = f"type not determined ({percent(prediction.series_probability('any'))})"
     return f"Intracranial hemorrhage suspected: {named}"
 
 
@@ -156,7 +158,7 @@ def _capture(volume: Volume, prediction: Prediction, picture: np.ndarray, *, key
     sc.DerivationDescription = f"{description}; {NOT_FOR_DIAGNOSTIC_USE}"[:1024]
     sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. {comments}"[:9000]
     if prediction.incomplete:
-        sc.ImageComments = f"{PRELIMINARY_LINE}: {prediction.incomplete}"[:1000] + ". " + sc.ImageComments
+        sc.ImageComments = incomplete_text(prediction)[:1000] + sc.ImageComments
     sc.SourceImageSequence = _references(volume, originals)
     sc.ReferencedImageSequence = _references(volume, [shown])
     finish_result(sc, volume.headers[shown])
@@ -174,7 +176,8 @@ def slice_picture(volume: Volume, prediction: Prediction, index: int, originals:
     legend = [LegendLine(c, probs[c], prediction.threshold(c)) for c in (["any"] + [c for c in classes
                                                                                     if c != "any"])]
     footer = [_model_line(prediction, analysed_at, bool(heat))]
-    picture = render(volume.hu[shown], heat, legend, _preliminary(prediction) + [source_line(volume.headers[shown])],
+    where = source_line(volume.headers[shown], volume.slices[shown].frame_number)
+    picture = render(volume.hu[shown], heat, legend, _preliminary(prediction) + [where],
                      edge_letters(volume.headers[shown]), footer=footer)
     return picture, legend, classes
 
@@ -184,8 +187,8 @@ def _slice_capture(volume: Volume, prediction: Prediction, index: int, number: i
     """The capture of model slice `index`: its heat for every class present on it."""
     shown = originals[len(originals) // 2]
     picture, legend, classes = slice_picture(volume, prediction, index, originals, analysed_at)
-    comments = source_line(volume.headers[shown]) + ". " + ", ".join(
-        f"{line.cls} {line.probability:.2f} (threshold {line.threshold:.2f})" for line in legend)
+    comments = source_line(volume.headers[shown], volume.slices[shown].frame_number) + ". " + ", ".join(
+        f"{line.cls} {percent(line.probability)} (threshold {percent(line.threshold)})" for line in legend)
     return _capture(volume, prediction, picture.pixels, key="sc", index=index, number=number,
                     originals=originals, shown=shown, revision=revision, series_number=series_number,
                     description=f"Brain window (40/80) with Grad-CAM of {', '.join(classes) or 'none'} from "
@@ -195,7 +198,7 @@ def _slice_capture(volume: Volume, prediction: Prediction, index: int, number: i
 
 def _preliminary(prediction: Prediction) -> list[str]:
     """Burned in above everything on a result of a possibly incomplete series: a viewer may show only pixels."""
-    return [PRELIMINARY_LINE] if prediction.incomplete else []
+    return [INCOMPLETE_SERIES_LINE] if prediction.incomplete else []
 
 
 def explained_first(prediction: Prediction) -> list[int]:
@@ -223,7 +226,8 @@ def _summary_capture(volume: Volume, prediction: Prediction, groups: list[list[i
     lines = [c for c in present if c != "any"] or ["any"]
     legend = [LegendLine(c, prediction.series_probability(c), prediction.threshold(c)) for c in lines]
     ds = volume.headers[shown]
-    header = [finding_words(prediction) + ".", f"{volume.n_slices} images analysed. Shown: {source_line(ds)}"]
+    where = source_line(ds, volume.slices[shown].frame_number)
+    header = [finding_words(prediction) + ".", f"{volume.n_slices} images analysed. Shown: {where}"]
     picture = render(volume.hu[shown], heat, legend, _preliminary(prediction) + header, edge_letters(ds),
                      footer=[_model_line(prediction, analysed_at, bool(heat))])
     return _capture(volume, prediction, picture.pixels, key="sc-summary", index=0, number=1,

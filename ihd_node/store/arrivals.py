@@ -80,7 +80,7 @@ def complete_series(db: Database, series_uid: str, rule: str, *, when: datetime,
                     at: datetime, evidence: str | None, preliminary: str | None) -> Series | None:
     """received -> complete with the rule that fired and, when the checks ran, its completions row, in one
     transaction: a crash or a database error between the two would leave a series judged incomplete to be
-    analysed without its PRELIMINARY mark. None (nothing written) when the series is no longer "received" or
+    analysed without its INCOMPLETE SERIES mark. None (nothing written) when the series is no longer "received" or
     an instance arrived after `last_received` (not quiet after all: the next tick looks again)."""
     with db.session() as s:
         series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one_or_none()

@@ -258,7 +258,7 @@ class Alert(Base):
 
 class Completion(Base):
     """One judgement "this series is complete": the rule that fired, the evidence, and whether the result
-    must go out PRELIMINARY because the checks still said "incomplete" when max_wait ran out."""
+    must go out marked INCOMPLETE SERIES because the checks still said "incomplete" when max_wait ran out."""
 
     __tablename__ = "completions"
     id: Mapped[int] = mapped_column(primary_key=True)

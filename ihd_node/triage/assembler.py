@@ -8,7 +8,7 @@ DICOM has no "end of series" message. The timers say when to look:
 With a CompletionJudge (ihd_node.triage.completion) the quiet rule is not enough on its own: while the
 evidence (MPPS instance list, PACS count, slice geometry, head coverage) says instances are missing, the
 series waits, each reason logged once. When max_wait runs out with evidence still saying "incomplete", the
-series completes anyway and its result goes out PRELIMINARY (the completions table keeps why). A trusted
+series completes anyway and its result goes out marked INCOMPLETE SERIES (the completions table keeps why). A trusted
 MPPS COMPLETED whose listed instances have all arrived completes the series at once ("mpps").
 A check that cannot be made (an unreadable file, the judge itself failing) is a hold like any other
 ("check failed: <what>: <error>"): such a series is never completed as COMPLETE by the quiet rule.
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from ihd_node import faults, nodelog
+from ihd_node.classes import INCOMPLETE_SERIES
 from ihd_node.config import SeriesConfig
 from ihd_node.store import Candidate, Database, utcnow
 from ihd_node.store.arrivals import complete_series
@@ -80,7 +81,7 @@ class Assembler:
             if evidence is not None:
                 message += f"; evidence: {evidence.describe()}"
             if preliminary:
-                message += "; the result will be PRELIMINARY (series may be incomplete)"
+                message += f"; the result will say {INCOMPLETE_SERIES} (CompletionFlag PARTIAL)"
             self.db.log_event("complete", message, level="WARNING" if preliminary else "INFO",
                               series_instance_uid=cand.series_instance_uid,
                               study_instance_uid=series.study_instance_uid)
@@ -106,7 +107,7 @@ class Assembler:
                 return cached
             instances = [(i.sop_instance_uid, i.path) for i in self.db.series_instances(series_uid)]
             return self.judge.evidence(series.study_instance_uid, series_uid, instances, version=version)
-        except Exception as exc:  # a check that cannot be made holds the series: max_wait, then PRELIMINARY
+        except Exception as exc:  # a check that cannot be made holds the series: max_wait, then INCOMPLETE SERIES
             nodelog.warning("completion.check_failed", series=series_uid, error=f"{type(exc).__name__}: {exc}")
             return Evidence(holds=(check_failed("completion judge", exc),))
 

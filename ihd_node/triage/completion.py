@@ -14,7 +14,7 @@ result the node can send. Before the assembler calls a quiet series complete it 
 The judge gathers this evidence; ihd_node.imaging.coverage measures the stack (gaps, intracranial area).
 
 Each check that holds a series back returns a reason; the assembler logs it and keeps the series waiting
-until `series.max_wait_seconds`, after which the result goes out marked PRELIMINARY with those reasons.
+until `series.max_wait_seconds`, after which the result goes out marked INCOMPLETE SERIES with those reasons.
 Header values are cached per spool file (a file's path names its content hash), so a series of 300+
 slices costs one header read per instance, not one per tick.
 """

@@ -54,9 +54,10 @@ class Prediction:
     seconds: float = 0.0
     explained: str = ""  # what the heatmaps explain: "decision" (the BiLSTM output), "cnn", "" (none made)
     # Set by the node, not the model: why the series may be incomplete (max_wait ran out with the completion
-    # checks still holding it back); the result then says PRELIMINARY. None = judged complete.
+    # checks still holding it back); the result then says INCOMPLETE SERIES (SR CompletionFlag PARTIAL).
+    # None = judged complete.
     incomplete: str | None = None
-    # The SR UID of an earlier PRELIMINARY result of the same series that this result replaces.
+    # The SR UID of an earlier INCOMPLETE SERIES result of the same series that this result replaces.
     replaces_preliminary: str | None = None
 
     def threshold(self, cls: str) -> float:

@@ -129,6 +129,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
         if detail is None:
             return text(404, "no such study in the log database\n")
         blocks = [{"series": x.series, "analysis": x.analysis, "findings": findings(x.analysis),
+                   "incomplete": incomplete(x.series.series_instance_uid, x.analysis),
                    "stages": stages(x.series), "deliveries": x.deliveries, "attempts": x.attempts, "alerts": x.alerts,
                    "thumbnail": capture(x.series.series_instance_uid, x.analysis) is not None,
                    "can_resend": any(d.status in ("failed", "rejected") for d in x.deliveries),
@@ -136,6 +137,11 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
                   for x in detail.series]
         return render("study.html", study=detail.study, blocks=blocks, events=detail.events, user=request.user,
                       notice=request.query.get("done"), **study_reads(db, study_uid))
+
+    def incomplete(series_uid: str, analysis: Analysis | None) -> str | None:
+        """Why the analysed series may have been incomplete (its result says INCOMPLETE SERIES), else None."""
+        completion = db.latest_completion(series_uid) if analysis is not None else None
+        return completion.preliminary if completion is not None else None
 
     def capture(series_uid: str, analysis: Analysis | None) -> Path | None:
         """The summary capture of the latest analysis (the report's instance 1, negatives included; one marked

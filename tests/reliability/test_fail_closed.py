@@ -3,9 +3,9 @@
 Full-head phantoms (40 slices, skull base to vertex; 128x128 for speed) with the completion evidence ON
 (geometry and coverage checks, set here explicitly), on a real `ihd-node serve` (conftest.NodeProcess):
 - a sender killed with SIGKILL half-way, and an A-ABORT half-way: the half series is no release, so it
-  waits (no quiet-rule completion), then completes at max_wait PRELIMINARY with the coverage reason;
+  waits (no quiet-rule completion), then completes at max_wait marked INCOMPLETE SERIES with the coverage reason;
 - one spool file corrupted while the series waits for completion: the judge cannot read it, which holds
-  the series ("check failed"), and it goes out PRELIMINARY or fails with the reason, never COMPLETE;
+  the series ("check failed"), and it goes out INCOMPLETE SERIES or fails with the reason, never COMPLETE;
 - a fault injected (ihd_node.faults, IHD_NODE_FAIL_AT) in the completion judge and in the study-profile
   build: the recorded state and reason.
 """
@@ -84,7 +84,7 @@ def series_row(node: NodeProcess, series_uid: str) -> tuple[str, str | None, str
 
 
 def assert_never_complete(node: NodeProcess, pacs: MiniPACS, study, reason_starts: str) -> str:
-    """Held until max_wait, completed PRELIMINARY with the reason; settled without a COMPLETE SR."""
+    """Held until max_wait, completed INCOMPLETE SERIES with the reason; settled without a COMPLETE SR."""
     uid = study.series_uid
     assert wait_until(lambda: completion(node, uid) is not None, 60), node.log()[-3000:]
     rule, preliminary = completion(node, uid)  # type: ignore[misc]
@@ -107,7 +107,7 @@ def assert_never_complete(node: NodeProcess, pacs: MiniPACS, study, reason_start
 
 def test_sender_killed_half_way_is_held_then_preliminary(tmp_path: Path, node: NodeProcess, pacs: MiniPACS) -> None:
     """kill -9 of the sending process after half a head: its connection drops without a release; the
-    half series waits (no quiet-rule completion), then goes out PRELIMINARY at max_wait, never COMPLETE."""
+    half series waits (no quiet-rule completion), then goes out INCOMPLETE SERIES at max_wait, never COMPLETE."""
     study = make_study(tmp_path / "study", seed=HALF_SEEDS["killed"], n_slices=N)
     script = textwrap.dedent(f"""
         import sys, threading, pydicom
@@ -135,7 +135,7 @@ def test_sender_killed_half_way_is_held_then_preliminary(tmp_path: Path, node: N
     assert wait_until(lambda: (series_row(node, study.series_uid)[1] or "").startswith("waiting for the rest"), 30)
     assert series_row(node, study.series_uid)[0] == "received"
     state = assert_never_complete(node, pacs, study, "coverage: top slice")
-    print(f"\nFIGURE sender killed after {HALF}/{N}: held, completed PRELIMINARY at max_wait, then {state}")
+    print(f"\nFIGURE sender killed after {HALF}/{N}: held, completed INCOMPLETE SERIES at max_wait, then {state}")
 
 
 def test_a_abort_half_way_is_held_then_preliminary(tmp_path: Path, node: NodeProcess, pacs: MiniPACS) -> None:
@@ -145,13 +145,13 @@ def test_a_abort_half_way_is_held_then_preliminary(tmp_path: Path, node: NodePro
     assoc.abort()  # type: ignore[attr-defined]
     assert wait_until(lambda: (series_row(node, study.series_uid)[1] or "").startswith("waiting for the rest"), 30)
     state = assert_never_complete(node, pacs, study, "coverage: top slice")
-    print(f"\nFIGURE A-ABORT after {HALF}/{N}: held, completed PRELIMINARY at max_wait, then {state}")
+    print(f"\nFIGURE A-ABORT after {HALF}/{N}: held, completed INCOMPLETE SERIES at max_wait, then {state}")
 
 
 def test_a_spool_file_corrupted_while_waiting_is_never_complete(tmp_path: Path, node: NodeProcess,
                                                                 pacs: MiniPACS) -> None:
     """The whole head arrives; one spool file is damaged before the association ends (the series waits
-    for completion): the judge cannot read it, which holds the series; at max_wait it goes out PRELIMINARY
+    for completion): the judge cannot read it, which holds the series; at max_wait it goes out INCOMPLETE SERIES
     with "check failed", or fails with the reason when the analysis cannot read it either."""
     study = make_study(tmp_path / "study", seed=WHOLE_SEEDS["corrupted"], n_slices=N)
     assoc = association(node.port, study.files)
@@ -166,7 +166,7 @@ def test_a_spool_file_corrupted_while_waiting_is_never_complete(tmp_path: Path, 
     assert wait_until(lambda: node.query(held, uid), 30), node.log()[-3000:]
     assert "check failed: slice headers: " + path.name in node.query(held, uid)[0][0]
     state = assert_never_complete(node, pacs, study, "check failed: slice headers")
-    print(f"\nFIGURE corrupted spool file: held, completed PRELIMINARY at max_wait, then {state}")
+    print(f"\nFIGURE corrupted spool file: held, completed INCOMPLETE SERIES at max_wait, then {state}")
 
 
 def test_a_fault_in_the_completion_judge_holds_then_preliminary(tmp_path: Path, make_node, pacs: MiniPACS) -> None:
@@ -176,7 +176,7 @@ def test_a_fault_in_the_completion_judge_holds_then_preliminary(tmp_path: Path, 
     send_on(assoc, study.files)
     assoc.release()  # type: ignore[attr-defined]
     state = assert_never_complete(node, pacs, study, "check failed: completion judge: InjectedFault")
-    assert state == "delivered"  # the whole head was there: a PRELIMINARY result, marked as such
+    assert state == "delivered"  # the whole head was there: an INCOMPLETE SERIES result, marked as such
     done(node)
 
 
