@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("performance", help="local performance: the results against the radiologist's reads",
-                       description="Per class: TP/FP/TN/FN, sensitivity, specificity, PPV, NPV (Wilson 95%% "
-                       "intervals), AUC (DeLong 95%%) when both classes have 10 reads, calibration per probability "
+                       description="Per class: TP/FP/TN/FN, sensitivity, specificity, PPV, NPV (Wilson 95 % "
+                       "intervals), AUC (DeLong 95 %) when both classes have 10 reads, calibration per probability "
                        "decile, time to result, results without a read; beside the model card's own figures. "
                        "NOT FOR DIAGNOSTIC USE.")
     p.add_argument("--config", required=True, help=CONFIG_HELP)
