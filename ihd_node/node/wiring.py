@@ -283,7 +283,7 @@ class Node:
         """The evidence the assembler weighs before calling a quiet series complete (see completion.py)."""
         assert self.db is not None
         db, rules = self.db, self.config.series
-        counted = [d for d in self.config.destinations if d.count_instances]
+        counted = [d for d in self.config.dicom_destinations if d.count_instances]
 
         def mpps_lists(series_uid: str) -> list[MppsList]:
             return [MppsList(uid, sops) for uid, sops in db.mpps_lists(series_uid)]
