@@ -9,11 +9,12 @@ from __future__ import annotations
 from ihd_node.store.intake import IntakeStore
 from ihd_node.store.outbox import OutboxStore
 from ihd_node.store.queries import QueryStore
+from ihd_node.store.retraction import RetractionStore
 from ihd_node.store.runs import RunStore
 from ihd_node.store.series import SeriesStore
 
 
-class Database(IntakeStore, SeriesStore, OutboxStore, RunStore, QueryStore):
+class Database(IntakeStore, SeriesStore, OutboxStore, RetractionStore, RunStore, QueryStore):
     """One per process. Methods are units of work; each opens and closes its own session."""
 
 
