@@ -1,0 +1,304 @@
+"""The result as the clinical systems read it: one typed value that the HL7 ORU and the FHIR bundle are built from.
+
+Everything about the patient and the study comes from the SR's header (the SR repeats the source CT's
+identity attributes, see source.finish_result), the findings from the Prediction (positive_mask's one rule),
+and the images behind each present finding from the volume's per-slice headers, exactly as the SR lists
+them (every original slice of each positive model slice or slab; the best slice when the series is called
+positive but no single slice reached the threshold). No pixel data, no torch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from ihd_node.classes import CLASSES
+from ihd_node.report.codes import FINDING_CODES
+from ihd_node.report.source import check_groups
+from ihd_node.values.prediction import Prediction
+from ihd_node.values.volume import Volume
+
+FINDING_CONCEPT = "121071"  # DCM "Finding": the finding type of a TID 1501 group
+TRACKING_UID_CONCEPT = "112040"  # DCM "Tracking Unique Identifier"
+MEASUREMENT_GROUP = "125007"  # DCM "Measurement Group"
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One source image (or frame) that carries a present finding."""
+
+    sop_instance_uid: str
+    instance_number: int | None
+    frame_number: int | None
+    series_number: int | None
+
+    def label(self) -> str:
+        """'image 14 of series 2', 'image 1 frame 7 of series 3' (the words of the SR summary)."""
+        text = f"image {self.instance_number}" if self.instance_number is not None else "image"
+        if self.frame_number is not None:
+            text += f" frame {self.frame_number}"
+        if self.series_number is not None:
+            text += f" of series {self.series_number}"
+        return text if text != "image" else f"image {self.sop_instance_uid}"
+
+
+def slices_text(slices: Sequence[SliceRef]) -> str:
+    """The slices of one finding in a line a doctor reads: 'images 14, 15, 16 of series 2'."""
+    by_series: dict[int | None, list[str]] = {}
+    for s in slices:
+        if s.instance_number is None:
+            item = s.sop_instance_uid
+        else:
+            item = f"{s.instance_number}" + (f" frame {s.frame_number}" if s.frame_number is not None else "")
+        by_series.setdefault(s.series_number, []).append(item)
+    parts = []
+    for series, items in by_series.items():
+        noun = "image" if len(items) == 1 else "images"
+        parts.append(f"{noun} {', '.join(items)}" + (f" of series {series}" if series is not None else ""))
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class ClassFinding:
+    """One of the six outputs: present or absent by positive_mask, its series probability and threshold."""
+
+    cls: str
+    present: bool
+    probability: float
+    threshold: float
+    slices: tuple[SliceRef, ...]  # empty for an absent finding
+    tracking_uid: str = ""  # the TID 1501 group's Tracking Unique Identifier in the SR ("" if not found)
+
+
+@dataclass(frozen=True)
+class CodeTriple:
+    """A code as DICOM writes it (value, scheme designator, meaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class ClinicalResult:
+    """What the HL7 and FHIR messages say about one analysed series; made by clinical_result()."""
+
+    patient_id: str
+    issuer_of_patient_id: str  # (0010,0021), "" when the study has none
+    patient_name: str  # DICOM PN: "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    birth_date: str  # YYYYMMDD or ""
+    sex: str  # M, F, O or ""
+    accession_number: str
+    study_instance_uid: str
+    series_instance_uid: str  # the analysed (source) series
+    sr_sop_instance_uid: str
+    sr_series_instance_uid: str
+    study_date: str  # DICOM DA or ""
+    study_time: str  # DICOM TM or ""
+    result_datetime: dt.datetime  # aware: when the SR was made
+    revision: int
+    incomplete: bool  # PRELIMINARY: max_wait ran out with the series possibly incomplete
+    findings: tuple[ClassFinding, ...]  # six, in CLASSES order
+    summary: str  # the SR's summary text (says not for diagnostic use)
+    model_name: str
+    model_version: str
+    timezone_offset: str = ""  # the study's TimezoneOffsetFromUTC ("+0900"), "" when it has none
+    # (0010,0024) Issuer of Patient ID Qualifiers: Universal Entity ID and its type (ISO = an OID, URI, ...)
+    issuer_universal_id: str = ""
+    issuer_universal_id_type: str = ""
+    accession_issuer: str = ""  # Issuer of Accession Number: Local Namespace Entity ID
+    accession_issuer_universal_id: str = ""
+    accession_issuer_universal_id_type: str = ""
+    placer_order_number: str = ""  # (0040,2016) when the source header carries it
+    filler_order_number: str = ""  # (0040,2017) when the source header carries it
+    requested_procedure_id: str = ""  # (0040,1001) from the Request Attributes Sequence
+    procedure_code: CodeTriple | None = None  # the study's Procedure Code Sequence, first item
+    study_description: str = ""
+    sr_sop_class_uid: str = ""
+    series_number: int | None = None  # of the analysed series
+
+    @property
+    def positive_classes(self) -> list[str]:
+        return [f.cls for f in self.findings if f.present]
+
+    @property
+    def hemorrhage(self) -> bool:
+        """Any hemorrhage present (what makes the worklist priority STAT)."""
+        return any(f.present for f in self.findings)
+
+    def finding(self, cls: str) -> ClassFinding:
+        return self.findings[CLASSES.index(cls)]
+
+    def study_datetime(self) -> dt.datetime | None:
+        """Study date and time as an aware datetime: in the study's offset, else the node's local zone
+        (DICOM reads a time that carries no offset as local); None without a study date."""
+        date = "".join(ch for ch in self.study_date if ch.isdigit())
+        if len(date) != 8:
+            return None
+        clock = "".join(ch for ch in self.study_time.split(".")[0] if ch.isdigit())
+        clock = (clock + "000000")[:6] if clock else "000000"
+        try:
+            naive = dt.datetime.strptime(date + clock, "%Y%m%d%H%M%S")
+        except ValueError:
+            return None
+        zone = _zone(self.timezone_offset)
+        return naive.replace(tzinfo=zone) if zone is not None else naive.astimezone()
+
+
+def _zone(text: str) -> dt.timezone | None:
+    text = (text or "").strip()
+    if len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
+        return None
+    hours, minutes = int(text[1:3]), int(text[3:])
+    if hours > 14 or minutes > 59:
+        return None
+    sign = 1 if text[0] == "+" else -1
+    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _result_datetime(sr: Dataset) -> dt.datetime:
+    """The SR's Content Date/Time (written in the study's offset when it has one); now when unreadable."""
+    date, clock = _text(sr, "ContentDate"), _text(sr, "ContentTime").split(".")[0]
+    zone = _zone(_text(sr, "TimezoneOffsetFromUTC"))
+    try:
+        naive = dt.datetime.strptime(date + (clock + "000000")[:6], "%Y%m%d%H%M%S")
+    except ValueError:
+        return dt.datetime.now(dt.UTC)
+    return naive.replace(tzinfo=zone) if zone is not None else naive.astimezone()
+
+
+def _walk(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def _concept(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> str:
+    seq = item.get(keyword)
+    return str(seq[0].CodeValue) if seq and "CodeValue" in seq[0] else ""
+
+
+def tracking_uids(sr: Dataset) -> dict[str, str]:
+    """Finding code value -> Tracking UID of its per-class TID 1501 group (groups without an image region)."""
+    out: dict[str, str] = {}
+    for item in _walk(sr.get("ContentSequence", [])):
+        if item.get("ValueType") != "CONTAINER" or _concept(item) != MEASUREMENT_GROUP:
+            continue
+        children = list(item.get("ContentSequence", []))
+        if any(c.get("ValueType") == "SCOORD" for c in children):
+            continue  # a region group (TID 1410), not the class's own group
+        finding = next((_concept(c, "ConceptCodeSequence") for c in children
+                        if c.get("ValueType") == "CODE" and _concept(c) == FINDING_CONCEPT), "")
+        uid = next((str(c.UID) for c in children
+                    if c.get("ValueType") == "UIDREF" and _concept(c) == TRACKING_UID_CONCEPT), "")
+        if finding and uid:
+            out.setdefault(finding, uid)
+    return out
+
+
+def _slices(volume: Volume, prediction: Prediction, cls: str, groups: list[list[int]]) -> tuple[SliceRef, ...]:
+    """The original slices the SR lists for a present finding (report.sr._source_images' rule)."""
+    model_slices = prediction.positive_slices(cls)
+    if not model_slices:
+        model_slices = [int(prediction.slice_probabilities[:, CLASSES.index(cls)].argmax())]
+    originals = sorted({o for m in model_slices for o in groups[m]})
+    refs = []
+    for o in originals:
+        info, header = volume.slices[o], volume.headers[o]
+        refs.append(SliceRef(sop_instance_uid=info.sop_instance_uid, instance_number=info.instance_number,
+                             frame_number=info.frame_number, series_number=_int(header.get("SeriesNumber"))))
+    return tuple(refs)
+
+
+def _order_numbers(header: Dataset) -> tuple[str, str, str]:
+    """Placer and filler order numbers and the requested procedure ID, when the source carries them."""
+    placer, filler = _text(header, "PlacerOrderNumberImagingServiceRequest"), \
+        _text(header, "FillerOrderNumberImagingServiceRequest")
+    for item in header.get("ReferencedRequestSequence", []) or []:
+        placer = placer or _text(item, "PlacerOrderNumberImagingServiceRequest")
+        filler = filler or _text(item, "FillerOrderNumberImagingServiceRequest")
+    requested = _text(header, "RequestedProcedureID")
+    for item in header.get("RequestAttributesSequence", []) or []:
+        requested = requested or _text(item, "RequestedProcedureID")
+    return placer, filler, requested
+
+
+def clinical_result(sr: Dataset, prediction: Prediction, volume: Volume,
+                    slice_groups: list[list[int]] | None, summary: str, *,
+                    revision: int | None = None) -> ClinicalResult:
+    """The clinical view of one result: `sr` is the built SR (its header names patient, study and UIDs),
+    `slice_groups` map model slice -> original slice indices (None: one model slice per original slice),
+    `summary` is the SR's summary text; `revision` defaults to the SR's Instance Number - 1 (build_results'
+    numbering). Names and texts are read as pydicom decodes them with the SR's character set."""
+    groups = check_groups(volume, prediction, slice_groups)
+    present = set(prediction.positive_classes())
+    tracking = tracking_uids(sr)
+    findings = tuple(
+        ClassFinding(cls=cls, present=cls in present, probability=round(prediction.series_probability(cls), 6),
+                     threshold=prediction.threshold(cls),
+                     slices=_slices(volume, prediction, cls, groups) if cls in present else (),
+                     tracking_uid=tracking.get(FINDING_CODES[cls].value, ""))
+        for cls in CLASSES)
+    issuer_q = _first_item(sr, "IssuerOfPatientIDQualifiersSequence")
+    accession_q = _first_item(sr, "IssuerOfAccessionNumberSequence")
+    procedure = _first_item(sr, "ProcedureCodeSequence")
+    header = volume.headers[0]
+    placer, filler, requested = _order_numbers(header)
+    return ClinicalResult(
+        patient_id=_text(sr, "PatientID"),
+        issuer_of_patient_id=_text(sr, "IssuerOfPatientID"),
+        patient_name=str(sr.get("PatientName", "") or ""),
+        birth_date=_text(sr, "PatientBirthDate"),
+        sex=_text(sr, "PatientSex").upper(),
+        accession_number=_text(sr, "AccessionNumber"),
+        study_instance_uid=_text(sr, "StudyInstanceUID"),
+        series_instance_uid=volume.series_instance_uid,
+        sr_sop_instance_uid=_text(sr, "SOPInstanceUID"),
+        sr_series_instance_uid=_text(sr, "SeriesInstanceUID"),
+        study_date=_text(sr, "StudyDate"),
+        study_time=_text(sr, "StudyTime"),
+        result_datetime=_result_datetime(sr),
+        revision=revision if revision is not None else max(0, (_int(sr.get("InstanceNumber")) or 1) - 1),
+        incomplete=prediction.incomplete is not None,
+        findings=findings,
+        summary=summary,
+        model_name=prediction.model.name,
+        model_version=prediction.model.version,
+        timezone_offset=_text(sr, "TimezoneOffsetFromUTC"),
+        issuer_universal_id=_text(issuer_q, "UniversalEntityID") if issuer_q else "",
+        issuer_universal_id_type=_text(issuer_q, "UniversalEntityIDType") if issuer_q else "",
+        accession_issuer=_text(accession_q, "LocalNamespaceEntityID") if accession_q else "",
+        accession_issuer_universal_id=_text(accession_q, "UniversalEntityID") if accession_q else "",
+        accession_issuer_universal_id_type=_text(accession_q, "UniversalEntityIDType") if accession_q else "",
+        placer_order_number=placer,
+        filler_order_number=filler,
+        requested_procedure_id=requested,
+        procedure_code=CodeTriple(_text(procedure, "CodeValue"), _text(procedure, "CodingSchemeDesignator"),
+                                  _text(procedure, "CodeMeaning"))
+        if procedure is not None and _text(procedure, "CodeValue") else None,
+        study_description=_text(sr, "StudyDescription"),
+        sr_sop_class_uid=_text(sr, "SOPClassUID"),
+        series_number=_int(header.get("SeriesNumber")),
+    )
