@@ -204,14 +204,14 @@ class Node:
 
     def _start_delivery(self) -> None:
         assert self.db is not None
-        outbox = Outbox(self.db, self.config)
+        outbox = Outbox(self.db, self.config, wake=self._wake_delivery.set)
         alerts = AlertOutbox(self.db, self.config, self.results_dir) if self.config.alerts.channels else None
         if self.clustered:
             self._spawn("delivery", lambda: self._deliver_with_lease(outbox, alerts))
             return
 
         def deliver() -> float:
-            outbox.run_once()
+            outbox.run_once(wait=False)  # a slow destination is sent in its own thread; the others go on
             return outbox.seconds_to_next()
 
         self._loop("delivery", deliver, self._wake_delivery)
