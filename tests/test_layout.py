@@ -23,6 +23,9 @@ FLOORS: dict[str, int] = {
     "node": 9,
     "web": 8,
     "intake": 7,
+    # Builds the notices of a retraction (report's KOS and messages) and books it (store); the console (8),
+    # the node (9, message files at analysis) and `ihd-node retract` (10) call it.
+    "retraction": 7,
     "triage": 6,
     "imaging": 5, "model": 5,
     "report": 4,

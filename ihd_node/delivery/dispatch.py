@@ -61,7 +61,7 @@ def _send_one(dest: Any, payload: bytes, token: str | None) -> Any:
     try:
         if dest.kind == "hl7":
             from ihd_node.delivery.mllp import send_mllp
-            from ihd_node.delivery.sender import tls_client_context
+            from ihd_node.delivery.tls import tls_client_context
 
             return send_mllp(dest.host, dest.port, payload.decode("utf-8"), timeout=float(dest.timeout),
                              tls=tls_client_context(dest.tls))

@@ -38,6 +38,7 @@ from pynetdicom.sop_class import Verification
 
 from ihd_node import faults, nodelog
 from ihd_node.config import Config
+from ihd_node.delivery.tls import tls_client_context
 from ihd_node.dicom_network import identify, on_outgoing_connection
 from ihd_node.sr_classes import SR_CLASS_NAMES, SR_CLASSES, as_sr_class, sr_fallbacks
 from ihd_node.store import AttemptResult, Database, Delivery, utcnow
@@ -69,18 +70,6 @@ def describe(status: int | None) -> str:
     kind = ("warning" if 0xB000 <= status <= 0xBFFF else "out of resources" if 0xA700 <= status <= 0xA7FF
             else "failure")
     return f"{kind} 0x{status:04X}"
-
-
-def tls_client_context(tls: object | None) -> ssl.SSLContext | None:
-    """Client SSL context from a destination's `tls` config section (None when TLS is off)."""
-    if tls is None or not getattr(tls, "enabled", False):
-        return None
-    ca = getattr(tls, "ca_certificates", None)
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
-    cert, key = getattr(tls, "certificate", None), getattr(tls, "private_key", None)
-    if cert and key:
-        context.load_cert_chain(str(cert), str(key))
-    return context
 
 
 def _associate(calling_aet: str, dest: object, contexts: Sequence[tuple[str, list[str]]]):
