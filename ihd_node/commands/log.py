@@ -87,6 +87,8 @@ def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dic
             entry["probabilities"] = {c: round(probs[c], 4) for c in CLASSES}
             entry["model"] = f"{a.model_name} {a.model_version}"
             entry["sr_sop_instance_uid"] = a.sr_sop_instance_uid
+            entry["retracted"] = None if a.retracted_at is None else {
+                "at": iso(a.retracted_at), "by": a.retracted_by, "reason": a.retraction_reason}
             for k in ("load", "inference", "gradcam", "report"):
                 entry["stages"][f"{k}_seconds"] = getattr(a, f"{k}_seconds")
         return entry
@@ -156,6 +158,9 @@ def format_log(data: dict[str, Any]) -> str:
         stages = _stages_text(x["stages"])
         if stages:
             lines.append(fit(f"    stages (s): {stages}"))
+        if x.get("retracted"):
+            r = x["retracted"]
+            lines.append(fit(f"    RETRACTED {short_time(r['at'])} by {r['by']}: {r['reason']}"))
     return "\n".join(lines)
 
 

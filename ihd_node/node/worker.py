@@ -142,6 +142,7 @@ class AnalysisWorker:
         from ihd_node.node.analysis import analyze_series
         from ihd_node.report import ResultSettings, build_results, result_file_name
         from ihd_node.report.source import volume_lossy
+        from ihd_node.retraction.messages import result_messages
 
         cfg = self.config
         started = utcnow()
@@ -185,6 +186,8 @@ class AnalysisWorker:
             path = folder / result_file_name(ds)
             write_dataset_atomic(path, ds)
             rows.append(ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path))
+        messages = result_messages(cfg, folder, objects[0], result.prediction, result.volume,
+                                   result.slice_groups, rows, revision=revision, now=utcnow())
         report_seconds = time.perf_counter() - t0
         faults.point("analysis.written")
 
@@ -194,7 +197,7 @@ class AnalysisWorker:
             probabilities=prediction.probabilities(), positive_classes=prediction.positive_classes(),
             thresholds=dict(prediction.model.thresholds), n_slices=result.volume.n_slices,
             n_model_slices=len(result.slice_groups), objects=rows,
-            destinations=[d.name for d in cfg.destinations],
+            destinations=[d.name for d in cfg.dicom_destinations], messages=messages,
             alert_channels=[c.name for c in cfg.alerts.channels],
             sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
             n_secondary_captures=len(objects) - 1, started=started,

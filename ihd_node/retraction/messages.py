@@ -29,6 +29,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from ihd_node.config import Config
+from ihd_node.config.outbound import MESSAGE_KINDS
 from ihd_node.store import FHIR_BUNDLE, HL7_ORU, ResultObject
 
 CLINICAL_FILE = "clinical.json"
@@ -101,6 +102,9 @@ def result_messages(config: Config, folder: Path, sr: Dataset, prediction: Any, 
                     now: dt.datetime) -> dict[str, list[ResultObject]]:
     """At analysis time: clinical.json, the messages of every hl7/fhir destination and the object lists of
     the dicomweb ones ({destination: rows}); the DICOM destinations get `objects` as before."""
+    out = dicomweb_objects(config, objects)
+    if not any(d.kind in MESSAGE_KINDS for d in config.destinations):
+        return out  # no clinical view needed (a destination added later gets the next results)
     from ihd_node.report.clinical import clinical_result
     from ihd_node.report.source import volume_lossy
     from ihd_node.report.sr import summary_text
@@ -108,7 +112,6 @@ def result_messages(config: Config, folder: Path, sr: Dataset, prediction: Any, 
     summary = summary_text(volume, prediction, slice_groups, volume_lossy(volume))
     result = clinical_result(sr, prediction, volume, slice_groups, summary, revision=revision)
     save_result(folder, result)
-    out = dicomweb_objects(config, objects)
     out.update(message_files(config, folder, result, status=status_of(revision), now=now))
     return out
 

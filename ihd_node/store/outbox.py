@@ -187,6 +187,13 @@ class OutboxStore(DatabaseEngine):
                 series_state,
             )
 
+    def deliveries_by_destination(self) -> dict[tuple[str, str], int]:
+        """{(destination, status): rows} over the whole outbox (for /metrics)."""
+        with self.read_session() as s:
+            rows = s.execute(select(Delivery.destination, Delivery.status, func.count())
+                             .group_by(Delivery.destination, Delivery.status)).all()
+            return {(dest, status): int(n) for dest, status, n in rows}
+
     def cancel_pending_deliveries(self, series_instance_uid: str, reason: str) -> int:
         now = utcnow()
         with self.session() as s:

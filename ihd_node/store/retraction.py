@@ -24,6 +24,12 @@ class RetractionStore(DatabaseEngine):
         with self.read_session() as s:
             return _target(s, series_instance_uid)
 
+    def recent_retractions(self, limit: int = 10) -> list[Analysis]:
+        """The latest retracted analyses, newest first (for `ihd-node status`)."""
+        with self.read_session() as s:
+            return list(s.scalars(select(Analysis).where(Analysis.retracted_at.is_not(None))
+                                  .order_by(Analysis.retracted_at.desc()).limit(limit)))
+
     def analysis_deliveries(self, analysis_id: int) -> list[Delivery]:
         with self.read_session() as s:
             return list(s.scalars(select(Delivery).where(Delivery.analysis_id == analysis_id)

@@ -40,7 +40,8 @@ def make_web_server(node: Any) -> WebServer:
         dead = node.dead_threads()
         return text(503, f"threads stopped: {', '.join(dead)}\n") if dead else text(200, "alive\n")
 
-    server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"}, registry=registry(db, live))
+    server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"},
+                       registry=registry(db, live, {d.name: d.kind for d in cfg.destinations}))
     server.routes.update({("GET", "/healthz"): healthz, ("GET", "/healthz/live"): liveness,
                           ("GET", "/metrics"): server.metrics})
     server.routes.update(console_routes(node, server))
