@@ -45,19 +45,41 @@ class SliceRef:
         return text if text != "image" else f"image {self.sop_instance_uid}"
 
 
+def _ranges(numbers: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out: list[str] = []
+    values = sorted(set(numbers))
+    start = prev = values[0]
+    for n in [*values[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(out)
+
+
 def slices_text(slices: Sequence[SliceRef]) -> str:
-    """The slices of one finding in a line a doctor reads: 'images 14, 15, 16 of series 2'."""
-    by_series: dict[int | None, list[str]] = {}
+    """The slices of one finding in a line a doctor reads: 'images 3-5, 9 of series 2',
+    'image 1 frames 5-9 of series 3' (instance numbers as the source has them)."""
+    by_series: dict[int | None, list[SliceRef]] = {}
     for s in slices:
-        if s.instance_number is None:
-            item = s.sop_instance_uid
-        else:
-            item = f"{s.instance_number}" + (f" frame {s.frame_number}" if s.frame_number is not None else "")
-        by_series.setdefault(s.series_number, []).append(item)
+        by_series.setdefault(s.series_number, []).append(s)
     parts = []
-    for series, items in by_series.items():
-        noun = "image" if len(items) == 1 else "images"
-        parts.append(f"{noun} {', '.join(items)}" + (f" of series {series}" if series is not None else ""))
+    for series, refs in by_series.items():
+        where = f" of series {series}" if series is not None else ""
+        unnumbered = [s.sop_instance_uid for s in refs if s.instance_number is None]
+        plain = [s.instance_number for s in refs if s.instance_number is not None and s.frame_number is None]
+        framed: dict[int, list[int]] = {}
+        for s in refs:
+            if s.instance_number is not None and s.frame_number is not None:
+                framed.setdefault(s.instance_number, []).append(s.frame_number)
+        if plain:
+            parts.append(f"{'image' if len(plain) == 1 else 'images'} {_ranges(plain)}{where}")
+        for number, frames in sorted(framed.items()):
+            parts.append(f"image {number} {'frame' if len(frames) == 1 else 'frames'} {_ranges(frames)}{where}")
+        parts.extend(f"image {uid}{where}" for uid in unnumbered)
     return "; ".join(parts)
 
 
