@@ -106,6 +106,9 @@ class DicomDestination(Section):
 Destination = DicomDestination  # the name older code and tests use for a C-STORE destination
 
 
+OrderNumber = Literal["accession", "placer", "filler", "sr_uid", "none"]
+
+
 class Hl7Destination(Section):
     name: ShortName = setting(..., NAME_DOC, "ris")
     kind: Literal["hl7"] = setting(..., "`hl7`: an ORU^R01 (HL7 v2.5.1) per result over MLLP.", "hl7")
@@ -120,11 +123,12 @@ class Hl7Destination(Section):
     include_patient_data: Bool = setting(
         True, "Send the patient name, birth date and sex in PID (the RIS matches on them); false sends the "
         "name as an explicit null and leaves birth date and sex out.")
-    placer_order_number: Literal["accession", "sr_uid"] = setting(
-        "accession", "What ORC-2/OBR-2 (placer order number) carries: the study's accession number or the "
-        "SR's SOP Instance UID.", "accession")
-    filler_order_number: Literal["accession", "sr_uid"] = setting(
-        "sr_uid", "What ORC-3/OBR-3 (filler order number) carries.", "sr_uid")
+    placer_order_number: OrderNumber = setting(
+        "accession", "What ORC-2/OBR-2 (placer order number) carries: `accession` (the study's accession "
+        "number), `placer` / `filler` (the order numbers the source images carry), `sr_uid` (the SR's SOP "
+        "Instance UID) or `none`.", "accession")
+    filler_order_number: OrderNumber = setting(
+        "sr_uid", "What ORC-3/OBR-3 (filler order number) carries; the same choices.", "sr_uid")
     tls: OutboundTLS = setting(OutboundTLS, "TLS to the MLLP listener (MLLP over TLS).")
 
 

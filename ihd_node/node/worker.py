@@ -186,8 +186,9 @@ class AnalysisWorker:
             path = folder / result_file_name(ds)
             write_dataset_atomic(path, ds)
             rows.append(ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path))
+        problems: list[str] = []  # messages a builder refused (no Patient ID): logged below, DICOM goes out
         messages = result_messages(cfg, folder, objects[0], result.prediction, result.volume,
-                                   result.slice_groups, rows, revision=revision, now=utcnow())
+                                   result.slice_groups, rows, revision=revision, now=utcnow(), problems=problems)
         report_seconds = time.perf_counter() - t0
         faults.point("analysis.written")
 
@@ -211,6 +212,9 @@ class AnalysisWorker:
             # A late instance arrived while the model ran: these results go out, and the series runs again.
             self.db.set_series_state(uid, "received", "late instance during analysis",
                                      expect=("delivering", "analyzed", "delivered", "failed"))
+        for problem in problems:
+            self.db.log_event("delivery", problem, level="WARNING", series_instance_uid=uid,
+                              study_instance_uid=series.study_instance_uid)
         positives = ",".join(prediction.positive_classes()) or "none"
         preliminary = " PRELIMINARY (series may be incomplete)" if prediction.incomplete else ""
         self.db.log_event("analysis", f"revision={analysis.revision}{preliminary} positive={positives} "

@@ -60,32 +60,47 @@ def status_of(revision: int) -> str:
 
 
 def message_files(config: Config, folder: Path, result: Any, *, status: str, now: dt.datetime,
-                  reason: str = "") -> dict[str, list[ResultObject]]:
-    """Build and write one message per hl7 and fhir destination; {destination: [its message file]}."""
-    from ihd_node.report.fhir import FhirSettings, build_bundle
-    from ihd_node.report.hl7 import Hl7Addressing, build_oru
-
+                  reason: str = "", problems: list[str] | None = None) -> dict[str, list[ResultObject]]:
+    """Build and write one message per hl7 and fhir destination; {destination: [its message file]}. A
+    message the builder refuses (no Patient ID: the RIS could not match it) is left out and said in
+    `problems`: the DICOM results still go out."""
     control_id = message_id(result.series_instance_uid, result.revision, status)
     out: dict[str, list[ResultObject]] = {}
     for dest in config.destinations:
-        if dest.kind == "hl7":
-            addressing = Hl7Addressing(
-                sending_application=dest.sending_application, sending_facility=dest.sending_facility,
-                receiving_application=dest.receiving_application, receiving_facility=dest.receiving_facility,
-                include_patient_data=dest.include_patient_data, placer_order_number=dest.placer_order_number,
-                filler_order_number=dest.filler_order_number)
-            text = build_oru(result, addressing, status=status, control_id=control_id, now=now, reason=reason)
-            path = folder / f"ORU_{status}_{dest.name}.hl7"
-            write_atomic(path, text.encode("utf-8"))
-            out[dest.name] = [ResultObject(control_id, HL7_ORU, path)]
-        elif dest.kind == "fhir":
-            settings = FhirSettings(patient_identifier_system=dest.patient_identifier_system,
-                                    include_patient_data=dest.include_patient_data)
-            bundle = build_bundle(result, settings, status=status, now=now, reason=reason)
-            path = folder / f"FHIR_{status}_{dest.name}.json"
-            write_atomic(path, json.dumps(bundle, ensure_ascii=False, indent=1).encode("utf-8"))
-            out[dest.name] = [ResultObject(control_id, FHIR_BUNDLE, path)]
+        if dest.kind not in MESSAGE_KINDS:
+            continue
+        try:
+            out[dest.name] = [_message_file(dest, folder, result, status=status, now=now, reason=reason,
+                                            control_id=control_id)]
+        except ValueError as exc:
+            if problems is None:
+                raise
+            problems.append(f"no {dest.kind} message for {dest.name}: {exc}")
     return out
+
+
+def _message_file(dest: Any, folder: Path, result: Any, *, status: str, now: dt.datetime, reason: str,
+                  control_id: str) -> ResultObject:
+    if dest.kind == "hl7":
+        from ihd_node.report.hl7 import Hl7Addressing, build_oru
+
+        addressing = Hl7Addressing(
+            sending_application=dest.sending_application, sending_facility=dest.sending_facility,
+            receiving_application=dest.receiving_application, receiving_facility=dest.receiving_facility,
+            include_patient_data=dest.include_patient_data, placer_order_number=dest.placer_order_number,
+            filler_order_number=dest.filler_order_number)
+        text = build_oru(result, addressing, status=status, control_id=control_id, now=now, reason=reason)
+        path = folder / f"ORU_{status}_{dest.name}.hl7"
+        write_atomic(path, text.encode("utf-8"))
+        return ResultObject(control_id, HL7_ORU, path)
+    from ihd_node.report.fhir import FhirSettings, build_bundle
+
+    settings = FhirSettings(patient_identifier_system=dest.patient_identifier_system,
+                            include_patient_data=dest.include_patient_data)
+    bundle = build_bundle(result, settings, status=status, now=now, reason=reason)
+    path = folder / f"FHIR_{status}_{dest.name}.json"
+    write_atomic(path, json.dumps(bundle, ensure_ascii=False, indent=1).encode("utf-8"))
+    return ResultObject(control_id, FHIR_BUNDLE, path)
 
 
 def dicomweb_objects(config: Config, objects: Sequence[ResultObject]) -> dict[str, list[ResultObject]]:
@@ -99,7 +114,7 @@ def dicomweb_objects(config: Config, objects: Sequence[ResultObject]) -> dict[st
 
 def result_messages(config: Config, folder: Path, sr: Dataset, prediction: Any, volume: Any,
                     slice_groups: list[list[int]] | None, objects: Sequence[ResultObject], *, revision: int,
-                    now: dt.datetime) -> dict[str, list[ResultObject]]:
+                    now: dt.datetime, problems: list[str]) -> dict[str, list[ResultObject]]:
     """At analysis time: clinical.json, the messages of every hl7/fhir destination and the object lists of
     the dicomweb ones ({destination: rows}); the DICOM destinations get `objects` as before."""
     out = dicomweb_objects(config, objects)
@@ -112,7 +127,7 @@ def result_messages(config: Config, folder: Path, sr: Dataset, prediction: Any, 
     summary = summary_text(volume, prediction, slice_groups, volume_lossy(volume))
     result = clinical_result(sr, prediction, volume, slice_groups, summary, revision=revision)
     save_result(folder, result)
-    out.update(message_files(config, folder, result, status=status_of(revision), now=now))
+    out.update(message_files(config, folder, result, status=status_of(revision), now=now, problems=problems))
     return out
 
 

@@ -109,11 +109,13 @@ def retract(config: Config, db: Database, series_instance_uid: str, *, reason: s
             skipped += [f"{d.name} (no clinical.json in {folder}: the result predates HL7/FHIR messages)"
                         for d in config.destinations if d.kind in ("hl7", "fhir")]
         else:
+            refused: list[str] = []
             for dest, files in message_files(config, folder, result, status="retracted", now=now,
-                                             reason=reason).items():
+                                             reason=reason, problems=refused).items():
                 notices[dest] = files
                 said[dest] = "withdrawn ORU (W)" if config.destination(dest).kind == "hl7" \
                     else "DiagnosticReport entered-in-error"
+            skipped += refused
     try:
         db.retract_analysis(series_instance_uid, reason=reason, who=who, notices=notices, now=now)
     except NotRetractable as exc:  # retracted by someone else since the check above
