@@ -24,6 +24,7 @@ from ihd_node.imaging.volume import load_volume
 from ihd_node.report import build_results
 from ihd_node.report.clinical import ClinicalResult, SliceRef, clinical_result, slices_text
 from ihd_node.report.codes import FINDING_CODES
+from ihd_node.report.fhir import FhirSettings, build_bundle, bundle_bytes
 from ihd_node.report.hl7 import Hl7Addressing, build_oru, escape, person_name
 from ihd_node.report.sr import summary_text
 
@@ -258,3 +259,110 @@ def replace_result(result: ClinicalResult, **changes) -> ClinicalResult:
 
 def bundle_json(bundle: dict) -> str:
     return json.dumps(bundle, sort_keys=True, ensure_ascii=False)
+
+
+def validate_fhir(bundle: dict) -> None:
+    """fhir.resources (R4B models) validates the bundle and each resource on its own."""
+    from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+    from fhir.resources.R4B.observation import Observation
+
+    Bundle.model_validate(json.loads(bundle_json(bundle)))
+    models = {"DiagnosticReport": DiagnosticReport, "Observation": Observation}
+    for entry in bundle["entry"]:
+        models[entry["resource"]["resourceType"]].model_validate(entry["resource"])
+
+
+def resources(bundle: dict, kind: str) -> list[dict]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+def test_positive_bundle(positive):
+    result, _ = positive
+    bundle = build_bundle(result, FhirSettings(), status="preliminary", now=NOW)
+    validate_fhir(bundle)
+    assert bundle["type"] == "transaction" and len(bundle["entry"]) == 7
+    (report,) = resources(bundle, "DiagnosticReport")
+    observations = resources(bundle, "Observation")
+    assert report["status"] == "preliminary" and all(o["status"] == "preliminary" for o in observations)
+    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{result.sr_sop_instance_uid}"}.items() <= \
+        report["identifier"][1].items()
+    assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{result.study_instance_uid}"
+    patient = report["subject"]["identifier"]
+    assert patient["value"] == "RPT001" and patient["system"] == "urn:oid:1.2.826.0.1.3680043.9.7777"
+    assert report["subject"]["display"] == "Test, Report"
+    assert "not for diagnostic use" in report["conclusion"].lower()
+    assert [c["coding"][0]["code"] for c in report["conclusionCode"]] == \
+        [FINDING_CODES["subarachnoid"].value, FINDING_CODES["subdural"].value]
+    assert report["effectiveDateTime"] == "2024-01-02T10:15:00+09:00"
+    assert [o["code"]["coding"][0]["code"] for o in observations] == [FINDING_CODES[c].value for c in CLASSES]
+    for o, cls in zip(observations, CLASSES, strict=True):
+        finding = result.finding(cls)
+        assert o["valueCodeableConcept"]["coding"][0]["code"] == ("52101004" if finding.present else "272519000")
+        quantity = o["component"][0]["valueQuantity"]
+        assert quantity["value"] == finding.probability and quantity["code"] == "1"
+        assert o["identifier"][1]["value"] == f"urn:oid:{finding.tracking_uid}"
+    # every reference to an Observation is one of the bundle's fullUrls; every request is a conditional update
+    full_urls = {e["fullUrl"] for e in bundle["entry"]}
+    assert {r["reference"] for r in report["result"]} <= full_urls and len(full_urls) == 7
+    for entry in bundle["entry"]:
+        request, official = entry["request"], entry["resource"]["identifier"][0]
+        assert request["method"] == "PUT"
+        kind = entry["resource"]["resourceType"]
+        assert request["url"] == f"{kind}?identifier={official['system']}|{official['value']}"
+        assert entry["fullUrl"] == official["value"]
+    # the validator is not vacuous: a time without its zone, or a report without a code, is refused
+    from fhir.resources.R4B.bundle import Bundle
+    from pydantic import ValidationError
+
+    broken = json.loads(bundle_json(bundle))
+    broken["entry"][3]["resource"]["effectiveDateTime"] = "2024-01-02T10:15:00"
+    with pytest.raises(ValidationError):
+        Bundle.model_validate(broken)
+    del broken["entry"][0]["resource"]["code"]
+    with pytest.raises(ValidationError):
+        validate_fhir(broken)
+
+
+def test_bundle_is_deterministic_and_keyed_by_series(positive, tmp_path):
+    result, _ = positive
+    first = bundle_bytes(build_bundle(result, FhirSettings(), status="preliminary", now=NOW))
+    assert first == bundle_bytes(build_bundle(result, FhirSettings(), status="preliminary", now=NOW))
+    # a revision of the same series updates the same resources (same keys, new SR identifier, amended)
+    revised = build_bundle(replace_result(result, sr_sop_instance_uid="1.2.3.4", revision=1), FhirSettings(),
+                           status="revised", now=NOW)
+    validate_fhir(revised)
+    original = json.loads(first)
+    assert [e["request"]["url"] for e in revised["entry"]] == [e["request"]["url"] for e in original["entry"]]
+    assert all(e["resource"]["status"] == "amended" for e in revised["entry"])
+    assert resources(revised, "DiagnosticReport")[0]["identifier"][1]["value"] == "urn:oid:1.2.3.4"
+
+
+def test_negative_bundle_and_retraction(negative):
+    result, _ = negative
+    bundle = build_bundle(result, FhirSettings(patient_identifier_system="https://ehr.example/mrn",
+                                               include_patient_data=False), status="preliminary", now=NOW)
+    validate_fhir(bundle)
+    (report,) = resources(bundle, "DiagnosticReport")
+    assert "conclusionCode" not in report
+    assert report["subject"] == {"type": "Patient", "identifier": {
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+        "value": "RPT001", "system": "https://ehr.example/mrn"}}
+    assert "Test" not in bundle_json(bundle) and "19700101" not in bundle_json(bundle)
+    assert all(o["valueCodeableConcept"]["coding"][0]["code"] == "272519000" for o in resources(bundle, "Observation"))
+    retracted = build_bundle(result, FhirSettings(), status="retracted", now=NOW, reason="wrong study")
+    validate_fhir(retracted)
+    assert all(e["resource"]["status"] == "entered-in-error" for e in retracted["entry"])
+    (report,) = resources(retracted, "DiagnosticReport")
+    assert report["conclusion"].startswith("RESULT WITHDRAWN (entered in error): wrong study.")
+    assert report["issued"] == "2026-12-06T08:30:15+00:00"
+    with pytest.raises(ValueError, match="reason"):
+        build_bundle(result, FhirSettings(), status="retracted", now=NOW)
+
+
+def test_bundle_with_japanese_name(tmp_path):
+    result, _ = make_result(tmp_path, {"subdural": [2]}, terms=JAPANESE[0], name=JAPANESE[1])
+    bundle = build_bundle(result, FhirSettings(), status="preliminary", now=NOW)
+    validate_fhir(bundle)
+    assert resources(bundle, "DiagnosticReport")[0]["subject"]["display"] == "Yamada, Tarou (山田 太郎)"
+    assert "山田".encode() in bundle_bytes(bundle)
