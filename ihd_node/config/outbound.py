@@ -157,10 +157,12 @@ class FhirDestination(Section):
     ca_certificates: FilePath = setting(
         None, "PEM CA bundle to verify the server; unset = the system's.", "/etc/ihd-node/ehr-ca.crt")
     patient_identifier_system: str = setting(
-        "urn:oid:1.2.3.4.5", "Identifier system (URI) of the DICOM Patient ID, for Patient identifiers "
-        "and the conditional references on them.", "urn:oid:2.16.840.1.113883.2.4.6.3")
+        "", "Identifier system (URI) of the DICOM Patient ID in the EHR (its MRN system), for the conditional "
+        "references on the patient; empty = from the study's Issuer of Patient ID qualifiers (an OID as "
+        "urn:oid:...), else no system.", "urn:oid:2.16.840.1.113883.2.4.6.3")
     include_patient_data: Bool = setting(
-        True, "Put the patient name, birth date and sex into the Patient resource; false: identifier only.")
+        True, "Put the patient's name into the report's subject display; false: the identifier only (the "
+        "birth date is never sent).")
 
     @model_validator(mode="after")
     def _basic(self) -> FhirDestination:

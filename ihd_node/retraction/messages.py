@@ -93,13 +93,13 @@ def _message_file(dest: Any, folder: Path, result: Any, *, status: str, now: dt.
         path = folder / f"ORU_{status}_{dest.name}.hl7"
         write_atomic(path, text.encode("utf-8"))
         return ResultObject(control_id, HL7_ORU, path)
-    from ihd_node.report.fhir import FhirSettings, build_bundle
+    from ihd_node.report.fhir import FhirSettings, build_bundle, bundle_bytes
 
     settings = FhirSettings(patient_identifier_system=dest.patient_identifier_system,
                             include_patient_data=dest.include_patient_data)
     bundle = build_bundle(result, settings, status=status, now=now, reason=reason)
     path = folder / f"FHIR_{status}_{dest.name}.json"
-    write_atomic(path, json.dumps(bundle, ensure_ascii=False, indent=1).encode("utf-8"))
+    write_atomic(path, bundle_bytes(bundle))
     return ResultObject(control_id, FHIR_BUNDLE, path)
 
 
