@@ -69,7 +69,7 @@ def _send_one(dest: Any, payload: bytes, token: str | None) -> Any:
             from ihd_node.delivery.fhir_client import post_transaction
 
             return post_transaction(dest.url, payload, token=token, timeout=float(dest.timeout),
-                                    ca_certificates=dest.ca_certificates)
+                                    ca_certificates=str(dest.ca_certificates) if dest.ca_certificates else None)
     except Exception as exc:  # noqa: BLE001 - a transport's own bug or an unexpected error: retried, with why
         return _outcome("retry", f"send failed: {type(exc).__name__}: {exc}")
     return _outcome("rejected", f"destination kind {dest.kind!r} sends no message files")
@@ -91,7 +91,7 @@ def _stow(dest: Any, rows: Sequence[Delivery], book: Book) -> None:
     try:
         answers = stow_instances(dest.url, [Path(r.path) for r in rows], token=token,
                                  username=dest.auth.username, password=password, timeout=float(dest.timeout),
-                                 ca_certificates=dest.ca_certificates)
+                                 ca_certificates=str(dest.ca_certificates) if dest.ca_certificates else None)
     except Exception as exc:  # noqa: BLE001 - as in _send_one
         answers = []
         failure = _outcome("retry", f"STOW-RS failed: {type(exc).__name__}: {exc}")
