@@ -22,7 +22,7 @@ import pydicom
 
 from ihd_node.config import Config
 from ihd_node.errors import UserError
-from ihd_node.retraction.messages import SR_CLASS_PREFIX, load_result, message_files, write_atomic
+from ihd_node.retraction.messages import load_result, message_files, write_atomic
 from ihd_node.store import Database, NotRetractable, ResultObject, utcnow
 
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -47,11 +47,13 @@ class Retraction:
 
 
 def result_objects(folder: Path) -> list[pydicom.Dataset]:
-    """Headers of the DICOM objects of one result (its SR and captures; earlier rejection notes excluded)."""
+    """Headers of the DICOM objects of one result (SR, captures, key images; rejection notes excluded)."""
     headers = []
     for path in sorted(folder.glob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if str(ds.SOPClassUID) != KOS_CLASS:
+        title = ds.get("ConceptNameCodeSequence")
+        rejection = str(ds.SOPClassUID) == KOS_CLASS and title and str(title[0].get("CodeValue")) == "113037"
+        if not rejection:  # key images (a KOS too) are part of the result; a rejection note is not
             headers.append(ds)
     return headers
 
@@ -61,7 +63,7 @@ def rejection_note_file(folder: Path, reason: str) -> ResultObject | None:
     from ihd_node.report.kos import rejection_note
 
     objects = result_objects(folder)
-    srs = [ds for ds in objects if str(ds.SOPClassUID).startswith(SR_CLASS_PREFIX)]
+    srs = [ds for ds in objects if ds.get("Modality") == "SR"]
     if not objects:
         return None
     source = srs[0] if srs else objects[0]

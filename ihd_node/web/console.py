@@ -220,7 +220,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
 
 # "retracted": a late instance leaves it alone; re-analysis is the explicit way to a new result.
 REANALYSABLE = ("analyzed", "delivered", "failed", "retracted")
-OBJECT_NAMES = {"hl7-oru": "HL7 ORU", "fhir-bundle": "FHIR bundle", "1.2.840.10008.5.1.4.1.1.88.59": "rejection note"}
+OBJECT_NAMES = {"hl7-oru": "HL7 ORU", "fhir-bundle": "FHIR bundle", "1.2.840.10008.5.1.4.1.1.88.59": "KOS"}
 
 
 def object_name(sop_class_uid: str) -> str:
