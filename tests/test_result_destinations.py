@@ -34,6 +34,7 @@ from test_report_common import dciodvfy
 from waiting import poll_until
 
 from ihd_node.classes import CLASSES
+from ihd_node.commands.status import format_status, status_data
 from ihd_node.report.codes import FINDING_CODES
 from ihd_node.sim.mini_pacs import free_port, send_datasets
 from ihd_node.store import FHIR_BUNDLE, HL7_ORU
@@ -220,6 +221,9 @@ def test_ack_ae_is_rejected_and_no_ack_is_retried(world: World) -> None:
     time.sleep(2.0)  # well past retry_initial_seconds: a rejection is not retried
     assert ris_row().attempts == 1 and ris_row().status == "rejected"
     assert node.db.get_series(series.series_instance_uid).state == "failed"
+    status = status_data(node.db, kinds={d["name"]: d.get("kind", "dicom") for d in world.destinations})
+    assert [d["kind"] for d in status["failed_deliveries"]] == ["hl7"]
+    assert "rejected by ris (hl7) after 1 attempt" in format_status(status)
 
     world.ris.answers = ["none"]  # `ihd-node retry`: the first try gets no ACK (3 s timeout), the next one AA
     assert node.db.requeue_failed_deliveries(series.series_instance_uid) == {series.series_instance_uid: 1}

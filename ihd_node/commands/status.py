@@ -212,7 +212,7 @@ def format_status(data: dict[str, Any]) -> str:
     for dest, rows_ in by_dest.items():
         last = max(rows_, key=lambda d: d["updated_at"] or "")
         lines.append(fit(
-            f"  retrying {dest} ({last['kind']}): {plural(len(rows_), 'object')}, "
+            f"  retrying {dest}{_kind(last)}: {plural(len(rows_), 'object')}, "
             f"{plural(last['attempts'], 'attempt')} so far, next "
             f"{short_time(last['next_attempt_at']) if running else 'when the node runs again'}: "
             f"{last['last_error'] or _status_hex(last['last_status'])}"
@@ -231,7 +231,7 @@ def format_status(data: dict[str, Any]) -> str:
         for (series_uid, dest, status), rows_ in groups.items():
             d = rows_[0]
             lines.append(fit(
-                f"  {status} by {dest} ({d['kind']}) after {plural(d['attempts'], 'attempt')}: "
+                f"  {status} by {dest}{_kind(d)} after {plural(d['attempts'], 'attempt')}: "
                 f"{plural(len(rows_), 'object')} of "
                 f"series {series_uid}: {d['last_error'] or _status_hex(d['last_status'])}"
             ))
@@ -241,6 +241,11 @@ def format_status(data: dict[str, Any]) -> str:
             lines.append(fit(f"  {short_time(r['at'])} {r['accession_number'] or '-'} series "
                              f"{r['series_instance_uid']} revision {r['revision']} by {r['by']}: {r['reason']}"))
     return "\n".join(lines)
+
+
+def _kind(delivery: dict[str, Any]) -> str:
+    """' (hl7)' etc. after a destination's name; nothing for dicom, the usual kind (the JSON always has it)."""
+    return "" if delivery["kind"] == "dicom" else f" ({delivery['kind']})"
 
 
 def _status_hex(status: int | None) -> str:
