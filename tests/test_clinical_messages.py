@@ -242,6 +242,27 @@ def test_every_text_is_escaped(positive):
     assert " ".join(other.unescape(rep) for rep in repetitions) == nasty.strip()
 
 
+def test_what_hl7_cannot_carry_is_refused_by_name(positive):
+    result, _ = positive
+    with pytest.raises(ValueError, match="sending_application"):
+        Hl7Addressing("A" * 21, "RADIOLOGY", "RIS", "HOSPITAL")
+    with pytest.raises(ValueError, match="placer_order_number"):
+        Hl7Addressing("IHD", "RADIOLOGY", "RIS", "HOSPITAL", placer_order_number="visit")
+    with pytest.raises(ValueError, match="control ID"):
+        build_oru(result, ADDRESSING, status="preliminary", control_id="X" * 21, now=NOW)
+    with pytest.raises(ValueError, match="Patient ID"):
+        build_oru(replace_result(result, patient_id=""), ADDRESSING, status="preliminary", control_id="X", now=NOW)
+    long_issuer = "REGIONAL HOSPITAL NORTH WEST"
+    with pytest.raises(ValueError, match="Universal Entity ID"):
+        build_oru(replace_result(result, issuer_of_patient_id=long_issuer, issuer_universal_id=""), ADDRESSING,
+                  status="preliminary", control_id="X", now=NOW)
+    # with a universal ID the authority is still named, by its OID alone
+    message = build_oru(replace_result(result, issuer_of_patient_id=long_issuer), ADDRESSING,
+                        status="preliminary", control_id="X", now=NOW)
+    strict(message)
+    assert segments(message, "PID")[0][3] == "RPT001^^^&1.2.826.0.1.3680043.9.7777&ISO"
+
+
 def test_person_names():
     assert person_name("Doe^John^Q^Dr^Jr") == "Doe^John^Q^Jr^Dr"  # HL7 puts the suffix before the prefix
     assert person_name("") == '""'
