@@ -179,6 +179,10 @@ def test_revision_and_retraction(positive):
     revised = build_oru(result, ADDRESSING, status="revised", control_id="IHD0003", now=NOW)
     strict(revised)
     assert segments(revised, "OBR")[0][25] == "C"
+    preliminary = build_oru(replace_result(result, incomplete=True), ADDRESSING, status="revised",
+                            control_id="IHD0008", now=NOW)
+    strict(preliminary)
+    assert any(n[3].startswith("PRELIMINARY") for n in segments(preliminary, "NTE"))
     assert all(o[11] == "C" for o in segments(revised, "OBX"))
     retracted = build_oru(result, ADDRESSING, status="retracted", control_id="IHD0004", now=NOW,
                           reason="wrong patient | see ^RIS^")
