@@ -7,6 +7,7 @@ fhir.resources (R4B models) validates every resource and the bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -22,7 +23,15 @@ from test_report_common import make_prediction, write_ct_series
 from ihd_node.classes import CLASSES
 from ihd_node.imaging.volume import load_volume
 from ihd_node.report import build_results
-from ihd_node.report.clinical import ClinicalResult, SliceRef, clinical_result, slices_text
+from ihd_node.report.clinical import (
+    ClinicalResult,
+    SliceRef,
+    clinical_result,
+    clinical_result_from_sr,
+    from_json,
+    slices_text,
+    to_json,
+)
 from ihd_node.report.codes import FINDING_CODES
 from ihd_node.report.fhir import FhirSettings, build_bundle, bundle_bytes
 from ihd_node.report.hl7 import Hl7Addressing, build_oru, escape, person_name
@@ -117,6 +126,50 @@ def test_clinical_result_reads_the_sr_and_the_prediction(positive):
     assert all(f.tracking_uid for f in result.findings) and len({f.tracking_uid for f in result.findings}) == 6
     assert result.result_datetime.utcoffset() == dt.timedelta(hours=9)
     assert result.study_datetime() == dt.datetime(2024, 1, 2, 10, 15, tzinfo=dt.timezone(dt.timedelta(hours=9)))
+
+
+def test_clinical_result_round_trips_through_json(positive, tmp_path):
+    result, _ = positive
+    again = from_json(to_json(result))
+    assert again == result
+    japanese, _ = make_result(tmp_path, {"subdural": [2]}, terms=JAPANESE[0], name=JAPANESE[1])
+    assert from_json(to_json(japanese)) == japanese and "山田" in to_json(japanese)
+
+
+def test_clinical_result_from_the_sr_alone(positive):
+    """What a retraction can rebuild from the SR file: all but what only the source images hold."""
+    result, sr = positive
+    rebuilt = clinical_result_from_sr(sr)
+    expected = replace_result(
+        result, placer_order_number="", filler_order_number="", requested_procedure_id="", series_number=None,
+        findings=tuple(dataclasses.replace(f, slices=tuple(SliceRef(s.sop_instance_uid, None, None, None)
+                                                           for s in f.slices)) for f in result.findings))
+    assert rebuilt == expected
+    message = build_oru(rebuilt, ADDRESSING, status="retracted", control_id="IHD0010", now=NOW, reason="wrong")
+    strict(message)
+    validate_fhir(build_bundle(rebuilt, FhirSettings(), status="retracted", now=NOW, reason="wrong"))
+    with pytest.raises(ValueError, match="not an SR this node made"):
+        clinical_result_from_sr(Dataset())
+
+
+def test_multiframe_source_names_frames(tmp_path):
+    """An Enhanced CT source: the images of a finding are frames of one instance, in messages and the SR."""
+    from enhanced_ct import enhanced_from_slices
+
+    paths = write_ct_series(tmp_path / "classic", n=6, size=64)
+    enhanced = tmp_path / "enhanced.dcm"
+    enhanced_from_slices([pydicom.dcmread(p) for p in paths]).save_as(enhanced, enforce_file_format=True)
+    volume = load_volume([enhanced])
+    prediction = make_prediction(6, {"subdural": [2, 3]}, size=64)
+    results = build_results(volume, prediction)
+    result = clinical_result(results.sr, prediction, volume, None, summary_text(volume, prediction))
+    subdural = result.finding("subdural")
+    assert [s.frame_number for s in subdural.slices] == [3, 4]
+    assert {s.sop_instance_uid for s in subdural.slices} == {volume.slices[0].sop_instance_uid}
+    number = subdural.slices[0].instance_number
+    assert slices_text(subdural.slices).startswith(f"image {number} frames 3-4")
+    assert [s.frame_number for s in clinical_result_from_sr(results.sr).finding("subdural").slices] == [3, 4]
+    strict(build_oru(result, ADDRESSING, status="preliminary", control_id="IHD0011", now=NOW))
 
 
 def test_slice_labels():
