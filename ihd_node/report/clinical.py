@@ -214,10 +214,16 @@ def _result_datetime(sr: Dataset) -> dt.datetime:
     return naive.replace(tzinfo=zone) if zone is not None else naive.astimezone()
 
 
+IMAGE_LIBRARY = "111028"  # DCM "Image Library": one entry per evaluated image, nothing to read here
+
+
 def _walk(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    """Every content item, descending into containers only (not into the Image Library, nor into an
+    item's own descriptors): the groups and the summary are all a container's children."""
     for item in items:
         yield item
-        yield from _walk(item.get("ContentSequence", []))
+        if item.get("ValueType") == "CONTAINER" and _concept(item) != IMAGE_LIBRARY:
+            yield from _walk(item.get("ContentSequence", []))
 
 
 def _concept(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> str:
