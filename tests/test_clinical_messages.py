@@ -7,6 +7,7 @@ fhir.resources (R4B models) validates every resource and the bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -22,7 +23,15 @@ from test_report_common import make_prediction, write_ct_series
 from ihd_node.classes import CLASSES
 from ihd_node.imaging.volume import load_volume
 from ihd_node.report import build_results
-from ihd_node.report.clinical import ClinicalResult, SliceRef, clinical_result, slices_text
+from ihd_node.report.clinical import (
+    ClinicalResult,
+    SliceRef,
+    clinical_result,
+    clinical_result_from_sr,
+    from_json,
+    slices_text,
+    to_json,
+)
 from ihd_node.report.codes import FINDING_CODES
 from ihd_node.report.fhir import FhirSettings, build_bundle, bundle_bytes
 from ihd_node.report.hl7 import Hl7Addressing, build_oru, escape, person_name
@@ -119,6 +128,50 @@ def test_clinical_result_reads_the_sr_and_the_prediction(positive):
     assert result.study_datetime() == dt.datetime(2024, 1, 2, 10, 15, tzinfo=dt.timezone(dt.timedelta(hours=9)))
 
 
+def test_clinical_result_round_trips_through_json(positive, tmp_path):
+    result, _ = positive
+    again = from_json(to_json(result))
+    assert again == result
+    japanese, _ = make_result(tmp_path, {"subdural": [2]}, terms=JAPANESE[0], name=JAPANESE[1])
+    assert from_json(to_json(japanese)) == japanese and "山田" in to_json(japanese)
+
+
+def test_clinical_result_from_the_sr_alone(positive):
+    """What a retraction can rebuild from the SR file: all but what only the source images hold."""
+    result, sr = positive
+    rebuilt = clinical_result_from_sr(sr)
+    expected = replace_result(
+        result, placer_order_number="", filler_order_number="", requested_procedure_id="", series_number=None,
+        findings=tuple(dataclasses.replace(f, slices=tuple(SliceRef(s.sop_instance_uid, None, None, None)
+                                                           for s in f.slices)) for f in result.findings))
+    assert rebuilt == expected
+    message = build_oru(rebuilt, ADDRESSING, status="retracted", control_id="IHD0010", now=NOW, reason="wrong")
+    strict(message)
+    validate_fhir(build_bundle(rebuilt, FhirSettings(), status="retracted", now=NOW, reason="wrong"))
+    with pytest.raises(ValueError, match="not an SR this node made"):
+        clinical_result_from_sr(Dataset())
+
+
+def test_multiframe_source_names_frames(tmp_path):
+    """An Enhanced CT source: the images of a finding are frames of one instance, in messages and the SR."""
+    from enhanced_ct import enhanced_from_slices
+
+    paths = write_ct_series(tmp_path / "classic", n=6, size=64)
+    enhanced = tmp_path / "enhanced.dcm"
+    enhanced_from_slices([pydicom.dcmread(p) for p in paths]).save_as(enhanced, enforce_file_format=True)
+    volume = load_volume([enhanced])
+    prediction = make_prediction(6, {"subdural": [2, 3]}, size=64)
+    results = build_results(volume, prediction)
+    result = clinical_result(results.sr, prediction, volume, None, summary_text(volume, prediction))
+    subdural = result.finding("subdural")
+    assert [s.frame_number for s in subdural.slices] == [3, 4]
+    assert {s.sop_instance_uid for s in subdural.slices} == {volume.slices[0].sop_instance_uid}
+    number = subdural.slices[0].instance_number
+    assert slices_text(subdural.slices).startswith(f"image {number} frames 3-4")
+    assert [s.frame_number for s in clinical_result_from_sr(results.sr).finding("subdural").slices] == [3, 4]
+    strict(build_oru(result, ADDRESSING, status="preliminary", control_id="IHD0011", now=NOW))
+
+
 def test_slice_labels():
     assert SliceRef("1.2", 14, None, 2).label() == "image 14 of series 2"
     assert SliceRef("1.2", 1, 7, 3).label() == "image 1 frame 7 of series 3"
@@ -179,6 +232,10 @@ def test_revision_and_retraction(positive):
     revised = build_oru(result, ADDRESSING, status="revised", control_id="IHD0003", now=NOW)
     strict(revised)
     assert segments(revised, "OBR")[0][25] == "C"
+    preliminary = build_oru(replace_result(result, incomplete=True), ADDRESSING, status="revised",
+                            control_id="IHD0008", now=NOW)
+    strict(preliminary)
+    assert any(n[3].startswith("PRELIMINARY") for n in segments(preliminary, "NTE"))
     assert all(o[11] == "C" for o in segments(revised, "OBX"))
     retracted = build_oru(result, ADDRESSING, status="retracted", control_id="IHD0004", now=NOW,
                           reason="wrong patient | see ^RIS^")
@@ -240,6 +297,27 @@ def test_every_text_is_escaped(positive):
     assert [rep.to_er7() for rep in obx.obx_5] == repetitions
     other = hl7.parse(message)
     assert " ".join(other.unescape(rep) for rep in repetitions) == nasty.strip()
+
+
+def test_what_hl7_cannot_carry_is_refused_by_name(positive):
+    result, _ = positive
+    with pytest.raises(ValueError, match="sending_application"):
+        Hl7Addressing("A" * 21, "RADIOLOGY", "RIS", "HOSPITAL")
+    with pytest.raises(ValueError, match="placer_order_number"):
+        Hl7Addressing("IHD", "RADIOLOGY", "RIS", "HOSPITAL", placer_order_number="visit")
+    with pytest.raises(ValueError, match="control ID"):
+        build_oru(result, ADDRESSING, status="preliminary", control_id="X" * 21, now=NOW)
+    with pytest.raises(ValueError, match="Patient ID"):
+        build_oru(replace_result(result, patient_id=""), ADDRESSING, status="preliminary", control_id="X", now=NOW)
+    long_issuer = "REGIONAL HOSPITAL NORTH WEST"
+    with pytest.raises(ValueError, match="Universal Entity ID"):
+        build_oru(replace_result(result, issuer_of_patient_id=long_issuer, issuer_universal_id=""), ADDRESSING,
+                  status="preliminary", control_id="X", now=NOW)
+    # with a universal ID the authority is still named, by its OID alone
+    message = build_oru(replace_result(result, issuer_of_patient_id=long_issuer), ADDRESSING,
+                        status="preliminary", control_id="X", now=NOW)
+    strict(message)
+    assert segments(message, "PID")[0][3] == "RPT001^^^&1.2.826.0.1.3680043.9.7777&ISO"
 
 
 def test_person_names():

@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import json
 import socket
+import ssl
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +36,7 @@ from ihd_node.report import build_results, result_file_name
 from ihd_node.report.fhir import FhirSettings, build_bundle, bundle_bytes
 from ihd_node.report.hl7 import Hl7Addressing, build_oru
 from ihd_node.sim.mini_pacs import free_port
+from tests.reliability.certs import CertSet, have_openssl, make_test_certs
 
 NOW = dt.datetime(2026, 12, 6, 8, 30, 15, tzinfo=dt.UTC)
 ADDRESSING = Hl7Addressing("IHD-NODE", "RADIOLOGY", "RIS", "HOSPITAL")
@@ -82,11 +84,11 @@ class Listener:
         finally:
             writer.close()
 
-    def start(self) -> Listener:
+    def start(self, tls: ssl.SSLContext | None = None) -> Listener:
         self.thread.start()
 
         async def serve():
-            return await hl7.mllp.start_hl7_server(self._handle, "127.0.0.1", 0, encoding="utf-8")
+            return await hl7.mllp.start_hl7_server(self._handle, "127.0.0.1", 0, encoding="utf-8", ssl=tls)
 
         self.server = asyncio.run_coroutine_threadsafe(serve(), self.loop).result(10)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -154,6 +156,26 @@ def test_mllp_garbage_answer_is_retried(result):
     thread.join(5)
     server.close()
     assert outcome.outcome == "retry" and "not an ACK" in outcome.detail
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> CertSet:
+    if not have_openssl():
+        pytest.skip("openssl not installed")
+    return make_test_certs(tmp_path_factory.mktemp("certs"))
+
+
+def test_mllp_over_tls(certs, result):
+    server = Listener().start(tls=certs.server_context())
+    try:
+        message = build_oru(result, ADDRESSING, status="preliminary", control_id="IHD0300", now=NOW)
+        trusted = send_mllp("127.0.0.1", server.port, message, timeout=5, tls=certs.client_context(False))
+        assert trusted.outcome == "sent" and len(server.received) == 1
+        untrusted = send_mllp("127.0.0.1", server.port, message, timeout=5, tls=ssl.create_default_context())
+        assert untrusted.outcome == "retry" and "certificate" in untrusted.detail.lower()
+        assert len(server.received) == 1
+    finally:
+        server.stop()
 
 
 # ---- FHIR -------------------------------------------------------------------------------------------
@@ -268,6 +290,23 @@ def test_fhir_errors(fhir_server, result):
         fhir_server.mode = "ok"
     nobody = post_transaction(f"http://127.0.0.1:{free_port()}/fhir", body, token=TOKEN, timeout=2)
     assert nobody.outcome == "retry" and "refused" in nobody.detail
+
+
+def test_fhir_over_https(certs, result):
+    server = FhirServer()
+    server.socket = certs.server_context().wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}/fhir"
+        body = bundle_bytes(build_bundle(result, FhirSettings(), status="preliminary", now=NOW))
+        sent = post_transaction(url, body, token=TOKEN, timeout=5, ca_certificates=str(certs.ca_cert))
+        assert sent.outcome == "sent" and server.created == 7
+        unverified = post_transaction(url, body, token=TOKEN, timeout=5)  # the system CAs do not know ours
+        assert unverified.outcome == "retry" and "certificate" in unverified.detail.lower()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---- DICOMweb STOW-RS -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 
-from ihd_node.delivery.transport import TransportOutcome, http_post, no_answer, one_line, redact
+from ihd_node.delivery.transport import BadUrl, TransportOutcome, http_post, no_answer, one_line, redact
 
 FHIR_JSON = "application/fhir+json"
 RETRY_STATUSES = (408, 429)
@@ -76,7 +76,7 @@ def post_transaction(url: str, bundle: bytes, *, token: str | None, timeout: flo
     secrets = _subject_names(bundle)
     try:
         answer = http_post(url.rstrip("/") or url, bundle, headers, timeout=timeout, ca_certificates=ca_certificates)
-    except ValueError as error:
+    except BadUrl as error:
         return TransportOutcome("rejected", one_line(str(error)))
     except (OSError, http.client.HTTPException) as error:
         return TransportOutcome("retry", no_answer(error))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ihd_node.delivery.transport import TransportOutcome, http_post, no_answer, one_line
+from ihd_node.delivery.transport import BadUrl, TransportOutcome, http_post, no_answer, one_line
 
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -109,7 +109,7 @@ def _send(url: str, body: bytes, headers: dict[str, str], uids: dict[Path, str],
     target = f"{url.rstrip('/')}/studies"
     try:
         answer = http_post(target, body, headers, timeout=timeout, ca_certificates=ca_certificates)
-    except ValueError as error:
+    except BadUrl as error:
         return dict.fromkeys(uids, TransportOutcome("rejected", one_line(str(error))))
     except (OSError, http.client.HTTPException) as error:
         return dict.fromkeys(uids, TransportOutcome("retry", no_answer(error)))

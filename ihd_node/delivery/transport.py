@@ -47,6 +47,10 @@ def ssl_context(ca_certificates: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca_certificates) if ca_certificates else ssl.create_default_context()
 
 
+class BadUrl(ValueError):
+    """The destination's URL is no http(s) URL: a configuration error, not a network one."""
+
+
 @dataclass(frozen=True)
 class HttpAnswer:
     status: int
@@ -56,10 +60,11 @@ class HttpAnswer:
 
 def http_post(url: str, body: bytes, headers: Mapping[str, str], *, timeout: float,
               ca_certificates: str | None = None) -> HttpAnswer:
-    """One POST with the standard library; raises OSError / http.client.HTTPException when no answer came."""
+    """One POST with the standard library; raises OSError / http.client.HTTPException when no answer came
+    (TLS failures included: ssl.SSLError is an OSError), BadUrl for a URL that is not http(s)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"URL {url!r} is not http(s)://host/...")
+        raise BadUrl(f"URL {url!r} is not http(s)://host/...")
     if parts.scheme == "https":
         connection: http.client.HTTPConnection = http.client.HTTPSConnection(
             parts.hostname, parts.port, timeout=timeout, context=ssl_context(ca_certificates))

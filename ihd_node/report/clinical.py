@@ -9,14 +9,17 @@ positive but no single slice reached the threshold). No pixel data, no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from ihd_node.classes import CLASSES
-from ihd_node.report.codes import FINDING_CODES
+from ihd_node.report.codes import FINDING_CODES, PRESENT
 from ihd_node.report.source import check_groups
 from ihd_node.values.prediction import Prediction
 from ihd_node.values.volume import Volume
@@ -211,10 +214,16 @@ def _result_datetime(sr: Dataset) -> dt.datetime:
     return naive.replace(tzinfo=zone) if zone is not None else naive.astimezone()
 
 
+IMAGE_LIBRARY = "111028"  # DCM "Image Library": one entry per evaluated image, nothing to read here
+
+
 def _walk(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    """Every content item, descending into containers only (not into the Image Library, nor into an
+    item's own descriptors): the groups and the summary are all a container's children."""
     for item in items:
         yield item
-        yield from _walk(item.get("ContentSequence", []))
+        if item.get("ValueType") == "CONTAINER" and _concept(item) != IMAGE_LIBRARY:
+            yield from _walk(item.get("ContentSequence", []))
 
 
 def _concept(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> str:
@@ -283,12 +292,30 @@ def clinical_result(sr: Dataset, prediction: Prediction, volume: Volume,
                      slices=_slices(volume, prediction, cls, groups) if cls in present else (),
                      tracking_uid=tracking.get(FINDING_CODES[cls].value, ""))
         for cls in CLASSES)
-    issuer_q = _first_item(sr, "IssuerOfPatientIDQualifiersSequence")
-    accession_q = _first_item(sr, "IssuerOfAccessionNumberSequence")
-    procedure = _first_item(sr, "ProcedureCodeSequence")
     header = volume.headers[0]
     placer, filler, requested = _order_numbers(header)
     return ClinicalResult(
+        **_identity(sr),
+        series_instance_uid=volume.series_instance_uid,
+        revision=revision if revision is not None else max(0, (_int(sr.get("InstanceNumber")) or 1) - 1),
+        incomplete=prediction.incomplete is not None,
+        findings=findings,
+        summary=summary,
+        model_name=prediction.model.name,
+        model_version=prediction.model.version,
+        placer_order_number=placer,
+        filler_order_number=filler,
+        requested_procedure_id=requested,
+        series_number=_int(header.get("SeriesNumber")),
+    )
+
+
+def _identity(sr: Dataset) -> dict:
+    """Patient, study and SR attributes of a ClinicalResult, from the SR's header."""
+    issuer_q = _first_item(sr, "IssuerOfPatientIDQualifiersSequence")
+    accession_q = _first_item(sr, "IssuerOfAccessionNumberSequence")
+    procedure = _first_item(sr, "ProcedureCodeSequence")
+    return dict(
         patient_id=_text(sr, "PatientID"),
         issuer_of_patient_id=_text(sr, "IssuerOfPatientID"),
         patient_name=str(sr.get("PatientName", "") or ""),
@@ -296,31 +323,110 @@ def clinical_result(sr: Dataset, prediction: Prediction, volume: Volume,
         sex=_text(sr, "PatientSex").upper(),
         accession_number=_text(sr, "AccessionNumber"),
         study_instance_uid=_text(sr, "StudyInstanceUID"),
-        series_instance_uid=volume.series_instance_uid,
         sr_sop_instance_uid=_text(sr, "SOPInstanceUID"),
         sr_series_instance_uid=_text(sr, "SeriesInstanceUID"),
         study_date=_text(sr, "StudyDate"),
         study_time=_text(sr, "StudyTime"),
         result_datetime=_result_datetime(sr),
-        revision=revision if revision is not None else max(0, (_int(sr.get("InstanceNumber")) or 1) - 1),
-        incomplete=prediction.incomplete is not None,
-        findings=findings,
-        summary=summary,
-        model_name=prediction.model.name,
-        model_version=prediction.model.version,
         timezone_offset=_text(sr, "TimezoneOffsetFromUTC"),
         issuer_universal_id=_text(issuer_q, "UniversalEntityID") if issuer_q else "",
         issuer_universal_id_type=_text(issuer_q, "UniversalEntityIDType") if issuer_q else "",
         accession_issuer=_text(accession_q, "LocalNamespaceEntityID") if accession_q else "",
         accession_issuer_universal_id=_text(accession_q, "UniversalEntityID") if accession_q else "",
         accession_issuer_universal_id_type=_text(accession_q, "UniversalEntityIDType") if accession_q else "",
-        placer_order_number=placer,
-        filler_order_number=filler,
-        requested_procedure_id=requested,
         procedure_code=CodeTriple(_text(procedure, "CodeValue"), _text(procedure, "CodingSchemeDesignator"),
                                   _text(procedure, "CodeMeaning"))
         if procedure is not None and _text(procedure, "CodeValue") else None,
         study_description=_text(sr, "StudyDescription"),
         sr_sop_class_uid=_text(sr, "SOPClassUID"),
-        series_number=_int(header.get("SeriesNumber")),
+    )
+
+
+def to_json(result: ClinicalResult) -> str:
+    """The result as JSON (for a file beside the SR: it names the patient, so never the log database)."""
+    data = dataclasses.asdict(result)
+    data["result_datetime"] = result.result_datetime.isoformat()
+    return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+
+def from_json(text: str) -> ClinicalResult:
+    """The ClinicalResult to_json() wrote, equal to the original."""
+    data = json.loads(text)
+    data["result_datetime"] = dt.datetime.fromisoformat(data["result_datetime"])
+    data["findings"] = tuple(
+        ClassFinding(**{**f, "slices": tuple(SliceRef(**s) for s in f["slices"])}) for f in data["findings"])
+    if data.get("procedure_code") is not None:
+        data["procedure_code"] = CodeTriple(**data["procedure_code"])
+    return ClinicalResult(**data)
+
+
+ALGORITHM_NAME, ALGORITHM_VERSION, ALGORITHM_PARAMETERS = "111001", "111003", "111002"
+PROBABILITY_CONCEPT, SOURCE_CONCEPT, COMMENT_CONCEPT = "122157", "121112", "121106"
+
+
+def _class_group(children: list[Dataset], cls: str) -> ClassFinding:
+    """A ClassFinding from the items of its TID 1501 group."""
+    code = FINDING_CODES[cls].value
+    present, probability, threshold, uid, slices = False, 0.0, 0.5, "", []
+    for item in children:
+        concept, kind = _concept(item), item.get("ValueType")
+        if kind == "CODE" and concept == code:
+            present = _concept(item, "ConceptCodeSequence") == PRESENT.value
+        elif kind == "NUM" and concept == PROBABILITY_CONCEPT and item.get("MeasuredValueSequence"):
+            probability = float(item.MeasuredValueSequence[0].NumericValue)
+        elif kind == "TEXT" and concept == ALGORITHM_PARAMETERS and str(item.TextValue).startswith("threshold="):
+            threshold = float(str(item.TextValue).split("=", 1)[1])
+        elif kind == "UIDREF" and concept == TRACKING_UID_CONCEPT:
+            uid = str(item.UID)
+        elif kind == "IMAGE" and concept == SOURCE_CONCEPT and item.get("ReferencedSOPSequence"):
+            ref = item.ReferencedSOPSequence[0]
+            frames = ref.get("ReferencedFrameNumber")
+            frame = _int(frames[0] if isinstance(frames, list | tuple | MultiValue) else frames)
+            slices.append(SliceRef(str(ref.ReferencedSOPInstanceUID), None, frame, None))
+    return ClassFinding(cls=cls, present=present, probability=round(probability, 6), threshold=threshold,
+                        slices=tuple(slices) if present else (), tracking_uid=uid)
+
+
+def clinical_result_from_sr(sr: Dataset) -> ClinicalResult:
+    """The ClinicalResult of an SR file alone (a retraction of a result whose clinical copy is gone).
+
+    Everything but what only the source images hold: the images of a finding are named by their SOP
+    Instance UIDs (no instance or series numbers), and the placer/filler order numbers and the requested
+    procedure ID are empty. Raises ValueError when the SR is not one of this node's (no class groups).
+    """
+    by_code = {FINDING_CODES[c].value: c for c in CLASSES}
+    groups: dict[str, list[Dataset]] = {}
+    summary, model_name, model_version = "", "", ""
+    for item in _walk(sr.get("ContentSequence", [])):
+        if item.get("ValueType") == "TEXT" and _concept(item) == COMMENT_CONCEPT and not summary:
+            summary = str(item.TextValue)
+        if item.get("ValueType") != "CONTAINER" or _concept(item) != MEASUREMENT_GROUP:
+            continue
+        children = list(item.get("ContentSequence", []))
+        if any(c.get("ValueType") == "SCOORD" for c in children):
+            continue
+        finding = next((_concept(c, "ConceptCodeSequence") for c in children
+                        if c.get("ValueType") == "CODE" and _concept(c) == FINDING_CONCEPT), "")
+        if finding in by_code:
+            groups.setdefault(by_code[finding], children)
+            for c in children:
+                if c.get("ValueType") == "TEXT" and _concept(c) == ALGORITHM_NAME:
+                    model_name = model_name or str(c.TextValue)
+                elif c.get("ValueType") == "TEXT" and _concept(c) == ALGORITHM_VERSION:
+                    model_version = model_version or str(c.TextValue)
+    missing = [c for c in CLASSES if c not in groups]
+    if missing:
+        raise ValueError(f"SR {_text(sr, 'SOPInstanceUID')} has no finding group for {', '.join(missing)}: "
+                         "not an SR this node made")
+    evidence = sr.get("CurrentRequestedProcedureEvidenceSequence") or []
+    series = [str(s.SeriesInstanceUID) for study in evidence for s in study.get("ReferencedSeriesSequence", [])]
+    return ClinicalResult(
+        **_identity(sr),
+        series_instance_uid=series[0] if series else "",
+        revision=max(0, (_int(sr.get("InstanceNumber")) or 1) - 1),
+        incomplete=_text(sr, "CompletionFlag") == "PARTIAL",
+        findings=tuple(_class_group(groups[c], c) for c in CLASSES),
+        summary=summary,
+        model_name=model_name,
+        model_version=model_version,
     )

@@ -42,6 +42,7 @@ OBX_STATUS = {"preliminary": "P", "revised": "C", "retracted": "W"}
 ORDER_NUMBER_SOURCES = ("accession", "placer", "filler", "sr_uid", "none")
 SEGMENT_SEPARATOR = "\r"
 MAX_CONTROL_ID = 20  # MSH-10 is ST(20) in v2.5.1
+MAX_NAMESPACE = 20  # HD.1 namespace ID is IS(20): MSH-3..6, the issuer in PID-3.4
 MAX_TEXT = 199  # one repetition of a text OBX-5 (ST/TX component length in the v2.5.1 tables)
 PROBABILITY = ("122157", "Probability", "DCM")
 PROBABILITY_UNITS = ("{probability}", "Probability", "UCUM")
@@ -73,6 +74,10 @@ class Hl7Addressing:
     processing_id: str = "P"  # MSH-11: P production, T training, D debugging
 
     def __post_init__(self) -> None:
+        for name in ("sending_application", "sending_facility", "receiving_application", "receiving_facility"):
+            value = getattr(self, name)
+            if not value.strip() or len(value) > MAX_NAMESPACE:
+                raise ValueError(f"{name} {value!r} must have 1 to {MAX_NAMESPACE} characters (HL7 v2.5.1 HD.1)")
         for name in ("placer_order_number", "filler_order_number"):
             if getattr(self, name) not in ORDER_NUMBER_SOURCES:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(ORDER_NUMBER_SOURCES)}")
@@ -163,6 +168,19 @@ def person_name(dicom_pn: str) -> str:
     return "~".join(reps) if reps else '""'
 
 
+def _issuer(result: ClinicalResult) -> str:
+    """PID-3.4: the issuer's namespace (HD.1, at most 20 characters) and universal ID. A longer namespace is
+    left out when the universal ID names the authority; without one it is an error: dropping or cutting it
+    could match another authority's patient."""
+    namespace = result.issuer_of_patient_id
+    if len(namespace) > MAX_NAMESPACE:
+        if not result.issuer_universal_id:
+            raise ValueError(f"Issuer of Patient ID {namespace!r} is longer than the {MAX_NAMESPACE} characters "
+                             "HL7 v2.5.1 allows in PID-3.4 and the study names no Universal Entity ID for it")
+        namespace = ""
+    return _hd(namespace, result.issuer_universal_id, result.issuer_universal_id_type)
+
+
 def _order_number(result: ClinicalResult, source: str, namespace: str) -> str:
     value = {"accession": result.accession_number, "placer": result.placer_order_number,
              "filler": result.filler_order_number, "sr_uid": result.sr_sop_instance_uid, "none": ""}[source]
@@ -184,7 +202,8 @@ def build_oru(result: ClinicalResult, addressing: Hl7Addressing, *, status: Stat
 
     `now` stamps MSH-7 and ORC-9 (and OBR-22 of a retraction); `reason` is the retraction's reason.
     Raises ValueError for what the RIS could not match or accept: no patient ID, a control ID over 20
-    characters, an unknown status.
+    characters, an issuer over 20 characters without a universal ID, an unknown status, a retraction
+    without a reason.
     """
     if status not in OBX_STATUS:
         raise ValueError(f"unknown result status {status!r}; use preliminary, revised or retracted")
@@ -202,7 +221,7 @@ def build_oru(result: ClinicalResult, addressing: Hl7Addressing, *, status: Stat
                           escape(a.receiving_application), escape(a.receiving_facility), _dtm(now), "",
                           "ORU^R01^ORU_R01", escape(control_id), a.processing_id, "2.5.1", "", "", "", "", "",
                           "UNICODE UTF-8"])]
-    issuer = _hd(result.issuer_of_patient_id, result.issuer_universal_id, result.issuer_universal_id_type)
+    issuer = _issuer(result)
     segments.append(_segment("PID", {
         1: "1",
         3: escape(result.patient_id) + (f"^^^{issuer}" if issuer else ""),
