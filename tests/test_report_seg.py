@@ -169,6 +169,11 @@ def test_the_sr_references_the_segments(positive, tmp_path):
         assert group.tracking_uid == segment.TrackingUID
         assert "not a lesion boundary" in group.tracking_identifier
         assert group.finding_type.value == segment.SegmentedPropertyTypeCodeSequence[0].CodeValue
+        # One tracked finding with the class's first outline (OHIF merges them; alone it fails on a group
+        # without coordinates).
+        outlines = [g.tracking_uid for g in sr.content.get_planar_roi_measurement_groups()
+                    if g.finding_type.value == group.finding_type.value]
+        assert outlines and group.tracking_uid == outlines[0]
     evidence = {i.ReferencedSOPInstanceUID for s in results.sr.CurrentRequestedProcedureEvidenceSequence
                 for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
     assert seg.SOPInstanceUID in evidence
@@ -208,3 +213,14 @@ def test_a_lossy_source_gives_a_lossy_segmentation(tmp_path):
     seg = pydicom.dcmread(write(results.segmentation, tmp_path / "seg.dcm"))
     check_valid(tmp_path / "seg.dcm")
     assert seg.LossyImageCompression == "01" and str(seg.LossyImageCompressionMethod) == "ISO_10918_1"
+
+
+def test_a_source_it_cannot_reference_leaves_the_seg_out_with_the_reason(tmp_path, caplog):
+    volume = make_volume(tmp_path, n=3, size=128)
+    prediction = make_prediction(3, {"subdural": [1]}, size=64)  # heat of another size than the slices
+    with caplog.at_level("WARNING"):
+        results = build_results(volume, prediction)
+    assert results.segmentation is None and results.key_images is not None
+    assert [ds.Modality for ds in results.all()][0] == "SR"
+    assert "report.segmentation_skipped" in caplog.text and "does not match the 128x128 slices" in caplog.text
+    assert not hd.sr.srread(write(results.sr, tmp_path / "sr.dcm")).content.get_volumetric_roi_measurement_groups()
