@@ -44,9 +44,9 @@ ROLES: frozenset[str] = frozenset({
 
 # Result series numbers: the SR series of source series S, revision R (0 for the first analysis) is
 # SERIES_NUMBER_BASE + 1000 * (S mod 10000) + 10 * (R mod 100); the other results' series follow it
-# (SERIES_OFFSETS: captures + 1, segmentation + 2, key images + 3).
+# (SERIES_OFFSETS: captures + 1, segmentation + 2, key images + 3, a rejection note withdrawing them + 4).
 SERIES_NUMBER_BASE = 90_000_000
-SERIES_OFFSETS: dict[str, int] = {"sr": 0, "sc": 1, "seg": 2, "kos": 3}
+SERIES_OFFSETS: dict[str, int] = {"sr": 0, "sc": 1, "seg": 2, "kos": 3, "rejection": 4}
 
 
 @dataclass(frozen=True)

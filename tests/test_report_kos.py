@@ -133,3 +133,14 @@ def test_objects_of_another_study_are_refused(positive):
     with pytest.raises(ValueError, match="not the source's"):
         key_object_selection(volume.headers[0], [other], title=hd.sr.CodedConcept("113000", "DCM", "Of Interest"),
                              description="x", series_number=1)
+
+
+def test_result_series_numbers_of_every_kind_follow_the_sr():
+    from ihd_node.uids import result_series_number, result_series_numbers
+
+    sr, sc = result_series_numbers(30, 2)
+    assert [result_series_number(30, 2, k) for k in ("sr", "sc", "seg", "kos", "rejection")] == \
+        [sr, sc, sr + 2, sr + 3, sr + 4]
+    assert result_series_number(30, 3, "sr") > result_series_number(30, 2, "rejection")
+    with pytest.raises(ValueError, match="unknown result kind"):
+        result_series_number(30, 0, "pm")

@@ -201,7 +201,7 @@ class AnalysisWorker:
             destinations=[d.name for d in cfg.dicom_destinations], messages=messages,
             alert_channels=[c.name for c in cfg.alerts.channels],
             sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
-            n_secondary_captures=len(objects) - 1, started=started,
+            n_secondary_captures=sum(ds.Modality == "OT" for ds in objects), started=started,
             expect_started=started if self.queue.retries_jobs else None,
             source_lossy=volume_lossy(result.volume) is not None, settings_key=settings.key(),
             timings={"load": result.timings.get("load_seconds", 0.0),

@@ -130,6 +130,11 @@ def key_object_selection(source_header: Dataset, referenced: Sequence[Dataset], 
     return kos
 
 
+def incomplete_series_text(prediction: Prediction) -> str:
+    """'INCOMPLETE SERIES: <why>.' for a result on a series that may be incomplete, else ''."""
+    return f"INCOMPLETE SERIES: {prediction.incomplete}." if prediction.incomplete else ""
+
+
 def key_image_slices(volume: Volume, prediction: Prediction,
                      slice_groups: Sequence[Sequence[int]] | None = None) -> list[int]:
     """The original slices (volume order) of every model slice where a finding is present."""
@@ -157,6 +162,7 @@ def key_images(volume: Volume, prediction: Prediction, *, slice_groups: Sequence
     classes = [c for c in prediction.positive_classes() if c != "any"] or ["type not determined"]
     description = (f"Images where {model.name} {model.version} suspects intracranial hemorrhage "
                    f"({', '.join(classes)}); research software output, not verified by a physician.")
+    description = " ".join(t for t in (incomplete_series_text(prediction), description) if t)
     uid_of = lambda role: result_uid(volume.series_instance_uid, model.name, model.version, role, 0,  # noqa: E731
                                      revision, settings=settings)
     return key_object_selection(
