@@ -15,17 +15,14 @@ messages were built from, so a retraction can build the withdrawn ORU and FHIR r
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
-import json
 import os
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from ihd_node.config import Config
@@ -134,37 +131,23 @@ def result_messages(config: Config, folder: Path, sr: Dataset, prediction: Any, 
 # ------------------------------------------------------------------ the ClinicalResult kept for a retraction
 
 def save_result(folder: Path, result: Any) -> None:
-    data = dataclasses.asdict(result)
-    text = json.dumps(data, default=lambda v: v.isoformat() if isinstance(v, dt.date | dt.datetime) else str(v))
-    write_atomic(folder / CLINICAL_FILE, text.encode("utf-8"))
+    from ihd_node.report.clinical import to_json
+
+    write_atomic(folder / CLINICAL_FILE, to_json(result).encode("utf-8"))
 
 
 def load_result(folder: Path) -> Any | None:
-    """The ClinicalResult saved with the analysis, or None when there is none (an analysis made before)."""
-    from ihd_node.report.clinical import ClinicalResult
+    """The ClinicalResult saved with the analysis; without one (a result analysed before HL7/FHIR
+    destinations were configured) the one rebuilt from the result's SR file; None when neither is there."""
+    from ihd_node.report.clinical import clinical_result_from_sr, from_json
 
     try:
-        data = json.loads((folder / CLINICAL_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return _decode(ClinicalResult, data)
-
-
-def _decode(tp: Any, value: Any) -> Any:
-    """A value of type `tp` from its JSON form (dataclasses, tuples, lists, optionals, datetimes, scalars)."""
-    if value is None:
-        return None
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return _decode(next(a for a in args if a is not type(None)), value)
-    if origin in (tuple, list):
-        items = [_decode(args[0], v) for v in value]
-        return tuple(items) if origin is tuple else items
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        hints = typing.get_type_hints(tp)
-        return tp(**{k: _decode(hints[k], v) for k, v in value.items() if k in hints})
-    if tp is dt.datetime:
-        return dt.datetime.fromisoformat(value)
-    if tp is dt.date:
-        return dt.date.fromisoformat(value)
-    return value
+        return from_json((folder / CLINICAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    for path in sorted(folder.glob("SR_*.dcm")):
+        try:
+            return clinical_result_from_sr(pydicom.dcmread(path))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None

@@ -24,9 +24,9 @@ from ihd_node.config import Config
 from ihd_node.errors import UserError
 from ihd_node.retraction.messages import load_result, message_files, write_atomic
 from ihd_node.store import Database, NotRetractable, ResultObject, utcnow
+from ihd_node.uids import SERIES_OFFSETS
 
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
-REJECTION_SERIES_OFFSET = 9  # the note's series number: the SR's + 9 (SR +0 .. key images +3 are taken)
 
 
 class RetractionRefused(UserError):
@@ -68,7 +68,8 @@ def rejection_note_file(folder: Path, reason: str) -> ResultObject | None:
         return None
     source = srs[0] if srs else objects[0]
     try:
-        series_number = int(source.get("SeriesNumber")) + REJECTION_SERIES_OFFSET
+        # the SR's series number is its result series' base (offset 0): the note takes the rejection offset
+        series_number = int(source.get("SeriesNumber")) + SERIES_OFFSETS["rejection"] - SERIES_OFFSETS["sr"]
     except (TypeError, ValueError):
         series_number = 99_999_999
     kos = rejection_note(source, objects, reason=reason, series_number=series_number)
@@ -108,7 +109,7 @@ def retract(config: Config, db: Database, series_instance_uid: str, *, reason: s
     if any(d.kind in ("hl7", "fhir") for d in config.destinations):
         result = load_result(folder)
         if result is None:
-            skipped += [f"{d.name} (no clinical.json in {folder}: the result predates HL7/FHIR messages)"
+            skipped += [f"{d.name} (neither clinical.json nor the SR is left in {folder})"
                         for d in config.destinations if d.kind in ("hl7", "fhir")]
         else:
             refused: list[str] = []
