@@ -122,7 +122,8 @@ def main() -> int:
                   "destinations": [
                       {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port},
                       {"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": ris.port,
-                       "receiving_application": "RIS", "receiving_facility": "HOSPITAL"},
+                       "sending_facility": "RADIOLOGY", "receiving_application": "RIS",
+                       "receiving_facility": "HOSPITAL"},
                       {"name": "ehr", "kind": "fhir", "url": f"http://127.0.0.1:{ehr.server_address[1]}/fhir",
                        "auth": {"token_file": str(root / "ehr.token")}}],
                   "model": {"checkpoint": "default", "device": "cpu"}, "logging": {"level": "WARNING"}}

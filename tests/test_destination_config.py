@@ -55,8 +55,12 @@ def test_every_kind_with_a_complete_example(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("entry", "message"), [
     ({"name": "ris", "kind": "hl8", "host": "h", "port": 1},
      'destinations[0].kind in {cfg}: "hl8" is not a destination kind; use one of dicom, hl7, fhir, dicomweb'),
-    ({"name": "ris", "kind": "hl7", "host": "h"},
+    ({"name": "ris", "kind": "hl7", "host": "h", "sending_facility": "RAD", "receiving_application": "RIS",
+      "receiving_facility": "HOSP"},
      "destinations[0].port in {cfg}: missing; add it, e.g. `port: 2575`"),
+    ({"name": "ris", "kind": "hl7", "host": "h", "port": 1, "sending_facility": "RADIOLOGY DEPARTMENT EAST",
+      "receiving_application": "RIS", "receiving_facility": "HOSP"},
+     'destinations[0].sending_facility in {cfg}: "RADIOLOGY DEPARTMENT EAST" must have 1 to 20 characters'),
     ({"name": "ehr", "kind": "fhir"},
      'destinations[0].url in {cfg}: missing; add it, e.g. `url: "https://fhir.hospital.example/r4"`'),
     ({"name": "ehr", "kind": "fhir", "url": "fhir.example/r4"},

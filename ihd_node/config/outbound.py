@@ -106,6 +106,13 @@ class DicomDestination(Section):
 Destination = DicomDestination  # the name older code and tests use for a C-STORE destination
 
 
+def _namespace(value: str) -> str:
+    if not value.strip() or len(value) > 20:
+        raise ValueError("must have 1 to 20 characters (an HL7 v2.5.1 namespace ID, HD.1)")
+    return value
+
+
+Namespace = Annotated[str, Field(strict=True), AfterValidator(_namespace)]
 OrderNumber = Literal["accession", "placer", "filler", "sr_uid", "none"]
 
 
@@ -116,10 +123,11 @@ class Hl7Destination(Section):
                          "ris.hospital.example")
     port: Port = setting(..., "The MLLP listener's port.", 2575)
     timeout: Num = setting(30.0, "Seconds for connect, send and the ACK.", 30, gt=0)
-    sending_application: str = setting("IHD-NODE", "MSH-3 Sending Application.", "IHD-NODE")
-    sending_facility: str = setting("", "MSH-4 Sending Facility.", "RADIOLOGY")
-    receiving_application: str = setting("", "MSH-5 Receiving Application.", "RIS")
-    receiving_facility: str = setting("", "MSH-6 Receiving Facility.", "HOSPITAL")
+    sending_application: Namespace = setting("IHD-NODE", "MSH-3 Sending Application (1-20 characters).",
+                                             "IHD-NODE")
+    sending_facility: Namespace = setting(..., "MSH-4 Sending Facility (1-20 characters).", "RADIOLOGY")
+    receiving_application: Namespace = setting(..., "MSH-5 Receiving Application (1-20 characters).", "RIS")
+    receiving_facility: Namespace = setting(..., "MSH-6 Receiving Facility (1-20 characters).", "HOSPITAL")
     include_patient_data: Bool = setting(
         True, "Send the patient name, birth date and sex in PID (the RIS matches on them); false sends the "
         "name as an explicit null and leaves birth date and sex out.")
