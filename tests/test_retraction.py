@@ -20,7 +20,7 @@ import pytest
 import yaml
 from heads import full_head
 from loopback import destination, node_config, running_node, tiny_predictor
-from test_clinical_messages import segments
+from test_clinical_messages import segments, strict
 from test_report_common import dciodvfy, needs
 from waiting import poll_until
 
@@ -156,9 +156,8 @@ def test_a_silent_destination_does_not_hold_the_pacs_copy(tmp_path: Path) -> Non
                      "receiving_application": "RIS", "receiving_facility": "HOSP"}])
                 done = retract(with_ris, node.db, uid, reason="test", who="t", results_dir=node.results_dir)
                 assert done.notices == {"ris": "withdrawn ORU (W)"} and not done.skipped
-                oru = (node.results_dir / uid / "r0" / "ORU_retracted_ris.hl7").read_text()
-                # (hl7apy's strict validation of an ORU rebuilt from the SR alone is report/hl7's to settle:
-                # the e2e test validates the ORUs built from clinical.json, the usual path)
+                oru = (node.results_dir / uid / "r0" / "ORU_retracted_ris.hl7").read_bytes().decode()
+                strict(oru)
                 assert segments(oru, "MSH")[0][9] == message_id(uid, 0, "retracted")
                 assert {o[11] for o in segments(oru, "OBX")} == {"W"}
                 assert any("RESULT WITHDRAWN" in n[3] for n in segments(oru, "NTE"))
