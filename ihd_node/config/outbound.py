@@ -188,7 +188,8 @@ class DicomWebDestination(Section):
     timeout: Num = setting(30.0, "Seconds for connect and the answer.", 30, gt=0)
     ca_certificates: FilePath = setting(
         None, "PEM CA bundle to verify the server; unset = the system's.", "/etc/ihd-node/pacs-ca.crt")
-    send_captures: Bool = setting(True, "Send the Grad-CAM secondary captures with the SR (false: the SR only).")
+    send_captures: Bool = setting(True, "Send the Grad-CAM secondary captures with the SR (false: the SR and the "
+                                  "other structured objects only: key images, segmentation).")
 
 
 def destination_kind(value: Any) -> str:

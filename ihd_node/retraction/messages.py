@@ -30,7 +30,7 @@ from ihd_node.config.outbound import MESSAGE_KINDS
 from ihd_node.store import FHIR_BUNDLE, HL7_ORU, ResultObject
 
 CLINICAL_FILE = "clinical.json"
-SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # SR and KOS classes (not captures)
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # the Grad-CAM captures' class
 
 
 def message_id(series_instance_uid: str, revision: int, status: str) -> str:
@@ -101,11 +101,11 @@ def _message_file(dest: Any, folder: Path, result: Any, *, status: str, now: dt.
 
 
 def dicomweb_objects(config: Config, objects: Sequence[ResultObject]) -> dict[str, list[ResultObject]]:
-    """The DICOM objects each dicomweb destination gets: all, or the SR only (send_captures: false)."""
+    """The DICOM objects each dicomweb destination gets: all, or all but the captures (send_captures: false)."""
     out: dict[str, list[ResultObject]] = {}
     for dest in config.destinations:
         if dest.kind == "dicomweb":
-            out[dest.name] = [o for o in objects if dest.send_captures or o.sop_class_uid.startswith(SR_CLASS_PREFIX)]
+            out[dest.name] = [o for o in objects if dest.send_captures or o.sop_class_uid != SECONDARY_CAPTURE]
     return out
 
 
