@@ -25,7 +25,7 @@ from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.report.codes import FINDING_CODES
 from ihd_node.report.kos import incomplete_series_text
 from ihd_node.report.overlay import CLASS_COLOURS
-from ihd_node.report.regions import AttentionRegion, attention_regions
+from ihd_node.report.regions import attention_regions
 from ihd_node.report.source import (
     MANUFACTURER,
     check_groups,
@@ -91,17 +91,18 @@ def _segment(number: int, cls: str, prediction: Prediction, volume: Volume, revi
     return description
 
 
-def _sources(volume: Volume, regions: list[AttentionRegion]) -> tuple[list[Dataset], dict[int, int]]:
-    """The source images handed to highdicom and, per original slice, its index down the mask array.
+def _sources(volume: Volume, shown: list[int]) -> tuple[list[Dataset], list[hd.PlanePositionSequence] | None]:
+    """The source images handed to highdicom for the mask's frames (one per slice in `shown`), and the
+    frames' plane positions where highdicom needs them.
 
     Single-frame slices: only the slices with a region (highdicom references each). One Enhanced CT
-    instance: that instance (read again with its functional groups), indexed by frame number.
+    instance: that instance (read again with its functional groups), and the positions of the frames with
+    a region, which highdicom matches to the source frames: the mask holds those frames only, not all.
     """
-    shown = sorted({r.slice_index for r in regions})
     frames = [volume.slices[i].frame_number for i in shown]
     if all(f is None for f in frames):
         headers = [volume.headers[i] for i in shown]
-        return [with_type2(headers[0]), *headers[1:]], {i: k for k, i in enumerate(shown)}
+        return [with_type2(headers[0]), *headers[1:]], None
     instances = {volume.slices[i].sop_instance_uid for i in range(volume.n_slices)}
     if any(f is None for f in frames) or len(instances) != 1:
         raise SegmentationSourceError(
@@ -112,7 +113,10 @@ def _sources(volume: Volume, regions: list[AttentionRegion]) -> tuple[list[Datas
         source = pydicom.dcmread(path, stop_before_pixels=True)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise SegmentationSourceError(f"cannot read the Enhanced CT header {path} again: {exc}") from None
-    return [with_type2(source)], {i: int(volume.slices[i].frame_number) - 1 for i in shown}  # type: ignore[arg-type]
+    positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
+                                          [float(v) for v in volume.headers[i].ImagePositionPatient])
+                 for i in shown]
+    return [with_type2(source)], positions
 
 
 def segmentation(volume: Volume, prediction: Prediction, *, slice_groups: Sequence[Sequence[int]] | None = None,
@@ -136,10 +140,10 @@ def segmentation(volume: Volume, prediction: Prediction, *, slice_groups: Sequen
             raise SegmentationSourceError(f"heatmap {r.mask.shape} does not match the {rows}x{cols} slices")
     classes = list(dict.fromkeys(r.cls for r in regions))
     numbers = {cls: k + 1 for k, cls in enumerate(classes)}
-    sources, position = _sources(volume, regions)
-    n_frames = int(sources[0].get("NumberOfFrames", 0) or 0) if len(sources) == 1 and \
-        volume.slices[regions[0].slice_index].frame_number is not None else len(sources)
-    mask = np.zeros((n_frames, rows, cols, len(classes)), dtype=np.uint8)
+    shown = sorted({r.slice_index for r in regions})
+    position = {i: k for k, i in enumerate(shown)}
+    sources, plane_positions = _sources(volume, shown)
+    mask = np.zeros((len(shown), rows, cols, len(classes)), dtype=np.uint8)
     held: dict[str, list[tuple[str, str, int | None]]] = {cls: [] for cls in classes}
     for r in regions:
         mask[position[r.slice_index], :, :, numbers[r.cls] - 1] |= r.mask.astype(np.uint8)
@@ -155,7 +159,7 @@ def segmentation(volume: Volume, prediction: Prediction, *, slice_groups: Sequen
         instance_number=revision + 1, manufacturer=MANUFACTURER, manufacturer_model_name=model.name[:64],
         software_versions=[f"ihd-node {ihd_node.__version__}"[:64], f"model {model.version}"[:64]],
         device_serial_number=model.version[:64], content_description=CONTENT_DESCRIPTION,
-        content_label=CONTENT_LABEL, omit_empty_frames=True,
+        content_label=CONTENT_LABEL, omit_empty_frames=True, plane_positions=plane_positions,
         contributing_equipment=[contributing_equipment(prediction)],
     )
     seg.SeriesDescription = series_description(SEG_SERIES_DESCRIPTION, revision)
