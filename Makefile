@@ -50,6 +50,7 @@ bench: venv
 	$(BIN)/python bench/bench_node.py
 	$(BIN)/python bench/bench_completion.py
 	$(BIN)/python bench/bench_alert.py
+	$(BIN)/python bench/bench_clinical.py
 	$(BIN)/python bench/bench_model_cpu.py
 	$(BIN)/python bench/bench_model.py
 

@@ -24,6 +24,8 @@ can tell that the point was reached. The points (where they sit, and what the st
     delivery.stored    ihd_node.delivery.sender: the destination answered a C-STORE with success; the answer
                        is not booked in the outbox yet (the object is in the PACS, the node does not know)
     delivery.booked    ihd_node.delivery.sender: one answer was booked in the outbox
+    delivery.answered  ihd_node.delivery.dispatch: an hl7, fhir or dicomweb destination answered (ACK, HTTP
+                       status); the answer is not booked yet (the RIS/EHR has the message, the node does not know)
     alert.sending      ihd_node.delivery.alerts: an alert row is due (the analysis is committed); nothing sent yet
     alert.accepted     ihd_node.delivery.alerts: the receiving server accepted the alert; not booked yet
     completion.judge   ihd_node.triage.assembler: the completion checks of a quiet series are about to run
@@ -43,7 +45,7 @@ SLOW_ENV = "IHD_NODE_SLOW_AT"
 PAUSE_ENV = "IHD_NODE_PAUSE_AT"
 FAIL_ENV = "IHD_NODE_FAIL_AT"
 POINTS = ("receive.spooled", "analysis.started", "analysis.written", "delivery.stored", "delivery.booked",
-          "alert.sending", "alert.accepted", "completion.judge", "study.profile")
+          "delivery.answered", "alert.sending", "alert.accepted", "completion.judge", "study.profile")
 
 
 class InjectedFault(RuntimeError):

@@ -35,11 +35,18 @@ ROLES: frozenset[str] = frozenset({
     "region",  # tracking UID of one region group in the SR (index = class index * 100000 + model slice)
     "tracking",  # tracking UID of one finding group in the SR (index = class index)
     "device",  # device observer UID (depends on the site and the model only)
+    "seg",  # the Segmentation instance (the model's attention regions)
+    "seg-series",  # the series holding the Segmentation
+    "kos",  # the Key Object Selection ("Of Interest") listing the slices with findings
+    "kos-series",  # the series holding that key object selection
+    "segment",  # tracking UID of one segment of the Segmentation (index = class index)
 })
 
 # Result series numbers: the SR series of source series S, revision R (0 for the first analysis) is
-# SERIES_NUMBER_BASE + 1000 * (S mod 10000) + 10 * (R mod 100); the captures' series is that + 1.
+# SERIES_NUMBER_BASE + 1000 * (S mod 10000) + 10 * (R mod 100); the other results' series follow it
+# (SERIES_OFFSETS: captures + 1, segmentation + 2, key images + 3, a rejection note withdrawing them + 4).
 SERIES_NUMBER_BASE = 90_000_000
+SERIES_OFFSETS: dict[str, int] = {"sr": 0, "sc": 1, "seg": 2, "kos": 3, "rejection": 4}
 
 
 @dataclass(frozen=True)
@@ -101,3 +108,10 @@ def result_series_numbers(source_series_number: object, revision: int) -> tuple[
         source = 0
     base = SERIES_NUMBER_BASE + 1000 * (abs(source) % 10_000) + 10 * (int(revision) % 100)
     return base, base + 1
+
+
+def result_series_number(source_series_number: object, revision: int, kind: str) -> int:
+    """The series number of one kind of result (SERIES_OFFSETS) of source series S, revision R."""
+    if kind not in SERIES_OFFSETS:
+        raise ValueError(f"unknown result kind {kind!r}; expected one of {sorted(SERIES_OFFSETS)}")
+    return result_series_numbers(source_series_number, revision)[0] + SERIES_OFFSETS[kind]

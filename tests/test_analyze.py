@@ -68,10 +68,11 @@ def test_out_writes_an_sr_and_captures_into_the_source_study(tiny: Path, study, 
     written = [pydicom.dcmread(p) for p in files]
     modalities = sorted(ds.Modality for ds in written)
     assert modalities.count("SR") == 1 and len(modalities) > 1
-    # The same file names as the node's results folder: SR_ and SC_ (a capture's Modality is OT).
-    assert {p.name[:3] for p in files} == {"SR_", "SC_"}
-    assert all(p.name == f"{'SR' if ds.Modality == 'SR' else 'SC'}_{ds.SOPInstanceUID}.dcm"
-               for p, ds in zip(files, written, strict=True))
+    # The same file names as the node's results folder: SR_, SC_ (a capture's Modality is OT), and for a
+    # positive series with a region SEG_ and KO_ (key images).
+    assert {"SR_", "SC_"} <= {p.name[:3] for p in files} <= {"SR_", "SC_", "SEG", "KO_"}
+    prefix = {"SR": "SR", "OT": "SC", "SEG": "SEG", "KO": "KO"}
+    assert all(p.name == f"{prefix[ds.Modality]}_{ds.SOPInstanceUID}.dcm" for p, ds in zip(files, written, strict=True))
     assert {ds.StudyInstanceUID for ds in written} == {series.study_instance_uid}
 
 

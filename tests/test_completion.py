@@ -41,6 +41,13 @@ SEED = 1300  # its subdural lies on slices 5-11 of 24 (checked in console_series
 GEOMETRY = {"n_slices": 24, "size": 256, "slice_spacing": 7.0, "tilt_deg": 0.0, "shuffle": False}
 
 
+def incompleteness_note(ds: Dataset) -> str:
+    """Where a Segmentation (ImageComments) or a key object selection (its description) says more."""
+    if ds.Modality == "SEG":
+        return str(ds.get("ImageComments", ""))
+    return " ".join(str(i.TextValue) for i in ds.ContentSequence if i.ValueType == "TEXT")
+
+
 def console_series() -> list[Dataset]:
     """24 slices, skull base to vertex, inferior first: a subdural bleed in the lower half only.
 
@@ -209,9 +216,12 @@ def test_missing_middle_slice_waits_then_goes_out_preliminary_and_the_revision_r
     text = summary(first)
     assert text.startswith("INCOMPLETE SERIES - analysed before all images may have arrived: geometry: gap of 14.0 mm")
     assert "about 1 slice(s) missing" in text
-    captures = [pydicom.dcmread(o.path) for o in pacs.objects(study) if o.sop_class_uid != SR_CLASS]
+    results = [pydicom.dcmread(o.path) for o in pacs.objects(study) if o.sop_class_uid != SR_CLASS]
+    captures = [ds for ds in results if ds.Modality == "OT"]
     assert captures and all(str(c.ImageComments).startswith("INCOMPLETE SERIES - ")
                             for c in captures)
+    # The overlay and the key images (where the model left a region / found a slice) say so too.
+    assert all("INCOMPLETE SERIES" in incompleteness_note(ds) for ds in results if ds.Modality in ("SEG", "KO"))
     assert node.db.latest_completion(uid).rule == "max_wait"
     assert "INCOMPLETE SERIES" in events(node, uid, "complete")[0]
     assert "INCOMPLETE SERIES" in events(node, uid, "analysis")[0]

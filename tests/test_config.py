@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from ihd_node.config import Config, ConfigError, default_config, load_config, reference_markdown
-from ihd_node.config.fields import model_in
+from ihd_node.config.fields import model_in, tagged_models
 from ihd_node.store import RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +249,10 @@ def all_keys(model: type[BaseModel], prefix: str) -> list[str]:
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         out.append(key)
+        kinds = tagged_models(info.annotation)
+        for tag, kind_model in kinds.items():  # destinations: each kind's keys
+            out += all_keys(kind_model, f"{key}[kind={tag}].")
         sub = model_in(info.annotation)
-        if sub is not None:
+        if sub is not None and not kinds:
             out += all_keys(sub, key + ("[]." if typing.get_origin(info.annotation) is list else "."))
     return out

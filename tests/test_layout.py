@@ -24,6 +24,9 @@ FLOORS: dict[str, int] = {
     "web": 8,
     "intake": 7,
     "monitoring": 7,  # reads vs results, drift: reads the store; web, node and commands show it
+    # Builds the notices of a retraction (report's KOS and messages) and books it (store); the console (8),
+    # the node (9, message files at analysis) and `ihd-node retract` (10) call it.
+    "retraction": 7,
     "triage": 6,
     "imaging": 5, "model": 5,
     "report": 4,

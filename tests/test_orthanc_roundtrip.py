@@ -1,8 +1,8 @@
 """The real round trip with Orthanc as the PACS, and the shipped default model.
 
-Orthanc holds a phantom study, sends it to the node with POST /modalities/ai/store, and the SR and the
-Grad-CAM secondary captures must appear in the same study in Orthanc, pass dciodvfy, and the SR must name
-the phantom's hemorrhage subtype as present.
+Orthanc holds a phantom study, sends it to the node with POST /modalities/ai/store, and the SR, the
+Grad-CAM secondary captures, the Segmentation and the key images must appear in the same study in Orthanc,
+pass dciodvfy, and the SR must name the phantom's hemorrhage subtype as present.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from orthanc import ORTHANC_BINARY, Orthanc
 from ihd_node.imaging.headers import CT_IMAGE_STORAGE
 from ihd_node.model.checkpoint import DEFAULT_CHECKPOINT
 from ihd_node.node.wiring import Node
+from ihd_node.report.kos import KOS_SOP_CLASS as KEY_OBJECT_SELECTION_STORAGE
+from ihd_node.report.seg import SEG_SOP_CLASS as SEGMENTATION_STORAGE
 from ihd_node.report.sr import FINDING_CODES
 from ihd_node.sim.mini_pacs import free_port
 from ihd_node.sim.phantom import write_series
@@ -64,7 +66,7 @@ def test_orthanc_sends_a_study_and_gets_sr_and_secondary_captures_back(tmp_path:
                    if orthanc.get(f"/instances/{i['ID']}/tags?simplify")["SOPClassUID"] != CT_IMAGE_STORAGE]
         assert len(instances) > len(files) and len(results) == len(instances) - len(files)
 
-        sr_path = None
+        sr_path, stored = None, set()
         for item in results:
             path = tmp_path / "from-orthanc" / f"{item['ID']}.dcm"
             path.parent.mkdir(exist_ok=True)
@@ -74,10 +76,14 @@ def test_orthanc_sends_a_study_and_gets_sr_and_secondary_captures_back(tmp_path:
             assert dciodvfy_errors(path) == [] if shutil.which("dciodvfy") else True
             if ds.Modality == "SR":
                 sr_path = path
+            elif ds.Modality in ("SEG", "KO"):
+                stored.add(str(ds.SOPClassUID))
             else:
                 assert ds.BurnedInAnnotation == "YES"
                 assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert sr_path is not None
+        # The overlay and the key images went out and were stored (the sender proposes their SOP classes).
+        assert stored == {SEGMENTATION_STORAGE, KEY_OBJECT_SELECTION_STORAGE}, stored
         if shutil.which("dsrdump"):
             text = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True).stdout
             meaning = FINDING_CODES[SUBTYPE].meaning

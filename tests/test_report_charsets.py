@@ -95,7 +95,7 @@ def test_text_reads_back_identical(series, tmp_path, terms, name, description):
     source = pydicom.dcmread(series[0])
     assert str(source.PatientName) == name  # pydicom encodes and decodes this set
     results = build_results(load_volume(series), make_prediction(3, {"subdural": [1]}, size=64))
-    assert len(results.all()) == 3  # SR, summary capture, one slice capture
+    assert len(results.all()) == 5  # SR, summary capture, one slice capture, SEG, key images
     for n, ds in enumerate(results.all()):
         back = pydicom.dcmread(write(ds, tmp_path / f"{n}.dcm"))
         for keyword in ("PatientName", "ReferringPhysicianName"):

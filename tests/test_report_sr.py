@@ -214,7 +214,7 @@ def test_build_results_in_source_study(positive, tmp_path):
     volume, prediction = positive
     results = build_results(volume, prediction, max_secondary_captures=1)
     assert len(results.secondary_captures) == 2  # the summary and one slice
-    assert [d.StudyInstanceUID for d in results.all()] == [volume.study_instance_uid] * 3
+    assert [d.StudyInstanceUID for d in results.all()] == [volume.study_instance_uid] * 5  # + SEG, key images
     assert results.sr.SeriesInstanceUID != results.secondary_captures[0].SeriesInstanceUID
     assert results.sr.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurementReport.value
     for i, ds in enumerate(results.all()):

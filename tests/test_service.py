@@ -30,6 +30,8 @@ from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_files
 from ihd_node.sim.phantom import make_series, write_series
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+# Segmentation and Key Object Selection: a positive result set carries them too (not counted as captures).
+OVERLAY_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.59")
 N_SLICES = 24  # a full head (tests/heads.py): the shipped completion evidence holds back less
 THRESHOLDS = dict.fromkeys(CLASSES, 0.3)  # a random model near 0.5 then finds "hemorrhage": captures are made
 
@@ -72,7 +74,9 @@ def test_study_in_results_out_and_a_late_slice_gives_a_revised_sr(tmp_path: Path
             assert wait_until(lambda: node.db.get_series(uid).state == "delivered")
             first = pacs.objects(phantom.study_instance_uid)
             srs = [o for o in first if o.sop_class_uid == SR_CLASS]
-            assert len(srs) == 1 and len(first) == 1 + 1 + 3  # SR + summary + max_secondary_captures Grad-CAM images
+            core = [o for o in first if o.sop_class_uid not in OVERLAY_CLASSES]
+            assert len(srs) == 1 and len(core) == 1 + 1 + 3  # SR + summary + max_secondary_captures Grad-CAM images
+            assert sum(o.sop_class_uid == OVERLAY_CLASSES[1] for o in first) == 1  # the key images
             series = node.db.get_series(uid)
             assert series.completion_rule == "quiet" and series.revision == 1
             analysis = node.db.latest_analysis(uid)
@@ -82,7 +86,8 @@ def test_study_in_results_out_and_a_late_slice_gives_a_revised_sr(tmp_path: Path
             assert sr1.StudyInstanceUID == phantom.study_instance_uid
             assert "PredecessorDocumentsSequence" not in sr1
             result_files = sorted((tmp_path / "node" / "results" / uid / "r0").iterdir())
-            assert len(result_files) == 5  # SR, summary capture, 3 slice captures
+            # SR, summary capture, 3 slice captures; SEG and key images beside them
+            assert sorted(p.name.split("_")[0] for p in result_files) == ["KO", "SC", "SC", "SC", "SC", "SEG", "SR"]
 
             assert send_files([late_file], host="127.0.0.1", port=node.port, called_aet="IHD_AI",
                               calling_aet="PACS") == [0]
@@ -185,7 +190,9 @@ def test_serve_process_with_dcmtk_storescu_and_sigterm(tmp_path: Path) -> None:
             sent = subprocess.run(store, env=env, capture_output=True, text=True, timeout=60)
             assert sent.returncode == 0, sent.stderr
             # SR, summary capture and max_secondary_captures (2) slice captures
-            assert wait_until(lambda: len(pacs.objects(phantom.study_instance_uid)) == 4, 60)
+            # (and the Segmentation and key images of a positive result, not counted here)
+            assert wait_until(lambda: len([o for o in pacs.objects(phantom.study_instance_uid)
+                                           if o.sop_class_uid not in OVERLAY_CLASSES]) == 4, 60)
         finally:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=60)

@@ -72,7 +72,7 @@ def study(tmp_path_factory):
         assert state is not None and state.state == "delivered", state
         modalities = {orthanc.get(f"/series/{s}")["MainDicomTags"].get("Modality")
                       for s in orthanc.get(f"/studies/{study_id}")["Series"]}
-        assert modalities == {"CT", "SR", "OT"}
+        assert modalities == {"CT", "SR", "OT", "SEG", "KO"}
         node.stop()
         node = None
         yield orthanc, series.study_instance_uid

@@ -51,7 +51,7 @@ def series_summary(analysis: SeriesAnalysis, seconds: float, verdict: Eligibilit
 
 
 def write_results(analysis: SeriesAnalysis, out_dir: Path, explain: str = "decision") -> list[Path]:
-    """Write the SR and the Grad-CAM secondary captures the node would send, one folder per series."""
+    """Write the results the node would send (SR, Grad-CAM captures, SEG, key images), one folder per series."""
     from ihd_node.report import ResultSettings, build_results, result_file_name
 
     settings = ResultSettings(dict(analysis.prediction.model.thresholds), explain=explain)
@@ -61,7 +61,7 @@ def write_results(analysis: SeriesAnalysis, out_dir: Path, explain: str = "decis
     written = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for ds in [results.sr, *results.secondary_captures]:
+        for ds in results.all():
             path = folder / result_file_name(ds)
             ds.save_as(path, enforce_file_format=True)
             written.append(path)

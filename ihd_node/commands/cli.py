@@ -26,6 +26,7 @@ HANDLERS = {
     "status": "ihd_node.commands.status:status_command",
     "log": "ihd_node.commands.log:log_command",
     "retry": "ihd_node.commands.retry:retry_command",
+    "retract": "ihd_node.commands.retract:retract_command",
     "check-config": "ihd_node.commands.check_config:check_config_command",
     "model": "ihd_node.commands.model:model_command",
     "db": "ihd_node.commands.db:db_command",
@@ -152,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="WHEN", help="results from this time (as for `performance`; default: all)")
     p.add_argument("--until", metavar="WHEN", help="results before this time (default: now)")
     p.add_argument("--pdf", metavar="FILE.pdf", help="also print it to PDF with headless Chromium")
+
+    p = sub.add_parser("retract", help="take a sent result back (rejection note, withdrawn ORU, FHIR "
+                       "entered-in-error)",
+                       description="Retract the latest result of a series: every DICOM and DICOMweb destination "
+                       "gets an IHE IOCM rejection note (KOS, Rejected for Patient Safety Reasons) listing the SR "
+                       "and captures, every hl7 destination the ORU with result status W, every fhir destination "
+                       "the DiagnosticReport as entered-in-error. The series is then shown as retracted and a "
+                       "late instance does not analyse it again (the console's re-analyse does).")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("series_uid", metavar="SERIES_UID", help="the source SeriesInstanceUID (as `ihd-node status` "
+                   "shows it)")
+    p.add_argument("--reason", required=True, help="why (goes into the notices and the event log)")
 
     p = sub.add_parser("web-user", help="add or change a web console user (basic-auth users file)",
                        description="Asks for the password (or reads one line from stdin when it is not a "

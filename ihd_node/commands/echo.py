@@ -11,11 +11,14 @@ from ihd_node.delivery.sender import echo
 def echo_command(args: Any) -> int:
     """`ihd-node echo --config FILE`: C-ECHO each destination; non-zero exit when any failed."""
     config = load_config(args.config)
-    if not config.destinations:
-        print("no destinations configured (destinations: in the config); nothing to check")
+    if not config.dicom_destinations:
+        print("no DICOM destinations configured (destinations: in the config); nothing to check")
         return 0
     failed = 0
-    for dest in config.destinations:
+    others = [d.name for d in config.destinations if d.kind != "dicom"]
+    if others:
+        print(f"not checked (not DICOM, C-ECHO does not apply): {', '.join(others)}")
+    for dest in config.dicom_destinations:
         ok, detail = echo(config.node.ae_title, dest)
         failed += not ok
         where = f"{dest.ae_title}@{dest.host}:{dest.port}{' (TLS)' if dest.tls.enabled else ''}"

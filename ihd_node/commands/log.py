@@ -91,6 +91,8 @@ def log_data(db: Database, since: timedelta, now: datetime | None = None) -> dic
             # Analysed before all its images may have arrived: the result says INCOMPLETE SERIES (why, else None).
             completion = db.latest_completion(x.series_instance_uid)
             entry["incomplete_series"] = completion.preliminary if completion is not None else None
+            entry["retracted"] = None if a.retracted_at is None else {
+                "at": iso(a.retracted_at), "by": a.retracted_by, "reason": a.retraction_reason}
             for k in ("load", "inference", "gradcam", "report"):
                 entry["stages"][f"{k}_seconds"] = getattr(a, f"{k}_seconds")
         return entry
@@ -161,6 +163,9 @@ def format_log(data: dict[str, Any]) -> str:
         stages = _stages_text(x["stages"])
         if stages:
             lines.append(fit(f"    stages (s): {stages}"))
+        if x.get("retracted"):
+            r = x["retracted"]
+            lines.append(fit(f"    RETRACTED {short_time(r['at'])} by {r['by']}: {r['reason']}"))
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ serves. Output names studies by accession number and UIDs only; the database hol
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -25,15 +25,27 @@ from ihd_node.commands.readout import (
     short_time,
     text_table,
 )
-from ihd_node.store import Database, Delivery, NodeRun, Series, utcnow
+from ihd_node.config import load_config
+from ihd_node.store import FHIR_BUNDLE, HL7_ORU, Database, Delivery, NodeRun, Series, utcnow
 from ihd_node.store.work import last_health_event
 
 WAITING = "waiting for the rest of the series"  # series.reason while the completion checks hold it back
 
 
-def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
-    """What is in flight now, the outbox, and failures that still need an admin."""
+def destination_kind(d: Delivery, kinds: Mapping[str, str]) -> str:
+    """dicom / dicomweb / hl7 / fhir: from the config, else from what the row carries."""
+    return kinds.get(d.destination) or MESSAGE_KIND.get(d.sop_class_uid, "dicom")
+
+
+MESSAGE_KIND = {HL7_ORU: "hl7", FHIR_BUNDLE: "fhir"}
+
+
+def status_data(db: Database, now: datetime | None = None,
+                kinds: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What is in flight now, the outbox, failures that still need an admin, and recent retractions.
+    `kinds`: destination name -> kind from the config (a row of a removed destination: guessed)."""
     now = now or utcnow()
+    kinds = kinds or {}
     rows = db.status_rows()
 
     def row(x: Series) -> dict[str, Any]:
@@ -58,6 +70,7 @@ def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
     def delivery(d: Delivery) -> dict[str, Any]:
         return {
             "destination": d.destination,
+            "kind": destination_kind(d, kinds),
             "series_instance_uid": d.series.series_instance_uid,
             "accession_number": d.series.study.accession_number,
             "sop_instance_uid": d.sop_instance_uid,
@@ -83,6 +96,10 @@ def status_data(db: Database, now: datetime | None = None) -> dict[str, Any]:
         },
         "failed_series": [row(x) for x in rows.failed_series],
         "failed_deliveries": [delivery(d) for d in rows.failed_deliveries],
+        "retracted": [{"series_instance_uid": a.series.series_instance_uid,
+                       "accession_number": a.series.study.accession_number, "revision": a.revision - 1,
+                       "at": iso(a.retracted_at), "by": a.retracted_by, "reason": a.retraction_reason}
+                      for a in db.recent_retractions()],
     }
 
 
@@ -195,7 +212,8 @@ def format_status(data: dict[str, Any]) -> str:
     for dest, rows_ in by_dest.items():
         last = max(rows_, key=lambda d: d["updated_at"] or "")
         lines.append(fit(
-            f"  retrying {dest}: {plural(len(rows_), 'object')}, {plural(last['attempts'], 'attempt')} so far, next "
+            f"  retrying {dest}{_kind(last)}: {plural(len(rows_), 'object')}, "
+            f"{plural(last['attempts'], 'attempt')} so far, next "
             f"{short_time(last['next_attempt_at']) if running else 'when the node runs again'}: "
             f"{last['last_error'] or _status_hex(last['last_status'])}"
         ))
@@ -213,10 +231,21 @@ def format_status(data: dict[str, Any]) -> str:
         for (series_uid, dest, status), rows_ in groups.items():
             d = rows_[0]
             lines.append(fit(
-                f"  {status} by {dest} after {plural(d['attempts'], 'attempt')}: {plural(len(rows_), 'object')} of "
+                f"  {status} by {dest}{_kind(d)} after {plural(d['attempts'], 'attempt')}: "
+                f"{plural(len(rows_), 'object')} of "
                 f"series {series_uid}: {d['last_error'] or _status_hex(d['last_status'])}"
             ))
+    if data.get("retracted"):
+        lines.append("\nRetracted results (latest first):")
+        for r in data["retracted"]:
+            lines.append(fit(f"  {short_time(r['at'])} {r['accession_number'] or '-'} series "
+                             f"{r['series_instance_uid']} revision {r['revision']} by {r['by']}: {r['reason']}"))
     return "\n".join(lines)
+
+
+def _kind(delivery: dict[str, Any]) -> str:
+    """' (hl7)' etc. after a destination's name; nothing for dicom, the usual kind (the JSON always has it)."""
+    return "" if delivery["kind"] == "dicom" else f" ({delivery['kind']})"
 
 
 def _status_hex(status: int | None) -> str:
@@ -225,8 +254,9 @@ def _status_hex(status: int | None) -> str:
 
 def status_command(args: Any) -> int:
     db = open_existing(args.config)
+    kinds = {d.name: d.kind for d in load_config(args.config).destinations}
     try:
-        data = status_data(db)
+        data = status_data(db, kinds=kinds)
         data.update(cluster_data(args.config, db))
     finally:
         db.close()

@@ -4,6 +4,7 @@ read at a glance."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ihd_node.config.sections import Config
 
@@ -15,13 +16,7 @@ def summary(config: Config) -> list[str]:
     n, s = config.node, config.series
     who = ", ".join(n.allowed_calling_aets) or "any calling AE"
     where = ", ".join(n.allowed_addresses) or "any address"
-    dests = (
-        ", ".join(
-            f"{d.name} = {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls.enabled else ''}"
-            for d in config.destinations
-        )
-        or "none (results are kept, not sent)"
-    )
+    dests = ", ".join(_destination(d) for d in config.destinations) or "none (results are kept, not sent)"
     thick = "" if s.max_slice_thickness_mm is None else f", slices <= {s.max_slice_thickness_mm:g} mm"
     gradcam = "on" if config.analysis.gradcam else "off"
     return [
@@ -36,6 +31,14 @@ def summary(config: Config) -> list[str]:
         f"model: {config.model.checkpoint} on {config.model.device}; Grad-CAM {gradcam} "
         f"(at most {config.analysis.max_secondary_captures} images per series)",
     ]
+
+
+def _destination(d: Any) -> str:
+    if d.kind == "dicom":
+        return f"{d.name} = {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls.enabled else ''}"
+    if d.kind == "hl7":
+        return f"{d.name} = HL7 ORU to {d.host}:{d.port}{' (TLS)' if d.tls.enabled else ''}"
+    return f"{d.name} = {'FHIR' if d.kind == 'fhir' else 'STOW-RS'} to {d.url}"
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -127,6 +127,20 @@ def setting(default: Any = ..., doc: str = "", example: Any = None, **kw: Any) -
     return Field(default, description=doc, examples=examples, **kw)
 
 
+def tagged_models(annotation: Any) -> dict[str, type[BaseModel]]:
+    """{tag: model} of a discriminated union inside an annotation (e.g. `list[AnyDestination]`), else {}.
+    pydantic puts the tag into an error's location (`destinations.0.hl7.port`): the tag picks the model."""
+    found: dict[str, type[BaseModel]] = {}
+    if typing.get_origin(annotation) is Annotated:
+        inner, *meta = typing.get_args(annotation)
+        tag = next((m.tag for m in meta if type(m).__name__ == "Tag"), None)
+        if tag is not None and isinstance(inner, type) and issubclass(inner, BaseModel):
+            return {str(tag): inner}
+    for arg in typing.get_args(annotation):
+        found.update(tagged_models(arg))
+    return found
+
+
 def model_in(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation such as `list[Destination]` or `InboundTLS | None`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ihd_node.config.fields import model_in
+from ihd_node.config.fields import model_in, tagged_models
 from ihd_node.config.sections import Config
 from ihd_node.errors import UserError
 
@@ -40,6 +40,24 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _untagged(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """loc without the union tags pydantic inserts (`destinations.0.hl7.port` -> `destinations.0.port`)."""
+    out: list[Any] = []
+    model: type[BaseModel] | None = Config
+    tags: dict[str, type[BaseModel]] = {}
+    for part in loc:
+        if isinstance(part, str) and part in tags:
+            model, tags = tags[part], {}
+            continue
+        out.append(part)
+        if isinstance(part, int) or model is None:
+            continue
+        info = model.model_fields.get(str(part))
+        tags = tagged_models(info.annotation) if info is not None else {}
+        model = model_in(info.annotation) if info is not None else None
+    return tuple(out)
+
+
 def _key_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -48,12 +66,17 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 
 
 def _field_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, Any]:
-    """(model holding the last key of loc, that key's FieldInfo or None)."""
+    """(model holding the last key of loc, that key's FieldInfo or None); loc may hold union tags."""
     model: type[BaseModel] | None = Config
+    tags: dict[str, type[BaseModel]] = {}
     for part in loc[:-1]:
+        if isinstance(part, str) and part in tags:
+            model, tags = tags[part], {}
+            continue
         if isinstance(part, int) or model is None:
             continue
         info = model.model_fields.get(str(part))
+        tags = tagged_models(info.annotation) if info is not None else {}
         model = model_in(info.annotation) if info is not None else None
     last = loc[-1] if loc else None
     if model is None or not isinstance(last, str):
@@ -79,7 +102,7 @@ _NOT_A = {
 
 def _describe(err: Mapping[str, Any], where: str) -> str:
     loc = tuple(err["loc"])
-    key = _key_path(loc) or "(top level)"
+    key = _key_path(_untagged(loc)) or "(top level)"
     model, info = _field_at(loc)
     example = info.examples[0] if info is not None and info.examples else None
     kind = err["type"]
@@ -89,6 +112,11 @@ def _describe(err: Mapping[str, Any], where: str) -> str:
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f"did you mean `{close[0]}`?" if close else f"known keys here: {', '.join(known)}"
         return f"unknown key `{key}` in {where}; {hint}"
+    if kind == "union_tag_invalid":  # only destinations have kinds
+        tag = err.get("ctx", {}).get("tag")
+        known = str(err.get("ctx", {}).get("expected_tags", "")).replace("'", "")
+        return (f"{key}.kind in {where}: {_show(tag)} is not a destination kind; use one of {known} "
+                "(no kind = dicom)")
     if kind == "missing":
         leaf = loc[-1]
         fix = f"add it, e.g. `{leaf}: {_show(example)}`" if example is not None else "add it"

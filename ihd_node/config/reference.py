@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel
 
-from ihd_node.config.fields import model_in
+from ihd_node.config.fields import model_in, tagged_models
 from ihd_node.config.sections import Config
 
 
@@ -25,6 +25,12 @@ def reference_markdown() -> str:
             is_list = typing.get_origin(info.annotation) is list
             if sub is not None and not is_list:
                 walk(sub, f"{key}.")
+                continue
+            kinds = tagged_models(info.annotation)
+            if kinds:  # a list of a discriminated union: each kind's keys under its own heading row
+                rows.append(f"| `{key}` | list of mappings | `[]` | {info.description} |")
+                for tag, kind_model in kinds.items():
+                    walk(kind_model, f"{key}[kind={tag}].")
                 continue
             if sub is not None:
                 rows.append(f"| `{key}` | list of mappings | `[]` | {info.description} |")

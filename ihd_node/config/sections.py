@@ -32,7 +32,7 @@ from ihd_node.config.fields import (
     setting,
 )
 from ihd_node.config.monitoring import MonitoringConfig
-from ihd_node.config.outbound import AlertsConfig, DeliveryConfig, Destination
+from ihd_node.config.outbound import AlertsConfig, AnyDestination, DeliveryConfig, DicomDestination
 
 
 class InboundTLS(Section):
@@ -398,7 +398,9 @@ class Config(Section):
     storage: StorageConfig = setting(StorageConfig, "Where received data lies.")
     database: DatabaseConfig = setting(DatabaseConfig, "The log database.")
     series: SeriesConfig = setting(SeriesConfig, "When a series is complete and which series are analyzed.")
-    destinations: list[Destination] = setting(list, "Where results are sent (C-STORE).")
+    destinations: list[AnyDestination] = setting(
+        list, "Where results are sent: `kind` dicom (C-STORE, the default), hl7 (ORU^R01 over MLLP), fhir "
+        "(FHIR R4 transaction) or dicomweb (STOW-RS); see the destination kinds in docs/configuration.md.")
     model: ModelSection = setting(ModelSection, "Which model runs where.")
     analysis: AnalysisConfig = setting(AnalysisConfig, "Queue and result options.")
     delivery: DeliveryConfig = setting(DeliveryConfig, "Outbox retry policy (result deliveries and alerts).")
@@ -427,7 +429,7 @@ class Config(Section):
 
     @field_validator("destinations")
     @classmethod
-    def _unique_names(cls, value: list[Destination]) -> list[Destination]:
+    def _unique_names(cls, value: list[AnyDestination]) -> list[AnyDestination]:
         return named_once(value, "destination")
 
     @property
@@ -439,8 +441,13 @@ class Config(Section):
         assert self.database.url is not None  # filled in by _derived
         return self.database.url
 
-    def destination(self, name: str) -> Destination:
+    def destination(self, name: str) -> AnyDestination:
         for dest in self.destinations:
             if dest.name == name:
                 return dest
         raise KeyError(name)
+
+    @property
+    def dicom_destinations(self) -> list[DicomDestination]:
+        """The C-STORE destinations (C-ECHO, C-FIND instance counts and SR classes concern only these)."""
+        return [d for d in self.destinations if isinstance(d, DicomDestination)]

@@ -14,6 +14,10 @@ Delivery policy (ihd_node.store.database.classify_status books each answer; docu
   it goes out as the best class the destination accepted (a re-labelled copy with its own UID), and the
   log database records which.
 One association per destination carries all objects that are due for it.
+
+Destinations of the other kinds (hl7, fhir, dicomweb) are sent by ihd_node.delivery.dispatch and booked
+here the same way. Each destination is sent in its own thread: an EHR that takes its 30 s timeout, or a
+RIS that is down, never holds the PACS copy (the loop does not wait for a busy destination, it skips it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom import uid as tsuid
@@ -33,6 +38,7 @@ from pynetdicom.sop_class import Verification
 
 from ihd_node import faults, nodelog
 from ihd_node.config import Config
+from ihd_node.delivery.tls import tls_client_context
 from ihd_node.dicom_network import identify, on_outgoing_connection
 from ihd_node.sr_classes import SR_CLASS_NAMES, SR_CLASSES, as_sr_class, sr_fallbacks
 from ihd_node.store import AttemptResult, Database, Delivery, utcnow
@@ -64,18 +70,6 @@ def describe(status: int | None) -> str:
     kind = ("warning" if 0xB000 <= status <= 0xBFFF else "out of resources" if 0xA700 <= status <= 0xA7FF
             else "failure")
     return f"{kind} 0x{status:04X}"
-
-
-def tls_client_context(tls: object | None) -> ssl.SSLContext | None:
-    """Client SSL context from a destination's `tls` config section (None when TLS is off)."""
-    if tls is None or not getattr(tls, "enabled", False):
-        return None
-    ca = getattr(tls, "ca_certificates", None)
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
-    cert, key = getattr(tls, "certificate", None), getattr(tls, "private_key", None)
-    if cert and key:
-        context.load_cert_chain(str(cert), str(key))
-    return context
 
 
 def _associate(calling_aet: str, dest: object, contexts: Sequence[tuple[str, list[str]]]):
@@ -233,22 +227,56 @@ def count_series_instances(dest: object, calling_aet: str, study_uid: str, serie
 
 
 class Outbox:
-    """Delivers due outbox rows, one association per destination, and books every attempt."""
+    """Delivers due outbox rows, one thread (and one association) per destination, and books every attempt."""
 
-    def __init__(self, db: Database, config: Config) -> None:
+    def __init__(self, db: Database, config: Config, wake: Callable[[], None] | None = None) -> None:
         self.db = db
         self.config = config
+        self.wake = wake  # called when a destination's send ends: its next rows may be due at once
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
 
-    def run_once(self, now: datetime | None = None) -> int:
-        """One pass over the due rows; returns how many attempts were booked."""
+    def run_once(self, now: datetime | None = None, wait: bool = True) -> int:
+        """One pass over the due rows: each destination's rows in a thread of their own (the destination
+        with the oldest due row first: a result's HL7/FHIR message rows are queued before its SR). With
+        `wait` false (the delivery loop) a destination still busy from an earlier pass is left alone and the
+        pass returns at once; returns how many rows were handed to a send (with wait: booked)."""
         due = self.db.due_deliveries(now=now)
         by_dest: dict[str, list[Delivery]] = {}
         for row in due:
             by_dest.setdefault(row.destination, []).append(row)
-        booked = 0
+        threads = []
+        handed = 0
         for name, rows in by_dest.items():
-            booked += self._deliver(name, rows)
-        return booked
+            with self._lock:
+                if name in self._busy:
+                    continue
+                self._busy.add(name)
+            handed += len(rows)
+            thread = threading.Thread(target=self._deliver_then_free, args=(name, rows),
+                                      name=f"ihd-send-{name}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        if wait:
+            for thread in threads:
+                thread.join()
+        return handed
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._busy)
+
+    def _deliver_then_free(self, name: str, rows: list[Delivery]) -> None:
+        try:
+            self._deliver(name, rows)
+        except Exception as exc:  # noqa: BLE001 - the loop must live on; the rows stay due and are retried
+            nodelog.error("delivery.send_failed", destination=name, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._busy.discard(name)
+            if self.wake is not None:
+                self.wake()
 
     def _deliver(self, name: str, rows: list[Delivery]) -> int:
         # Answers that are not "sent" are logged once per destination and pass, not once per object: a PACS
@@ -274,6 +302,9 @@ class Outbox:
             now = utcnow()
             for row in rows:  # an admin may put it back; until then it is retried, then fails
                 book_one(row, None, f"destination {name!r} is no longer in the config", 0.0, now)
+            return
+        if dest.kind != "dicom":
+            self._dispatch(dest, rows, problems)
             return
         started = last = time.perf_counter()
         by_path = {str(Path(r.path)): r for r in rows}
@@ -304,6 +335,19 @@ class Outbox:
             if row.id not in booked:
                 book_one(row, None, "not attempted", 0.0)
 
+    def _dispatch(self, dest: Any, rows: list[Delivery],
+                  problems: list[tuple[Delivery, AttemptResult, str | None]]) -> None:
+        from ihd_node.delivery.dispatch import send_rows
+
+        def book(row: Delivery, outcome: Any, seconds: float) -> None:
+            code = f" [{outcome.code}]" if getattr(outcome, "code", None) else ""
+            error = None if outcome.outcome == "sent" else f"{outcome.detail}{code}"
+            res = self._book(row, None, error, seconds, outcome=outcome.outcome, detail=f"{outcome.detail}{code}")
+            if res.delivery_status != "sent":
+                problems.append((row, res, error))
+
+        send_rows(dest, rows, book)
+
     @staticmethod
     def _log_problems(name: str, problems: list[tuple[Delivery, AttemptResult, str | None]]) -> None:
         """One WARNING per destination and outcome for this pass (per-object detail at DEBUG)."""
@@ -324,9 +368,10 @@ class Outbox:
                 nodelog.warning(f"delivery.{outcome}", **fields)
 
     def _book(self, row: Delivery, status: int | None, error: str | None, seconds: float,
-              now: datetime | None = None, sent_as: str = "", sent_uid: str = "") -> AttemptResult:
+              now: datetime | None = None, sent_as: str = "", sent_uid: str = "", outcome: str | None = None,
+              detail: str = "") -> AttemptResult:
         res = self.db.record_attempt(row.id, status=status, error=error, policy=self.config.delivery,
-                                     seconds=seconds, now=now)
+                                     seconds=seconds, now=now, outcome=outcome)
         faults.point("delivery.booked")
         if sent_as:
             # Which SR class this PACS got, in the log database: the object it holds has another class and UID.
@@ -336,7 +381,8 @@ class Outbox:
                               f"before it), status {describe(status)}",
                               series_instance_uid=res.series_instance_uid,
                               study_instance_uid=series.study_instance_uid if series else None)
-        fields = {"destination": row.destination, "sop": row.sop_instance_uid, "status": describe(status),
+        fields = {"destination": row.destination, "sop": row.sop_instance_uid,
+                  "status": detail or describe(status),
                   "attempt": row.attempts + 1, "outcome": res.delivery_status}
         if res.delivery_status == "sent":
             nodelog.info("delivery.sent", **fields)
@@ -352,6 +398,8 @@ class Outbox:
         return res
 
     def seconds_to_next(self, cap: float = 1.0) -> float:
+        if self.busy:  # its rows are still due: no spinning on them; new results and its end wake the loop
+            return min(cap, 0.25)
         when = self.db.next_delivery_time()
         if when is None:
             return cap
@@ -362,7 +410,7 @@ class Outbox:
         while not stop.is_set():
             wake.clear()  # before the pass: a wake-up during it is not lost
             try:
-                self.run_once()
+                self.run_once(wait=False)
                 wait = self.seconds_to_next()
             except Exception as exc:
                 nodelog.error("delivery.loop_failed", error=f"{type(exc).__name__}: {exc}")

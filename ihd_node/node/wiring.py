@@ -209,14 +209,14 @@ class Node:
 
     def _start_delivery(self) -> None:
         assert self.db is not None
-        outbox = Outbox(self.db, self.config)
+        outbox = Outbox(self.db, self.config, wake=self._wake_delivery.set)
         alerts = AlertOutbox(self.db, self.config, self.results_dir) if self.config.alerts.channels else None
         if self.clustered:
             self._spawn("delivery", lambda: self._deliver_with_lease(outbox, alerts))
             return
 
         def deliver() -> float:
-            outbox.run_once()
+            outbox.run_once(wait=False)  # a slow destination is sent in its own thread; the others go on
             return outbox.seconds_to_next()
 
         self._loop("delivery", deliver, self._wake_delivery)
@@ -288,7 +288,7 @@ class Node:
         """The evidence the assembler weighs before calling a quiet series complete (see completion.py)."""
         assert self.db is not None
         db, rules = self.db, self.config.series
-        counted = [d for d in self.config.destinations if d.count_instances]
+        counted = [d for d in self.config.dicom_destinations if d.count_instances]
 
         def mpps_lists(series_uid: str) -> list[MppsList]:
             return [MppsList(uid, sops) for uid, sops in db.mpps_lists(series_uid)]

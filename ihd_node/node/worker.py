@@ -144,6 +144,7 @@ class AnalysisWorker:
         from ihd_node.node.analysis import analyze_series
         from ihd_node.report import ResultSettings, build_results, result_file_name
         from ihd_node.report.source import volume_lossy
+        from ihd_node.retraction.messages import result_messages
 
         cfg = self.config
         started = utcnow()
@@ -187,6 +188,9 @@ class AnalysisWorker:
             path = folder / result_file_name(ds)
             write_dataset_atomic(path, ds)
             rows.append(ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path))
+        problems: list[str] = []  # messages a builder refused (no Patient ID): logged below, DICOM goes out
+        messages = result_messages(cfg, folder, objects[0], result.prediction, result.volume,
+                                   result.slice_groups, rows, revision=revision, now=utcnow(), problems=problems)
         report_seconds = time.perf_counter() - t0
         faults.point("analysis.written")
         record_inputs(self.db, uid, result.volume)  # the input mix drift monitoring compares
@@ -197,10 +201,10 @@ class AnalysisWorker:
             probabilities=prediction.probabilities(), positive_classes=prediction.positive_classes(),
             thresholds=dict(prediction.model.thresholds), n_slices=result.volume.n_slices,
             n_model_slices=len(result.slice_groups), objects=rows,
-            destinations=[d.name for d in cfg.destinations],
+            destinations=[d.name for d in cfg.dicom_destinations], messages=messages,
             alert_channels=[c.name for c in cfg.alerts.channels],
             sr_sop_instance_uid=str(objects[0].SOPInstanceUID),
-            n_secondary_captures=len(objects) - 1, started=started,
+            n_secondary_captures=sum(ds.Modality == "OT" for ds in objects), started=started,
             expect_started=started if self.queue.retries_jobs else None,
             source_lossy=volume_lossy(result.volume) is not None, settings_key=settings.key(),
             timings={"load": result.timings.get("load_seconds", 0.0),
@@ -211,6 +215,9 @@ class AnalysisWorker:
             # A late instance arrived while the model ran: these results go out, and the series runs again.
             self.db.set_series_state(uid, "received", "late instance during analysis",
                                      expect=("delivering", "analyzed", "delivered", "failed"))
+        for problem in problems:
+            self.db.log_event("delivery", problem, level="WARNING", series_instance_uid=uid,
+                              study_instance_uid=series.study_instance_uid)
         positives = ",".join(prediction.positive_classes()) or "none"
         partial = f" {INCOMPLETE_SERIES}" if prediction.incomplete else ""
         self.db.log_event("analysis", f"revision={analysis.revision}{partial} positive={positives} "

@@ -3,13 +3,18 @@
 The decision heatmap (already cut to the intracranial space) is thresholded; its largest connected part is
 traced along pixel edges (so the outline encloses exactly those pixels), simplified to a few dozen
 vertices, and written as (column, row) points with the DICOM convention that (0, 0) is the top-left
-corner of the top-left pixel. Pure numpy + scipy.
+corner of the top-left pixel. The Segmentation stores the same pixels (attention_mask). Pure numpy + scipy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
+
+from ihd_node.values.prediction import Prediction
 
 REGION_LEVEL = 0.5  # of the map's peak: the core the model looks at, not its faint surroundings
 MAX_VERTICES = 64
@@ -94,21 +99,66 @@ def _simplify(points: np.ndarray, tolerance: float) -> np.ndarray:
     return np.vstack([_simplify(points[:k + 1], tolerance)[:-1], _simplify(points[k:], tolerance)])
 
 
-def outline(heatmap: np.ndarray, level: float = REGION_LEVEL) -> np.ndarray | None:
-    """Closed polyline (n, 2) of (column, row) around the hottest part of a heatmap, or None when empty."""
+def attention_mask(heatmap: np.ndarray, level: float = REGION_LEVEL) -> np.ndarray | None:
+    """The model's attention region on one slice: the largest connected part of the heatmap at or above
+    `level` of its peak, holes filled, as a boolean (rows, cols) mask; None when there is none (or it is
+    one pixel).
+
+    The one definition of "the region": the SR's outline traces exactly these pixels and the
+    Segmentation stores them, so the two always show the same place.
+    """
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.ndim != 2 or not np.isfinite(heat).all() or heat.max() <= 0:
         return None
-    blob = largest_part(heat >= level * float(heat.max()))
+    # Holes filled: the outline runs along the outer boundary only, so it encloses them too.
+    blob = ndimage.binary_fill_holes(largest_part(heat >= level * float(heat.max())))
     if blob.sum() < 2:
         return None
-    points = _trace(blob)
+    return blob
+
+
+@dataclass(frozen=True)
+class AttentionRegion:
+    """One class's attention region on one key slice: the model slice it explains, the original slice it
+    is shown on (a slab's middle slice, as on the capture) and its pixels."""
+
+    cls: str
+    model_slice: int
+    slice_index: int
+    mask: np.ndarray
+
+
+def attention_regions(prediction: Prediction, groups: Sequence[Sequence[int]],
+                      classes: Sequence[str]) -> list[AttentionRegion]:
+    """Every region the results show, class by class (in `classes` order), then by model slice: one per
+    (slice, class) heatmap with a non-empty attention_mask. `groups` maps model slice -> original slices."""
+    out = []
+    for cls in classes:
+        for index in sorted(i for (i, c) in prediction.heatmaps if c == cls):
+            mask = attention_mask(prediction.heatmaps[(index, cls)])
+            if mask is None:
+                continue  # no heat inside the skull on this slice: nothing to show
+            group = groups[index]
+            out.append(AttentionRegion(cls, index, int(group[len(group) // 2]), mask))
+    return out
+
+
+def outline_of(mask: np.ndarray) -> np.ndarray:
+    """Closed polyline (n, 2) of (column, row) along the outer boundary of a region's pixels, simplified
+    (Douglas-Peucker, from half a pixel up) to at most MAX_VERTICES vertices."""
+    points = _trace(mask)
     tolerance = 0.5
     simple = _simplify(points, tolerance)
     while len(simple) > MAX_VERTICES:
         tolerance *= 1.5
         simple = _simplify(points, tolerance)
     return simple.astype(np.float32)
+
+
+def outline(heatmap: np.ndarray, level: float = REGION_LEVEL) -> np.ndarray | None:
+    """Closed polyline (n, 2) of (column, row) around the hottest part of a heatmap, or None when empty."""
+    mask = attention_mask(heatmap, level)
+    return None if mask is None else outline_of(mask)
 
 
 def region_mask(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -20,10 +20,14 @@ from ihd_node.store.queries import (
     StudyDetail,
 )
 from ihd_node.store.reads import NewRead, ResultRow, StudyRef, UnknownStudies
+from ihd_node.store.retraction import NotRetractable
 from ihd_node.store.schema import (
     DELIVERY_STATES,
+    FHIR_BUNDLE,
     FINDINGS,
+    HL7_ORU,
     IN_FLIGHT_STATES,
+    MESSAGE_CLASSES,
     READ_SOURCES,
     READ_VALUES,
     SCHEMA_VERSION,
@@ -56,7 +60,8 @@ from ihd_node.store.schema import (
 from ihd_node.store.series import Candidate, Superseded
 
 __all__ = [
-    "DELIVERY_STATES", "IN_FLIGHT_STATES", "SCHEMA_VERSION", "SERIES_STATES", "SERIES_TIMES", "TIMING_KEYS",
+    "DELIVERY_STATES", "FHIR_BUNDLE", "HL7_ORU", "IN_FLIGHT_STATES", "MESSAGE_CLASSES", "NotRetractable",
+    "SCHEMA_VERSION", "SERIES_STATES", "SERIES_TIMES", "TIMING_KEYS",
     "UNFINISHED_STATES", "Alert", "Analysis", "AttemptResult", "Base", "Candidate", "Completion", "Database",
     "DatabaseError", "Delivery", "DeliveryAttempt", "Event", "Instance", "InstanceBatcher", "InstanceRecord",
     "Meta", "MetricCounts", "Mpps", "MppsInstance", "NodeRun", "RecentStudies", "Recorded", "ResultObject",

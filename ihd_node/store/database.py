@@ -11,11 +11,13 @@ from ihd_node.store.monitoring import MonitoringStore
 from ihd_node.store.outbox import OutboxStore
 from ihd_node.store.queries import QueryStore
 from ihd_node.store.reads import ReadStore
+from ihd_node.store.retraction import RetractionStore
 from ihd_node.store.runs import RunStore
 from ihd_node.store.series import SeriesStore
 
 
-class Database(IntakeStore, SeriesStore, OutboxStore, RunStore, QueryStore, ReadStore, MonitoringStore):
+class Database(IntakeStore, SeriesStore, OutboxStore, RetractionStore, RunStore, QueryStore, ReadStore,
+               MonitoringStore):
     """One per process. Methods are units of work; each opens and closes its own session."""
 
 

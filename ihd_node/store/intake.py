@@ -206,7 +206,8 @@ class IntakeStore(DatabaseEngine):
             series.calling_aet = calling_aet or series.calling_aet
             series.last_association = association_id
             series.association_released = None
-            if previous_state not in (None, "received"):
+            # A retracted result is not analysed again by a late instance: only on request (console).
+            if previous_state not in (None, "received", "retracted"):
                 why = "changed instance" if changed else "late instance"
                 reopened = _reopen(series, now, f"{why} after state {previous_state}")
         series.updated = now

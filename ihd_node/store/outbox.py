@@ -140,9 +140,13 @@ class OutboxStore(DatabaseEngine):
         policy: RetryPolicy | RetrySettings,
         now: datetime | None = None,
         seconds: float | None = None,
+        outcome: str | None = None,
     ) -> AttemptResult:
         """Book one send attempt: success/warning -> sent; refusal -> rejected (no retry); no answer or
         out-of-resources -> retried by the RetryPolicy until it gives up -> failed.
+
+        `outcome` ("sent", "retry", "rejected"): the answer of a non-DICOM transport (HL7 ACK, HTTP status),
+        booked as given instead of classifying a DIMSE status; `status` is then None.
 
         `policy`: a RetryPolicy or the config keys that set it (config.DeliveryConfig). When no delivery of
         the series' latest analysis is pending any more, the series becomes delivered (all sent) or failed
@@ -154,7 +158,7 @@ class OutboxStore(DatabaseEngine):
             d = s.get(Delivery, delivery_id)
             if d is None:
                 raise ValueError(f"no delivery with id {delivery_id}")
-            outcome = classify_status(status)
+            outcome = outcome or classify_status(status)
             cancelled = d.status == "cancelled"  # superseded while this attempt was under way
             d.attempts += 1
             d.last_status = status
@@ -166,7 +170,7 @@ class OutboxStore(DatabaseEngine):
                 pass
             elif outcome == "rejected":
                 d.status = "rejected"
-                d.last_error = error or f"refused with status 0x{status:04X}"
+                d.last_error = error or (f"refused with status 0x{status:04X}" if status is not None else "refused")
             elif _retry_or_give_up(d, policy, now, error):
                 outcome = "failed"
             s.add(
@@ -182,6 +186,13 @@ class OutboxStore(DatabaseEngine):
                 d.series.series_instance_uid,
                 series_state,
             )
+
+    def deliveries_by_destination(self) -> dict[tuple[str, str], int]:
+        """{(destination, status): rows} over the whole outbox (for /metrics)."""
+        with self.read_session() as s:
+            rows = s.execute(select(Delivery.destination, Delivery.status, func.count())
+                             .group_by(Delivery.destination, Delivery.status)).all()
+            return {(dest, status): int(n) for dest, status, n in rows}
 
     def cancel_pending_deliveries(self, series_instance_uid: str, reason: str) -> int:
         now = utcnow()

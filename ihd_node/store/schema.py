@@ -47,6 +47,7 @@ SERIES_STATES = (
     "ignored",
     "not_chosen",  # eligible, but another series of its study was analysed instead (series.selection)
     "failed",
+    "retracted",  # its result was taken back (ihd-node retract); a late instance does not re-analyse it
 )
 UNFINISHED_STATES = ("received", "complete", "analyzing")
 IN_FLIGHT_STATES = (*UNFINISHED_STATES, "delivering")  # what `ihd-node status` and the console list
@@ -61,6 +62,9 @@ SERIES_TIMES = (
     "spool_removed",
 )
 DELIVERY_STATES = ("pending", "sent", "failed", "rejected", "cancelled")
+# deliveries.sop_class_uid of a message row (not a DICOM object): an HL7 ORU file, a FHIR Bundle file.
+HL7_ORU, FHIR_BUNDLE = "hl7-oru", "fhir-bundle"
+MESSAGE_CLASSES = (HL7_ORU, FHIR_BUNDLE)
 TIMING_KEYS = ("load", "inference", "gradcam", "report")
 
 
@@ -189,6 +193,10 @@ class Analysis(Base):
     gradcam_seconds: Mapped[float | None] = mapped_column(Float)
     report_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Taken back by `ihd-node retract` or the console (ihd_node.retraction): when, by whom, why.
+    retracted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retracted_by: Mapped[str | None] = mapped_column(String(64))
+    retraction_reason: Mapped[str | None] = mapped_column(Text)
 
     series: Mapped[Series] = relationship(lazy="joined")
 
@@ -200,7 +208,8 @@ class Analysis(Base):
 
 
 class Delivery(Base):
-    """The durable outbox: one row per (result object, destination)."""
+    """The durable outbox: one row per (result object, destination). For an hl7 or fhir destination the
+    "object" is one message file (sop_instance_uid = its stable message id, sop_class_uid = MESSAGE_CLASSES)."""
 
     __tablename__ = "deliveries"
     __table_args__ = (UniqueConstraint("destination", "sop_instance_uid"),)

@@ -310,8 +310,13 @@ class SeriesStore(DatabaseEngine):
         expect_started: datetime | None = None,
         source_lossy: bool | None = None,
         settings_key: str | None = None,
+        messages: Mapping[str, Sequence[ResultObject]] | None = None,
     ) -> Analysis:
         """Record an analysis and enqueue its objects for every destination in ONE transaction.
+
+        `destinations` get every object (DICOM and DICOMweb ones); `messages` {destination: files} are the
+        per-destination HL7 / FHIR message files (and a DICOMweb destination's own object list), queued
+        FIRST so that with equal due times the message leaves no later than the SR.
 
         Write the result files first: after this commit the outbox may send them at any time. A crash before
         the commit leaves the series "analyzing", which a restart analyzes again (same deterministic UIDs).
@@ -359,6 +364,9 @@ class SeriesStore(DatabaseEngine):
                 .where(Delivery.series_id == series.id, Delivery.status == "pending")
                 .values(status="cancelled", last_error="superseded by a newer analysis", updated_at=now)
             )
+            for dest, files in (messages or {}).items():
+                for obj in files:
+                    enqueue(s, analysis, series, dest, obj, now)
             for dest in destinations:
                 for obj in objects:
                     enqueue(s, analysis, series, dest, obj, now)
@@ -369,7 +377,8 @@ class SeriesStore(DatabaseEngine):
             began = started or series.analysis_started
             reopened = series.state == "received" and began is not None and series.last_received > began
             if not reopened:  # a late instance during the analysis put it back to "received": keep that
-                series.state = "delivering" if destinations and objects else "analyzed"
+                series.state = "delivering" if (destinations and objects) or any((messages or {}).values()) \
+                    else "analyzed"
                 series.reason = None
             series.analysis_started = started or series.analysis_started
             series.analysis_finished = now

@@ -44,7 +44,8 @@ def make_web_server(node: Any) -> WebServer:
         dead = node.dead_threads()
         return text(503, f"threads stopped: {', '.join(dead)}\n") if dead else text(200, "alive\n")
 
-    server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"}, registry=registry(db, live))
+    server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"},
+                       registry=registry(db, live, {d.name: d.kind for d in cfg.destinations}))
     server.registry.register(PerformanceCollector(  # local performance and drift gauges
         db, cfg, lambda: node.drift.last if getattr(node, "drift", None) is not None else None))
     server.routes.update({("GET", "/healthz"): healthz, ("GET", "/healthz/live"): liveness,

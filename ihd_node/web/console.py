@@ -3,7 +3,8 @@
 Pages: `/` (series in flight and recent; filters positive / failed / last 24 h), `/study/<StudyUID>` (each
 series: state, stage times, findings, deliveries and their attempts, alerts, the capture thumbnail,
 events), `/thumb/<SeriesUID>.png`. Actions (POST, always authenticated, logged as `audit` events): re-send
-a series' failed deliveries, re-analyse a series. No patient name, ID or birth date is shown: the database
+a series' failed deliveries, re-analyse a series, retract a series' result (with the reason; who and why
+go into the event log). No patient name, ID or birth date is shown: the database
 does not hold them.
 """
 
@@ -133,7 +134,8 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
                    "stages": stages(x.series), "deliveries": x.deliveries, "attempts": x.attempts, "alerts": x.alerts,
                    "thumbnail": capture(x.series.series_instance_uid, x.analysis) is not None,
                    "can_resend": any(d.status in ("failed", "rejected") for d in x.deliveries),
-                   "can_reanalyse": x.series.state in REANALYSABLE and x.series.spool_removed is None}
+                   "can_reanalyse": x.series.state in REANALYSABLE and x.series.spool_removed is None,
+                   "can_retract": x.analysis is not None and x.analysis.retracted_at is None}
                   for x in detail.series]
         return render("study.html", study=detail.study, blocks=blocks, events=detail.events, user=request.user,
                       notice=request.query.get("done"), **study_reads(db, study_uid))
@@ -199,9 +201,39 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
                      series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
         return back(series, why)
 
+    def retract_result(request: Request) -> Response:
+        from ihd_node.retraction import RetractionRefused, retract
+
+        uid = request.form.get("series", "")
+        series = db.get_series(uid)
+        if series is None:
+            return text(404, "no such series\n")
+        try:
+            done = retract(cfg, db, uid, reason=request.form.get("reason", ""), who=f"{request.user} (console)",
+                           results_dir=results_dir)
+        except RetractionRefused as exc:
+            db.log_event("audit", f"retraction by {request.user} refused: {exc}", level="WARNING",
+                         series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+            return back(series, f"not retracted: {exc}")
+        db.log_event("audit", f"retraction by {request.user}: {done.summary()}", level="WARNING",
+                     series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+        node.wake_delivery()
+        return back(series, "result retracted; the notices are queued")
+
     return {("GET", "/"): index, ("GET", "/study/"): study, ("GET", "/thumb/"): thumb,
             ("POST", "/actions/resend"): resend, ("POST", "/actions/reanalyse"): reanalyse,
+            ("POST", "/actions/retract"): retract_result,
             **performance_routes(node, server, render)}
 
 
-REANALYSABLE = ("analyzed", "delivered", "failed")
+# "retracted": a late instance leaves it alone; re-analysis is the explicit way to a new result.
+REANALYSABLE = ("analyzed", "delivered", "failed", "retracted")
+OBJECT_NAMES = {"hl7-oru": "HL7 ORU", "fhir-bundle": "FHIR bundle", "1.2.840.10008.5.1.4.1.1.88.59": "KOS"}
+
+
+def object_name(sop_class_uid: str) -> str:
+    """What an outbox row carries, in a word, for the deliveries table."""
+    return OBJECT_NAMES.get(sop_class_uid) or ("SR" if ".88." in sop_class_uid else "capture")
+
+
+TEMPLATES.globals["object_name"] = object_name

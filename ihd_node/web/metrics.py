@@ -8,7 +8,7 @@ times (time to result per series, model seconds per analysis) with fixed buckets
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -43,9 +43,10 @@ def _histogram(name: str, doc: str, values: Sequence[float], buckets: Sequence[f
 
 
 class DatabaseCollector:
-    def __init__(self, db: Database, live: Callable[[], Live]) -> None:
+    def __init__(self, db: Database, live: Callable[[], Live], kinds: Mapping[str, str] | None = None) -> None:
         self.db = db
         self.live = live
+        self.kinds = dict(kinds or {})  # destination name -> kind (dicom, dicomweb, hl7, fhir)
 
     def collect(self) -> Iterator[Metric]:
         counts = self.db.metric_counts()
@@ -74,6 +75,11 @@ class DatabaseCollector:
         for status in DELIVERY_STATES:
             outbox.add_metric([status], counts.deliveries_by_status.get(status, 0))
         yield outbox
+        per_dest = GaugeMetricFamily("ihd_destination_deliveries", "Outbox rows by destination, its kind (dicom, "
+                                     "dicomweb, hl7, fhir) and status.", labels=["destination", "kind", "status"])
+        for (dest, status), n in sorted(self.db.deliveries_by_destination().items()):
+            per_dest.add_metric([dest, self.kinds.get(dest, "unknown"), status], n)
+        yield per_dest
         sent = GaugeMetricFamily("ihd_alerts", "Alerts by status.", labels=["status"])
         for status in ("pending", "sent", "failed", "rejected"):
             sent.add_metric([status], counts.alerts_by_status.get(status, 0))
@@ -88,7 +94,7 @@ class DatabaseCollector:
                                     value=live.spool_free_bytes)
 
 
-def registry(db: Database, live: Callable[[], Live]) -> CollectorRegistry:
+def registry(db: Database, live: Callable[[], Live], kinds: Mapping[str, str] | None = None) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(DatabaseCollector(db, live))  # type: ignore[arg-type]
+    reg.register(DatabaseCollector(db, live, kinds))  # type: ignore[arg-type]
     return reg

@@ -30,6 +30,8 @@ NODE_AET = "IHD_AI"  # same as conftest (not imported: conftest is not a module 
 SENDER_AET = "PACS"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation (the attention regions of a positive result)
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection (its key images)
 
 
 @dataclass
@@ -178,6 +180,9 @@ def check_results_once(pacs: MiniPACS, node: object, study: Study) -> ResultChec
         for index in range(n_model):
             allowed[result_uid(study.series_uid, name, version, "sc", index, report_rev, settings=key)] = (
                 "SC", revision)
+        for kind in ("seg", "kos"):  # a positive result's Segmentation and key images
+            allowed[result_uid(study.series_uid, name, version, kind, 0, report_rev, settings=key)] = (
+                kind.upper(), revision)
 
     objects = pacs.objects(study.study_uid)
     received = [o.sop_instance_uid for o in objects]
@@ -200,7 +205,7 @@ def check_results_once(pacs: MiniPACS, node: object, study: Study) -> ResultChec
     assert {o.series_instance_uid for o in scs} <= {revisions[latest]["sc_series"]}
     for o in objects:  # each object in the series its kind and revision call for
         kind, rev = allowed[o.sop_instance_uid]
-        assert o.sop_class_uid == (SR_CLASS if kind == "SR" else SC_CLASS)
+        assert o.sop_class_uid == {"SR": SR_CLASS, "SEG": SEG_CLASS, "KOS": KOS_CLASS}.get(kind, SC_CLASS)
         if kind == "SC":
             assert o.series_instance_uid == revisions[rev]["sc_series"]
     return ResultCheck(received, stored, {u: n for u, n in counts.items() if n > 1}, revisions)

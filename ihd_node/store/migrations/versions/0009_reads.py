@@ -2,7 +2,7 @@
 against. A new table only.
 
 Revision ID: 0009_reads
-Revises: 0007_analysis_lossy_settings (0008 comes from a parallel branch; relinked when both land)
+Revises: 0008_result_destinations
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009_reads"
-down_revision: str | None = "0007_analysis_lossy_settings"
+down_revision: str | None = "0008_result_destinations"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
