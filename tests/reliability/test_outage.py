@@ -21,8 +21,9 @@ from faults import check_results_once, done, make_study, start, store
 
 from ihd_node.sim.mini_pacs import MiniPACS
 
-# Result objects of one positive phantom series here: SR + summary capture + 2 slice captures.
-OBJECTS = 4
+# Result objects of one positive phantom series here: SR + summary capture + 2 slice captures, the
+# Segmentation of the attention regions and the key images.
+OBJECTS = 6
 
 N = 24  # slices per study: a full head (faults.make_study)
 
