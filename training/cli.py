@@ -115,7 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "challenge metric (any x2, / 7)")
     p.add_argument("--seq-clip", type=float, default=5.0,
                    help="clip the BiLSTM gradient norm to this (not in the paper; 0 = off)")
-    p.add_argument("--threshold-method", choices=("youden", "f1"), default="youden")
+    p.add_argument("--threshold-method", choices=("sensitivity", "youden", "f1"), default="sensitivity",
+                   help="sensitivity (default): per class the highest threshold keeping the validation "
+                        "sensitivity >= --target-sensitivity; youden / f1: maximise J / F1")
+    p.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="scan-level sensitivity the thresholds keep on validation (default 0.95)")
+    p.add_argument("--calibration", choices=("platt", "none"), default="platt",
+                   help="per-class Platt scaling fitted on the validation split, stored in the checkpoint "
+                        "and applied by the node (default platt)")
     p.add_argument("--bilstm-features", choices=("in_sample", "oof"), default="in_sample",
                    help="in_sample: the BiLSTM learns from the CNN's outputs on its own training slices (the "
                         "paper); oof: from out-of-fold outputs of --folds CNNs (not in the paper; K more CNN "
@@ -256,7 +263,8 @@ def train_command(args: argparse.Namespace) -> int:
         augment=AugmentConfig(strength=args.augment), amp=not args.no_amp, workers=args.workers,
         save_every=args.save_every, pca_samples=args.pca_samples, seq_epochs=args.seq_epochs,
         seq_lr=args.seq_lr, seq_batch=args.seq_batch, loss=args.loss, seq_clip=args.seq_clip,
-        threshold_method=args.threshold_method, name=args.name,
+        threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
+        calibration=args.calibration, name=args.name,
         bilstm_features=args.bilstm_features, folds=args.folds,
         version=args.version, trained_on=args.trained_on,
     )
