@@ -1,4 +1,5 @@
-"""`python -m training prepare|train|evaluate`: the paper's pipeline on data in the RSNA 2019 layout."""
+"""`python -m training prepare|train|evaluate`: the paper's pipeline on data in the RSNA 2019 layout;
+`python -m training crossgen`: a checkpoint on phantoms of the independent generator B (training/crossgen.py)."""
 
 from __future__ import annotations
 
@@ -149,7 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average with the left-right mirror image (not in the paper; the node does "
                         "not do it); stored as <split>+flip")
+    p = sub.add_parser("crossgen", help="per-class AUC, sensitivity/specificity with intervals and calibration "
+                                         "on phantoms of generator B (or held-out A), as the node runs the model")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--generator", default="b",
+                   help="b (independent, never trained on), a (held-out seeds of the training generator) or a,b")
+    p.add_argument("--n", type=int, default=8,
+                   help="series per subtype alone (8: 10 negatives + 40 single + 10 pairs = 60 series)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (another seed, other series)")
+    p.add_argument("--size", type=int, help="image size in pixels (default: B 256, A 512)")
+    p.add_argument("--out", type=Path, help="write the report as JSON here (a,b: FILE-a.json and FILE-b.json)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--workers", type=int, default=1, help="processes making phantoms (default 1)")
+    p.add_argument("--limit", type=int, help="only the first N series of the cohort (smoke tests)")
     return parser
+
+
+def crossgen(args: argparse.Namespace) -> int:
+    from training.crossgen import crossgen_command
+
+    return crossgen_command(args.checkpoint, args.generator, args.n, args.seed, args.size, args.out, args.device,
+                            args.workers, args.limit)
 
 
 def reason_counts(rejected: list[tuple[str, str]]) -> list[tuple[str, int]]:
@@ -291,7 +312,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prepare": prepare_command, "train": train_command, "evaluate": evaluate_command}[args.command]
+    handler = {"prepare": prepare_command, "train": train_command, "evaluate": evaluate_command,
+               "crossgen": crossgen}[args.command]
     try:
         return handler(args)
     except UserError as exc:
