@@ -65,8 +65,11 @@ def reliability_svg(validation: dict[str, dict[str, Any]]) -> str:
         out.append(f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>')
         out.append(f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0}" stroke="#bbb" stroke-dasharray="3,3"/>')
         for g, v in validation.items():
-            bins = v["classes"][c].get("reliability") or []
-            pts = [(x0 + b["mean_probability"] * w, y0 + h - b["observed"] * h, b["n"]) for b in bins]
+            bins = [b for b in v["classes"][c].get("reliability") or []
+                    if b.get("n", b.get("count")) and b.get("mean_probability") is not None
+                    and b.get("observed") is not None]
+            pts = [(x0 + b["mean_probability"] * w, y0 + h - b["observed"] * h, b.get("n", b.get("count", 1)))
+                   for b in bins]
             if len(pts) > 1:
                 path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in pts)
                 out.append(f'<polyline points="{path}" fill="none" stroke="{colours.get(g, "#000")}"/>')
@@ -108,6 +111,15 @@ def _input_note(neighbours: int) -> str:
         return ""  # the paper's single-slice input: the card says nothing more (as for the shipped model)
     return (f"; 2.5D: each slice with {neighbours} neighbour(s) on each side as further channels "
             f"({3 * (2 * neighbours + 1)} in all, not the paper's input)")
+
+
+def _randomized_line(prov: dict[str, Any]) -> str:
+    figures = (prov.get("metrics") or {}).get("held_out_phantoms_figures") or {}
+    classes = figures.get("classes") or {}
+    if not classes:
+        return ""
+    aucs = ", ".join(f"{c} {_f(m.get('auc'))}" for c, m in classes.items())
+    return f" Scan-level AUC there: {aucs}."
 
 
 def model_card(checkpoint: Path, recipe: Any) -> str:
@@ -188,8 +200,10 @@ Generator B was used neither for training nor for calibration or thresholds: its
   an auxiliary loss (weight {recipe.mask_weight:g}) on 1x1 convolutions over feature maps predicting
   the phantoms' lesion masks (training only, not in the model). PCA fitted on the training features.
   BiLSTM: {recipe.seq_epochs} epochs, one scan per batch, Adam {1e-4 * recipe.seq_lr_scale:g}.
-- Held-out A: {recipe.test_series} series from another seed range ({recipe.test_seed}..{last_test}),
-  {recipe.test_size}x{recipe.test_size}, randomized in the same share as training.
+- Also evaluated (the paper's metrics in `provenance["metrics"]["held_out_phantoms"]`, figures in
+  `held_out_phantoms_figures`): {recipe.test_series} held-out A series from another seed range
+  ({recipe.test_seed}..{last_test}), {recipe.test_size}x{recipe.test_size}, randomized in the same share
+  as training.{_randomized_line(prov)}
 
 ## Grad-CAM
 The outputs (secondary captures, SR regions) use **decision Grad-CAM** (`model.explain: decision`, the

@@ -43,11 +43,11 @@ class Recipe:
 
     train_series: int = 480
     val_series: int = 200  # calibration and thresholds: enough series for stable sensitivity figures
-    test_series: int = 120
+    test_series: int = 60
     train_seed: int = 10_000  # series i uses seed train_seed + i
     test_seed: int = 900_000  # held-out series: a seed range training never touches
-    b_series: int = 80  # generator B: a pure test set (negatives, every subtype, mixed)
-    b_seed: int = 5_000_000
+    crossgen_per_kind: int = 4  # A and B cohorts: 4 series of each kind (negative, 5 single, 10 pairs) = 64
+    crossgen_size: int | None = None  # their image size (None: crossgen's defaults, A 512 and B 256 px)
     train_sizes: tuple[int, ...] = (256, 384, 512)  # image sizes of the training phantoms (cycled)
     test_size: int = 512
     negative_share: float = 0.3  # share of series without hemorrhage
@@ -211,15 +211,26 @@ def write_card(checkpoint: Path, folder: Path, recipe: Recipe) -> None:
         (folder / "reliability.svg").write_text(reliability_svg(validation))
 
 
-def evaluate_generator_b(checkpoint: Path, recipe: Recipe, workers: int) -> dict[str, Any] | None:
-    """Figures on the independent generator B (a pure test: never used for training, calibration or
-    thresholds); None when this tree has no generator B."""
-    try:
-        from training.crossgen import generator_figures
-    except ImportError:
-        print("generator B is not available here: the card shows generator A only", flush=True)
-        return None
-    return generator_figures(checkpoint, "b", series=recipe.b_series, seed=recipe.b_seed, workers=workers)
+def cross_generator(checkpoint: Path, recipe: Recipe, workers: int) -> dict[str, Any]:
+    """Figures on a held-out generator-A cohort and on the independent generator B, the same mix of
+    negatives, single subtypes and pairs (training/crossgen.py; B is a pure test: never used for
+    training, calibration or thresholds)."""
+    from training.crossgen import run_crossgen
+
+    out = {}
+    for gen, text in (("a", "generator A (ihd_node.sim.phantom, default phantoms), held-out seeds"),
+                      ("b", "generator B (ihd_node.sim.generator_b), written independently, never trained on")):
+        report = run_crossgen(checkpoint, gen, n_per_kind=recipe.crossgen_per_kind, seed=0,
+                              size=recipe.crossgen_size, workers=workers, verbose=False)
+        kinds = report["composition"]
+        pairs = sum(v for k, v in kinds.items() if "+" in k)
+        composition = (f"{kinds.get('negative', 0)} negative, {sum(kinds.values()) - pairs - kinds.get('negative', 0)} "
+                       f"with one subtype, {pairs} with two")
+        out[gen.upper()] = {"description": f"{text}; {composition}", "series": report["n_series"],
+                            "composition": report["composition"], "classes": report["classes"],
+                            "command": f"python -m training crossgen --checkpoint CHECKPOINT --generator {gen} "
+                                       f"--n {recipe.crossgen_per_kind}"}
+    return out
 
 
 def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads: int = 2,
@@ -255,13 +266,12 @@ def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads:
     metrics, figures_a = evaluate_held_out(checkpoint, recipe, workers)
     print("held-out phantoms:\n" + format_metrics(metrics), flush=True)
     print("held-out generator A (calibrated):\n" + format_figures(figures_a["classes"]), flush=True)
-    validation = {"A": figures_a}
-    figures_b = evaluate_generator_b(checkpoint, recipe, workers)
-    if figures_b is not None:
-        print("generator B (calibrated):\n" + format_figures(figures_b["classes"]), flush=True)
-        validation["B"] = figures_b
+    validation = cross_generator(checkpoint, recipe, workers)
+    for figures in validation.values():
+        print(f"{figures['description']}:\n" + format_figures(figures["classes"]), flush=True)
     seconds = time.monotonic() - started
-    store_provenance(checkpoint, {"metrics": {"held_out_phantoms": jsonable(metrics)},
+    store_provenance(checkpoint, {"metrics": {"held_out_phantoms": jsonable(metrics),
+                                              "held_out_phantoms_figures": jsonable(figures_a)},
                                   "validation": jsonable(validation), "recipe_seconds": round(seconds, 1)})
     write_card(checkpoint, out.parent, recipe)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.parent / 'MODEL_CARD.md'} "
@@ -301,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                          val_series=max(5, int(recipe.val_series * args.scale)),
                          test_series=max(10, int(recipe.test_series * args.scale)),
                          cnn_epoch_size=max(64, int(recipe.cnn_epoch_size * args.scale)),
-                         b_series=max(12, int(recipe.b_series * args.scale)))
+                         crossgen_per_kind=max(1, int(recipe.crossgen_per_kind * args.scale)))
     try:
         if args.card_only:
             write_card(args.out, args.out.parent, recipe)
