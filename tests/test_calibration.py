@@ -109,3 +109,18 @@ def test_old_checkpoints_load_with_identity_and_bad_calibration_is_refused(tmp_p
     torch.save(data, path)
     with pytest.raises(CheckpointError, match="bad calibration"):
         load_checkpoint(path)
+
+
+def test_specificity_floor_raises_a_threshold_that_would_call_too_many() -> None:
+    """Where 95 % sensitivity needs a threshold below most negatives, the floor (specificity >= 0.9) wins."""
+    rng = np.random.default_rng(5)
+    y = np.zeros((400, len(CLASSES)))
+    y[:100] = 1
+    p = np.where(y > 0, rng.uniform(0.0, 1.0, y.shape), rng.uniform(0.0, 0.8, y.shape))  # poorly separated
+    plain = thresholds_by_policy(y, p, "sensitivity", 0.95)
+    floored = thresholds_by_policy(y, p, "sensitivity", 0.95, min_specificity=0.9)
+    for k, c in enumerate(CLASSES):
+        neg = y[:, k] == 0
+        assert (p[neg, k] < plain[c]).mean() < 0.9  # the sensitivity target alone calls too many
+        assert floored[c] > plain[c] and (p[neg, k] < floored[c]).mean() >= 0.9
+        assert (p[neg, k] < floored[c] - 0.02).mean() < 0.9  # and not higher than the floor needs

@@ -84,21 +84,44 @@ def _sensitivity_threshold(t: np.ndarray, p: np.ndarray, target: float) -> float
     return float(min(max(thr, 1e-4), 1.0 - 1e-4))
 
 
+def _specificity_threshold(t: np.ndarray, p: np.ndarray, floor: float) -> float:
+    """The lowest threshold at which at least `floor` of the negatives score below it (halfway to the
+    next higher score)."""
+    if not t.any() or t.all():
+        return 0.5
+    neg = np.sort(p[~t])
+    allowed = int(math.floor((1.0 - floor) * len(neg) + 1e-9))  # negatives allowed at or above it
+    top = float(neg[len(neg) - 1 - allowed])  # the highest negative score that must stay below
+    above = p[p > top]
+    thr = (top + float(above.min())) / 2.0 if above.size else top + 1e-6
+    return float(min(max(thr, 1e-4), 1.0 - 1e-4))
+
+
 def thresholds_by_policy(labels: np.ndarray, probs: np.ndarray, method: str = "sensitivity",
-                         target: float = 0.95) -> dict[str, float]:
+                         target: float = 0.95, min_specificity: float = 0.0) -> dict[str, float]:
+    """Per-class thresholds. "sensitivity": the highest threshold keeping sensitivity >= target, raised
+    where needed so that specificity >= min_specificity (the floor wins when both cannot hold)."""
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}")
     if method != "sensitivity":
         return choose_thresholds(labels, probs, method)
     t = np.asarray(labels).astype(bool)
     p = np.asarray(probs, dtype=np.float64)
-    return {c: _sensitivity_threshold(t[:, k], p[:, k], target) for k, c in enumerate(CLASSES)}
+    out = {}
+    for k, c in enumerate(CLASSES):
+        thr = _sensitivity_threshold(t[:, k], p[:, k], target)
+        if min_specificity > 0 and t[:, k].any() and not t[:, k].all():
+            thr = max(thr, _specificity_threshold(t[:, k], p[:, k], min_specificity))
+        out[c] = thr
+    return out
 
 
-def policy_text(method: str, target: float) -> str:
+def policy_text(method: str, target: float, min_specificity: float = 0.0) -> str:
     if method == "sensitivity":
+        floor = (f", raised where needed to keep specificity >= {min_specificity:g} (the specificity floor wins "
+                 "where both cannot hold)") if min_specificity > 0 else ""
         return (f"per class, the highest threshold that keeps the scan-level sensitivity >= {target:g} on the "
-                f"validation series (calibrated probabilities)")
+                f"validation series (calibrated probabilities){floor}")
     return {"youden": "Youden's J (sensitivity + specificity - 1) maximised", "f1": "F1 maximised"}[method] \
         + " on the validation series, scan level"
 

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sensitivity >= --target-sensitivity; youden / f1: maximise J / F1")
     p.add_argument("--target-sensitivity", type=float, default=0.95,
                    help="scan-level sensitivity the thresholds keep on validation (default 0.95)")
+    p.add_argument("--min-specificity", type=float, default=0.9,
+                   help="floor under the sensitivity policy: raise a threshold until the validation "
+                        "specificity is at least this (default 0.9; 0 = no floor)")
     p.add_argument("--calibration", choices=("platt", "none"), default="platt",
                    help="per-class Platt scaling fitted on the validation split, stored in the checkpoint "
                         "and applied by the node (default platt)")
@@ -285,6 +288,7 @@ def train_command(args: argparse.Namespace) -> int:
         save_every=args.save_every, pca_samples=args.pca_samples, seq_epochs=args.seq_epochs,
         seq_lr=args.seq_lr, seq_batch=args.seq_batch, loss=args.loss, seq_clip=args.seq_clip,
         threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
+        min_specificity=args.min_specificity,
         calibration=args.calibration, name=args.name,
         bilstm_features=args.bilstm_features, folds=args.folds,
         version=args.version, trained_on=args.trained_on,

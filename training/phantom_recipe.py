@@ -234,7 +234,8 @@ def cross_generator(checkpoint: Path, recipe: Recipe, workers: int) -> dict[str,
 
 
 def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads: int = 2,
-               verbose: bool = True, neighbours: int = 0, config: Any = None) -> dict[str, Any]:
+               verbose: bool = True, neighbours: int = 0, config: Any = None, evaluate: bool = True
+               ) -> dict[str, Any]:
     """The whole recipe; `config` replaces the compact preset (tests train a tiny model with it)."""
     from ihd_node.model.presets import get_preset
     from training.evaluate import store_provenance
@@ -263,6 +264,10 @@ def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads:
     checkpoint = run_stages(opts, out=out)
     assert checkpoint is not None
     print(f"training done after {time.monotonic() - started:.0f}s", flush=True)
+    if not evaluate:
+        store_provenance(checkpoint, {"recipe_seconds": round(time.monotonic() - started, 1)})
+        write_card(checkpoint, out.parent, recipe)
+        return {}
     metrics, figures_a = evaluate_held_out(checkpoint, recipe, workers)
     print("held-out phantoms:\n" + format_metrics(metrics), flush=True)
     print("held-out generator A (calibrated):\n" + format_figures(figures_a["classes"]), flush=True)
@@ -300,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cnn-epochs", type=int, help="override the recipe's CNN epochs")
     parser.add_argument("--epoch-size", type=int, help="override the recipe's slices per CNN epoch")
     parser.add_argument("--lr-scale", type=float, help="override the recipe's learning-rate scale (20)")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="train (or re-export from --work) and write the card, without the held-out and "
+                             "cross-generator evaluations (compare_models --store-into adds them)")
     parser.add_argument("--card-only", action="store_true",
                         help="only rewrite MODEL_CARD.md beside --out from that checkpoint")
     args = parser.parse_args(argv)
@@ -318,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.work:
             args.work.mkdir(parents=True, exist_ok=True)
-            run_recipe(args.out, args.work, recipe, args.workers, args.threads, neighbours=args.neighbours)
+            run_recipe(args.out, args.work, recipe, args.workers, args.threads, neighbours=args.neighbours,
+                       evaluate=not args.no_eval)
         else:
             tmp = Path(tempfile.mkdtemp(prefix="ihd-phantom-recipe-"))
             try:
-                run_recipe(args.out, tmp, recipe, args.workers, args.threads, neighbours=args.neighbours)
+                run_recipe(args.out, tmp, recipe, args.workers, args.threads, neighbours=args.neighbours,
+                           evaluate=not args.no_eval)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except UserError as exc:

@@ -83,11 +83,14 @@ def calibrate(opts: TrainOptions, scan_labels: np.ndarray, scan_probs: np.ndarra
     else:
         raise TrainingError(f"unknown calibration {opts.calibration!r}; use platt or none")
     cal = calibration.apply(scan_probs)
-    thresholds = thresholds_by_policy(scan_labels, cal, opts.threshold_method, opts.target_sensitivity)
+    thresholds = thresholds_by_policy(scan_labels, cal, opts.threshold_method, opts.target_sensitivity,
+                                      opts.min_specificity)
     figures = class_figures(scan_labels, cal, thresholds)
-    policy = {"method": opts.threshold_method, "policy": policy_text(opts.threshold_method, opts.target_sensitivity),
+    text = policy_text(opts.threshold_method, opts.target_sensitivity, opts.min_specificity)
+    policy = {"method": opts.threshold_method, "policy": text,
               "validation_scans": n_val, "thresholds": thresholds,
               "validation": {c: {k: v for k, v in m.items() if k != "reliability"} for c, m in figures.items()}}
     if opts.threshold_method == "sensitivity":
         policy["target_sensitivity"] = opts.target_sensitivity
+        policy["min_specificity"] = opts.min_specificity
     return calibration, policy
