@@ -64,7 +64,7 @@ def test_recipe_stores_calibration_policy_and_figures_on_a_and_b(built: Path) ->
 def test_model_describe_shows_calibration_policy_and_both_generators(built: Path, capsys) -> None:
     assert cli_main(["model", "describe", str(built)]) == 0
     text = capsys.readouterr().out
-    assert "calibration Platt per class" in text and "policy      per class, the highest threshold" in text
+    assert "calibration Platt per class" in text and "chosen by per class, the highest threshold" in text
     assert "validation  generator A, " in text and "validation  generator B, " in text
     assert cli_main(["model", "describe", str(built), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)

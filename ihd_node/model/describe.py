@@ -207,7 +207,7 @@ def summary_text(d: dict[str, Any]) -> str:
         lines.append(textwrap.fill(", ".join(f"{k} {v:.3f}" for k, v in d["thresholds"].items()), 100,
                                    initial_indent="thresholds  ", subsequent_indent=" " * 12))
         policy = d.get("thresholds_policy") or {}
-        if policy.get("policy"):
+        if policy.get("policy") and policy["policy"] != d["provenance"].get("threshold_method"):
             lines.append(textwrap.fill(str(policy["policy"]), 100, initial_indent="policy      ",
                                        subsequent_indent=" " * 12))
         cal = d.get("calibration") or {}
