@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -213,23 +214,36 @@ def write_card(checkpoint: Path, folder: Path, recipe: Recipe) -> None:
 
 def cross_generator(checkpoint: Path, recipe: Recipe, workers: int) -> dict[str, Any]:
     """Figures on a held-out generator-A cohort and on the independent generator B, the same mix of
-    negatives, single subtypes and pairs (training/crossgen.py; B is a pure test: never used for
-    training, calibration or thresholds)."""
-    from training.crossgen import run_crossgen
+    negatives, single subtypes and pairs, by `python -m training crossgen` (a subprocess: crossgen reads
+    this recipe's seed ranges, so importing it here would close an import circle). B is a pure test: never
+    used for training, calibration or thresholds."""
+    import subprocess
 
+    descriptions = {"a": "generator A (ihd_node.sim.phantom, default phantoms), held-out seeds",
+                    "b": "generator B (ihd_node.sim.generator_b), written independently, never trained on"}
     out = {}
-    for gen, text in (("a", "generator A (ihd_node.sim.phantom, default phantoms), held-out seeds"),
-                      ("b", "generator B (ihd_node.sim.generator_b), written independently, never trained on")):
-        report = run_crossgen(checkpoint, gen, n_per_kind=recipe.crossgen_per_kind, seed=0,
-                              size=recipe.crossgen_size, workers=workers, verbose=False)
-        kinds = report["composition"]
-        pairs = sum(v for k, v in kinds.items() if "+" in k)
-        composition = (f"{kinds.get('negative', 0)} negative, {sum(kinds.values()) - pairs - kinds.get('negative', 0)} "
-                       f"with one subtype, {pairs} with two")
-        out[gen.upper()] = {"description": f"{text}; {composition}", "series": report["n_series"],
-                            "composition": report["composition"], "classes": report["classes"],
-                            "command": f"python -m training crossgen --checkpoint CHECKPOINT --generator {gen} "
-                                       f"--n {recipe.crossgen_per_kind}"}
+    with tempfile.TemporaryDirectory(prefix="ihd-crossgen-") as tmp:
+        for gen in ("a", "b"):
+            path = Path(tmp) / f"{gen}.json"
+            cmd = [sys.executable, "-m", "training", "crossgen", "--checkpoint", str(checkpoint), "--generator", gen,
+                   "--n", str(recipe.crossgen_per_kind), "--workers", str(workers), "--out", str(path)]
+            if recipe.crossgen_size:
+                cmd += ["--size", str(recipe.crossgen_size)]
+            root = str(Path(__file__).resolve().parent.parent)  # this tree's `training` and `ihd_node`
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise UserError(f"cross-generator evaluation on {gen.upper()} failed: {proc.stderr.strip()[-800:]}")
+            report = json.loads(path.read_text())
+            kinds = report["composition"]
+            pairs = sum(v for k, v in kinds.items() if "+" in k)
+            single = sum(kinds.values()) - pairs - kinds.get("negative", 0)
+            out[gen.upper()] = {
+                "description": f"{descriptions[gen]}; {kinds.get('negative', 0)} negative, {single} with one "
+                               f"subtype, {pairs} with two",
+                "series": report["n_series"], "composition": kinds, "classes": report["classes"],
+                "command": f"python -m training crossgen --checkpoint CHECKPOINT --generator {gen} "
+                           f"--n {recipe.crossgen_per_kind}"}
     return out
 
 
