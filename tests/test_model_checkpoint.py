@@ -147,7 +147,7 @@ def test_config_weights_mismatch(tmp_path) -> None:
 
 def test_read_checkpoint_gives_metadata_without_building(tmp_path) -> None:
     path, data = read_checkpoint(_save(tmp_path / "m.pt"))
-    assert data["format"] == "ihd-node-checkpoint" and data["format_version"] == 1
+    assert data["format"] == "ihd-node-checkpoint" and data["format_version"] == 2  # 2: calibration
     assert data["classes"] == list(CLASSES) and data["weights_dtype"] == "float16"
     assert data["preprocessing"]["input_size"] == 64
 

@@ -1,4 +1,5 @@
-"""`python -m training prepare|train|evaluate`: the paper's pipeline on data in the RSNA 2019 layout."""
+"""`python -m training prepare|train|evaluate`: the paper's pipeline on data in the RSNA 2019 layout;
+`python -m training crossgen`: a checkpoint on phantoms of the independent generator B (training/crossgen.py)."""
 
 from __future__ import annotations
 
@@ -115,7 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "challenge metric (any x2, / 7)")
     p.add_argument("--seq-clip", type=float, default=5.0,
                    help="clip the BiLSTM gradient norm to this (not in the paper; 0 = off)")
-    p.add_argument("--threshold-method", choices=("youden", "f1"), default="youden")
+    p.add_argument("--threshold-method", choices=("sensitivity", "youden", "f1"), default="sensitivity",
+                   help="sensitivity (default): per class the highest threshold keeping the validation "
+                        "sensitivity >= --target-sensitivity; youden / f1: maximise J / F1")
+    p.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="scan-level sensitivity the thresholds keep on validation (default 0.95)")
+    p.add_argument("--min-specificity", type=float, default=0.9,
+                   help="floor under the sensitivity policy: raise a threshold until the validation "
+                        "specificity is at least this (default 0.9; 0 = no floor)")
+    p.add_argument("--calibration", choices=("platt", "none"), default="platt",
+                   help="per-class Platt scaling fitted on the validation split, stored in the checkpoint "
+                        "and applied by the node (default platt)")
     p.add_argument("--bilstm-features", choices=("in_sample", "oof"), default="in_sample",
                    help="in_sample: the BiLSTM learns from the CNN's outputs on its own training slices (the "
                         "paper); oof: from out-of-fold outputs of --folds CNNs (not in the paper; K more CNN "
@@ -142,7 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average with the left-right mirror image (not in the paper; the node does "
                         "not do it); stored as <split>+flip")
+    p = sub.add_parser("crossgen", help="per-class AUC, sensitivity/specificity with intervals and calibration "
+                                         "on phantoms of generator B (or held-out A), as the node runs the model")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--generator", default="b",
+                   help="b (independent, never trained on), a (held-out seeds of the training generator) or a,b")
+    p.add_argument("--n", type=int, default=8,
+                   help="series per subtype alone (8: 10 negatives + 40 single + 10 pairs = 60 series)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (another seed, other series)")
+    p.add_argument("--size", type=int, help="image size in pixels (default: B 256, A 512)")
+    p.add_argument("--out", type=Path, help="write the report as JSON here (a,b: FILE-a.json and FILE-b.json)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--workers", type=int, default=1, help="processes making phantoms (default 1)")
+    p.add_argument("--limit", type=int, help="only the first N series of the cohort (smoke tests)")
     return parser
+
+
+def crossgen(args: argparse.Namespace) -> int:
+    from training.crossgen import crossgen_command
+
+    return crossgen_command(args.checkpoint, args.generator, args.n, args.seed, args.size, args.out, args.device,
+                            args.workers, args.limit)
 
 
 def reason_counts(rejected: list[tuple[str, str]]) -> list[tuple[str, int]]:
@@ -256,7 +287,9 @@ def train_command(args: argparse.Namespace) -> int:
         augment=AugmentConfig(strength=args.augment), amp=not args.no_amp, workers=args.workers,
         save_every=args.save_every, pca_samples=args.pca_samples, seq_epochs=args.seq_epochs,
         seq_lr=args.seq_lr, seq_batch=args.seq_batch, loss=args.loss, seq_clip=args.seq_clip,
-        threshold_method=args.threshold_method, name=args.name,
+        threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
+        min_specificity=args.min_specificity,
+        calibration=args.calibration, name=args.name,
         bilstm_features=args.bilstm_features, folds=args.folds,
         version=args.version, trained_on=args.trained_on,
     )
@@ -283,7 +316,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prepare": prepare_command, "train": train_command, "evaluate": evaluate_command}[args.command]
+    handler = {"prepare": prepare_command, "train": train_command, "evaluate": evaluate_command,
+               "crossgen": crossgen}[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -111,6 +111,7 @@ def evaluate_checkpoint(checkpoint: Path, work: Path, split: str = "test", devic
         raise TrainingError(f"split {split!r} of {work} is empty; prepare with --test-fraction or use "
                             "--split val")
     labels, probs = predict_cached(loaded.model, store, ids, resolve_device(device), verbose, tta=tta)
+    probs = [loaded.calibration.apply(p) for p in probs]  # as the node reports them
     metrics = evaluate_scans(labels, probs, loaded.thresholds)
     key = split if tta == "none" else f"{split}+{tta}"
     print(f"{split} split of {work} ({len(ids)} scans), checkpoint thresholds"

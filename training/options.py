@@ -55,8 +55,13 @@ class TrainOptions:
     seq_epochs: int = 4
     seq_lr: float = 1e-4
     seq_batch: int = 1
-    # Export.
-    threshold_method: str = "youden"
+    # Export: per-class calibration (platt | none) fitted on the validation split, then thresholds on the
+    # calibrated scan probabilities: "sensitivity" = the highest keeping target_sensitivity, raised to keep
+    # specificity >= min_specificity (or youden/f1).
+    calibration: str = "platt"
+    threshold_method: str = "sensitivity"
+    target_sensitivity: float = 0.95
+    min_specificity: float = 0.9  # a floor under the sensitivity policy: at most 10 % false calls on validation
     name: str = "ihd-node"
     version: str = "0.0.0"
     trained_on: str = ""

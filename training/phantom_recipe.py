@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -24,30 +25,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from ihd_node.classes import CLASSES, SUBTYPES
+from ihd_node.classes import SUBTYPES
 from ihd_node.errors import UserError
 from training.augment import AugmentConfig
+from training.calibrate import format_figures
 from training.data import CachedScan, save_manifest, write_cached_scan
 from training.metrics import evaluate_scans, format_metrics, jsonable
+from training.model_card import model_card, reliability_svg
 from training.progress import progress
 
 MODEL_NAME = "ihd-node-phantom-compact"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "2.0.0"  # 2: randomized phantoms, calibrated, thresholds by a sensitivity policy
 
 
 @dataclass(frozen=True)
 class Recipe:
     """All numbers of the recipe in one place (the model card prints them)."""
 
-    train_series: int = 420
-    val_series: int = 60
-    test_series: int = 100
+    train_series: int = 480
+    val_series: int = 200  # calibration and thresholds: enough series for stable sensitivity figures
+    test_series: int = 60
     train_seed: int = 10_000  # series i uses seed train_seed + i
     test_seed: int = 900_000  # held-out series: a seed range training never touches
+    crossgen_per_kind: int = 4  # A and B cohorts: 4 series of each kind (negative, 5 single, 10 pairs) = 64
+    crossgen_size: int | None = None  # their image size (None: crossgen's defaults, A 512 and B 256 px)
     train_sizes: tuple[int, ...] = (256, 384, 512)  # image sizes of the training phantoms (cycled)
     test_size: int = 512
     negative_share: float = 0.3  # share of series without hemorrhage
     second_subtype_share: float = 0.3  # share of positive series with two subtypes
+    randomize_share: float = 0.85  # share of series with domain randomization (the rest: default phantoms)
     cnn_epochs: int = 3
     cnn_epoch_size: int = 10500  # slices drawn per CNN epoch
     cnn_lr: float = 1e-4
@@ -59,12 +65,17 @@ class Recipe:
     seq_epochs: int = 6  # paper 4; the small LSTM is still improving then and an epoch takes seconds
     seq_lr_scale: float = 10.0
     seed: int = 0
+    # Warm start (optional): the CNN backbone of an earlier checkpoint instead of random initialisation;
+    # a shorter fine-tuning at a lower rate then replaces training from scratch.
+    warm_start: str | None = None
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(strength=1.0))
 
 
-def series_plan(index: int, seed: int, recipe: Recipe) -> tuple[list[str], int]:
-    """(subtypes, size) of training/validation series `index`: balanced over the five subtypes."""
+def series_plan(index: int, seed: int, recipe: Recipe) -> tuple[list[str], int, bool]:
+    """(subtypes, size, randomized) of training/validation series `index`: balanced over the five
+    subtypes."""
     rng = np.random.default_rng([seed, index])
+    randomize = bool(np.random.default_rng([seed, index, 7]).uniform() < recipe.randomize_share)
     if rng.random() < recipe.negative_share:
         subtypes: list[str] = []
     else:
@@ -73,10 +84,10 @@ def series_plan(index: int, seed: int, recipe: Recipe) -> tuple[list[str], int]:
         if rng.random() < recipe.second_subtype_share:
             subtypes.append(str(rng.choice([s for s in SUBTYPES if s != first])))
     size = recipe.train_sizes[index % len(recipe.train_sizes)]
-    return subtypes, size
+    return subtypes, size, randomize
 
 
-def phantom_volume(seed: int, subtypes: Sequence[str], size: int
+def phantom_volume(seed: int, subtypes: Sequence[str], size: int, randomize: bool = False
                    ) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
     """One phantom series as (HU (n, size, size) sorted along the patient axis, labels (n, 6), series uid,
     lesion bitmasks (n, size, size)).
@@ -87,25 +98,25 @@ def phantom_volume(seed: int, subtypes: Sequence[str], size: int
     from ihd_node.imaging.volume import to_hu
     from ihd_node.sim.phantom import make_series
 
-    series = make_series(seed, subtypes=list(subtypes), size=size)
+    series = make_series(seed, subtypes=list(subtypes), size=size, randomize=randomize)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in series.datasets}
     hu = np.stack([to_hu(by_uid[uid]) for uid in series.sop_uids_sorted]).astype(np.float32)
     return hu, np.asarray(series.labels, dtype=np.uint8), str(series.series_instance_uid), series.masks
 
 
-def _make_cached(job: tuple[int, int, list[str], int, str, int]) -> dict[str, Any]:
-    index, seed, subtypes, size, cache_dir, input_size = job
+def _make_cached(job: tuple[int, int, list[str], int, bool, str, int]) -> dict[str, Any]:
+    index, seed, subtypes, size, randomize, cache_dir, input_size = job
     torch.set_num_threads(1)
-    hu, labels, uid, masks = phantom_volume(seed, subtypes, size)
+    hu, labels, uid, masks = phantom_volume(seed, subtypes, size, randomize)
     cached = write_cached_scan(Path(cache_dir), uid, uid, hu, [f"{uid}.{i}" for i in range(len(labels))],
                                labels, input_size, masks=masks)
     return {"index": index, "scan": cached.__dict__}
 
 
-def _held_out(job: tuple[int, list[str], int]) -> tuple[np.ndarray, np.ndarray]:
-    seed, subtypes, size = job
+def _held_out(job: tuple[int, list[str], int, bool]) -> tuple[np.ndarray, np.ndarray]:
+    seed, subtypes, size, randomize = job
     torch.set_num_threads(1)
-    hu, labels, _, _ = phantom_volume(seed, subtypes, size)
+    hu, labels, _, _ = phantom_volume(seed, subtypes, size, randomize)
     return hu, labels
 
 
@@ -123,7 +134,8 @@ def make_training_cache(work: Path, recipe: Recipe, input_size: int, workers: in
     cache.mkdir(parents=True, exist_ok=True)
     stamp = json.dumps({"phantoms": [recipe.train_series, recipe.val_series, recipe.train_seed,
                                      list(recipe.train_sizes), recipe.negative_share,
-                                     recipe.second_subtype_share], "input_size": input_size})
+                                     recipe.second_subtype_share, recipe.randomize_share],
+                        "input_size": input_size})
     if (work / "splits.json").is_file() and (cache / "recipe.json").is_file() \
             and (cache / "recipe.json").read_text() == stamp:
         print(f"reusing the training phantoms in {cache}", flush=True)
@@ -131,8 +143,8 @@ def make_training_cache(work: Path, recipe: Recipe, input_size: int, workers: in
     n = recipe.train_series + recipe.val_series
     jobs = []
     for i in range(n):
-        subtypes, size = series_plan(i, recipe.train_seed, recipe)
-        jobs.append((i, recipe.train_seed + i, subtypes, size, str(cache), input_size))
+        subtypes, size, randomize = series_plan(i, recipe.train_seed, recipe)
+        jobs.append((i, recipe.train_seed + i, subtypes, size, randomize, str(cache), input_size))
     results = sorted(_pool(_make_cached, jobs, workers, "training phantoms"), key=lambda r: r["index"])
     scans = [CachedScan(**r["scan"]) for r in results]
     save_manifest(cache, scans, input_size)
@@ -145,8 +157,9 @@ def make_training_cache(work: Path, recipe: Recipe, input_size: int, workers: in
     return splits
 
 
-def held_out_plan(recipe: Recipe) -> list[tuple[int, list[str], int]]:
-    """Held-out series: every subtype alone and in pairs, plus negatives, from the test seed range."""
+def held_out_plan(recipe: Recipe) -> list[tuple[int, list[str], int, bool]]:
+    """Held-out series: every subtype alone and in pairs, plus negatives, from the test seed range;
+    randomized as the training mix is (the same share)."""
     jobs = []
     for i in range(recipe.test_series):
         rng = np.random.default_rng([recipe.test_seed, i])
@@ -156,126 +169,88 @@ def held_out_plan(recipe: Recipe) -> list[tuple[int, list[str], int]]:
             subtypes = [SUBTYPES[i % len(SUBTYPES)]]
             if rng.random() < 0.3:
                 subtypes.append(str(rng.choice([s for s in SUBTYPES if s != subtypes[0]])))
-        jobs.append((recipe.test_seed + i, subtypes, recipe.test_size))
+        randomize = bool(np.random.default_rng([recipe.test_seed, i, 7]).uniform() < recipe.randomize_share)
+        jobs.append((recipe.test_seed + i, subtypes, recipe.test_size, randomize))
     return jobs
 
 
-def evaluate_held_out(checkpoint: Path, recipe: Recipe, workers: int) -> dict[str, Any]:
+def evaluate_held_out(checkpoint: Path, recipe: Recipe, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Held-out generator A through the node's Predictor: (the paper's metrics, the card's figures)."""
+    from ihd_node.model.checkpoint import load_checkpoint
+    from training.calibrate import class_figures
     from training.evaluate import predict_volumes
 
     volumes = list(_pool(_held_out, held_out_plan(recipe), workers, "held-out phantoms"))
     labels, probs = predict_volumes(checkpoint, volumes, device="cpu")
-    from ihd_node.model.checkpoint import load_checkpoint
-
     thresholds = load_checkpoint(checkpoint).thresholds
-    return evaluate_scans(labels, probs, thresholds)
+    scan_t = np.stack([y.max(axis=0) for y in labels])
+    scan_p = np.stack([p.max(axis=0) for p in probs])
+    figures = {"description": "generator A (ihd_node.sim.phantom), held-out seeds "
+                              f"{recipe.test_seed}..{recipe.test_seed + recipe.test_series - 1}, "
+                              f"{int(recipe.randomize_share * 100)}% randomized",
+               "series": len(volumes), "classes": class_figures(scan_t, scan_p, thresholds)}
+    return evaluate_scans(labels, probs, thresholds), figures
 
 
-def _input_note(neighbours: int) -> str:
-    if neighbours == 0:
-        return ""  # the paper's single-slice input: the card says nothing more (as for the shipped model)
-    return (f"; 2.5D: each slice with {neighbours} neighbour(s) on each side as further channels "
-            f"({3 * (2 * neighbours + 1)} in all, not the paper's input)")
-
-
-def model_card(checkpoint: Path, recipe: Recipe) -> str:
-    """MODEL_CARD.md text from the checkpoint (held-out metrics and build time are in its provenance)."""
+def warm_backbone(checkpoint: Path, work: Path) -> Path:
+    """The CNN backbone of a checkpoint as a state_dict file (what TrainOptions.backbone_weights reads)."""
     from ihd_node.model.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
-    cfg = loaded.config
-    metrics = loaded.provenance["metrics"]["held_out_phantoms"]
-    seconds = float(loaded.provenance.get("recipe_seconds", 0.0))
-    params = sum(p.numel() for p in loaded.model.parameters())
-    scan, sl = metrics["scan"], metrics["slice"]
-    rows = []
-    for c in CLASSES:
-        m, s = scan["classes"][c], sl["classes"][c]
-        rows.append(f"| {c} | {m['auc']:.3f} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | "
-                    f"{m['accuracy']:.3f} | {m['positives']}/{scan['n']} | {s['auc']:.3f} | "
-                    f"{loaded.thresholds[c]:.3f} |")
-    val = loaded.provenance.get("metrics", {}).get("validation", {}).get("scan", {})
-    lr = recipe.cnn_lr * recipe.lr_scale
-    val_loss = val.get("log_loss") if val else None
-    val_text = f"{val_loss:.4f}" if isinstance(val_loss, float) else "n/a"
-    last_train = recipe.train_seed + recipe.train_series + recipe.val_series - 1
-    last_test = recipe.test_seed + recipe.test_series - 1
-    return f"""# Model card: {loaded.name} {loaded.version}
+    out = work / "warm_backbone.pt"
+    torch.save({k: v.clone() for k, v in loaded.model.cnn.backbone.state_dict().items()}, out)
+    return out
 
-**NOT FOR CLINICAL USE.** This model was trained only on synthetic head-CT phantoms made by
-`ihd_node/sim/phantom/`. It exists so that ihd-node works out of the box (demo, tests, integration with
-a PACS). It has never seen a real patient's CT and says nothing reliable about one. For real use, train
-the `paper` preset on the RSNA 2019 data (see `training/README.md`) and point the node at that
-checkpoint (`model: {{checkpoint: /path/model.pt}}` in config.yaml).
 
-## What it is
-- Architecture (`compact` preset): {cfg.backbone} CNN per slice ({cfg.feature_dim}-d pooled features,
-  6-way head), {cfg.selector.upper()} to {cfg.selected_dim} features, {cfg.lstm_layers}-layer
-  {"bidirectional " if cfg.bidirectional else ""}LSTM with {cfg.lstm_hidden} hidden units
-  (dropout {cfg.dropout}), the CNN's 6 probabilities concatenated before the final linear layer; scan
-  probability = max over slices.
-- Input: three windows (brain 40/80, subdural 80/200, soft tissue 40/380), bilinear resize to
-  {cfg.input_size}x{cfg.input_size}, the paper's mean/std{_input_note(cfg.neighbours)}.
-- {params / 1e6:.2f} M parameters, stored as float16 ({checkpoint.stat().st_size / 1e6:.1f} MB).
-- Classes: {", ".join(CLASSES)}.
-- Thresholds (Youden's J on the {recipe.val_series} validation phantoms, scan level):
-  {", ".join(f"{c} {loaded.thresholds[c]:.3f}" for c in CLASSES)}.
+def write_card(checkpoint: Path, folder: Path, recipe: Recipe) -> None:
+    """MODEL_CARD.md and reliability.svg beside the checkpoint."""
+    from ihd_node.model.checkpoint import load_checkpoint
 
-## What it was trained on
-- {recipe.train_series} training and {recipe.val_series} validation phantom series (seeds
-  {recipe.train_seed}..{last_train}), image sizes {", ".join(map(str, recipe.train_sizes))},
-  {int(recipe.negative_share * 100)}% without hemorrhage, the others with one subtype (rotating over
-  all five) or, in {int(recipe.second_subtype_share * 100)}% of them, two.
-- Phantom physics (`ihd_node/sim/phantom/`): skull, scalp, grey/white matter with texture, CSF, acute
-  blood of 55-85 HU shaped per subtype; varied head size, position, pose, gantry tilt, noise, blur,
-  slice count and spacing, pixel encoding.
-- Training from random initialisation (no pretrained weights). CNN: {recipe.cnn_epochs} epochs of
-  {recipe.cnn_epoch_size} slices, batch {recipe.batch_size}, Adam {lr:g} then {lr * 0.2:g} for the
-  last epoch, {int(recipe.positive_share * 100)}% positive slices spread evenly over the subtypes;
-  augmentation: flip, shift, rotation, scale, brightness/contrast, HU gain and offset, HU noise, blur;
-  an auxiliary loss (weight {recipe.mask_weight:g}) on 1x1 convolutions over feature maps predicting
-  the phantoms' lesion masks (training only, not in the model). PCA fitted on the training features.
-  BiLSTM: {recipe.seq_epochs} epochs, one scan per batch, Adam {1e-4 * recipe.seq_lr_scale:g}.
+    (folder / "MODEL_CARD.md").write_text(model_card(checkpoint, recipe))
+    validation = load_checkpoint(checkpoint).provenance.get("validation") or {}
+    if validation:
+        (folder / "reliability.svg").write_text(reliability_svg(validation))
 
-## Metrics on held-out phantoms
-{recipe.test_series} series from another seed range ({recipe.test_seed}..{last_test}),
-{recipe.test_size}x{recipe.test_size}, analysed through `ihd_node.model.pipeline.Predictor` as the
-node does. Weighted multi-label log loss (the challenge metric, `any` weighted 2): scan level
-{scan["log_loss"]:.4f}, slice level {sl["log_loss"]:.4f}. Sensitivity, specificity and accuracy at
-the thresholds above.
 
-| class | scan ROC AUC | sensitivity | specificity | accuracy | positive scans | slice ROC AUC | threshold |
-|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+def cross_generator(checkpoint: Path, recipe: Recipe, workers: int) -> dict[str, Any]:
+    """Figures on a held-out generator-A cohort and on the independent generator B, the same mix of
+    negatives, single subtypes and pairs, by `python -m training crossgen` (a subprocess: crossgen reads
+    this recipe's seed ranges, so importing it here would close an import circle). B is a pure test: never
+    used for training, calibration or thresholds."""
+    import subprocess
 
-Validation phantoms (scan level, used to pick the thresholds): weighted log loss {val_text}.
-
-These numbers measure how well the model separates this generator's phantoms; they say nothing about
-real CT.
-
-## Grad-CAM
-The outputs (secondary captures, SR regions) use **decision Grad-CAM** (`model.explain: decision`, the
-default): the final BiLSTM logit of the slice is back-propagated through the sequence model and the PCA
-feature selection into the CNN's CAM layer, so the map explains the finding as reported, not the per-slice
-CNN. `model.explain: cnn` gives the paper's CNN-only maps. Either way the activations come from the forward
-pass that made the prediction, and every map is cut to the slice's intracranial space (skull, scalp and
-air never carry heat). The CAM layer is the last block of the CNN's stride-16 stage (a 16x16 grid at
-256 px) rather than the final stage, whose 8x8 grid is too coarse for thin bleeds.
-`tests/test_default_model.py` checks on held-out phantoms that the map's peak lies on or within one grid
-cell of the lesion on most positive slices, and for the decision maps at least as often as for the CNN
-maps: decision 129 of 142 slices, CNN 121 of 142 (both masked; 115 of 142 for unmasked CNN maps when this
-model was built, 63 of 142 with the final stage).
-
-## How to reproduce
-`make train-phantom` (= `python -m training.phantom_recipe --out ihd_node/weights/default.pt`):
-{seconds / 60:.1f} minutes for this build on a shared 2-core CPU (phantoms, three stages and the
-held-out evaluation). Fixed seeds make the phantoms identical on every run; the weights come out the
-same for the same torch build and thread count, up to the nondeterminism of some CPU kernels.
-"""
+    descriptions = {"a": "generator A (ihd_node.sim.phantom, default phantoms), held-out seeds",
+                    "b": "generator B (ihd_node.sim.generator_b), written independently, never trained on"}
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="ihd-crossgen-") as tmp:
+        for gen in ("a", "b"):
+            path = Path(tmp) / f"{gen}.json"
+            cmd = [sys.executable, "-m", "training", "crossgen", "--checkpoint", str(checkpoint), "--generator", gen,
+                   "--n", str(recipe.crossgen_per_kind), "--workers", str(workers), "--out", str(path)]
+            if recipe.crossgen_size:
+                cmd += ["--size", str(recipe.crossgen_size)]
+            root = str(Path(__file__).resolve().parent.parent)  # this tree's `training` and `ihd_node`
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise UserError(f"cross-generator evaluation on {gen.upper()} failed: {proc.stderr.strip()[-800:]}")
+            report = json.loads(path.read_text())
+            kinds = report["composition"]
+            pairs = sum(v for k, v in kinds.items() if "+" in k)
+            single = sum(kinds.values()) - pairs - kinds.get("negative", 0)
+            out[gen.upper()] = {
+                "description": f"{descriptions[gen]}; {kinds.get('negative', 0)} negative, {single} with one "
+                               f"subtype, {pairs} with two",
+                "series": report["n_series"], "composition": kinds, "classes": report["classes"],
+                "command": f"python -m training crossgen --checkpoint CHECKPOINT --generator {gen} "
+                           f"--n {recipe.crossgen_per_kind}"}
+    return out
 
 
 def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads: int = 2,
-               verbose: bool = True, neighbours: int = 0) -> dict[str, Any]:
+               verbose: bool = True, neighbours: int = 0, config: Any = None, evaluate: bool = True
+               ) -> dict[str, Any]:
+    """The whole recipe; `config` replaces the compact preset (tests train a tiny model with it)."""
     from ihd_node.model.presets import get_preset
     from training.evaluate import store_provenance
     from training.options import TrainOptions
@@ -283,29 +258,41 @@ def run_recipe(out: Path, work: Path, recipe: Recipe, workers: int = 2, threads:
 
     started = time.monotonic()
     torch.set_num_threads(threads)
-    config = get_preset("compact").with_changes(neighbours=neighbours)
+    config = config or get_preset("compact").with_changes(neighbours=neighbours)
     splits = make_training_cache(work, recipe, config.input_size, workers)
+    backbone = warm_backbone(Path(recipe.warm_start), work) if recipe.warm_start else None
     print(f"phantoms ready after {time.monotonic() - started:.0f}s: {len(splits['train'])} train, "
           f"{len(splits['val'])} val scans", flush=True)
     opts = TrainOptions(
         work=work, config=config, device="cpu", seed=recipe.seed, cnn_epochs=recipe.cnn_epochs,
+        backbone_weights=str(backbone) if backbone else None,
         cnn_lr=recipe.cnn_lr, lr_scale=recipe.lr_scale, batch_size=recipe.batch_size,
         epoch_size=recipe.cnn_epoch_size, positive_share=recipe.positive_share, augment=recipe.augment,
         mask_weight=recipe.mask_weight, bn_momentum=recipe.bn_momentum, val_every_epoch=False, loss="weighted",
         seq_epochs=recipe.seq_epochs, seq_lr=1e-4 * recipe.seq_lr_scale / recipe.lr_scale, name=MODEL_NAME,
         version=MODEL_VERSION, verbose=verbose,
-        trained_on=f"synthetic head-CT phantoms (ihd_node.sim.phantom), {recipe.train_series} series, "
-                   f"seeds from {recipe.train_seed}",
+        trained_on=f"synthetic head-CT phantoms (ihd_node.sim.phantom, {int(recipe.randomize_share * 100)}% "
+                   f"domain-randomized), {recipe.train_series} series, seeds from {recipe.train_seed}"
+                   + (f"; CNN warm-started from {Path(recipe.warm_start).name}" if recipe.warm_start else ""),
     )
     checkpoint = run_stages(opts, out=out)
     assert checkpoint is not None
     print(f"training done after {time.monotonic() - started:.0f}s", flush=True)
-    metrics = evaluate_held_out(checkpoint, recipe, workers)
+    if not evaluate:
+        store_provenance(checkpoint, {"recipe_seconds": round(time.monotonic() - started, 1)})
+        write_card(checkpoint, out.parent, recipe)
+        return {}
+    metrics, figures_a = evaluate_held_out(checkpoint, recipe, workers)
     print("held-out phantoms:\n" + format_metrics(metrics), flush=True)
+    print("held-out generator A (calibrated):\n" + format_figures(figures_a["classes"]), flush=True)
+    validation = cross_generator(checkpoint, recipe, workers)
+    for figures in validation.values():
+        print(f"{figures['description']}:\n" + format_figures(figures["classes"]), flush=True)
     seconds = time.monotonic() - started
-    store_provenance(checkpoint, {"metrics": {"held_out_phantoms": jsonable(metrics)},
-                                  "recipe_seconds": round(seconds, 1)})
-    (out.parent / "MODEL_CARD.md").write_text(model_card(checkpoint, recipe))
+    store_provenance(checkpoint, {"metrics": {"held_out_phantoms": jsonable(metrics),
+                                              "held_out_phantoms_figures": jsonable(figures_a)},
+                                  "validation": jsonable(validation), "recipe_seconds": round(seconds, 1)})
+    write_card(checkpoint, out.parent, recipe)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.parent / 'MODEL_CARD.md'} "
           f"in {seconds / 60:.1f} min", flush=True)
     return metrics
@@ -326,26 +313,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--neighbours", type=int, default=0,
                         help="2.5D input with this many slices on each side (to measure the option; the "
                              "shipped model is single-slice, 0)")
+    parser.add_argument("--warm-start", type=Path, metavar="CHECKPOINT",
+                        help="start the CNN from this checkpoint's backbone (fine-tuning) instead of random "
+                             "initialisation")
+    parser.add_argument("--cnn-epochs", type=int, help="override the recipe's CNN epochs")
+    parser.add_argument("--epoch-size", type=int, help="override the recipe's slices per CNN epoch")
+    parser.add_argument("--lr-scale", type=float, help="override the recipe's learning-rate scale (20)")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="train (or re-export from --work) and write the card, without the held-out and "
+                             "cross-generator evaluations (compare_models --store-into adds them)")
     parser.add_argument("--card-only", action="store_true",
                         help="only rewrite MODEL_CARD.md beside --out from that checkpoint")
     args = parser.parse_args(argv)
-    recipe = Recipe(seed=args.seed)
+    recipe = Recipe(seed=args.seed, warm_start=str(args.warm_start) if args.warm_start else None)
+    overrides = {"cnn_epochs": args.cnn_epochs, "cnn_epoch_size": args.epoch_size, "lr_scale": args.lr_scale}
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     if args.scale != 1.0:
         recipe = replace(recipe, train_series=max(10, int(recipe.train_series * args.scale)),
                          val_series=max(5, int(recipe.val_series * args.scale)),
                          test_series=max(10, int(recipe.test_series * args.scale)),
-                         cnn_epoch_size=max(64, int(recipe.cnn_epoch_size * args.scale)))
+                         cnn_epoch_size=max(64, int(recipe.cnn_epoch_size * args.scale)),
+                         crossgen_per_kind=max(1, int(recipe.crossgen_per_kind * args.scale)))
     try:
         if args.card_only:
-            (args.out.parent / "MODEL_CARD.md").write_text(model_card(args.out, recipe))
+            write_card(args.out, args.out.parent, recipe)
             return 0
         if args.work:
             args.work.mkdir(parents=True, exist_ok=True)
-            run_recipe(args.out, args.work, recipe, args.workers, args.threads, neighbours=args.neighbours)
+            run_recipe(args.out, args.work, recipe, args.workers, args.threads, neighbours=args.neighbours,
+                       evaluate=not args.no_eval)
         else:
             tmp = Path(tempfile.mkdtemp(prefix="ihd-phantom-recipe-"))
             try:
-                run_recipe(args.out, tmp, recipe, args.workers, args.threads, neighbours=args.neighbours)
+                run_recipe(args.out, tmp, recipe, args.workers, args.threads, neighbours=args.neighbours,
+                           evaluate=not args.no_eval)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except UserError as exc:

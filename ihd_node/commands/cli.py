@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rsna-layout", action="store_true",
                    help="write the RSNA 2019 layout: one file per slice and stage_2_train.csv")
     p.add_argument("--size", type=int, default=512, help="image rows and columns (default: 512)")
+    p.add_argument("--randomize", action="store_true",
+                   help="domain randomization as the shipped model's training uses (much wider anatomy, lesions "
+                        "and scanner; ihd_node/sim/phantom/wide.py)")
 
     p = sub.add_parser("echo", help="C-ECHO every configured destination")
     p.add_argument("--config", required=True, help=CONFIG_HELP)

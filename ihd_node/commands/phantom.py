@@ -22,6 +22,8 @@ def phantom_command(args: argparse.Namespace) -> int:
         choose_subtypes(np.random.default_rng(0), subtypes)  # names checked before anything is written
     out = Path(args.outdir)
     kw: dict[str, Any] = {"subtypes": subtypes, "n_slices": args.slices, "size": args.size}
+    if getattr(args, "randomize", False):
+        kw["randomize"] = True
     if args.rsna_layout:
         csv_path = write_rsna_layout(out, args.series, args.seed,
                                      on_series=lambda s: print(describe(s), flush=True), **kw)

@@ -1,5 +1,6 @@
-"""One checkpoint file holds everything needed to run: config, preprocessing, classes, thresholds,
-the fitted selector, weights, name/version and provenance.
+"""One checkpoint file holds everything needed to run: config, preprocessing, classes, thresholds (and
+the policy that chose them), the per-class calibration, the fitted selector, weights, name/version and
+provenance.
 
 It is a torch.save'd dict of plain types and tensors, read back with weights_only=True so a
 checkpoint cannot execute code. Bad files raise CheckpointError saying which file and what is wrong.
@@ -19,12 +20,16 @@ import torch
 
 from ihd_node.classes import CLASSES
 from ihd_node.errors import UserError
+from ihd_node.model.calibration import Calibration
 from ihd_node.model.input import input_mode
 from ihd_node.model.network import IhdModel
 from ihd_node.model.presets import ModelConfig
 
 FORMAT = "ihd-node-checkpoint"
-FORMAT_VERSION = 1
+# 2 added "calibration" and "thresholds_policy". Version 1 files still load (identity calibration); a
+# version 2 file is refused by older readers, which would otherwise report uncalibrated probabilities.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "default.pt"
 _REQUIRED = ("name", "version", "config", "classes", "thresholds", "provenance", "state_dict")
 
@@ -44,6 +49,8 @@ class LoadedCheckpoint:
     path: Path
     created: str = ""
     classes: tuple[str, ...] = field(default=CLASSES)
+    calibration: Calibration = field(default_factory=Calibration)
+    thresholds_policy: dict[str, Any] = field(default_factory=dict)  # how the thresholds were chosen
 
 
 def _plain(value: Any, where: str = "provenance") -> Any:
@@ -76,7 +83,9 @@ def _check_thresholds(thresholds: dict[str, Any], classes: tuple[str, ...]) -> d
 
 
 def save_checkpoint(path: str | Path, model: IhdModel, *, thresholds: dict[str, float], name: str,
-                    version: str, provenance: dict[str, Any], half: bool = True) -> Path:
+                    version: str, provenance: dict[str, Any], half: bool = True,
+                    calibration: Calibration | None = None, thresholds_policy: dict[str, Any] | None = None
+                    ) -> Path:
     """Write the model and its metadata to one file (atomically). With half, parameters are stored as
     float16 (buffers, i.e. BatchNorm statistics and the selector, stay float32) to keep the file small."""
     path = Path(path)
@@ -103,6 +112,8 @@ def save_checkpoint(path: str | Path, model: IhdModel, *, thresholds: dict[str, 
         },
         "classes": list(config.classes),
         "thresholds": _check_thresholds(thresholds, config.classes),
+        "thresholds_policy": _plain(thresholds_policy or {}, "thresholds_policy"),
+        "calibration": _plain((calibration or Calibration()).to_dict(), "calibration"),
         "provenance": _plain(provenance),
         "weights_dtype": "float16" if half else "float32",
         "torch_version": str(torch.__version__),  # TorchVersion is a class the safe loader refuses
@@ -162,9 +173,10 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
             what = f"a {type(data).__name__} without the {FORMAT!r} marker"
         raise fail(f"not an ihd-node checkpoint ({what})",
                    "write checkpoints with ihd_node.model.checkpoint.save_checkpoint (training does this)")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_VERSIONS:
         found = data.get("format_version")
-        raise fail(f"format version {found!r}, this ihd-node reads version {FORMAT_VERSION}",
+        raise fail(f"format version {found!r}, this ihd-node reads versions "
+                   f"{', '.join(map(str, READABLE_VERSIONS))}",
                    "use an ihd-node release that matches the checkpoint, or re-export it")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
@@ -207,6 +219,11 @@ def load_checkpoint(path: str | Path = "default") -> LoadedCheckpoint:
         thresholds = _check_thresholds(dict(data["thresholds"]), CLASSES)
     except (TypeError, ValueError) as exc:
         raise fail(f"bad thresholds ({exc})", "re-export the checkpoint") from None
+    try:
+        calibration = Calibration.from_dict(data.get("calibration"))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise fail(f"bad calibration ({exc})", "re-export the checkpoint") from None
+    policy = data.get("thresholds_policy") or {}
     state = data["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise fail("the weights are not a dict of tensors", "re-export the checkpoint")
@@ -220,5 +237,6 @@ def load_checkpoint(path: str | Path = "default") -> LoadedCheckpoint:
     return LoadedCheckpoint(
         model=model, config=config, thresholds=thresholds, name=str(data["name"]),
         version=str(data["version"]), provenance=dict(data["provenance"]), path=path,
-        created=str(data.get("created", "")), classes=classes,
+        created=str(data.get("created", "")), classes=classes, calibration=calibration,
+        thresholds_policy=dict(policy) if isinstance(policy, dict) else {},
     )

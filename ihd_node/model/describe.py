@@ -1,4 +1,6 @@
-"""`ihd-node model describe PRESET_OR_CHECKPOINT [--json]`: the architecture and its real parameter count."""
+"""`ihd-node model describe PRESET_OR_CHECKPOINT [--json]`: the architecture and its real parameter count;
+for a checkpoint also its calibration, thresholds and their policy, and the validation figures it carries
+(provenance["validation"]: per generator, per class AUC, sensitivity, specificity, ECE)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 
 from ihd_node.errors import UserError
+from ihd_node.model.calibration import Calibration
 from ihd_node.model.checkpoint import read_checkpoint
 from ihd_node.model.input import input_mode
 from ihd_node.model.network import IhdModel
@@ -76,8 +79,37 @@ def describe(preset_or_checkpoint: str) -> dict[str, Any]:
         "created": str(data.get("created", "")),
         "weights_dtype": str(data.get("weights_dtype", "")),
         "thresholds": dict(data["thresholds"]),
+        "thresholds_policy": dict(data.get("thresholds_policy") or {}),
+        "calibration": _calibration(path, data.get("calibration")),
         "provenance": _redact_paths(dict(data["provenance"])),
     }
+
+
+def _calibration(path: Path, data: Any) -> dict[str, Any]:
+    try:
+        return Calibration.from_dict(data).to_dict()
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise UserError(f"checkpoint {path}: bad calibration ({exc}); re-export it") from None
+
+
+def _figure(m: dict[str, Any], key: str) -> str:
+    v = m.get(key)
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _validation_lines(validation: dict[str, Any]) -> list[str]:
+    """Per generator and class: AUC, sensitivity / specificity at the thresholds, ECE (one line each)."""
+    lines = []
+    for gen, v in validation.items():
+        classes = v.get("classes") if isinstance(v, dict) else None
+        if not isinstance(classes, dict):
+            continue
+        lines.append(f"validation  generator {gen}, {v.get('series', '?')} series (AUC / sens / spec / ECE):")
+        for c, m in classes.items():
+            if isinstance(m, dict):
+                lines.append(f"  {c:<18}{_figure(m, 'auc')} / {_figure(m, 'sensitivity')} / "
+                             f"{_figure(m, 'specificity')} / {_figure(m, 'ece')}")
+    return lines
 
 
 def _redact_paths(value: Any) -> Any:
@@ -122,6 +154,9 @@ def _provenance_lines(prov: dict[str, Any]) -> list[str]:
     if "threshold_method" in prov:
         add("thresholds", f"chosen by {prov['threshold_method']}")
         shown.add("threshold_method")
+    if isinstance(prov.get("validation"), dict):
+        lines += _validation_lines(prov["validation"])
+        shown.add("validation")
     metrics = prov.get("metrics")
     if isinstance(metrics, dict):
         for split, levels in metrics.items():
@@ -171,5 +206,16 @@ def summary_text(d: dict[str, Any]) -> str:
         lines.append(f"version     {d['version']} (created {created}, weights {d['weights_dtype']})")
         lines.append(textwrap.fill(", ".join(f"{k} {v:.3f}" for k, v in d["thresholds"].items()), 100,
                                    initial_indent="thresholds  ", subsequent_indent=" " * 12))
+        policy = d.get("thresholds_policy") or {}
+        if policy.get("policy") and policy["policy"] != d["provenance"].get("threshold_method"):
+            lines.append(textwrap.fill(str(policy["policy"]), 100, initial_indent="policy      ",
+                                       subsequent_indent=" " * 12))
+        cal = d.get("calibration") or {}
+        if cal.get("method") == "platt":
+            text = "Platt per class (scale/bias): " + ", ".join(
+                f"{c} {p['scale']:.2f}/{p['bias']:+.2f}" for c, p in cal["classes"].items())
+            lines.append(textwrap.fill(text, 100, initial_indent="calibration ", subsequent_indent=" " * 12))
+        else:
+            lines.append("calibration none (the network's own probabilities)")
         lines += _provenance_lines(d["provenance"])
     return "\n".join(lines)

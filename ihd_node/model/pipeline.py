@@ -20,6 +20,7 @@ import torch
 from ihd_node.classes import CLASSES
 from ihd_node.errors import UserError
 from ihd_node.imaging.intracranial import intracranial_mask
+from ihd_node.model.calibration import Calibration
 from ihd_node.model.checkpoint import load_checkpoint
 from ihd_node.model.gradcam import EXPLAIN_MODES, cams_from_activations, frozen, mask_heatmap
 from ihd_node.model.input import stack_neighbours
@@ -48,7 +49,7 @@ class Predictor:
 
     def __init__(self, model: IhdModel, thresholds: dict[str, float], name: str, version: str, *,
                  trained_on: str = "", device: str | torch.device = "cpu", batch_size: int = 16,
-                 explain: str = "decision", optimize: bool = True) -> None:
+                 explain: str = "decision", optimize: bool = True, calibration: Calibration | None = None) -> None:
         if explain not in EXPLAIN_MODES:
             raise UserError(f"explain {explain!r} is not known; use one of {', '.join(EXPLAIN_MODES)}")
         self.explain = explain  # what the heatmaps explain: the final decision or the per-slice CNN
@@ -62,6 +63,9 @@ class Predictor:
         self.version = version
         self.trained_on = trained_on
         self.batch_size = batch_size  # slices per CNN pass: bounds memory for long series
+        # Per-class calibration from the checkpoint: every probability reported (and compared with the
+        # thresholds, which were chosen on calibrated probabilities) is calibrated.
+        self.calibration = calibration or Calibration()
         self._lock = threading.Lock()  # Grad-CAM toggles requires_grad and hooks on the shared model
         # Without heatmaps the forward pass runs on a copy with batch norm folded into the convolutions: the
         # same results within float rounding (<1e-7 here), 1.4-1.8x faster on the CPU (bench_model_cpu.py).
@@ -79,12 +83,14 @@ class Predictor:
              explain: str = "decision") -> Predictor:
         loaded = load_checkpoint(checkpoint)
         return cls(loaded.model, loaded.thresholds, loaded.name, loaded.version,
-                   trained_on=str(loaded.provenance.get("data", "")), device=device, explain=explain)
+                   trained_on=str(loaded.provenance.get("data", "")), device=device, explain=explain,
+                   calibration=loaded.calibration)
 
     @classmethod
     def from_model(cls, model: IhdModel, thresholds: dict[str, float], name: str, version: str,
-                   device: str | torch.device = "cpu", explain: str = "decision") -> Predictor:
-        return cls(model, thresholds, name, version, device=device, explain=explain)
+                   device: str | torch.device = "cpu", explain: str = "decision",
+                   calibration: Calibration | None = None) -> Predictor:
+        return cls(model, thresholds, name, version, device=device, explain=explain, calibration=calibration)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -114,7 +120,8 @@ class Predictor:
                 with torch.inference_mode():
                     cnn_logits, features = self._cnn(x, self._cnn_forward)
                     logits = self.model.sequence_logits(features.unsqueeze(0), cnn_logits.unsqueeze(0))[0]
-                    probs = torch.sigmoid(logits).cpu().numpy().astype(np.float64)
+                    probs = torch.sigmoid(self.calibration.calibrated_logits(logits)).cpu().numpy()
+                    probs = probs.astype(np.float64)
                 heatmaps = {}
         return Prediction(slice_probabilities=probs, series_probabilities=probs.max(axis=0),
                           model=self.identity, heatmaps=heatmaps, seconds=time.perf_counter() - start,
@@ -160,7 +167,9 @@ class Predictor:
             # cuDNN's LSTM cannot run backward in eval mode; the native kernel can (same numbers).
             with torch.backends.cudnn.flags(enabled=False):
                 logits = self.model.sequence_logits(features.unsqueeze(0), cnn_logits.unsqueeze(0))[0]
-            probs = torch.sigmoid(logits.detach()).cpu().numpy().astype(np.float64)
+            # Calibration is monotonic per class: Grad-CAM of the raw logit explains the calibrated call.
+            calibrated = self.calibration.calibrated_logits(logits.detach())
+            probs = torch.sigmoid(calibrated).cpu().numpy().astype(np.float64)
             pairs = self.cam_pairs(probs, max_cam_slices)
             if not pairs:
                 return probs, {}

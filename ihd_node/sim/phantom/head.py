@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -133,10 +134,16 @@ class Anatomy:
         return self.c_up + self.t_mean + self.t_ap + self.scalp
 
 
-def draw_anatomy(rng: np.random.Generator) -> Anatomy:
+def draw_anatomy(rng: np.random.Generator, wide: Any = None) -> Anatomy:
+    """One random head; `wide` (a wide.Wide) stretches the ranges without changing what rng draws."""
     a = uniform(rng, 60.0, 76.0)
     b = float(np.clip(a * uniform(rng, 1.1, 1.3), 72.0, 95.0))
     c_up = a * uniform(rng, 0.85, 1.0)
+    if wide is not None:
+        ratio, height = b / a, c_up / a
+        a = float(np.clip(a * wide.head_scale, 50.0, 88.0))
+        b = float(np.clip(a * ratio * wide.aspect, 62.0, 108.0))
+        c_up = a * height * wide.height
     k = b / 85.0
     atrophy = float(rng.uniform() ** 1.5)  # older brains: wider sulci, bigger ventricles
     sulc_w = 0.9 + 1.6 * atrophy  # mm
@@ -159,7 +166,12 @@ def draw_anatomy(rng: np.random.Generator) -> Anatomy:
         mastoid=Waves.draw(rng, 5, (3.0, 6.0), 0.5), hu=hu, fissure_w=uniform(rng, 0.8, 1.6) + 2.0 * atrophy,
         falx_w=uniform(rng, 0.7, 1.3),
     )
-    _add_deep_structures(an, rng, atrophy)
+    if wide is not None:
+        an.t_mean *= wide.skull
+        an.t_inner, an.t_outer = an.t_inner * min(wide.skull, 1.2), an.t_outer * min(wide.skull, 1.2)
+        for tissue in ("gm", "wm", "cereb", "stem", "nuclei", "cord"):
+            an.hu[tissue] += wide.brain_hu
+    _add_deep_structures(an, rng, atrophy, wide)
     _add_lower_structures(an, rng)
     return an
 
@@ -179,16 +191,20 @@ def _draw_hu(rng: np.random.Generator) -> dict[str, float]:
     }
 
 
-def _add_deep_structures(an: Anatomy, rng: np.random.Generator, atrophy: float) -> None:
+def _add_deep_structures(an: Anatomy, rng: np.random.Generator, atrophy: float, wide: Any = None) -> None:
     """Ventricles, deep grey nuclei, cisterns and calcifications, scaled to the head."""
     sx, sy, sz = an.a / 68.0, an.b / 85.0, an.c_up / 62.0
     vs = float(np.clip(0.8 + 0.8 * atrophy + rng.normal(0.0, 0.08), 0.65, 1.8))  # ventricle size
+    asym = {-1.0: 1.0, 1.0: 1.0}
+    if wide is not None:  # slit ventricles to hydrocephalus, and visibly asymmetric ones
+        vs = float(np.clip(vs * wide.ventricles, 0.45, 2.6))
+        asym = {-1.0: math.sqrt(wide.asymmetry), 1.0: 1.0 / math.sqrt(wide.asymmetry)}
 
     def ell(c: Sequence[float], s: Sequence[float], yaw: float = 0.0) -> Ellipsoid:
         return Ellipsoid.make((c[0] * sx, c[1] * sy, c[2] * sz), (s[0], s[1] * sy, s[2] * sz), yaw)
 
     for side in (-1.0, 1.0):
-        w = vs * (1.0 + rng.normal(0.0, 0.06))  # mild asymmetry is normal
+        w = vs * (1.0 + rng.normal(0.0, 0.06)) * asym[side]  # mild asymmetry is normal
         an.ventricles[f"frontal{side:+.0f}"] = ell((side * (8 + 2 * w), -24, 9), (5 * w, 14, 8.5), side * 14)
         an.ventricles[f"body{side:+.0f}"] = ell((side * (10 + 2 * w), 2, 19), (5 * w, 25, 6.5 + w), side * 4)
         an.ventricles[f"atrium{side:+.0f}"] = ell((side * (19 + 2 * w), 27, 9), (6.5 * w, 10, 9), side * -22)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -40,6 +40,7 @@ class _Blob:
     ell: Ellipsoid
     lobes: Waves
     rim: float  # mm of surrounding oedema (0: none)
+    mottle: Waves | None = None  # fine texture (randomized phantoms only)
 
 
 @dataclass
@@ -52,6 +53,11 @@ class _Ventricular:
     gravity: np.ndarray  # the patient's posterior direction (down, supine) in the head frame
     level: float | None  # blood where gravity . p > level (None: casts only)
     casts: tuple[str, ...]
+    # Randomized phantoms only: the parts the layering reaches (None: all), casts cut by a plane
+    # (part, unit normal, offset: blood where normal . p > offset), and fine texture.
+    layer_parts: tuple[str, ...] | None = None
+    clips: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict)
+    mottle: Waves | None = None
 
 
 @dataclass
@@ -251,11 +257,15 @@ def draw_lesions(rng: np.random.Generator, an: Anatomy, geo: Geometry, subtypes:
 
 
 def _paint(an: Anatomy, s: Slice, box: tuple[slice, slice] | None, m: np.ndarray, hu: float, subtype: str,
-           tissue: str = "blood") -> None:
+           tissue: str = "blood", mottle: Waves | None = None) -> None:
     """Blood (with a little texture) where m; the pixel's mask bit becomes this subtype's only."""
     box = box or (slice(None), slice(None))
     tex = s.grid.wave_sum(an.texture, box) if tissue == "blood" else 0.0
-    val = np.clip(np.float32(hu) + 2.0 * tex, 50.0, 90.0) if tissue == "blood" else np.float32(hu)
+    if mottle is not None and tissue == "blood":
+        tex = tex + 0.5 * s.grid.wave_sum(mottle, box)
+    # 50-90 HU for the default lesions (55-85 HU drawn); randomized ones reach down to 30 HU.
+    lo, hi = min(50.0, hu - 8.0), max(90.0, hu + 8.0)
+    val = np.clip(np.float32(hu) + 2.0 * tex, lo, hi) if tissue == "blood" else np.float32(hu)
     s.hu[box][m] = (val[m] if isinstance(val, np.ndarray) else val)
     s.tis[box][m] = TISSUE[tissue]
     if tissue == "blood":
@@ -294,10 +304,13 @@ def _draw_ivh(an: Anatomy, s: Slice, les: _Ventricular,
     for name, (box, m) in parts.items():
         blood = m & (s.tis[box] == TISSUE["ventricle"])
         if name not in les.casts:
-            if les.level is None:
+            if les.level is None or (les.layer_parts is not None and name not in les.layer_parts):
                 continue
             blood &= s.grid.lin(les.gravity, 0.0, box) > les.level
-        _paint(an, s, box, blood, les.hu, "intraventricular")
+        elif name in les.clips:
+            normal, offset = les.clips[name]
+            blood &= s.grid.lin(normal, 0.0, box) > offset
+        _paint(an, s, box, blood, les.hu, "intraventricular", mottle=les.mottle)
 
 
 def _draw_iph(an: Anatomy, s: Slice, les: _Blob) -> None:
@@ -318,7 +331,7 @@ def _draw_iph(an: Anatomy, s: Slice, les: _Blob) -> None:
         mean_r = 1.0 / float(np.mean(np.linalg.norm(e.m, axis=1)))
         rim = (rho < bound + les.rim / mean_r) & ~blood & allowed & (s.tis[box] != TISSUE["csf"])
         _paint(an, s, box, rim, an.hu["edema"], "intraparenchymal", "edema")
-    _paint(an, s, box, blood, les.hu, "intraparenchymal")
+    _paint(an, s, box, blood, les.hu, "intraparenchymal", mottle=les.mottle)
 
 
 def _draw_surface(an: Anatomy, s: Slice, les: _Surface) -> None:

@@ -15,9 +15,11 @@ from ihd_node.errors import UserError
 from ihd_node.sim.phantom.encode import encode_pixels, phantom_uid, series_attrs, slice_dataset
 from ihd_node.sim.phantom.head import copy_anatomy, draw_anatomy, uniform
 from ihd_node.sim.phantom.lesions import draw_lesions
+from ihd_node.sim.phantom.lesions_wide import draw_wide_lesions
 from ihd_node.sim.phantom.render import labels_from_bits, min_pixels, render_slice
 from ihd_node.sim.phantom.scanner import Geometry, draw_geometry, gauss_std, pick
 from ihd_node.sim.phantom.series import ENCODINGS, TISSUE, VARIATION_KEYS, PhantomSeries
+from ihd_node.sim.phantom.wide import Wide, draw_wide, wide_artifacts, wide_noise
 
 
 def choose_subtypes(rng: np.random.Generator, subtypes: Sequence[str] | None) -> tuple[str, ...]:
@@ -41,7 +43,7 @@ def choose_subtypes(rng: np.random.Generator, subtypes: Sequence[str] | None) ->
 
 
 def make_series(seed: int, subtypes: Sequence[str] | None = None, n_slices: int | None = None,
-                size: int = 512, **variation: Any) -> PhantomSeries:
+                size: int = 512, randomize: bool = False, **variation: Any) -> PhantomSeries:
     """One synthetic head-CT series, deterministic given the arguments.
 
     subtypes: None = random (about half negative, else 1-2 random subtypes); [] or ["none"] = negative;
@@ -51,6 +53,8 @@ def make_series(seed: int, subtypes: Sequence[str] | None = None, n_slices: int 
     rotation_deg (in-plane), offset_mm ((x, y)), encoding (one of ENCODINGS), shuffle (file order, default
     True), reverse_instances, headrest, padding, mass_effect, study_instance_uid, patient_id,
     series_number, series_description.
+    randomize: domain randomization for training (wide.py): much wider anatomy, lesions and scanner; a
+    variation given here still wins. False keeps every seed's phantom exactly as it always was.
     """
     unknown = set(variation) - VARIATION_KEYS
     if unknown:
@@ -65,8 +69,14 @@ def make_series(seed: int, subtypes: Sequence[str] | None = None, n_slices: int 
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFF, 0x1CD])
     lesion_rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFF, 0x1E5])
     chosen = choose_subtypes(rng, subtypes)
+    wide = draw_wide(seed) if randomize else None
+    if wide is not None:
+        given = {k: v for k, v in variation.items() if v is not None}
+        variation = {**wide.variation, **given}
+        if variation.get("thin") and "slice_spacing" not in given:
+            variation.pop("slice_spacing")
     n = int(pick({"n": n_slices}, "n", int(rng.integers(24, 37))))
-    base = draw_anatomy(rng)
+    base = draw_anatomy(rng, wide)
     geo = draw_geometry(rng, base, n, size, variation, "intraventricular" in chosen)
     min_px = min_pixels(geo.ps)
     partial = bool(pick(variation, "partial_volume", rng.uniform() < 0.5))
@@ -74,7 +84,10 @@ def make_series(seed: int, subtypes: Sequence[str] | None = None, n_slices: int 
     offsets = (-geo.spacing / 4, geo.spacing / 4) if partial and geo.spacing > 2.0 else (0.0,)
     for _attempt in range(6):
         an = copy_anatomy(base)
-        lesions = draw_lesions(lesion_rng, an, geo, chosen, variation.get("mass_effect"))
+        if wide is None:
+            lesions = draw_lesions(lesion_rng, an, geo, chosen, variation.get("mass_effect"))
+        else:
+            lesions = draw_wide_lesions(lesion_rng, an, geo, chosen, variation.get("mass_effect"), wide)
         clean = [render_slice(an, geo, lesions, k, offsets) for k in range(n)]
         labels = np.stack([labels_from_bits(bits, min_px) for _, _, bits in clean])
         if all(labels[:, CLASSES.index(t)].any() for t in chosen):
@@ -85,14 +98,15 @@ def make_series(seed: int, subtypes: Sequence[str] | None = None, n_slices: int 
                             f"{geo.spacing:.1f} mm; use more slices (--slices) or another seed")
     placed = tuple(t for t in chosen if labels[:, CLASSES.index(t)].any())
     # UIDs name the content: the same arguments give the same UIDs, other arguments other UIDs.
-    content = (seed, placed, n, size, sorted((k, repr(v)) for k, v in variation.items()))
+    content: tuple = (seed, placed, n, size, sorted((k, repr(v)) for k, v in variation.items()))
+    content += ("randomized",) if wide is not None else ()
     finish_rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFF, 0x2F1])
-    return _finish(seed, content, finish_rng, variation, geo, placed, clean, labels, partial)
+    return _finish(seed, content, finish_rng, variation, geo, placed, clean, labels, partial, wide)
 
 
 def _finish(seed: int, content: object, rng: np.random.Generator, var: dict[str, Any], geo: Geometry,
             placed: tuple[str, ...], clean: list[tuple[np.ndarray, ...]], labels: np.ndarray,
-            partial: bool) -> PhantomSeries:
+            partial: bool, wide: Wide | None = None) -> PhantomSeries:
     """Blur, noise, padding, encoding and the DICOM datasets."""
     n, size = len(clean), geo.size
     sigma = float(pick(var, "noise_sigma", uniform(rng, 3.0, 12.0)))
@@ -118,7 +132,10 @@ def _finish(seed: int, content: object, rng: np.random.Generator, var: dict[str,
     norm = np.float32(1.0 / gauss_std(corr)) if corr > 0.05 else np.float32(1.0)
     for k, (hu, tis, bits) in enumerate(clean):
         img = gaussian_filter(hu, blur_px) if blur_px > 0.05 else hu.copy()
-        if sigma > 0:  # CT noise is slightly correlated (the reconstruction kernel): filtered, rescaled
+        if wide is not None:  # randomized: artifacts and the noise texture of the kernel drawn
+            img = wide_artifacts(rng, wide, img, tis, geo.ps)
+            img += wide_noise(rng, size, sigma, corr, wide.kernel) if sigma > 0 else np.float32(0.0)
+        elif sigma > 0:  # CT noise is slightly correlated (the reconstruction kernel): filtered, rescaled
             noise = rng.standard_normal((size, size), dtype=np.float32)
             img += np.float32(sigma) * (gaussian_filter(noise, corr) * norm if corr > 0.05 else noise)
         if pad_hu is not None:
