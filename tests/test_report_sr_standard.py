@@ -10,6 +10,7 @@ import highdicom as hd
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 from test_report_common import dciodvfy, make_prediction, make_volume, needs, reread, write
 
 from ihd_node.classes import CLASSES
@@ -122,10 +123,13 @@ def test_enhanced_ct_frames_are_named_wherever_a_slice_is(tmp_path) -> None:
     listed = [e.ReferencedSOPSequence[0].ReferencedFrameNumber for g in library.ContentSequence
               for e in g.ContentSequence]
     assert sorted(listed) == list(range(1, 7))
-    # Every IMAGE reference in the groups (sources, the outlines' images) names a frame.
+    # Every reference to a source image in the groups (sources, the outlines' images, the segments' source
+    # images) names a frame; the Segmentation itself is named by its segment number instead.
     (imaging,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
-    refs = [e for e in imaging.iterall() if e.keyword == "ReferencedSOPSequence"]
-    assert refs and all("ReferencedFrameNumber" in r.value[0] for r in refs)
+    refs = [e.value[0] for e in imaging.iterall() if e.keyword == "ReferencedSOPSequence"]
+    source_refs = [r for r in refs if r.ReferencedSOPClassUID != SegmentationStorage]
+    assert source_refs and all("ReferencedFrameNumber" in r for r in source_refs)
+    assert all("ReferencedSegmentNumber" in r for r in refs if r.ReferencedSOPClassUID == SegmentationStorage)
     outlined = {int(e.value) for e in imaging.iterall() if e.keyword == "ReferencedFrameNumber"}
     assert outlined == set(frames)
     # The captures name the frame they show.
