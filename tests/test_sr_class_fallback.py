@@ -30,8 +30,11 @@ PROFILES = {
     "NoComprehensive3D": ["ComprehensiveSRStorage", "EnhancedSRStorage"],
     "EnhancedOnly": ["EnhancedSRStorage"],
     "NoSR": [],
-    "Everything": ["Comprehensive3DSRStorage", "ComprehensiveSRStorage", "EnhancedSRStorage"],
+    "Everything": ["Comprehensive3DSRStorage", "ComprehensiveSRStorage", "EnhancedSRStorage",
+                   "SegmentationStorage", "KeyObjectSelectionDocumentStorage"],
 }
+# The Segmentation and the key images: a destination without them still gets the result (SR + captures).
+OPTIONAL = {"1.2.840.10008.5.1.4.1.1.66.4": "Segmentation", "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection"}
 
 
 def storescp_config(path: Path) -> Path:
@@ -109,10 +112,18 @@ def events(db: Database) -> list[str]:
 def test_sr_goes_out_in_the_best_class_the_pacs_accepts(tmp_path, results, profile, sr_class, expected):
     volume, files = results
     db, received = deliver(tmp_path, files, volume, profile, sr_class)
-    assert db.get_series(volume.series_instance_uid).state == "delivered"
+    series = db.get_series(volume.series_instance_uid)
+    assert series.state == "delivered"
     (sr,) = [ds for ds in received if ds.Modality == "SR"]
     assert sr.SOPClassUID == SR_CLASSES[expected]
-    assert len(received) == len(files)
+    optional = [f for f in files if f.sop_class_uid in OPTIONAL]
+    assert len(optional) == 2  # a positive result: Segmentation and key images
+    if profile == "Everything":
+        assert len(received) == len(files) and series.reason is None
+    else:  # not taken, booked rejected with why, and the series says so
+        assert len(received) == len(files) - len(optional)
+        assert series.reason.startswith("not accepted (SOP class not supported), the SR and captures went out")
+        assert all(f"pacs: {name}" in series.reason for name in OPTIONAL.values())
     errors, _ = dciodvfy(next(p for p in (tmp_path / "received").iterdir()
                               if pydicom.dcmread(p).Modality == "SR"))
     assert not errors, errors
@@ -137,7 +148,8 @@ def test_a_pacs_without_sr_rejects_it_and_says_which_classes_were_offered(tmp_pa
     with db.read_session() as s:
         from sqlalchemy import text
 
-        rows = s.execute(text("SELECT status, last_error FROM deliveries WHERE sop_class_uid LIKE '%.88.%'")).all()
+        rows = s.execute(text("SELECT status, last_error FROM deliveries WHERE sop_class_uid LIKE '%.88.%' "
+                              "AND sop_class_uid != '1.2.840.10008.5.1.4.1.1.88.59'")).all()  # the SR, not the KOS
     ((status, error),) = rows
     assert status == "rejected"
     assert "Comprehensive 3D SR, Comprehensive SR, Enhanced SR" in error

@@ -179,9 +179,13 @@ class AnalysisWorker:
         settings = ResultSettings(dict(result.prediction.model.thresholds), max_secondary_captures=max_sc,
                                   thin_slice_mm=cfg.series.thin_slice_mm, slab_mm=cfg.series.slab_mm,
                                   gradcam=cfg.analysis.gradcam, explain=cfg.model.explain)
-        objects = build_results(result.volume, result.prediction, max_secondary_captures=max_sc,
-                                slice_groups=result.slice_groups, revision=revision,
-                                predecessor=predecessor, settings=settings, site=self.site).all()
+        built = build_results(result.volume, result.prediction, max_secondary_captures=max_sc,
+                              slice_groups=result.slice_groups, revision=revision,
+                              predecessor=predecessor, settings=settings, site=self.site)
+        for note in built.left_out:  # e.g. no Segmentation for a source without a Frame of Reference
+            self.db.log_event("analysis", f"result object left out: {note}", level="WARNING",
+                              series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+        objects = built.all()
         folder = self.results_dir / uid / f"r{revision}"
         rows = []
         for ds in objects:

@@ -11,7 +11,7 @@ PredecessorDocumentsSequence.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
@@ -49,6 +49,7 @@ class ResultObjects:
     secondary_captures: list[Dataset]
     segmentation: Dataset | None = None  # the attention regions as an overlay (positive series only)
     key_images: Dataset | None = None  # "Of Interest" key object selection (positive series only)
+    left_out: list[str] = field(default_factory=list)  # objects not made, with why (the node books them)
 
     def all(self) -> list[Dataset]:
         """SR first (the node reads objects[0] as the SR), then the captures, the Segmentation and the key
@@ -78,9 +79,11 @@ def build_results(volume: Volume, prediction: Prediction, *, max_secondary_captu
         seg = segmentation(volume, prediction, slice_groups=slice_groups, revision=revision, settings=key)
     except SegmentationSourceError as exc:  # the SR, captures and key images still go out
         nodelog.warning("report.segmentation_skipped", series=volume.series_instance_uid, reason=str(exc))
-        seg = None
+        seg, left_out = None, [f"no Segmentation: {exc}"]
+    else:
+        left_out = []
     if seg is not None:
         add_segment_references(sr, seg[0], seg[1], prediction)
     kos = key_images(volume, prediction, slice_groups=slice_groups, revision=revision, settings=key)
     return ResultObjects(sr=sr, secondary_captures=scs, segmentation=None if seg is None else seg[0],
-                         key_images=kos)
+                         key_images=kos, left_out=left_out)

@@ -373,7 +373,11 @@ def _class_group(children: list[Dataset], cls: str) -> ClassFinding:
         if kind == "CODE" and concept == code:
             present = _concept(item, "ConceptCodeSequence") == PRESENT.value
         elif kind == "NUM" and concept == PROBABILITY_CONCEPT and item.get("MeasuredValueSequence"):
-            probability = float(item.MeasuredValueSequence[0].NumericValue)
+            measured = item.MeasuredValueSequence[0]
+            unit = measured.MeasurementUnitsCodeSequence[0].CodeValue if measured.get(
+                "MeasurementUnitsCodeSequence") else ""
+            # The SR gives it in percent (UCUM %); older SRs as a fraction (UCUM {probability}).
+            probability = float(measured.NumericValue) / (100.0 if unit == "%" else 1.0)
         elif kind == "TEXT" and concept == ALGORITHM_PARAMETERS and str(item.TextValue).startswith("threshold="):
             threshold = float(str(item.TextValue).split("=", 1)[1])
         elif kind == "UIDREF" and concept == TRACKING_UID_CONCEPT:

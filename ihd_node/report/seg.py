@@ -152,16 +152,19 @@ def segmentation(volume: Volume, prediction: Prediction, *, slice_groups: Sequen
             held[r.cls].append((s.sop_class_uid, s.sop_instance_uid, s.frame_number))
     uid = lambda role: result_uid(volume.series_instance_uid, model.name, model.version, role, 0,  # noqa: E731
                                   revision, settings=settings)
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment(numbers[c], c, prediction, volume, revision, settings) for c in classes],
-        series_instance_uid=uid("seg-series"), series_number=series_number, sop_instance_uid=uid("seg"),
-        instance_number=revision + 1, manufacturer=MANUFACTURER, manufacturer_model_name=model.name[:64],
-        software_versions=[f"ihd-node {ihd_node.__version__}"[:64], f"model {model.version}"[:64]],
-        device_serial_number=model.version[:64], content_description=CONTENT_DESCRIPTION,
-        content_label=CONTENT_LABEL, omit_empty_frames=True, plane_positions=plane_positions,
-        contributing_equipment=[contributing_equipment(prediction)],
-    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[_segment(numbers[c], c, prediction, volume, revision, settings) for c in classes],
+            series_instance_uid=uid("seg-series"), series_number=series_number, sop_instance_uid=uid("seg"),
+            instance_number=revision + 1, manufacturer=MANUFACTURER, manufacturer_model_name=model.name[:64],
+            software_versions=[f"ihd-node {ihd_node.__version__}"[:64], f"model {model.version}"[:64]],
+            device_serial_number=model.version[:64], content_description=CONTENT_DESCRIPTION,
+            content_label=CONTENT_LABEL, omit_empty_frames=True, plane_positions=plane_positions,
+            contributing_equipment=[contributing_equipment(prediction)],
+        )
+    except ValueError as exc:  # highdicom refuses a source it cannot reference (e.g. no Frame of Reference UID)
+        raise SegmentationSourceError(f"the source series cannot be referenced by a Segmentation: {exc}") from None
     seg.SeriesDescription = series_description(SEG_SERIES_DESCRIPTION, revision)
     seg.ImageComments = " ".join(t for t in (incomplete_series_text(prediction), SEGMENT_DESCRIPTION) if t)
     _fix_dimension_uid(seg, uid("seg"))

@@ -324,6 +324,15 @@ def enqueue(
     return row
 
 
+# Result objects a destination may not take without losing the result: the SR and the captures carry the
+# findings; the Segmentation and the key-image KOS are extras for viewers that use them. A destination that
+# does not accept their SOP class in association negotiation (booked 0x0122) keeps its "rejected" rows with
+# the reason, and the series still counts as delivered, with the reason saying what was not taken.
+OPTIONAL_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+                    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection"}
+NOT_SUPPORTED = 0x0122
+
+
 def _settle_series(s: Session, series_id: int, now: datetime) -> str | None:
     """delivering -> delivered/failed once nothing of the latest analysis is pending."""
     series = s.get(Series, series_id)
@@ -331,19 +340,23 @@ def _settle_series(s: Session, series_id: int, now: datetime) -> str | None:
         return None
     latest = s.scalar(select(func.max(Analysis.id)).where(Analysis.series_id == series_id))
     rows = s.execute(
-        select(Delivery.status, Delivery.destination, Delivery.last_error).where(
-            Delivery.analysis_id == latest
-        )
+        select(Delivery.status, Delivery.destination, Delivery.last_error, Delivery.sop_class_uid,
+               Delivery.last_status).where(Delivery.analysis_id == latest)
     ).all()
-    if any(status == "pending" for status, _, _ in rows):
+    if any(status == "pending" for status, *_ in rows):
         return None
-    bad = [(dest, err) for status, dest, err in rows if status in ("failed", "rejected")]
+    not_taken = sorted({f"{dest}: {OPTIONAL_CLASSES[cls]}" for status, dest, _, cls, code in rows
+                        if status == "rejected" and cls in OPTIONAL_CLASSES and code == NOT_SUPPORTED})
+    bad = [(dest, err) for status, dest, err, cls, code in rows if status in ("failed", "rejected")
+           and not (status == "rejected" and cls in OPTIONAL_CLASSES and code == NOT_SUPPORTED)]
     if bad:
         series.state = "failed"
         series.reason = f"{len(bad)} of {len(rows)} result deliveries failed; first: {bad[0][0]}: {bad[0][1]}"
     else:
         series.state = "delivered"
         series.delivered = now
+        series.reason = (f"not accepted (SOP class not supported), the SR and captures went out: "
+                         f"{', '.join(not_taken)}") if not_taken else None
     series.updated = now
     return series.state
 
