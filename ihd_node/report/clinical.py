@@ -20,7 +20,7 @@ from pydicom.multival import MultiValue
 
 from ihd_node.classes import CLASSES
 from ihd_node.report.codes import FINDING_CODES, PRESENT
-from ihd_node.report.source import check_groups
+from ihd_node.report.source import check_groups, timezone_of
 from ihd_node.values.prediction import Prediction
 from ihd_node.values.volume import Volume
 
@@ -169,19 +169,8 @@ class ClinicalResult:
             naive = dt.datetime.strptime(date + clock, "%Y%m%d%H%M%S")
         except ValueError:
             return None
-        zone = _zone(self.timezone_offset)
+        zone = timezone_of(self.timezone_offset)
         return naive.replace(tzinfo=zone) if zone is not None else naive.astimezone()
-
-
-def _zone(text: str) -> dt.timezone | None:
-    text = (text or "").strip()
-    if len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
-        return None
-    hours, minutes = int(text[1:3]), int(text[3:])
-    if hours > 14 or minutes > 59:
-        return None
-    sign = 1 if text[0] == "+" else -1
-    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -206,7 +195,7 @@ def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
 def _result_datetime(sr: Dataset) -> dt.datetime:
     """The SR's Content Date/Time (written in the study's offset when it has one); now when unreadable."""
     date, clock = _text(sr, "ContentDate"), _text(sr, "ContentTime").split(".")[0]
-    zone = _zone(_text(sr, "TimezoneOffsetFromUTC"))
+    zone = timezone_of(_text(sr, "TimezoneOffsetFromUTC"))
     try:
         naive = dt.datetime.strptime(date + (clock + "000000")[:6], "%Y%m%d%H%M%S")
     except ValueError:

@@ -206,8 +206,13 @@ _CREATION_STAMPS: tuple[tuple[str, str], ...] = (
 
 
 def _offset(source: Dataset) -> dt.timezone | None:
-    """The source's TimezoneOffsetFromUTC ("+0900", "-0330") as a timezone; None when absent or malformed."""
-    text = str(source.get("TimezoneOffsetFromUTC", "") or "").strip()
+    """The source's TimezoneOffsetFromUTC as a timezone; None when absent or malformed."""
+    return timezone_of(str(source.get("TimezoneOffsetFromUTC", "") or ""))
+
+
+def timezone_of(text: str) -> dt.timezone | None:
+    """A DICOM timezone offset ("+0900", "-0330") as a timezone; None when empty or malformed."""
+    text = (text or "").strip()
     if len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
         return None
     hours, minutes = int(text[1:3]), int(text[3:])

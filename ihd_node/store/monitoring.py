@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from ihd_node.classes import CLASSES
 from ihd_node.store.engine import DatabaseEngine
-from ihd_node.store.outbox import RetryPolicy, RetrySettings, _retry_or_give_up
+from ihd_node.store.outbox import RetryPolicy, RetrySettings, book_alert_attempt
 from ihd_node.store.schema import Analysis, DriftAlert, DriftEpisode, Series, SeriesInput, utcnow
 
 INPUT_FIELDS = ("manufacturer", "model_name", "kernel", "enhanced", "slice_thickness", "kvp", "pixel_spacing")
@@ -140,14 +140,6 @@ class MonitoringStore(DatabaseEngine):
             a = s.get(DriftAlert, alert_id)
             if a is None:
                 raise ValueError(f"no drift alert with id {alert_id}")
-            a.attempts += 1
-            a.last_error = error
-            a.updated_at = now
-            if outcome == "sent":
-                a.status, a.sent_at = "sent", now
-            elif outcome == "rejected":
-                a.status = "rejected"
-            else:
-                _retry_or_give_up(a, policy, now, error)  # type: ignore[arg-type]  # the same outbox columns
+            book_alert_attempt(a, outcome, error, policy, now)
             s.flush()
             return a

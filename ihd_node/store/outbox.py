@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ihd_node.store.engine import DatabaseEngine
-from ihd_node.store.schema import Alert, Analysis, Delivery, DeliveryAttempt, Series, utcnow
+from ihd_node.store.schema import Alert, Analysis, Delivery, DeliveryAttempt, DriftAlert, Series, utcnow
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class RetryPolicy:
         return now + timedelta(seconds=self.backoff(attempts))
 
 
-def _retry_or_give_up(row: Delivery | Alert, policy: RetryPolicy, now: datetime, error: str | None) -> bool:
+def _retry_or_give_up(row: Delivery | Alert | DriftAlert, policy: RetryPolicy, now: datetime,
+                      error: str | None) -> bool:
     """Book a retryable failed try on an outbox row (its attempts already count it). True: gave up."""
     retry_at = policy.next_attempt(row.attempts, row.created_at, now)
     if retry_at is None:
@@ -91,6 +92,21 @@ def _retry_or_give_up(row: Delivery | Alert, policy: RetryPolicy, now: datetime,
     row.next_attempt_at = retry_at
     return False
 
+
+
+def book_alert_attempt(row: Alert | DriftAlert, outcome: str, error: str | None, policy: RetryPolicy,
+                       now: datetime) -> None:
+    """One attempt on an alert-outbox row (finding alerts and drift alerts share the columns): sent,
+    rejected (resending cannot help) or retried by the policy until it gives up."""
+    row.attempts += 1
+    row.last_error = error
+    row.updated_at = now
+    if outcome == "sent":
+        row.status, row.sent_at = "sent", now
+    elif outcome == "rejected":
+        row.status = "rejected"
+    else:
+        _retry_or_give_up(row, policy, now, error)
 
 
 class OutboxStore(DatabaseEngine):
@@ -266,15 +282,7 @@ class OutboxStore(DatabaseEngine):
             a = s.get(Alert, alert_id)
             if a is None:
                 raise ValueError(f"no alert with id {alert_id}")
-            a.attempts += 1
-            a.last_error = error
-            a.updated_at = now
-            if outcome == "sent":
-                a.status, a.sent_at = "sent", now
-            elif outcome == "rejected":
-                a.status = "rejected"
-            else:
-                _retry_or_give_up(a, policy, now, error)
+            book_alert_attempt(a, outcome, error, policy, now)
             s.flush()
             return a
 
