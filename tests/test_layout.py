@@ -33,6 +33,9 @@ FLOORS: dict[str, int] = {
     "delivery": 3,
     "store": 2,
     "config": 1, "sim": 1,
+    # IHE ATNA audit messages (typed events -> PS3.15 XML, schema check): pure, so that every stage can build
+    # its own event; the store records them (Database.audit), delivery/syslog.py sends them.
+    "audit": 1,
 }
 SIDEWAYS = {("model", "imaging")}
 SHARED_FLOOR = 0  # classes, errors, nodelog, faults, site, uids, sr_classes, charsets, values/

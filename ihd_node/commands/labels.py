@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ihd_node.audit import StudyObject, events
 from ihd_node.classes import CLASSES
 from ihd_node.commands.readout import iso, open_existing, plural, text_table
 from ihd_node.errors import UserError
@@ -67,6 +68,8 @@ def import_labels(file: str, config: str, *, max_bytes: int = MAX_BYTES, dry_run
                   f"({replaced} would replace an earlier read); nothing imported (--dry-run)")
             return 0
         db.add_reads(reads, source="csv", entered_by=_os_user())
+        db.audit(events.labels_import(_os_user(), str(path.resolve()), [
+            StudyObject(uid) for uid in sorted({r.study_instance_uid for r in reads})], count=len(reads)))
     finally:
         db.close()
     print(f"{file}: imported {plural(len(reads), 'read')} of {plural(studies, 'study', 'studies')}"

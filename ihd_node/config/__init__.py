@@ -5,6 +5,7 @@ load (reading the file, error messages), checks (what would stop `serve` on this
 reference (the table of docs/configuration.md). Other stages import from here.
 """
 
+from ihd_node.config.audit import AuditConfig, SyslogTarget, parse_syslog
 from ihd_node.config.checks import runtime_problems, summary
 from ihd_node.config.load import ConfigError, default_config, load_config
 from ihd_node.config.monitoring import MonitoringConfig
@@ -27,6 +28,7 @@ from ihd_node.config.sections import (
 )
 
 __all__ = [
+    "AuditConfig", "SyslogTarget", "parse_syslog",
     "AlertChannel", "AlertsConfig", "AnalysisConfig", "ClusterConfig", "Config", "ConfigError", "DatabaseConfig",
     "DeliveryConfig", "Destination", "InboundTLS", "LoggingConfig", "ModelSection", "MonitoringConfig", "NodeConfig",
     "OutboundTLS",

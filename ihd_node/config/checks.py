@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ihd_node.config.audit import describe as audit_line
 from ihd_node.config.sections import Config
 
 
@@ -30,6 +31,7 @@ def summary(config: Config) -> list[str]:
         f"destinations: {dests}",
         f"model: {config.model.checkpoint} on {config.model.device}; Grad-CAM {gradcam} "
         f"(at most {config.analysis.max_secondary_captures} images per series)",
+        audit_line(config.audit),
     ]
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from ihd_node.classes import CLASSES
+from ihd_node.config.audit import AuditConfig
 from ihd_node.config.fields import (
     AETitle,
     Bool,
@@ -409,6 +410,7 @@ class Config(Section):
     retention: RetentionConfig = setting(RetentionConfig, "Spool clean-up.")
     cluster: ClusterConfig = setting(ClusterConfig, "Job priorities and heartbeats of a multi-machine node.")
     monitoring: MonitoringConfig = setting(MonitoringConfig, "Drift of the input mix and the scores after go-live.")
+    audit: AuditConfig = setting(AuditConfig, "The IHE ATNA audit trail: where its syslog messages go.")
     logging: LoggingConfig = setting(LoggingConfig, "Log output.")
 
     _source: Path | None = PrivateAttr(default=None)  # the file it was read from, for messages

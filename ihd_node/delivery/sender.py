@@ -191,17 +191,35 @@ def echo(calling_aet: str, dest: object) -> tuple[bool, str]:
     return True, f"{(time.perf_counter() - started) * 1000:.0f} ms"
 
 
-def count_series_instances(dest: object, calling_aet: str, study_uid: str, series_uid: str) -> int | None:
-    """NumberOfSeriesRelatedInstances the destination reports for one series (Study Root C-FIND, SERIES
-    level); 0 when it does not know the series, None when it cannot be asked (logged)."""
+def series_count_query(study_uid: str, series_uid: str) -> Any:
+    """The C-FIND identifier of the completion check's instance count (also what its audit message shows)."""
     from pydicom.dataset import Dataset
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyFind
 
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = study_uid
     query.SeriesInstanceUID = series_uid
     query.NumberOfSeriesRelatedInstances = ""
+    return query
+
+
+def encoded_query(query: Any) -> bytes:
+    """The identifier as sent (Explicit VR Little Endian), for the audit message's ParticipantObjectQuery."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, query)
+    return buffer.getvalue()
+
+
+def count_series_instances(dest: object, calling_aet: str, study_uid: str, series_uid: str) -> int | None:
+    """NumberOfSeriesRelatedInstances the destination reports for one series (Study Root C-FIND, SERIES
+    level); 0 when it does not know the series, None when it cannot be asked (logged)."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyFind
+
+    query = series_count_query(study_uid, series_uid)
     try:
         assoc = _associate(calling_aet, dest, [(str(StudyFind), [tsuid.ExplicitVRLittleEndian,
                                                                  tsuid.ImplicitVRLittleEndian])])
@@ -234,6 +252,7 @@ class Outbox:
         self.config = config
         self.wake = wake  # called when a destination's send ends: its next rows may be due at once
         self._busy: set[str] = set()
+        self._settled: dict[str, list[tuple[Delivery, str, str | None]]] = {}  # destination -> this pass
         self._lock = threading.Lock()
 
     def run_once(self, now: datetime | None = None, wait: bool = True) -> int:
@@ -282,11 +301,27 @@ class Outbox:
         # Answers that are not "sent" are logged once per destination and pass, not once per object: a PACS
         # outage is one problem, and 16 captures x every retry drowned the journal (issue 7 item 16).
         problems: list[tuple[Delivery, AttemptResult, str | None]] = []
+        with self._lock:
+            self._settled[name] = []  # what _book booked in this pass, for its audit messages
         try:
             self._deliver_rows(name, rows, problems)
         finally:
             self._log_problems(name, problems)
+            with self._lock:
+                settled = self._settled.pop(name, [])
+            self._audit_pass(name, settled)
         return len(rows)
+
+    def _audit_pass(self, name: str, settled: list[tuple[Delivery, str, str | None]]) -> None:
+        """Per study, what this pass delivered to (or gave up on at) `name`: IHE ATNA audit messages."""
+        from ihd_node.delivery.audited import settled_events
+
+        try:
+            dest = self.config.destination(name)
+        except KeyError:
+            return
+        for event in settled_events(dest, settled):
+            self.db.audit(event)
 
     def _deliver_rows(self, name: str, rows: list[Delivery],
                       problems: list[tuple[Delivery, AttemptResult, str | None]]) -> None:
@@ -372,6 +407,8 @@ class Outbox:
               detail: str = "") -> AttemptResult:
         res = self.db.record_attempt(row.id, status=status, error=error, policy=self.config.delivery,
                                      seconds=seconds, now=now, outcome=outcome)
+        with self._lock:
+            self._settled.get(row.destination, []).append((row, res.delivery_status, error))
         faults.point("delivery.booked")
         if sent_as:
             # Which SR class this PACS got, in the log database: the object it holds has another class and UID.

@@ -94,6 +94,7 @@ class ReceivedInstance:
     modality: str = ""
     accession_number: str = ""
     series_description: str = ""
+    patient_id: str = ""  # for the audit trail only (never logged elsewhere; never the name)
 
 
 class Recorder(Protocol):
@@ -111,6 +112,10 @@ class Recorder(Protocol):
 
     def instance_received(self, instance: ReceivedInstance) -> None:
         """Record the instance idempotently; raise if it could not be recorded."""
+        ...
+
+    def association_refused(self, peer: Peer, reason: str) -> None:
+        """An association or TLS handshake refused: a security alert for the audit trail."""
         ...
 
 
@@ -271,6 +276,12 @@ class Receiver:
                           peer=f"{peer.address}:{peer.port}" if peer else None,
                           error=f"{type(exc).__name__}: {exc}")
 
+    def _refused(self, peer: Peer, reason: str) -> None:
+        try:
+            self.recorder.association_refused(peer, reason)
+        except Exception as exc:  # the database is down: the journal line above names the peer
+            nodelog.error("audit.unrecorded", what="association refused", error=f"{type(exc).__name__}: {exc}")
+
     def _peer(self, event: evt.Event) -> Peer | None:
         with self._lock:
             return self._peers.get(event.assoc)
@@ -296,6 +307,7 @@ class Receiver:
             reason = (f"nothing within {self.handshake_timeout:g} s" if isinstance(exc, TimeoutError)
                       else getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
             self._event("rejected", f"TLS handshake failed: {reason}", level="WARNING", peer=peer)
+            self._refused(peer, f"TLS handshake failed: {reason}")
             with self._lock:  # logged here once; not again as a connection without an association
                 self._unrequested.pop(event.assoc, None)
             event.assoc.dul.socket.close()  # the association ends without an A-ASSOCIATE (Evt17)
@@ -323,6 +335,7 @@ class Receiver:
         if refusal:
             reason, rsd = refusal
             self._event("rejected", f"association refused: {reason}", level="WARNING", peer=peer)
+            self._refused(peer, f"association refused: {reason}")
             assoc.acse.send_reject(*rsd)
             assoc.kill()  # as pynetdicom's own rejections do: waits until the A-ASSOCIATE-RJ has gone out
             return
@@ -407,7 +420,7 @@ class Receiver:
                 return self._refuse(peer, UNPARSEABLE, "no element could be read (truncated, or not DICOM)")
             values = {k: str(ds.get(k, "") or "") for k in (
                 "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-                "AccessionNumber", "SeriesDescription")}
+                "AccessionNumber", "SeriesDescription", "PatientID")}
         except Exception as exc:
             return self._refuse(peer, UNPARSEABLE, f"dataset cannot be parsed ({type(exc).__name__})")
         sop_uid, series_uid, study_uid = (values["SOPInstanceUID"], values["SeriesInstanceUID"],
@@ -441,7 +454,8 @@ class Receiver:
             peer=peer, sop_class_uid=rq_class, sop_instance_uid=sop_uid, study_instance_uid=study_uid,
             series_instance_uid=series_uid, transfer_syntax_uid=str(event.context.transfer_syntax),
             sha256=sha, size=len(raw), path=path, ignored_reason=ignored, modality=values["Modality"],
-            accession_number=values["AccessionNumber"], series_description=values["SeriesDescription"])
+            accession_number=values["AccessionNumber"], series_description=values["SeriesDescription"],
+            patient_id=values["PatientID"])
         try:
             self.recorder.instance_received(instance)
         except Exception as exc:

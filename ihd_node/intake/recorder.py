@@ -7,6 +7,12 @@ waits, with the reason recorded, for the completion evidence or series.max_wait_
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ihd_node import nodelog
+from ihd_node.audit import StudyObject, events
 from ihd_node.intake.receiver import Peer, ReceivedInstance
 from ihd_node.store import Database, InstanceBatcher, InstanceRecord
 from ihd_node.store.arrivals import IgnoredArrival, note_open_series, record_ignored
@@ -23,12 +29,47 @@ def abort_open_associations(db: Database) -> int:
     return note_open_series(db, ABORTED_WAITING.format(how="was open when the node stopped, so it ended"))
 
 
+@dataclass
+class _StudyTally:
+    """What one association brought of one study, for its 110104 audit message at the association's end."""
+
+    classes: Counter[str] = field(default_factory=Counter)
+    accession: str = ""
+    patient_id: str = ""
+
+
 class DatabaseRecorder:
     """The Recorder over ihd_node.store.database: instances, association ends, and audit events."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self.batcher = InstanceBatcher(db)  # concurrent associations share transactions
+        self._lock = threading.Lock()
+        self._received: dict[str, dict[str, _StudyTally]] = {}  # association id -> study UID -> tally
+
+    def association_refused(self, peer: Peer, reason: str) -> None:
+        self.db.audit(events.association_refused(peer.calling_aet, peer.address, reason))
+
+    def _tally(self, inst: ReceivedInstance) -> None:
+        with self._lock:
+            tally = self._received.setdefault(inst.peer.key, {}).setdefault(inst.study_instance_uid, _StudyTally())
+            tally.classes[inst.sop_class_uid] += 1
+            tally.accession = tally.accession or inst.accession_number
+            tally.patient_id = tally.patient_id or inst.patient_id
+
+    def _audit_received(self, peer: Peer, how: str) -> None:
+        """One 110104 DICOM Instances Transferred message per study the association brought."""
+        with self._lock:
+            studies = self._received.pop(peer.key, {})
+        note = None if how == "released" else f"association {how} without a release; instances may be missing"
+        for uid, tally in studies.items():
+            study = StudyObject(uid, tuple(sorted(tally.classes.items())), tally.accession or None,
+                                tally.patient_id or None)
+            try:
+                self.db.audit(events.instances_received(peer.calling_aet, peer.address, [study], outcome_text=note))
+            except Exception as exc:  # noqa: BLE001 - the instances are recorded; say in the journal what is missing
+                nodelog.error("audit.unrecorded", what="instances received", study=uid,
+                              error=f"{type(exc).__name__}: {exc}")
 
     def event(self, kind: str, message: str, *, level: str = "INFO", peer: Peer | None = None,
               series_uid: str | None = None, study_uid: str | None = None) -> None:
@@ -37,12 +78,17 @@ class DatabaseRecorder:
                           peer_address=f"{peer.address}:{peer.port}" if peer else None)
 
     def association_ended(self, peer: Peer, how: str) -> None:
+        self._audit_received(peer, how)
         if how == "released":
             self.db.association_released(peer.key)
         else:  # an A-ABORT or a dropped connection says nothing about the series being whole
             note_open_series(self.db, ABORTED_WAITING.format(how=how), association_id=peer.key)
 
     def instance_received(self, inst: ReceivedInstance) -> None:
+        self._record(inst)
+        self._tally(inst)  # only once recorded: a refused store (0xA700) is sent again and counted then
+
+    def _record(self, inst: ReceivedInstance) -> None:
         if inst.ignored_reason is not None:
             if record_ignored(self.db, IgnoredArrival(
                     study_instance_uid=inst.study_instance_uid, series_instance_uid=inst.series_instance_uid,

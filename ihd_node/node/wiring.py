@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ihd_node import __version__, nodelog
+from ihd_node.audit import events
 from ihd_node.config import Config, summary
 from ihd_node.delivery.alerts import AlertOutbox
 from ihd_node.delivery.sender import Outbox
@@ -39,6 +40,7 @@ from ihd_node.intake.receiver import Admission, Receiver
 from ihd_node.intake.recorder import DatabaseRecorder
 from ihd_node.intake.spool import Spool
 from ihd_node.monitoring.watch import DriftWatch
+from ihd_node.node.audit import AuditSender, attach_login_audit, audited_count, record_start
 from ihd_node.node.cluster import DeliveryLease
 from ihd_node.node.loops import Health, run_loop, supervised
 from ihd_node.node.queue import STOP_JOIN_SECONDS, AnalysisQueue, ClusterQueue, LocalQueue
@@ -46,7 +48,7 @@ from ihd_node.node.recovery import OrphanSweep, Recovery
 from ihd_node.node.retention import Retention
 from ihd_node.node.worker import AnalysisWorker
 from ihd_node.site import site_value
-from ihd_node.store import Database, NodeRun, open_database, utcnow
+from ihd_node.store import Database, NodeRun, audit_source, open_database, utcnow
 from ihd_node.store.work import join
 from ihd_node.triage.assembler import Assembler
 from ihd_node.triage.completion import CompletionJudge, MppsList
@@ -55,6 +57,7 @@ from ihd_node.triage.study import StudyChoice
 
 ROLES = ("receive", "deliver", "analyse")
 HOUSEKEEPING_SECONDS = 1.0
+AUDIT_DRAIN_SECONDS = 3.0  # at a clean stop, the pending audit messages get this long to reach the collector
 
 
 def server_ssl_context(tls: Any) -> ssl.SSLContext | None:
@@ -97,6 +100,8 @@ class Node:
         self._stop = threading.Event()
         self._wake_delivery = threading.Event()
         self._wake_alerts = threading.Event()
+        self._wake_audit = threading.Event()
+        self._audit: AuditSender | None = None
         self._model_ready = threading.Event()
         self._model_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
@@ -139,6 +144,12 @@ class Node:
         self._run = db.start_run(host=socket.gethostname(), pid=os.getpid(), version=__version__,
                                  heartbeat_seconds=cfg.node.heartbeat_seconds)
         nodelog.info("node.run", node_id=self._run.node_id)
+        db.audit_source = audit_source(cfg)  # IHE ATNA: every stage records through db.audit (node/audit.py)
+        db.audit_wake = self._wake_audit.set
+        record_start(db, cfg)
+        if "deliver" in self.roles:  # one sender per process that delivers; messages wait in the database
+            self._audit = AuditSender(db, cfg)
+            self._loop("audit", self._audit.step, self._wake_audit)
         self._spawn("heartbeat", lambda: run_loop("heartbeat", self._beat, self._stop, self.health))
         if self.clustered:
             join(db, self._run.id, list(self.roles), cfg.model.device if "analyse" in self.roles else None)
@@ -242,7 +253,9 @@ class Node:
                               "ihd-node's dependencies again (pip install -e .)", level="WARNING")
             return
         try:
-            self.web = make_web_server(self).start()
+            web = make_web_server(self)
+            attach_login_audit(web, self.db)  # console log-ins -> 110114 User Authentication
+            self.web = web.start()
         except OSError as exc:
             # The console is for admins; DICOM intake matters more than a busy port, so the node runs on.
             self.db.log_event("web", f"console not started: cannot listen on {self.config.web.host}:"
@@ -294,10 +307,8 @@ class Node:
             return [MppsList(uid, sops) for uid, sops in db.mpps_lists(series_uid)]
 
         def pacs_count(study_uid: str, series_uid: str) -> list[tuple[str, int | None]]:
-            from ihd_node.delivery.sender import count_series_instances
-
             # None where a destination could not be asked: the judge holds the series for it (fail closed)
-            return [(dest.name, count_series_instances(dest, self.config.node.ae_title, study_uid, series_uid))
+            return [(dest.name, audited_count(db, dest, self.config.node.ae_title, study_uid, series_uid))
                     for dest in counted]
 
         return CompletionJudge(check_geometry=rules.check_geometry, check_coverage=rules.check_coverage,
@@ -322,6 +333,7 @@ class Node:
         self._stop.set()
         self._wake_delivery.set()
         self._wake_alerts.set()
+        self._wake_audit.set()
         deadline = time.monotonic() + STOP_JOIN_SECONDS
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -332,6 +344,11 @@ class Node:
         if self.db is not None:
             try:
                 self.db.log_event("node", reason)
+                self.db.audit(events.application_activity(False, reason=reason,
+                                                          failed=reason.startswith("start-up failed")))
+                if self._audit is not None:
+                    self._audit.drain(AUDIT_DRAIN_SECONDS)
+                    self._audit.close()
                 if self._run is not None:
                     self.db.stop_run(self._run.id, reason)
             except Exception as exc:  # the database may be the reason for stopping

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pydicom
 
+from ihd_node.audit import StudyObject, events
 from ihd_node.config import Config
 from ihd_node.errors import UserError
 from ihd_node.retraction.messages import load_result, message_files, write_atomic
@@ -127,4 +128,7 @@ def retract(config: Config, db: Database, series_instance_uid: str, *, reason: s
     series = analysis.series
     db.log_event("retraction", f"retracted by {who}: {reason}; {done.summary()}", level="WARNING",
                  series_instance_uid=series_instance_uid, study_instance_uid=series.study_instance_uid)
+    # IHE ATNA: the person who asked ("alice (console)" -> UserID alice) is the requestor
+    db.audit(events.retraction(who.split(" (", 1)[0], StudyObject(series.study_instance_uid), series_instance_uid,
+                               f"retracted by {who}: {reason}"))
     return done

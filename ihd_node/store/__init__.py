@@ -4,9 +4,10 @@ Other stages import from here only (`from ihd_node.store import Database, Series
 schema (tables and column types; the migrations import only this), engine (engine and sessions),
 intake, series, outbox (with the one retry policy), runs (node runs and events), queries (what the
 admin commands, console and metrics read), reads (the radiologist's reads and the results they judge),
-database (the `Database` that puts them together).
+audit (the IHE ATNA audit trail and its outbox), database (the `Database` that puts them together).
 """
 
+from ihd_node.store.audit import PendingAudit, audit_source
 from ihd_node.store.database import Database, open_database
 from ihd_node.store.intake import InstanceBatcher, InstanceRecord, Recorded
 from ihd_node.store.monitoring import INPUT_FIELDS, AnalysedResult
@@ -22,6 +23,7 @@ from ihd_node.store.queries import (
 from ihd_node.store.reads import NewRead, ResultRow, StudyRef, UnknownStudies
 from ihd_node.store.retraction import NotRetractable
 from ihd_node.store.schema import (
+    AUDIT_STATES,
     DELIVERY_STATES,
     FHIR_BUNDLE,
     FINDINGS,
@@ -37,6 +39,8 @@ from ihd_node.store.schema import (
     UNFINISHED_STATES,
     Alert,
     Analysis,
+    AuditMessage,
+    AuditPatient,
     Base,
     Completion,
     DatabaseError,
@@ -69,5 +73,7 @@ __all__ = [
     "Superseded", "UTCDateTime", "classify_status", "open_database", "utcnow",
     # drift monitoring (issue 19)
     "INPUT_FIELDS", "AnalysedResult", "DriftAlert", "DriftEpisode", "SeriesInput",
+    # audit trail, IHE ATNA (issue 22)
+    "AUDIT_STATES", "AuditMessage", "AuditPatient", "PendingAudit", "audit_source",
     "FINDINGS", "READ_SOURCES", "READ_VALUES", "NewRead", "Read", "ResultRow", "StudyRef", "UnknownStudies",
 ]

@@ -1,11 +1,12 @@
 """The one entry object of the store: `Database`, put together from the per-area classes.
 
 Callers hold one `Database` per process and call its units of work (`db.record_instance(...)`,
-`db.finish_analysis(...)`, ...); which module a method lives in is the store's own business.
+`db.finish_analysis(...)`, `db.audit(event)`, ...); which module a method lives in is the store's own business.
 """
 
 from __future__ import annotations
 
+from ihd_node.store.audit import AuditStore
 from ihd_node.store.intake import IntakeStore
 from ihd_node.store.monitoring import MonitoringStore
 from ihd_node.store.outbox import OutboxStore
@@ -17,7 +18,7 @@ from ihd_node.store.series import SeriesStore
 
 
 class Database(IntakeStore, SeriesStore, OutboxStore, RetractionStore, RunStore, QueryStore, ReadStore,
-               MonitoringStore):
+               MonitoringStore, AuditStore):
     """One per process. Methods are units of work; each opens and closes its own session."""
 
 

@@ -3,8 +3,9 @@ instance, analysis and result delivery.
 
 It is also the node's durable state: series states and the delivery outbox live here, so a restart
 resumes from it. SQLite in WAL mode by default; queries use only portable SQLAlchemy constructs, so
-any SQLAlchemy URL works. No patient name, birth date or patient ID is stored: UIDs and the
-accession number are enough to find a study.
+any SQLAlchemy URL works. No patient name or birth date is stored; patient IDs only in the audit trail
+(audit_messages, audit_patients: IHE ATNA messages must name the patient). UIDs and the accession number
+are enough to find a study.
 
 Only tables and types: the migrations (ihd_node.store.migrations) import this module and nothing else
 of the store.
@@ -427,3 +428,38 @@ class Read(Base):
     entered_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     current: Mapped[bool] = mapped_column(Boolean, index=True)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("reads.id"))
+
+
+# ---------------------------------------------------------------- audit trail, IHE ATNA (issue 22)
+
+AUDIT_STATES = ("pending", "sent")
+
+
+class AuditMessage(Base):
+    """The audit outbox and archive: every DICOM audit message (PS3.15 A.5) the node made, kept after it was
+    sent (and when no collector is configured). `schema_error` is set when the message failed the schema
+    check: it is kept and sent all the same (fail closed: recorded with why), and the tests assert none."""
+
+    __tablename__ = "audit_messages"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)  # the short kind, e.g. instances-received
+    event_id: Mapped[str] = mapped_column(String(16))  # the EventID code, e.g. 110104
+    outcome: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    xml: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(8), index=True)  # pending / sent
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    schema_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditPatient(Base):
+    """Which patient ID a study belongs to, so that every audit message about the study names the patient
+    (PS3.15 A.5.3 asks for it). The audit trail is the one part of the log database with patient IDs: the
+    security review needs them to answer "who touched this patient's data". Never names or birth dates."""
+
+    __tablename__ = "audit_patients"
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))

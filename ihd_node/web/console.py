@@ -23,6 +23,7 @@ import pydicom
 from PIL import Image
 
 from ihd_node import __version__
+from ihd_node.audit import StudyObject, events
 from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.store import IN_FLIGHT_STATES, Analysis, Series, utcnow
 from ihd_node.web.health import readiness
@@ -188,6 +189,9 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
         count = done.get(uid, 0)
         db.log_event("audit", f"re-send of failed deliveries by {request.user}: {count} re-queued",
                      series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+        db.audit(events.console_action(request.user or "unknown", None, "resend",
+                                       StudyObject(series.study_instance_uid), done=True,
+                                       detail=f"series {uid}: {count} failed deliveries re-queued"))
         node.wake_delivery()
         return back(series, f"{count} deliveries re-queued")
 
@@ -199,6 +203,8 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
         ok, why = node.reanalyse(uid)
         db.log_event("audit", f"re-analysis by {request.user}: {why}", level="INFO" if ok else "WARNING",
                      series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
+        db.audit(events.console_action(request.user or "unknown", None, "reanalyse",
+                                       StudyObject(series.study_instance_uid), done=ok, detail=f"series {uid}: {why}"))
         return back(series, why)
 
     def retract_result(request: Request) -> Response:
