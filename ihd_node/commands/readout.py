@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from ihd_node.config import load_config
-from ihd_node.store import Database, audit_source
+from ihd_node.store import Database
 
 WIDTH = 100  # the terminal width `status` and `log` fit (issue 7 item 16)
 
@@ -20,7 +20,7 @@ def open_existing(config_path: str) -> Database:
     config = load_config(config_path)
     db = Database(config.database_url, create=False)
     db.check_schema()  # a schema from another version would answer wrongly or not at all
-    db.audit_source = audit_source(config)  # what a command records (retract, labels) names this installation
+    db.configure_audit(config)  # what a command records (retract, labels) names this installation
     return db
 
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, model_validator
 
-from ihd_node.config.fields import FilePath, Num, Section, setting
+from ihd_node.config.fields import Bool, FilePath, Num, Section, setting
 
 SYSLOG_SCHEMES = ("tls", "udp")
 
@@ -70,6 +70,10 @@ class AuditConfig(Section):
         None, "AuditSourceID of this installation, unique in the enterprise; unset = ihd-node@<host name>.",
         "ihd-node-ct-ward")
     site_id: Token = setting(None, "AuditEnterpriseSiteID: the hospital or site the node belongs to.", "st-elsewhere")
+    patient_ids: Bool = setting(
+        False, "Name the patient, by Patient ID only, in the audit messages (PS3.15 A.5.3 asks for it); the log "
+        "database then holds patient IDs in its audit tables. Off: the messages name studies only and no patient "
+        "ID is stored anywhere. Never a name or birth date either way.")
     retry_max_seconds: Num = setting(
         30.0, "Longest wait between tries while the collector is unreachable (messages wait in the database).",
         30, gt=0)

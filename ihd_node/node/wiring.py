@@ -48,7 +48,7 @@ from ihd_node.node.recovery import OrphanSweep, Recovery
 from ihd_node.node.retention import Retention
 from ihd_node.node.worker import AnalysisWorker
 from ihd_node.site import site_value
-from ihd_node.store import Database, NodeRun, audit_source, open_database, utcnow
+from ihd_node.store import Database, NodeRun, open_database, utcnow
 from ihd_node.store.work import join
 from ihd_node.triage.assembler import Assembler
 from ihd_node.triage.completion import CompletionJudge, MppsList
@@ -144,7 +144,7 @@ class Node:
         self._run = db.start_run(host=socket.gethostname(), pid=os.getpid(), version=__version__,
                                  heartbeat_seconds=cfg.node.heartbeat_seconds)
         nodelog.info("node.run", node_id=self._run.node_id)
-        db.audit_source = audit_source(cfg)  # IHE ATNA: every stage records through db.audit (node/audit.py)
+        db.configure_audit(cfg)  # IHE ATNA: every stage records through db.audit (node/audit.py)
         db.audit_wake = self._wake_audit.set
         record_start(db, cfg)
         if "deliver" in self.roles:  # one sender per process that delivers; messages wait in the database

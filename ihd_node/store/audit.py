@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,10 +42,15 @@ def audit_source(config: Any) -> AuditSource:
     return default_source(config.node.ae_title, config.audit.source_id, config.audit.site_id)
 
 
+def without_patients(event: AuditEvent) -> AuditEvent:
+    return replace(event, studies=tuple(replace(s, patient_id=None) for s in event.studies))
+
+
 class AuditStore(DatabaseEngine):
     """Units of work on the audit trail."""
 
     audit_source_value: AuditSource | None = None
+    audit_patient_ids = False  # audit.patient_ids: name patients (by ID) in the messages, remember them per study
     audit_wake: Callable[[], None] | None = None  # the audit sender's wake-up (set by the node)
 
     @property
@@ -58,16 +63,23 @@ class AuditStore(DatabaseEngine):
     def audit_source(self, value: AuditSource) -> None:
         self.audit_source_value = value
 
+    def configure_audit(self, config: Any) -> None:
+        """Who this installation is in its audit messages, and whether they name patients (the config)."""
+        self.audit_source = audit_source(config)
+        self.audit_patient_ids = bool(config.audit.patient_ids)
+
     def audit(self, event: AuditEvent) -> int:
         """Record one audit message (pending for the collector) and return its row id.
 
         A message that fails the schema check is a bug of the node: it is kept with the reason in
         `schema_error` (and an ERROR log line) and sent all the same, so nothing is dropped silently."""
+        if not self.audit_patient_ids:
+            event = without_patients(event)  # no patient ID anywhere in the database (the default)
         with self.session() as s:
             for study in event.studies:
                 if study.patient_id:
                     s.merge(AuditPatient(study_instance_uid=study.study_uid, patient_id=study.patient_id[:64]))
-            missing = [st.study_uid for st in event.studies if not st.patient_id]
+            missing = [st.study_uid for st in event.studies if not st.patient_id and self.audit_patient_ids]
             known = dict(s.execute(select(AuditPatient.study_instance_uid, AuditPatient.patient_id)
                                    .where(AuditPatient.study_instance_uid.in_(missing))).all()) if missing else {}
             try:

@@ -3,9 +3,9 @@ instance, analysis and result delivery.
 
 It is also the node's durable state: series states and the delivery outbox live here, so a restart
 resumes from it. SQLite in WAL mode by default; queries use only portable SQLAlchemy constructs, so
-any SQLAlchemy URL works. No patient name or birth date is stored; patient IDs only in the audit trail
-(audit_messages, audit_patients: IHE ATNA messages must name the patient). UIDs and the accession number
-are enough to find a study.
+any SQLAlchemy URL works. No patient name or birth date is stored, and no patient ID unless the site turns
+on audit.patient_ids (then only in the audit trail: audit_messages, audit_patients). UIDs and the accession
+number are enough to find a study.
 
 Only tables and types: the migrations (ihd_node.store.migrations) import this module and nothing else
 of the store.
@@ -457,8 +457,9 @@ class AuditMessage(Base):
 
 class AuditPatient(Base):
     """Which patient ID a study belongs to, so that every audit message about the study names the patient
-    (PS3.15 A.5.3 asks for it). The audit trail is the one part of the log database with patient IDs: the
-    security review needs them to answer "who touched this patient's data". Never names or birth dates."""
+    (PS3.15 A.5.3 asks for it). Written only with audit.patient_ids on: then the audit trail is the one part
+    of the log database with patient IDs (a security review asks "who touched this patient's data"). Never
+    names or birth dates."""
 
     __tablename__ = "audit_patients"
     study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)

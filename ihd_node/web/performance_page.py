@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ihd_node import nodelog
+from ihd_node.audit import StudyObject, events
 from ihd_node.classes import CLASSES, FINDING_NAMES
 from ihd_node.monitoring import PerformanceReport, local_performance
 from ihd_node.monitoring.drift import DriftReport, drift_report
@@ -121,6 +122,7 @@ def performance_routes(node: Any, server: WebServer, render: Any) -> dict[tuple[
         said = ", ".join(f"{r.finding}={r.value}" for r in reads)
         db.log_event("audit", f"read entered by {request.user} (reader {reader or 'not named'}): {said}",
                      study_instance_uid=study_uid)
+        db.audit(events.labels_import(request.user, "console read form", [StudyObject(study_uid)], count=len(reads)))
         note = f"read saved: {said}"
         return Response(303, b"", "text/plain", {"Location": f"/study/{quote(study_uid, safe='')}"
                                                               f"?done={quote(note)}#reads"})
