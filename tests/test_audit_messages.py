@@ -201,3 +201,27 @@ def test_the_pacs_count_query_is_audited_answered_or_not(tmp_path: Path) -> None
     identifier = read_dataset(DicomBytesIO(base64.b64decode(query)), is_implicit_VR=False, is_little_endian=True)
     assert identifier.SeriesInstanceUID == "1.2.3.9" and identifier.QueryRetrieveLevel == "SERIES"
     db.close()
+
+
+def test_a_delivery_pass_is_audited_per_study_and_destination() -> None:
+    from types import SimpleNamespace
+
+    from ihd_node.delivery.audited import settled_events
+
+    def row(study: str, sop_class: str, uid: str) -> SimpleNamespace:
+        return SimpleNamespace(series=SimpleNamespace(study_instance_uid=study, study=SimpleNamespace(
+            accession_number="ACC")), sop_class_uid=sop_class, sop_instance_uid=uid)
+
+    sr, sc = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
+    pacs = SimpleNamespace(kind="dicom", name="pacs", ae_title="PACS", host="10.0.0.6")
+    found = settled_events(pacs, [(row("1.1", sr, "a"), "sent", None), (row("1.1", sc, "b"), "sent", None),
+                                  (row("1.1", sc, "c"), "pending", "timeout"),  # not settled yet: no message
+                                  (row("1.2", sr, "d"), "rejected", "0xA900")])
+    assert [(e.event_id.code, e.action, e.outcome) for e in found] == [("110104", "R", 0), ("110104", "R", 8)]
+    assert found[0].studies[0].sop_classes == ((sc, 1), (sr, 1)) and "0xA900" in found[1].outcome_text
+    ris = SimpleNamespace(kind="hl7", name="ris", host="ris.example", port=2575)
+    [export] = settled_events(ris, [(row("1.1", "hl7-oru", "IHD-MSG-1"), "sent", None)])
+    assert (export.event_id.code, export.action, export.studies[0].sop_classes) == ("110106", "R", ())
+    xml = render(export, SOURCE)
+    assert schema_errors(xml) == [] and 'UserID="ris.example:2575"' in xml
+    assert base64.b64encode(b"IHD-MSG-1").decode() in xml

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ihd_node.audit import schema_errors
 from ihd_node.classes import CLASSES
 from ihd_node.commands.cli import main
 from ihd_node.store import Database, NewRead, UnknownStudies, open_database
@@ -72,6 +73,9 @@ def test_a_good_file_is_imported_whole(node, tmp_path: Path, capsys: pytest.Capt
     assert (read.value, read.reader, read.source) == ("present", "Dr A", "csv")
     assert read.read_at == datetime(2026, 11, 30, 9, 0, tzinfo=UTC) and read.accession_number == "ACC1"
     assert current["1.2.826.0.1.19.1"]["any"].value == "absent"
+    [audit] = db.audit_messages(event="labels-import")  # IHE ATNA 110107 Import: the file and its 3 studies
+    assert audit.event_id == "110107" and schema_errors(audit.xml) == []
+    assert all(uid in audit.xml for uid in list(STUDIES)[:3]) and str(path.resolve()) in audit.xml
 
 
 @pytest.mark.parametrize("text, line, words", [
