@@ -45,6 +45,7 @@ from ihd_node.audit.message import (
 )
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
+CONSOLE_ROLES = "99IHDNODE"  # local coding scheme of the console's roles (viewer, operator, admin)
 
 
 def _aet(title: str) -> str:
@@ -127,14 +128,16 @@ def configuration_changed(path: str, old_hash: str | None, new_hash: str, *, by:
 
 
 def user_authentication(user: str | None, success: bool, address: str, method: str, reason: str = "", *,
-                        logout: bool = False) -> AuditEvent:
+                        role: str | None = None, logout: bool = False) -> AuditEvent:
     """A console log-in (or log-out) attempt (110114 User Authentication, type Login 110122 / Logout 110123):
     the person (the user name given; "unknown" without one) from `address`, by `method` (basic, token,
-    oidc); a failed attempt is a minor failure (the user may retry) with the reason."""
+    oidc), with the console role granted (a local code); a failed attempt is a minor failure (the user may
+    retry) with the reason."""
     text = f"{method}" + (f": {reason}" if reason else "")
+    roles = (Code(role, CONSOLE_ROLES, f"console role {role}"),) if role else ()
     return AuditEvent("user-authentication", USER_AUTHENTICATION, "E", outcome=SUCCESS if success else MINOR_FAILURE,
                       outcome_text=text, types=(LOGOUT if logout else LOGIN,), node_roles=(APPLICATION,),
-                      participants=(Participant(user or "unknown", True, address=address),))
+                      participants=(Participant(user or "unknown", True, roles, address=address),))
 
 
 def pacs_query(destination: str, peer_aet: str, address: str, study_uid: str, query: bytes, *,

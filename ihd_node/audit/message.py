@@ -12,6 +12,7 @@ so the patient's object carries PATIENT_NAME_WITHHELD there (see README "Audit t
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -223,8 +224,6 @@ def _study(root: etree._Element, study: StudyObject) -> None:
 
 
 def _object(root: etree._Element, obj: OtherObject) -> None:
-    import base64
-
     element = etree.SubElement(root, "ParticipantObjectIdentification", {
         "ParticipantObjectID": obj.object_id, "ParticipantObjectTypeCode": str(obj.type_code)})
     if obj.role is not None:

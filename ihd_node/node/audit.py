@@ -53,7 +53,7 @@ def attach_login_audit(server: Any, db: Database) -> None:
             db.audit(events.user_authentication(
                 getattr(attempt, "user", None), bool(getattr(attempt, "success", False)),
                 str(getattr(attempt, "address", "")), str(getattr(attempt, "method", "basic")),
-                str(getattr(attempt, "reason", "") or "")))
+                str(getattr(attempt, "reason", "") or ""), role=getattr(attempt, "role", None) or None))
         except Exception as exc:  # noqa: BLE001 - a log-in must not fail because the database is away
             nodelog.error("audit.login_unrecorded", error=f"{type(exc).__name__}: {exc}")
 
