@@ -10,6 +10,7 @@ be the statement's proposed-context tables row by row.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -46,6 +47,7 @@ UNLISTED_CLASSES = ["1.2.840.10008.5.1.4.31", "1.2.840.10008.5.1.4.1.2.2.1", "1.
                     "1.2.840.10008.1.20.1", "1.2.826.0.1.3680043.8.498.77.1"]
 UNLISTED_SYNTAXES = ["1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.107",
                      "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.92"]
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk is slow on loopback without it (Nagle)
 PS32_HEADINGS = ["Conformance Statement Overview", "1 Introduction", "1.1 Revision History", "1.2 Audience",
                  "1.3 Remarks", "2 Networking", "2.1 Implementation Model", "2.1.1 Application Data Flow",
                  "2.1.2 Functional Definition of AEs", "2.1.3 Sequencing of Real-World Activities",
@@ -118,7 +120,7 @@ def negotiate(proposals: list[tuple[str, str]], port: int, folder: Path, ct_file
         cfg.write_text("\n".join(lines) + "\n", encoding="ascii")
         run = subprocess.run(["storescu", "-d", "-nh", "-aet", "DCMTK", "-aec", AET, "-xf", str(cfg), "PROFILE",
                               "127.0.0.1", str(port), str(ct_file)], capture_output=True, text=True, timeout=60,
-                             env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+                             env=DCMTK_ENV)
         output = run.stdout + run.stderr
         ac = output[output.index("BEGIN A-ASSOCIATE-AC"):]
         results = re.findall(r"Context ID:\s+(\d+) \(([^)]+)\)", ac)
@@ -148,7 +150,7 @@ def test_the_node_accepts_exactly_the_listed_contexts(statement: str, node: Node
 
 def test_echoscu_and_the_implementation_identity(statement: str, node: Node) -> None:
     run = subprocess.run(["echoscu", "-d", "-pts", "38", "-aec", AET, "127.0.0.1", str(node.port)],
-                         capture_output=True, text=True, timeout=30, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+                         capture_output=True, text=True, timeout=30, env=DCMTK_ENV)
     output = run.stdout + run.stderr
     assert run.returncode == 0 and "Received Echo Response (Success)" in output, output[-2000:]
     ids = {r["Item"]: r["Value"] for r in read_markdown_table(statement, "implementation")}
@@ -231,3 +233,9 @@ def test_markdown_and_html_carry_the_ps32_layout_and_this_site(statement: str, s
     tables = {t.get("id"): t for t in root.iter("table")}
     assert len(tables["scp-contexts"].find("tbody")) == len(read_markdown_table(statement, "scp-contexts"))
     assert [h.text for h in root.iter("h2")][:2] == ["Conformance Statement Overview", "1 Introduction"]
+
+
+def test_an_unknown_output_format_is_refused_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", "--out", str(tmp_path / "statement.pdf")]) == 2
+    assert "name the file .md (Markdown) or .html" in capsys.readouterr().err
+    assert not (tmp_path / "statement.pdf").exists()
