@@ -10,6 +10,7 @@ from ihd_node.conformance.facts import Facts, uid_name
 from ihd_node.conformance.render import Document
 from ihd_node.report.codes import PRIVATE_SCHEME
 from ihd_node.report.source import IDENTITY_ATTRIBUTES, UTF8
+from ihd_node.sr_classes import SR_CLASS_NAMES
 
 KOS_REJECTION = "IOCM rejection note"
 
@@ -74,9 +75,9 @@ def annexes(doc: Document, facts: Facts) -> None:
               [[c.kind, uid_name(c.sop_class), c.sop_class, f"{uid_name(c.transfer_syntax)} ({c.transfer_syntax})",
                 c.modality, c.series_description, c.template or "-"] for c in facts.created])
     doc.p("Every created object is in the source study, in a series of its own, with "
-          f"\"{NOT_FOR_DIAGNOSTIC_USE}\" in its Series Description. The SR is sent as Comprehensive 3D SR, "
-          "Comprehensive SR or Enhanced SR, whichever the destination accepts first in that order (its content is "
-          "2D only, valid in each). Basic Text SR is not created.")
+          f"\"{NOT_FOR_DIAGNOSTIC_USE}\" in its Series Description. The SR is sent as "
+          f"{' or '.join(SR_CLASS_NAMES.values())}: the first of these, from the destination's sr_class on, that "
+          "the destination accepts (its content is 2D only, valid in each). Basic Text SR is not created.")
     doc.table("created-values", "Fixed values of created objects", ["Object", "Attribute", "Value"],
               [[c.kind, k, v] for c in facts.created for k, v in c.values if k != "SpecificCharacterSet"])
     for c in facts.created:

@@ -130,8 +130,8 @@ def implementation_model(doc: Document, facts: Facts) -> None:
     doc.h(2, "2.1 Implementation Model")
     doc.h(3, "2.1.1 Application Data Flow")
     doc.ul([f"**Receive** (SCP): a modality, PACS or router sends images to `{ae}` with C-STORE; each object "
-            "is written to the spool as received (never decoded on the network path) and recorded. CT Image "
-            f"Storage, Enhanced CT and Legacy Converted Enhanced CT are kept for analysis; objects of every "
+            "is written to the spool as received (never decoded on the network path) and recorded. "
+            f"{', '.join(uid_name(u) for u in facts.analysed_classes)} are kept for analysis; objects of every "
             "other storage class are answered with success and recorded as ignored (a refused context makes "
             "some PACS retry a study for ever). A modality's MPPS N-CREATE/N-SET tells which instances a "
             "series has.",
