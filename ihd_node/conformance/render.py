@@ -84,10 +84,11 @@ def markdown(doc: Document) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escape, then the two Markdown marks the text uses: `code` and **bold**."""
+    """Escape, then the Markdown marks the text uses: `code`, **bold** and *italics*."""
     text = html.escape(text, quote=False)
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"\*([^*\s][^*]*)\*", r"<em>\1</em>", text)
 
 
 _STYLE = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;line-height:1.4}"
