@@ -22,6 +22,9 @@ FLOORS: dict[str, int] = {
     "commands": 10,
     "node": 9,
     "web": 8,
+    # The DICOM Conformance Statement: reads the receiver's (intake) and sender's (delivery) contexts and the
+    # objects and codes the report stage creates; only `ihd-node conformance` (commands) uses it.
+    "conformance": 8,
     "intake": 7,
     "monitoring": 7,  # reads vs results, drift: reads the store; web, node and commands show it
     # Builds the notices of a retraction (report's KOS and messages) and books it (store); the console (8),

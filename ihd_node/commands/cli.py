@@ -34,6 +34,7 @@ HANDLERS = {
     "labels": "ihd_node.commands.labels:labels_command",
     "performance": "ihd_node.commands.performance:performance_command",
     "validation-report": "ihd_node.commands.validation_report:validation_report_command",
+    "conformance": "ihd_node.commands.conformance:conformance_command",
 }
 
 
@@ -156,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="WHEN", help="results from this time (as for `performance`; default: all)")
     p.add_argument("--until", metavar="WHEN", help="results before this time (default: now)")
     p.add_argument("--pdf", metavar="FILE.pdf", help="also print it to PDF with headless Chromium")
+
+    p = sub.add_parser("conformance", help="write the DICOM Conformance Statement (PS3.2) for this configuration",
+                       description="Generated from the code and the config the node runs with: the presentation "
+                       "contexts the receiver accepts and the sender proposes, the objects, templates and codes "
+                       "the report stage creates, character sets, security and the IHE integration statement. "
+                       "NOT FOR DIAGNOSTIC USE.")
+    p.add_argument("--config", help=CONFIG_HELP + "; without it the statement describes the defaults")
+    p.add_argument("--out", metavar="FILE.md|FILE.html",
+                   help="file to write, format from the suffix (.md or .html); default: Markdown on stdout")
 
     p = sub.add_parser("retract", help="take a sent result back (rejection note, withdrawn ORU, FHIR "
                        "entered-in-error)",

@@ -34,6 +34,7 @@ from typing import Any
 import pydicom
 from pydicom import uid as tsuid
 from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyFind
 from pynetdicom.sop_class import Verification
 
 from ihd_node import faults, nodelog
@@ -70,6 +71,34 @@ def describe(status: int | None) -> str:
     kind = ("warning" if 0xB000 <= status <= 0xBFFF else "out of resources" if 0xA700 <= status <= 0xA7FF
             else "failure")
     return f"{kind} 0x{status:04X}"
+
+
+# Transfer syntaxes offered for every object after its file's own (ihd_node.conformance documents them).
+FALLBACK_SYNTAXES: tuple[str, ...] = (tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian)
+ECHO_CONTEXTS: list[tuple[str, list[str]]] = [(str(Verification), [tsuid.ImplicitVRLittleEndian])]
+COUNT_CONTEXTS: list[tuple[str, list[str]]] = [(str(StudyFind), [tsuid.ExplicitVRLittleEndian,
+                                                                  tsuid.ImplicitVRLittleEndian])]
+
+
+def requested_contexts(objects: Sequence[tuple[str, str]], sr_class: str = "comprehensive3d"
+                       ) -> list[tuple[str, list[str]]]:
+    """The presentation contexts the SCU proposes for objects given as (SOP class, file transfer syntax).
+
+    One context per transfer syntax, the file's own first: the destination then accepts the file's syntax
+    where it can, and the object goes out as written. With all syntaxes in one context the acceptor picks
+    one (pynetdicom's own list puts Implicit VR first) and pynetdicom re-encodes the object on the way:
+    every element decoded, ~6 s for the 68,000-element SR of a 300-slice study. An SR is offered in
+    `sr_class` and every simpler SR class (sr_fallbacks)."""
+    sr_offer = sr_fallbacks(sr_class)
+    contexts: list[tuple[str, list[str]]] = []
+    for sop_class, own in objects:
+        syntaxes = [own] + [t for t in FALLBACK_SYNTAXES if t != own]
+        classes = [SR_CLASSES[c] for c in sr_offer] if sop_class in SR_CLASSES.values() else [sop_class]
+        for abstract_syntax in classes:
+            for syntax in syntaxes:
+                if (abstract_syntax, [syntax]) not in contexts:
+                    contexts.append((abstract_syntax, [syntax]))
+    return contexts
 
 
 def _associate(calling_aet: str, dest: object, contexts: Sequence[tuple[str, list[str]]]):
@@ -121,21 +150,10 @@ def send_files(calling_aet: str, dest: object, paths: Sequence[Path],
             datasets.append((Path(path), pydicom.dcmread(path)))
         except Exception as exc:  # a damaged result file cannot become good by retrying
             add(SendResult(Path(path), PROCESSING_FAILURE, f"result file unreadable: {exc}"))
-    sr_offer = sr_fallbacks(str(getattr(dest, "sr_class", "comprehensive3d")))
-    # One presentation context per transfer syntax, the file's own first: the destination then accepts the
-    # file's syntax where it can, and the object goes out as written. With all syntaxes in one context the
-    # acceptor picks one (pynetdicom's own list puts Implicit VR first) and pynetdicom re-encodes the object
-    # on the way: every element decoded, ~6 s for the 68,000-element SR of a 300-slice study.
-    contexts: list[tuple[str, list[str]]] = []
-    for _, ds in datasets:
-        own = str(ds.file_meta.TransferSyntaxUID)
-        syntaxes = [own] + [t for t in (tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian) if t != own]
-        classes = [SR_CLASSES[c] for c in sr_offer] if str(ds.SOPClassUID) in SR_CLASSES.values() \
-            else [str(ds.SOPClassUID)]
-        for sop_class in classes:
-            for syntax in syntaxes:
-                if (sop_class, [syntax]) not in contexts:
-                    contexts.append((sop_class, [syntax]))
+    sr_class = str(getattr(dest, "sr_class", "comprehensive3d"))
+    sr_offer = sr_fallbacks(sr_class)
+    contexts = requested_contexts([(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets],
+                                  sr_class)
     if not datasets:
         return results
     assoc = _associate(calling_aet, dest, contexts)
@@ -177,7 +195,7 @@ def echo(calling_aet: str, dest: object) -> tuple[bool, str]:
     """C-ECHO one destination: (ok, what happened)."""
     started = time.perf_counter()
     try:
-        assoc = _associate(calling_aet, dest, [(str(Verification), [tsuid.ImplicitVRLittleEndian])])
+        assoc = _associate(calling_aet, dest, ECHO_CONTEXTS)
     except NoAssociation as exc:
         return False, str(exc)
     try:
@@ -221,8 +239,7 @@ def count_series_instances(dest: object, calling_aet: str, study_uid: str, serie
 
     query = series_count_query(study_uid, series_uid)
     try:
-        assoc = _associate(calling_aet, dest, [(str(StudyFind), [tsuid.ExplicitVRLittleEndian,
-                                                                 tsuid.ImplicitVRLittleEndian])])
+        assoc = _associate(calling_aet, dest, COUNT_CONTEXTS)
     except NoAssociation as exc:
         nodelog.warning("count.no_association", destination=getattr(dest, "name", "?"), error=str(exc))
         return None

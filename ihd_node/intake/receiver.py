@@ -27,7 +27,7 @@ from pydicom import uid as tsuid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -57,12 +57,45 @@ TRANSFER_SYNTAXES: list[str] = [
     tsuid.JPEGExtended12Bit,
 ]
 
+MPPS_TRANSFER_SYNTAXES: list[str] = [tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian]
+
+
+def accepted_contexts(mpps: bool = True) -> list[tuple[str, list[str]]]:
+    """(abstract syntax, transfer syntaxes) the SCP accepts: Verification, every storage SOP class and, when
+    it is an MPPS SCP (`serve` always is), MPPS. The one list the Receiver and the conformance statement
+    read, so the statement cannot describe contexts the node does not accept."""
+    contexts = [(str(Verification), [str(t) for t in DEFAULT_TRANSFER_SYNTAXES])]
+    contexts += [(str(cx.abstract_syntax), list(TRANSFER_SYNTAXES)) for cx in AllStoragePresentationContexts]
+    if mpps:
+        contexts.append((MPPS_SOP_CLASS, list(MPPS_TRANSFER_SYNTAXES)))
+    return contexts
+
+
 # DIMSE statuses the handler answers (documented in the README).
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # disk under the watermark, or the database write failed (sender retries)
 DATASET_MISMATCH = 0xA900  # required UID missing, or dataset and request disagree
 CANNOT_UNDERSTAND = 0xC000  # a UID that is not a valid DICOM UID (path characters, too long)
 UNPARSEABLE = 0xC210  # the dataset bytes cannot be parsed
+# What each status means, for the log and the conformance statement (one wording for both).
+STATUS_MEANINGS: dict[int, str] = {
+    SUCCESS: "stored: fsynced in the spool and recorded (also an identical resend, and an object of a class "
+             "the node does not analyse, recorded as ignored and not stored)",
+    OUT_OF_RESOURCES: "out of resources: free disk under storage.min_free_mb, or the log database write failed "
+                      "(the file is kept and re-indexed at start); the sender should retry",
+    DATASET_MISMATCH: "data set does not match SOP class: a required UID is missing, the data set's SOP "
+                      "Instance/Class UID differ from the request's, or a CT image has no Pixel Data",
+    CANNOT_UNDERSTAND: "cannot understand: a UID that is not a valid DICOM UID (path characters, over 64 "
+                       "characters); nothing is written",
+    UNPARSEABLE: "cannot understand: the data set cannot be parsed or is truncated; nothing is written",
+}
+# A-ASSOCIATE-RJ (result, source, reason) per refusal (PS3.8 9.3.4): result 1 permanent, 2 transient.
+REFUSALS: dict[str, tuple[int, int, int]] = {
+    "source address not in node.allowed_addresses": (0x01, 0x01, 0x01),
+    "called AE title is not the node's": (0x01, 0x01, 0x07),
+    "calling AE title not in node.allowed_calling_aets": (0x01, 0x01, 0x03),
+    "analysis queue over analysis.max_queue, or the node is stopping": (0x02, 0x03, 0x02),
+}
 
 
 
@@ -223,11 +256,8 @@ class Receiver:
         self.fast_network = fast_network
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = acse_timeout, dimse_timeout, network_timeout
         ae.require_called_aet = False  # checked in _on_requested, which logs who was refused
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        if mpps is not None:
-            ae.add_supported_context(MPPS_SOP_CLASS, [tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian])
+        for abstract_syntax, syntaxes in accepted_contexts(mpps is not None):
+            ae.add_supported_context(abstract_syntax, syntaxes)
         self.ae = ae
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -322,16 +352,17 @@ class Receiver:
         peer = Peer(uuid.uuid4().hex, str(rq.address), int(rq.port), calling, called)
         # (result, source, diagnostic): result 1 = permanent, 2 = transient (PS3.8 9.3.4).
         refusal: tuple[str, tuple[int, int, int]] | None = None
+        address, called_rj, calling_rj, busy_rj = REFUSALS.values()
         if not self.admission.address_allowed(peer.address):
-            refusal = (f"source address {peer.address} is not allowed", (0x01, 0x01, 0x01))
+            refusal = (f"source address {peer.address} is not allowed", address)
         elif called != self.admission.ae_title:
-            refusal = (f"called AE title {called!r} is not {self.admission.ae_title!r}", (0x01, 0x01, 0x07))
+            refusal = (f"called AE title {called!r} is not {self.admission.ae_title!r}", called_rj)
         elif self.admission.allowed_calling_aets and calling not in self.admission.allowed_calling_aets:
-            refusal = (f"calling AE title {calling!r} is not allowed", (0x01, 0x01, 0x03))
+            refusal = (f"calling AE title {calling!r} is not allowed", calling_rj)
         else:
             busy = self.admission.refuse_reason()
             if busy:
-                refusal = (f"local limit exceeded: {busy}", (0x02, 0x03, 0x02))
+                refusal = (f"local limit exceeded: {busy}", busy_rj)
         if refusal:
             reason, rsd = refusal
             self._event("rejected", f"association refused: {reason}", level="WARNING", peer=peer)
