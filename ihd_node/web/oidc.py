@@ -149,7 +149,7 @@ class OidcClient:
         assert self._jwks is not None
         allowed = [a for a in meta.get("id_token_signing_alg_values_supported", ["RS256"]) if a in ASYMMETRIC]
         try:
-            key = self._jwks.get_signing_key_from_jwt(id_token)
+            key = self._signing_key(id_token)
             claims = jwt.decode(id_token, key.key, algorithms=allowed or ["RS256"], audience=self.config.client_id,
                                 issuer=self.config.issuer, leeway=self.leeway,
                                 options={"require": ["exp", "iat", "iss", "aud", "sub"]})
@@ -161,6 +161,17 @@ class OidcClient:
         if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
             raise SignInRefused("the ID token's nonce is not this sign-in's (a replayed or injected token)")
         return claims
+
+    def _signing_key(self, id_token: str) -> Any:
+        """The JWKS key named by the token's `kid`; without one, the provider's only signing key (OIDC Core
+        10.1 lets a provider with one key leave kid out)."""
+        assert self._jwks is not None
+        if jwt.get_unverified_header(id_token).get("kid") is not None:
+            return self._jwks.get_signing_key_from_jwt(id_token)
+        keys = self._jwks.get_signing_keys()
+        if len(keys) != 1:
+            raise SignInRefused(f"the ID token names no key (kid) and the provider has {len(keys)} signing keys")
+        return keys[0]
 
     def principal(self, claims: dict[str, Any]) -> Principal:
         """The console user of verified claims: the highest role that `role_map` gives any value of the claim."""
