@@ -26,8 +26,9 @@ from oidc_provider_mock import run_server_in_thread
 from ihd_node.config import ConfigError, default_config
 from ihd_node.node.wiring import Node
 from ihd_node.sim.mini_pacs import free_port
-from ihd_node.web.auth import LoginAttempt
-from ihd_node.web.oidc import LOGIN_COOKIE, OidcClient, SignInRefused
+from ihd_node.web.auth import LoginAttempt, Principal, hash_password
+from ihd_node.web.oidc import LOGIN_COOKIE, OidcClient, SignInRefused, oidc_routes
+from ihd_node.web.server import Request, WebServer
 
 CLIENT_ID = "ihd-console"
 ROLE_MAP = {"radiology-it": "admin", "ct-techs": "operator", "radiologists": "viewer"}
@@ -242,3 +243,27 @@ def test_oidc_config_errors_name_the_key_and_fix(tmp_path: Path) -> None:
         assert where in str(caught.value) and words in str(caught.value), str(caught.value)
     with pytest.raises(ConfigError, match="web.auth.oidc.client_id in default_config.*missing"):
         default_config(tmp_path, web={"auth": {"oidc": {k: v for k, v in good.items() if k != "client_id"}}})
+
+
+def test_provider_down_falls_back_to_the_users_file(tmp_path: Path) -> None:
+    """/login while the provider cannot be reached: with a users file, the browser is asked for that log-in and,
+    once given, sent on; without one, 503 saying why."""
+    users = tmp_path / "users"
+    users.write_text(f"ann:operator:{hash_password('ann password', iterations=1000)}\n")
+    dead = f"http://127.0.0.1:{free_port()}"
+    oidc = {"issuer": dead, "client_id": CLIENT_ID, "role_map": ROLE_MAP,
+            "redirect_uri": "http://127.0.0.1:8112/oidc/callback"}
+    for users_file in (str(users), None):
+        config = default_config(tmp_path, web={"auth": {"oidc": oidc, "users_file": users_file}})
+        server = WebServer(config.web, {}, registry=None)
+        login = oidc_routes(config.web.auth.oidc, server)[("GET", "/login")]
+        answer = login(Request("GET", "/login", {"next": "/performance"}, {}, None, "127.0.0.1"))
+        assert "the sign-in provider cannot be used now" in answer.body.decode() and "cannot be reached" in \
+            answer.body.decode()
+        if users_file:
+            assert answer.status == 401 and answer.headers["WWW-Authenticate"].startswith("Basic")
+            ann = Principal("ann", "operator", "basic")
+            again = login(Request("GET", "/login", {"next": "/performance"}, {}, ann, "127.0.0.1"))
+            assert again.status == 303 and again.headers["Location"] == "/performance"
+        else:
+            assert answer.status == 503

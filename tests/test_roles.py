@@ -192,8 +192,8 @@ def test_login_attempts_reach_on_login_and_failures_the_event_log(site: Site) ->
     # A credential's first success is one attempt; the next requests with it are not new log-ins.
     site.logins.clear()
     for _ in range(3):
-        assert call(site.base + "/", "adam")[0] == 200
-    assert site.logins == [LoginAttempt("adam", "admin", True, "127.0.0.1", "basic", "signed in")]
+        assert call(site.base + "/", "old")[0] == 200  # the users-file line without a role: operator
+    assert site.logins == [LoginAttempt("old", "operator", True, "127.0.0.1", "basic", "signed in")]
 
 
 def test_old_users_lines_and_check_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -227,3 +227,24 @@ def test_web_user_command_writes_roles(tmp_path: Path, monkeypatch: pytest.Monke
     assert not lines["old"].legacy and check_password(lines["old"].stored, "a new password")
     assert users.read_text().startswith("# console users\n")  # other lines and comments stay
     assert users.stat().st_mode & 0o777 == 0o600
+
+
+def test_loopback_without_auth_is_read_only_and_every_route_has_a_role(tmp_path: Path) -> None:
+    from ihd_node.config import default_config
+    from ihd_node.web.server import WebServer, text
+
+    config = default_config(tmp_path, web={"port": 0})  # 127.0.0.1, no web.auth
+    done: list[str] = []
+    routes = {("GET", "/"): lambda r: text(200, f"page for {r.user}\n"),
+              ("POST", "/actions/retract"): lambda r: done.append("retracted") or text(200, "done\n")}
+    server = WebServer(config.web, routes, registry=None).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert call(base + "/") == (200, "page for None\n")  # anyone on this machine may look
+        status, body = call(base + "/actions/retract", form={"series": "1.2", "reason": "x"})
+        assert status == 403 and "needs the operator role" in body and "console is read-only" in body
+        assert done == []
+    finally:
+        server.stop()
+    with pytest.raises(RuntimeError, match="routes without a role in ihd_node.web.auth.ROUTE_ROLES: POST /x"):
+        WebServer(config.web, {**routes, ("POST", "/x"): routes[("GET", "/")]}, registry=None).start()

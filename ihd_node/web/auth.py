@@ -128,6 +128,7 @@ def write_user(path: Path, user: str, role: str, stored: str) -> None:
     lines = path.read_text().splitlines() if path.exists() else []
     lines = [line for line in lines if line.strip().partition(":")[0] != user] + [f"{user}:{role}:{stored}"]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there before keeps no wider mode: it holds the password hashes
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(lines) + "\n")
 

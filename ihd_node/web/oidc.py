@@ -204,11 +204,19 @@ def oidc_routes(config: WebOidc, server: WebServer) -> dict[tuple[str, str], Any
     sessions = server.auth.sessions
 
     def login(request: Request) -> Response:
+        next_path = local_path(request.query.get("next"))
+        if request.principal is not None:  # signed in already (a session, or basic auth as the fallback below)
+            return Response(303, b"", "text/plain", {"Location": next_path})
         try:
-            where, state = client.start(local_path(request.query.get("next")))
+            where, state = client.start(next_path)
         except SignInRefused as exc:
-            return text(503, f"the sign-in provider cannot be used now: {exc}. Try again later, or sign in with "
-                             "a users-file account if the node has one\n")
+            said = f"the sign-in provider cannot be used now: {exc}. Try again later"
+            if server.config.auth.users_file is None:
+                return text(503, said + "\n")
+            # The users file is the fallback while the provider is down: the browser asks for that log-in.
+            challenge = {"WWW-Authenticate": 'Basic realm="ihd-node", charset="UTF-8"'}
+            return Response(401, f"{said}, or sign in with a users-file account\n".encode(),
+                            "text/plain; charset=utf-8", challenge)
         return Response(303, b"", "text/plain", {"Location": where},
                         [cookie(LOGIN_COOKIE, state, path="/oidc/callback", max_age=PENDING_SECONDS, secure=secure)])
 

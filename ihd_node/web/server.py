@@ -99,8 +99,10 @@ class WebServer:
     def login(self, attempt: LoginAttempt) -> None:
         """Book one log-in attempt: a failure as an event, every attempt to `on_login` (the audit trail)."""
         if not attempt.success:
-            nodelog.warning("web.login_failed", method=attempt.method, address=attempt.address, reason=attempt.reason)
-            if self.log_event is not None:
+            if self.log_event is None:
+                nodelog.warning("web.login_failed", method=attempt.method, address=attempt.address,
+                                reason=attempt.reason)
+            else:  # an event row and its log line
                 self.log_event("web", f"console log-in failed ({attempt.method}) for {attempt.user or 'no user'} "
                                f"from {attempt.address}: {attempt.reason}", level="WARNING",
                                peer_address=attempt.address)
