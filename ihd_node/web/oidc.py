@@ -91,7 +91,7 @@ class OidcClient:
     def metadata(self) -> dict[str, Any]:
         if self._meta is None:
             meta = http_json(f"{self.config.issuer}/.well-known/openid-configuration")
-            if not isinstance(meta, dict) or meta.get("issuer", "").rstrip("/") != self.config.issuer:
+            if not isinstance(meta, dict) or str(meta.get("issuer", "")).rstrip("/") != self.config.issuer:
                 raise SignInRefused(f"the discovery document of {self.config.issuer} names another issuer "
                                     f"({meta.get('issuer') if isinstance(meta, dict) else meta!r}); set "
                                     "web.auth.oidc.issuer to the provider's exact issuer")
