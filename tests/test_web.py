@@ -249,7 +249,7 @@ def test_web_user_command_writes_a_checkable_hash(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from ihd_node.web.server import check_password, read_users
+    from ihd_node.web.auth import check_password, read_users
 
     users = tmp_path / "users"
     for password in ("first password", "second password"):  # the second replaces the first
@@ -258,8 +258,9 @@ def test_web_user_command_writes_a_checkable_hash(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
     assert users.stat().st_mode & 0o777 == 0o600
     stored = read_users(users)
-    assert list(stored) == ["alice"] and check_password(stored["alice"], "second password")
-    assert not check_password(stored["alice"], "first password")
+    assert list(stored) == ["alice"] and check_password(stored["alice"].stored, "second password")
+    assert not check_password(stored["alice"].stored, "first password")
+    assert stored["alice"].role == "viewer"  # a new user without --role: the least role
     short = subprocess.run([sys.executable, "-m", "ihd_node", "web-user", str(users), "bob"], input="short\n",
                            text=True, capture_output=True, timeout=60)
     assert short.returncode == 2 and "shorter than 8" in short.stderr

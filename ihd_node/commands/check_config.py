@@ -18,6 +18,9 @@ def check_config_command(args: Any) -> int:
         print(f"ihd-node check-config: error: {exc}", file=sys.stderr)
         return 2
     problems = runtime_problems(config)
+    warnings, users_problem = users_file_notes(config)
+    if users_problem:
+        problems.append(users_problem)
     if problems:
         for line in problems:
             print(f"ihd-node check-config: error: {line}", file=sys.stderr)
@@ -25,4 +28,25 @@ def check_config_command(args: Any) -> int:
     print(f"{args.file}: OK")
     for line in summary(config):
         print(f"  {line}")
+    for line in warnings:
+        print(f"ihd-node check-config: warning: {line}", file=sys.stderr)
     return 0
+
+
+def users_file_notes(config: Any) -> tuple[list[str], str | None]:
+    """Warnings about the console's users file (lines from before roles) and why it cannot be read, if so."""
+    from pathlib import Path
+
+    from ihd_node.errors import UserError
+    from ihd_node.web.auth import LEGACY_ROLE, read_users
+
+    path = config.web.auth.users_file
+    if path is None:
+        return [], None
+    try:
+        users = read_users(Path(path))
+    except (OSError, UserError) as exc:
+        return [], str(exc)
+    return [f"web.auth.users_file {path}: {u.user} has no role (a `user:hash` line from before roles), read as "
+            f"{LEGACY_ROLE}; give it one with `ihd-node web-user {path} {u.user} --role viewer|operator|admin`"
+            for u in users.values() if u.legacy], None

@@ -179,11 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "shows it)")
     p.add_argument("--reason", required=True, help="why (goes into the notices and the event log)")
 
-    p = sub.add_parser("web-user", help="add or change a web console user (basic-auth users file)",
+    p = sub.add_parser("web-user", help="add or change a web console user and role (basic-auth users file)",
                        description="Asks for the password (or reads one line from stdin when it is not a "
-                       "terminal) and writes USER:pbkdf2_sha256$... into FILE (created 0600).")
+                       "terminal) and writes USER:ROLE:pbkdf2_sha256$... into FILE (created 0600). Roles: viewer "
+                       "(pages, metrics), operator (also re-send, re-analyse, retract, reads), admin (also the "
+                       "users and configuration page).")
     p.add_argument("file", help="the users file (web.auth.users_file)")
-    p.add_argument("user", help="the user name to add, or whose password to change")
+    p.add_argument("user", help="the user name to add, or whose password or role to change")
+    p.add_argument("--role", choices=("viewer", "operator", "admin"),
+                   help="the user's role (default: the role the user has, viewer for a new user)")
 
     p = sub.add_parser("check-config", help="validate a config file without starting")
     p.add_argument("file", metavar="FILE", help="path of the config file to check")

@@ -1,6 +1,6 @@
 """The node's typed configuration, read from config.yaml.
 
-Modules: fields (value types, the strict base section), sections and outbound (the pydantic models),
+Modules: fields (value types, the strict base section), sections, outbound and web (the pydantic models),
 load (reading the file, error messages), checks (what would stop `serve` on this machine, the summary),
 reference (the table of docs/configuration.md). Other stages import from here.
 """
@@ -26,12 +26,13 @@ from ihd_node.config.sections import (
     WebAuth,
     WebConfig,
 )
+from ihd_node.config.web import WebOidc
 
 __all__ = [
     "AuditConfig", "SyslogTarget", "parse_syslog",
     "AlertChannel", "AlertsConfig", "AnalysisConfig", "ClusterConfig", "Config", "ConfigError", "DatabaseConfig",
     "DeliveryConfig", "Destination", "InboundTLS", "LoggingConfig", "ModelSection", "MonitoringConfig", "NodeConfig",
-    "OutboundTLS",
-    "RetentionConfig", "SeriesConfig", "StorageConfig", "WebAuth", "WebConfig", "default_config", "load_config",
+    "OutboundTLS", "RetentionConfig", "SeriesConfig", "StorageConfig", "WebAuth", "WebConfig", "WebOidc",
+    "default_config", "load_config",
     "reference_markdown", "runtime_problems", "summary",
 ]

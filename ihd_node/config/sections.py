@@ -10,9 +10,9 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from ihd_node.classes import CLASSES
 from ihd_node.config.audit import AuditConfig
@@ -34,6 +34,7 @@ from ihd_node.config.fields import (
 )
 from ihd_node.config.monitoring import MonitoringConfig
 from ihd_node.config.outbound import AlertsConfig, AnyDestination, DeliveryConfig, DicomDestination
+from ihd_node.config.web import WebAuth, WebConfig, WebOidc  # noqa: F401 - re-exported
 
 
 class InboundTLS(Section):
@@ -349,49 +350,6 @@ class LoggingConfig(Section):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
-
-
-class WebAuth(Section):
-    token_file: FilePath = setting(
-        None, "File holding a bearer token (`Authorization: Bearer TOKEN`; scripts, Prometheus).",
-        "/etc/ihd-node/web.token",
-    )
-    users_file: FilePath = setting(
-        None, "Basic-auth users, one `user:hash` a line (`ihd-node web-user FILE USER` writes them).",
-        "/etc/ihd-node/web.users",
-    )
-
-    @property
-    def configured(self) -> bool:
-        return self.token_file is not None or self.users_file is not None
-
-
-class WebConfig(Section):
-    enabled: Bool = setting(True, "Serve the web console, /healthz and /metrics.")
-    host: Host = setting("127.0.0.1", "Address of the console; anything but loopback needs `auth`.", "127.0.0.1")
-    port: Annotated[int, Field(strict=True, ge=0, le=65535)] = setting(
-        8112, "TCP port of the console (0 = any free port).", 8112
-    )
-    refresh_seconds: Int = setting(5, "How often the console pages reload themselves.", 5, ge=1)
-    auth: WebAuth = setting(WebAuth, "Who may see the console and use its actions (re-send, re-analyse).")
-
-    @property
-    def loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-    @model_validator(mode="after")
-    def _auth_beyond_loopback(self) -> WebConfig:
-        if self.enabled and not self.loopback and not self.auth.configured:
-            raise ValueError(
-                f"host {self.host} is reachable from other machines but auth is not set; set auth.token_file "
-                "or auth.users_file, or keep host 127.0.0.1 (TLS: put a reverse proxy in front, see the README)"
-            )
-        return self
 
 
 class Config(Section):

@@ -9,6 +9,7 @@ from ihd_node.monitoring.watch import drift_warning
 from ihd_node.web.console import console_routes
 from ihd_node.web.health import overall, readiness
 from ihd_node.web.metrics import Live, registry
+from ihd_node.web.oidc import oidc_routes
 from ihd_node.web.performance_metrics import PerformanceCollector
 from ihd_node.web.server import Request, Response, WebServer, as_json, disk_free, text
 
@@ -44,11 +45,13 @@ def make_web_server(node: Any) -> WebServer:
         dead = node.dead_threads()
         return text(503, f"threads stopped: {', '.join(dead)}\n") if dead else text(200, "alive\n")
 
-    server = WebServer(cfg.web, {}, public={"/healthz", "/healthz/live"},
-                       registry=registry(db, live, {d.name: d.kind for d in cfg.destinations}))
+    server = WebServer(cfg.web, {}, registry=registry(db, live, {d.name: d.kind for d in cfg.destinations}),
+                       log_event=db.log_event)
     server.registry.register(PerformanceCollector(  # local performance and drift gauges
         db, cfg, lambda: node.drift.last if getattr(node, "drift", None) is not None else None))
     server.routes.update({("GET", "/healthz"): healthz, ("GET", "/healthz/live"): liveness,
                           ("GET", "/metrics"): server.metrics})
     server.routes.update(console_routes(node, server))
+    if cfg.web.auth.oidc is not None:
+        server.routes.update(oidc_routes(cfg.web.auth.oidc, server))
     return server

@@ -2,9 +2,9 @@
 
 Pages: `/` (series in flight and recent; filters positive / failed / last 24 h), `/study/<StudyUID>` (each
 series: state, stage times, findings, deliveries and their attempts, alerts, the capture thumbnail,
-events), `/thumb/<SeriesUID>.png`. Actions (POST, always authenticated, logged as `audit` events): re-send
-a series' failed deliveries, re-analyse a series, retract a series' result (with the reason; who and why
-go into the event log). No patient name, ID or birth date is shown: the database
+events), `/thumb/<SeriesUID>.png`. Actions (POST, the operator role, logged as `audit` events naming the user
+and role): re-send a series' failed deliveries, re-analyse a series, retract a series' result (with the reason;
+who and why go into the event log). No patient name, ID or birth date is shown: the database
 does not hold them.
 """
 
@@ -26,6 +26,8 @@ from ihd_node import __version__
 from ihd_node.audit import StudyObject, events
 from ihd_node.classes import CLASSES, FINDING_NAMES, NOT_FOR_DIAGNOSTIC_USE
 from ihd_node.store import IN_FLIGHT_STATES, Analysis, Series, utcnow
+from ihd_node.web.admin import admin_routes
+from ihd_node.web.auth import allows
 from ihd_node.web.health import readiness
 from ihd_node.web.performance_page import performance_routes, study_reads
 from ihd_node.web.server import Request, Response, WebServer, disk_free, text
@@ -93,10 +95,14 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
     db, cfg = node.db, node.config
     results_dir = Path(node.results_dir)
 
-    def render(name: str, **context: Any) -> Response:
+    def render(name: str, request: Request, **context: Any) -> Response:
+        """A page for this caller: `can(role)` hides what their role may not use (the server refuses it anyway)."""
+        who = request.principal
         body = TEMPLATES.get_template(name).render(
             node=cfg.node.ae_title, version=__version__, refresh=cfg.web.refresh_seconds,
-            warning=NOT_FOR_DIAGNOSTIC_USE, **context)
+            warning=NOT_FOR_DIAGNOSTIC_USE, user=request.user, role=request.role,
+            can=lambda need: allows(request.role, need), can_logout=who is not None and who.method == "oidc",
+            **context)
         return Response(200, body.encode())
 
     def health() -> dict[str, Any]:
@@ -122,8 +128,8 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
             found = [r for r in found if r.failed]
         in_flight = [r for r in found if r.series.state in IN_FLIGHT_STATES]
         done = [r for r in found if r not in in_flight]
-        return render("index.html", in_flight=in_flight, done=done, which=which, recent=recent, health=health(),
-                      user=request.user)
+        return render("index.html", request, in_flight=in_flight, done=done, which=which, recent=recent,
+                      health=health())
 
     def study(request: Request) -> Response:
         study_uid = request.path.removeprefix("/study/")
@@ -138,7 +144,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
                    "can_reanalyse": x.series.state in REANALYSABLE and x.series.spool_removed is None,
                    "can_retract": x.analysis is not None and x.analysis.retracted_at is None}
                   for x in detail.series]
-        return render("study.html", study=detail.study, blocks=blocks, events=detail.events, user=request.user,
+        return render("study.html", request, study=detail.study, blocks=blocks, events=detail.events,
                       notice=request.query.get("done"), **study_reads(db, study_uid))
 
     def incomplete(series_uid: str, analysis: Analysis | None) -> str | None:
@@ -187,7 +193,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
             return text(404, "no such series\n")
         done = db.requeue_failed_deliveries(uid)
         count = done.get(uid, 0)
-        db.log_event("audit", f"re-send of failed deliveries by {request.user}: {count} re-queued",
+        db.log_event("audit", f"re-send of failed deliveries by {request.actor}: {count} re-queued",
                      series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
         db.audit(events.console_action(request.user or "unknown", None, "resend",
                                        StudyObject(series.study_instance_uid), done=True,
@@ -201,7 +207,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
         if series is None:
             return text(404, "no such series\n")
         ok, why = node.reanalyse(uid)
-        db.log_event("audit", f"re-analysis by {request.user}: {why}", level="INFO" if ok else "WARNING",
+        db.log_event("audit", f"re-analysis by {request.actor}: {why}", level="INFO" if ok else "WARNING",
                      series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
         db.audit(events.console_action(request.user or "unknown", None, "reanalyse",
                                        StudyObject(series.study_instance_uid), done=ok, detail=f"series {uid}: {why}"))
@@ -218,10 +224,10 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
             done = retract(cfg, db, uid, reason=request.form.get("reason", ""), who=f"{request.user} (console)",
                            results_dir=results_dir)
         except RetractionRefused as exc:
-            db.log_event("audit", f"retraction by {request.user} refused: {exc}", level="WARNING",
+            db.log_event("audit", f"retraction by {request.actor} refused: {exc}", level="WARNING",
                          series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
             return back(series, f"not retracted: {exc}")
-        db.log_event("audit", f"retraction by {request.user}: {done.summary()}", level="WARNING",
+        db.log_event("audit", f"retraction by {request.actor}: {done.summary()}", level="WARNING",
                      series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
         node.wake_delivery()
         return back(series, "result retracted; the notices are queued")
@@ -229,7 +235,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
     return {("GET", "/"): index, ("GET", "/study/"): study, ("GET", "/thumb/"): thumb,
             ("POST", "/actions/resend"): resend, ("POST", "/actions/reanalyse"): reanalyse,
             ("POST", "/actions/retract"): retract_result,
-            **performance_routes(node, server, render)}
+            **performance_routes(node, server, render), **admin_routes(node, render)}
 
 
 # "retracted": a late instance leaves it alone; re-analysis is the explicit way to a new result.

@@ -3,8 +3,9 @@ radiologist's read form.
 
 The read form (`/read/<StudyUID>`, POST `/actions/read`) is the reader's own judgement: it shows the study
 (accession, series) but not the model's result, and no answer is pre-filled; once saved, the study page shows
-the read beside the model's call. Saving needs a console user (web.auth), records them as entered_by and books
-an `audit` event. A later read of the same study and finding replaces the earlier one; both stay in the history.
+the read beside the model's call. Saving needs the operator role, records the user as entered_by and books an
+`audit` event naming the user and role. A later read of the same study and finding replaces the earlier one;
+both stay in the history.
 """
 
 from __future__ import annotations
@@ -83,14 +84,14 @@ def study_reads(db: Database, study_uid: str) -> dict[str, Any]:
 
 
 def performance_routes(node: Any, server: WebServer, render: Any) -> dict[tuple[str, str], Any]:
-    """`render(template, **context)` is the console's (ihd_node.web.console)."""
+    """`render(template, request, **context)` is the console's (ihd_node.web.console)."""
     db, cfg = node.db, node.config
     cards = CardCache(cfg.model.checkpoint_path)
 
     def performance(request: Request) -> Response:
         since = parse_since(request.query.get("since"))
         perf, drift = reports(db, cfg, cards.get(), since)
-        return render("performance.html", user=request.user, episodes=db.drift_episodes(10),
+        return render("performance.html", request, episodes=db.drift_episodes(10),
                       **performance_context(perf, drift))
 
     def read_form(request: Request) -> Response:
@@ -98,8 +99,8 @@ def performance_routes(node: Any, server: WebServer, render: Any) -> dict[tuple[
         detail = db.study_detail(study_uid)
         if detail is None:
             return text(404, "no such study in the log database\n")
-        return render("read_form.html", study=detail.study, series=[x.series for x in detail.series],
-                      findings=[(c, FINDING_NAMES[c]) for c in CLASSES], values=VALUE_WORDS, user=request.user,
+        return render("read_form.html", request, study=detail.study, series=[x.series for x in detail.series],
+                      findings=[(c, FINDING_NAMES[c]) for c in CLASSES], values=VALUE_WORDS,
                       now=datetime.now().astimezone().strftime("%Y-%m-%dT%H:%M"))
 
     def save_read(request: Request) -> Response:
@@ -120,7 +121,7 @@ def performance_routes(node: Any, server: WebServer, render: Any) -> dict[tuple[
             return text(400, "no finding was answered; choose present, absent or not assessed for at least one\n")
         db.add_reads(reads, source="console", entered_by=request.user)
         said = ", ".join(f"{r.finding}={r.value}" for r in reads)
-        db.log_event("audit", f"read entered by {request.user} (reader {reader or 'not named'}): {said}",
+        db.log_event("audit", f"read entered by {request.actor} (reader {reader or 'not named'}): {said}",
                      study_instance_uid=study_uid)
         db.audit(events.labels_import(request.user, "console read form", [StudyObject(study_uid)], count=len(reads)))
         note = f"read saved: {said}"

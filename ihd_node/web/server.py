@@ -1,105 +1,31 @@
 """The node's small HTTP server (stdlib ThreadingHTTPServer): /healthz, /metrics and the console pages.
 
-One thread per request; every page reads the database afresh. Authentication (web.auth): a bearer token
-file and/or a basic-auth users file. When auth is configured every path but /healthz needs it; the
-actions (POST) always need it, so on a loopback-only node without auth the console is read-only. POSTs
-must come from the console's own pages (Origin/Referer = Host), so another site cannot make a logged-in
-browser press a button.
+One thread per request; every page reads the database afresh. Who is asking and what their role may do is
+ihd_node.web.auth (its ROUTE_ROLES table); this module only applies it: 401 (or a redirect to /login with
+OpenID Connect) without credentials, 403 naming the role needed. On a loopback-only node without web.auth
+the pages are open and the actions refused (read-only console). POSTs must come from the console's own pages
+(Origin/Referer = Host), so another site cannot make a logged-in browser press a button.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import os
-import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ihd_node import nodelog
 from ihd_node.config import WebConfig
-from ihd_node.errors import UserError
-
-PBKDF2_ITERATIONS = 200_000
-
-
-def hash_password(password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
-    """`pbkdf2_sha256$iterations$salt$hash` (base64), the users file's format."""
-    salt = salt or secrets.token_bytes(16)
-    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    b64 = base64.b64encode
-    return f"pbkdf2_sha256${iterations}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def check_password(stored: str, password: str) -> bool:
-    try:
-        scheme, iterations, salt, digest = stored.split("$")
-        if scheme != "pbkdf2_sha256":
-            return False
-        got = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
-        return hmac.compare_digest(got, base64.b64decode(digest))
-    except (ValueError, TypeError):
-        return False
-
-
-def read_users(path: Path) -> dict[str, str]:
-    users = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, stored = line.partition(":")
-        if not sep or not stored.startswith("pbkdf2_sha256$"):
-            raise UserError(f"web.auth.users_file {path} line {n} is not `user:pbkdf2_sha256$...`; "
-                            "write it with `ihd-node web-user FILE USER`")
-        users[user] = stored
-    return users
-
-
-class Auth:
-    """Who is asking: a user name, "token", or None."""
-
-    def __init__(self, config: WebConfig) -> None:
-        self.required = config.auth.configured
-        self.token = Path(config.auth.token_file).read_text().strip() if config.auth.token_file else None
-        if config.auth.token_file and not self.token:
-            raise UserError(f"web.auth.token_file {config.auth.token_file} is empty; put a long random token in it")
-        self.users = read_users(Path(config.auth.users_file)) if config.auth.users_file else {}
-        self._verified: dict[str, str] = {}  # sha256 of a checked Authorization header -> user (PBKDF2 is slow)
-        self._lock = threading.Lock()
-
-    def who(self, header: str | None) -> str | None:
-        if not header:
-            return None
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and self.token:
-            return "token" if hmac.compare_digest(value.strip().encode(), self.token.encode()) else None
-        if scheme.lower() != "basic" or not self.users:
-            return None
-        key = hashlib.sha256(header.encode()).hexdigest()
-        with self._lock:
-            if key in self._verified:
-                return self._verified[key]
-        try:
-            user, _, password = base64.b64decode(value.strip()).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return None
-        stored = self.users.get(user)
-        if stored is None or not check_password(stored, password):
-            return None
-        with self._lock:
-            self._verified[key] = user
-        return user
+from ihd_node.web.auth import ROUTE_ROLES, SESSION_COOKIE, Auth, LoginAttempt, Principal, allows, hash_password
 
 
 @dataclass
@@ -108,6 +34,7 @@ class Response:
     body: bytes
     content_type: str = "text/html; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
+    cookies: list[str] = field(default_factory=list)  # Set-Cookie values
 
 
 @dataclass(frozen=True)
@@ -116,7 +43,22 @@ class Request:
     path: str
     query: dict[str, str]
     form: dict[str, str]
-    user: str | None
+    principal: Principal | None
+    address: str = ""
+    cookies: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def user(self) -> str | None:
+        return self.principal.user if self.principal else None
+
+    @property
+    def role(self) -> str | None:
+        return self.principal.role if self.principal else None
+
+    @property
+    def actor(self) -> str:
+        """How audit events name who did it: `alice (operator)`."""
+        return self.principal.label if self.principal else "nobody"
 
 
 Route = Callable[[Request], Response]
@@ -131,15 +73,21 @@ def as_json(status: int, body: Any) -> Response:
 
 
 class WebServer:
-    """Routes: exact paths or prefixes ending in "/"; `public` paths need no auth, `actions` always do."""
+    """Routes: exact paths or prefixes ending in "/", each with its least role in auth.ROUTE_ROLES.
 
-    def __init__(self, config: WebConfig, routes: dict[tuple[str, str], Route], *, public: set[str],
-                 registry: Any) -> None:
+    `on_login` is called once per log-in attempt (LoginAttempt): a basic-auth credential on its first successful
+    check and on every failure, the token likewise, an OpenID Connect callback's success or failure, a log-out.
+    `log_event(kind, message, level=...)` (the log database's) books each failure as a `web` event."""
+
+    def __init__(self, config: WebConfig, routes: dict[tuple[str, str], Route], *, registry: Any,
+                 log_event: Callable[..., None] | None = None) -> None:
         self.config = config
-        self.auth = Auth(config)
+        self.auth = Auth(config.auth, self.login)
         self.routes = routes
-        self.public = public
         self.registry = registry
+        self.log_event = log_event
+        self.on_login: Callable[[LoginAttempt], None] = lambda attempt: None
+        self.oidc: Any = None  # the OpenID Connect client (ihd_node.web.oidc) when web.auth.oidc is set
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -148,7 +96,25 @@ class WebServer:
         assert self._server is not None
         return int(self._server.server_address[1])
 
+    def login(self, attempt: LoginAttempt) -> None:
+        """Book one log-in attempt: a failure as an event, every attempt to `on_login` (the audit trail)."""
+        if not attempt.success:
+            if self.log_event is None:
+                nodelog.warning("web.login_failed", method=attempt.method, address=attempt.address,
+                                reason=attempt.reason)
+            else:  # an event row and its log line
+                self.log_event("web", f"console log-in failed ({attempt.method}) for {attempt.user or 'no user'} "
+                               f"from {attempt.address}: {attempt.reason}", level="WARNING",
+                               peer_address=attempt.address)
+        try:
+            self.on_login(attempt)
+        except Exception as exc:  # the audit hook must not turn a log-in into a 500; its failure is logged
+            nodelog.error("web.on_login_failed", error=f"{type(exc).__name__}: {exc}")
+
     def start(self) -> WebServer:
+        missing = sorted(f"{m} {p}" for m, p in self.routes if (m, p) not in ROUTE_ROLES)
+        if missing:  # fail closed: a route nobody gave a role would be open or refused by accident
+            raise RuntimeError(f"routes without a role in ihd_node.web.auth.ROUTE_ROLES: {', '.join(missing)}")
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -178,15 +144,16 @@ class WebServer:
             self._server.shutdown()
             self._server.server_close()
 
-    def _find(self, method: str, path: str) -> Route | None:
+    def _find(self, method: str, path: str) -> tuple[str, str] | None:
+        """The route key serving `path`: exact, else the longest prefix ("/study/..." is not "/")."""
         if (method, path) in self.routes:
-            return self.routes[(method, path)]
-        best: tuple[int, Route] | None = None  # the longest prefix ("/study/..." is not "/")
-        for (m, prefix), route in self.routes.items():
+            return (method, path)
+        best: tuple[str, str] | None = None
+        for m, prefix in self.routes:
             if m == method and len(prefix) > 1 and prefix.endswith("/") and path.startswith(prefix) \
-                    and len(path) > len(prefix) and (best is None or len(prefix) > best[0]):
-                best = (len(prefix), route)
-        return best[1] if best else None
+                    and len(path) > len(prefix) and (best is None or len(prefix) > len(best[1])):
+                best = (m, prefix)
+        return best
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         parts = urlsplit(h.path)
@@ -205,20 +172,24 @@ class WebServer:
         h.send_header("Referrer-Policy", "same-origin")  # "no-referrer" makes browsers send Origin: null
         for key, value in response.headers.items():
             h.send_header(key, value)
+        for cookie in response.cookies:
+            h.send_header("Set-Cookie", cookie)
         h.end_headers()
         if method != "HEAD":
             h.wfile.write(response.body)
 
     def _respond(self, h: BaseHTTPRequestHandler, method: str, path: str, query: str) -> Response:
-        route = self._find(method, path)
-        if route is None:
+        key = self._find(method, path)
+        if key is None:
             return text(404 if method == "GET" else 405, "not found\n")
-        user = self.auth.who(h.headers.get("Authorization"))
-        if user is None and (method == "POST" or (self.auth.required and path not in self.public)):
-            if method == "POST" and not self.auth.required:
-                return text(403, "actions need web.auth (a token or users file) in the node's config\n")
-            return Response(401, b"authentication required\n", "text/plain; charset=utf-8",
-                            {"WWW-Authenticate": 'Basic realm="ihd-node", charset="UTF-8"'})
+        need = ROUTE_ROLES[key]
+        cookies = read_cookies(h.headers.get("Cookie"))
+        address = str(h.client_address[0])
+        who = self.auth.identify(h.headers.get("Authorization"), cookies.get(SESSION_COOKIE), address)
+        if need is not None:
+            refused = self._refuse(h, method, path, query, need, who)
+            if refused is not None:
+                return refused
         form: dict[str, str] = {}
         if method == "POST":
             if not self._same_origin(h):
@@ -226,7 +197,28 @@ class WebServer:
             length = min(int(h.headers.get("Content-Length") or 0), 64 * 1024)
             form = {k: v[0] for k, v in parse_qs(h.rfile.read(length).decode(errors="replace")).items()}
         args = {k: v[0] for k, v in parse_qs(query).items()}
-        return route(Request(method, path, args, form, user))
+        return self.routes[key](Request(method, path, args, form, who, address, cookies))
+
+    def _refuse(self, h: BaseHTTPRequestHandler, method: str, path: str, query: str, need: str,
+                who: Principal | None) -> Response | None:
+        """Why this caller may not use a route needing role `need` (401, a sign-in redirect, 403), or None."""
+        if who is not None:
+            if allows(who.role, need):
+                return None
+            return text(403, f"this needs the {need} role; {who.user} signed in as {who.role}. An admin can give "
+                             f"{who.user} the {need} role (`ihd-node web-user FILE {who.user} --role {need}`, or "
+                             "the sign-in provider's group mapped in web.auth.oidc.role_map)\n")
+        if not self.auth.required:  # loopback without web.auth: anyone on this machine may look, nobody act
+            if allows("viewer", need) and method == "GET":
+                return None
+            return text(403, f"this needs the {need} role, and web.auth (a users file, token or OpenID Connect) "
+                             "is not set in the node's config, so the console is read-only\n")
+        if self.config.auth.oidc is not None and method == "GET" and "text/html" in h.headers.get("Accept", ""):
+            target = path + (f"?{query}" if query else "")
+            return Response(303, b"", "text/plain", {"Location": f"/login?{urlencode({'next': target})}"})
+        challenge = 'Basic realm="ihd-node", charset="UTF-8"' if self.config.auth.users_file else "Bearer"
+        return Response(401, b"authentication required\n", "text/plain; charset=utf-8",
+                        {"WWW-Authenticate": challenge})
 
     @staticmethod
     def _same_origin(h: BaseHTTPRequestHandler) -> bool:
@@ -240,6 +232,15 @@ class WebServer:
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
 
+def read_cookies(header: str | None) -> dict[str, str]:
+    cookies: SimpleCookie = SimpleCookie()
+    try:
+        cookies.load(header or "")
+    except CookieError:
+        return {}
+    return {name: morsel.value for name, morsel in cookies.items()}
+
+
 def disk_free(path: Path) -> int | None:
     try:
         st = os.statvfs(path)
@@ -248,4 +249,5 @@ def disk_free(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-__all__ = ["HTTPStatus", "WebServer", "Request", "Response", "as_json", "text", "hash_password", "disk_free"]
+__all__ = ["HTTPStatus", "WebServer", "Request", "Response", "as_json", "text", "hash_password", "disk_free",
+           "read_cookies"]
