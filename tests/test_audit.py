@@ -10,7 +10,6 @@ message written just before the connection broke may arrive twice, see ihd_node/
 from __future__ import annotations
 
 import base64
-import importlib.util
 import time
 import urllib.error
 import urllib.request
@@ -41,10 +40,6 @@ pytestmark = pytest.mark.skipif(RSYSLOGD is None or not GTLS,
 USER, PASSWORD = "admin", "correct horse battery"
 OUTAGE_SECONDS = 30.0
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
-# The console's log-in hook comes with the console's own auth module (ihd_node.web.auth, issue 22 item 3).
-# Until that is merged, the web server does not report log-ins: the test then reports them through the hook
-# the node installed (node.web.on_login), exactly as the server will.
-SERVER_REPORTS_LOGINS = importlib.util.find_spec("ihd_node.web.auth") is not None
 
 
 def parsed(message: str) -> etree._Element:
@@ -84,19 +79,16 @@ def refused_association(port: int, calling: str = "INTRUDER") -> bool:
 
 
 def login(node, ok: bool) -> None:
-    """A console log-in attempt over HTTP (and, before the console auth module is merged, its report)."""
+    """A console log-in attempt over HTTP; the web server reports it through the hook the node installed."""
     status = call(f"http://127.0.0.1:{node.web.port}/", PASSWORD if ok else "wrong password")
     assert status == (200 if ok else 401)
-    if not SERVER_REPORTS_LOGINS:
-        node.web.on_login(SimpleNamespace(user=USER, role=None, success=ok, address="127.0.0.1", method="basic",
-                                          reason="" if ok else "wrong password"))
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("audit")
     collector = Collector(root / "collector").start()
-    (root / "users").write_text(f"{USER}:{hash_password(PASSWORD, iterations=1000)}\n")
+    (root / "users").write_text(f"{USER}:operator:{hash_password(PASSWORD, iterations=1000)}\n")
     try:
         with MiniPACS(root / "pacs", ae_title="PACS") as pacs:
             config = node_config(root / "node", [destination("pacs", "PACS", pacs.port)],

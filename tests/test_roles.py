@@ -129,6 +129,11 @@ def test_viewer_looks_but_cannot_act(site: Site) -> None:
     status, body = call(site.base + "/admin", "vera")
     assert status == 403 and "this needs the admin role" in body
     assert state(site) == before  # nothing changed in the database, no audit event
+    # ... but each refusal is in the audit trail: 110113 Use of Restricted Function, failed, naming vera.
+    refused = [m for m in site.node.db.audit_messages() if m.event.startswith("console-actions-")
+               and 'UserID="vera"' in m.xml and 'EventOutcomeIndicator="4"' in m.xml and m.schema_error is None]
+    assert sorted({m.event for m in refused}) == ["console-actions-read", "console-actions-reanalyse",
+                                                  "console-actions-resend", "console-actions-retract"], refused
     # The token (a scraper's) has web.auth.token_role, viewer by default: metrics yes, actions no.
     assert call(site.base + "/metrics", token=TOKEN)[0] == 200
     assert call(site.base + "/actions/resend", token=TOKEN, form={"series": site.series})[0] == 403

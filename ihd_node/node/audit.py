@@ -13,13 +13,17 @@ from __future__ import annotations
 import getpass
 import hashlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ihd_node import nodelog
 from ihd_node.audit import events
 from ihd_node.config import Config
 from ihd_node.delivery.syslog import SyslogTransport, rfc5424, syslog_ssl_context
 from ihd_node.store import Database
+
+if TYPE_CHECKING:  # the web package is imported lazily by the node (optional console dependencies)
+    from ihd_node.web.auth import LoginAttempt, Principal
+    from ihd_node.web.server import WebServer
 
 CONFIRM_SECONDS = 1.0  # a write counts once its connection is still open this long after it
 BATCH = 200
@@ -44,20 +48,26 @@ def record_start(db: Database, config: Config) -> None:
         db.audit(events.configuration_changed(str(config.source or "built-in defaults"), old, new))
 
 
-def attach_login_audit(server: Any, db: Database) -> None:
-    """Record every console log-in attempt the web server reports through its `on_login` hook (a callable
-    taking a LoginAttempt with user, role, success, address, method and reason)."""
+def attach_login_audit(server: WebServer, db: Database) -> None:
+    """Record every console log-in attempt (`on_login`) and every action refused for its role (`on_denied`)."""
 
-    def on_login(attempt: Any) -> None:
+    def on_login(attempt: LoginAttempt) -> None:
         try:
-            db.audit(events.user_authentication(
-                getattr(attempt, "user", None), bool(getattr(attempt, "success", False)),
-                str(getattr(attempt, "address", "")), str(getattr(attempt, "method", "basic")),
-                str(getattr(attempt, "reason", "") or ""), role=getattr(attempt, "role", None) or None))
+            db.audit(events.user_authentication(attempt.user, attempt.success, attempt.address, attempt.method,
+                                                attempt.reason, role=attempt.role))
         except Exception as exc:  # noqa: BLE001 - a log-in must not fail because the database is away
             nodelog.error("audit.login_unrecorded", error=f"{type(exc).__name__}: {exc}")
 
-    setattr(server, "on_login", on_login)  # noqa: B010 - the hook is declared by the web server (issue 22)
+    def on_denied(who: Principal, method: str, path: str, need: str, address: str) -> None:
+        try:
+            db.audit(events.console_action(who.user, address, path.strip("/").replace("/", "-") or "console", None,
+                                           done=False, detail=f"{method} {path} refused: {who.user} is "
+                                                               f"{who.role}, the {need} role is needed"))
+        except Exception as exc:  # noqa: BLE001 - as above
+            nodelog.error("audit.refusal_unrecorded", error=f"{type(exc).__name__}: {exc}")
+
+    server.on_login = on_login
+    server.on_denied = on_denied
 
 
 class AuditSender:

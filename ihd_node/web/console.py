@@ -195,7 +195,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
         count = done.get(uid, 0)
         db.log_event("audit", f"re-send of failed deliveries by {request.actor}: {count} re-queued",
                      series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
-        db.audit(events.console_action(request.user or "unknown", None, "resend",
+        db.audit(events.console_action(request.user or "unknown", request.address, "resend",
                                        StudyObject(series.study_instance_uid), done=True,
                                        detail=f"series {uid}: {count} failed deliveries re-queued"))
         node.wake_delivery()
@@ -209,7 +209,7 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
         ok, why = node.reanalyse(uid)
         db.log_event("audit", f"re-analysis by {request.actor}: {why}", level="INFO" if ok else "WARNING",
                      series_instance_uid=uid, study_instance_uid=series.study_instance_uid)
-        db.audit(events.console_action(request.user or "unknown", None, "reanalyse",
+        db.audit(events.console_action(request.user or "unknown", request.address, "reanalyse",
                                        StudyObject(series.study_instance_uid), done=ok, detail=f"series {uid}: {why}"))
         return back(series, why)
 

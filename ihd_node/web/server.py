@@ -77,7 +77,8 @@ class WebServer:
 
     `on_login` is called once per log-in attempt (LoginAttempt): a basic-auth credential on its first successful
     check and on every failure, the token likewise, an OpenID Connect callback's success or failure, a log-out.
-    `log_event(kind, message, level=...)` (the log database's) books each failure as a `web` event."""
+    `log_event(kind, message, level=...)` (the log database's) books each failure as a `web` event.
+    `on_denied(principal, method, path, need, address)` is called when a signed-in user lacks a route's role."""
 
     def __init__(self, config: WebConfig, routes: dict[tuple[str, str], Route], *, registry: Any,
                  log_event: Callable[..., None] | None = None) -> None:
@@ -87,6 +88,7 @@ class WebServer:
         self.registry = registry
         self.log_event = log_event
         self.on_login: Callable[[LoginAttempt], None] = lambda attempt: None
+        self.on_denied: Callable[[Principal, str, str, str, str], None] = lambda *refused: None
         self.oidc: Any = None  # the OpenID Connect client (ihd_node.web.oidc) when web.auth.oidc is set
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -95,6 +97,16 @@ class WebServer:
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.server_address[1])
+
+    def denied(self, who: Principal, method: str, path: str, need: str, address: str) -> None:
+        """Book a refused use of a route (the user's role is too low): an event, and `on_denied` (the audit)."""
+        if self.log_event is not None:
+            self.log_event("web", f"{method} {path} refused for {who.user} ({who.role}): needs the {need} role",
+                           level="WARNING", peer_address=address)
+        try:
+            self.on_denied(who, method, path, need, address)
+        except Exception as exc:  # like on_login: the audit hook must not turn a refusal into a 500
+            nodelog.error("web.on_denied_failed", error=f"{type(exc).__name__}: {exc}")
 
     def login(self, attempt: LoginAttempt) -> None:
         """Book one log-in attempt: a failure as an event, every attempt to `on_login` (the audit trail)."""
@@ -205,6 +217,7 @@ class WebServer:
         if who is not None:
             if allows(who.role, need):
                 return None
+            self.denied(who, method, path, need, str(h.client_address[0]))
             return text(403, f"this needs the {need} role; {who.user} signed in as {who.role}. An admin can give "
                              f"{who.user} the {need} role (`ihd-node web-user FILE {who.user} --role {need}`, or "
                              "the sign-in provider's group mapped in web.auth.oidc.role_map)\n")
