@@ -47,7 +47,7 @@ class Recipe:
     test_series: int = 60
     train_seed: int = 10_000  # series i uses seed train_seed + i
     test_seed: int = 900_000  # held-out series: a seed range training never touches
-    crossgen_per_kind: int = 4  # A and B cohorts: 4 series of each kind (negative, 5 single, 10 pairs) = 64
+    crossgen_per_kind: int = 8  # A and B cohorts: 10 negative, 8 per subtype alone, each of the 10 pairs = 60
     crossgen_size: int | None = None  # their image size (None: crossgen's defaults, A 512 and B 256 px)
     train_sizes: tuple[int, ...] = (256, 384, 512)  # image sizes of the training phantoms (cycled)
     test_size: int = 512
