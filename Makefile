@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .viewer/ohif-$(OHIF_VERSION)
 
-.PHONY: venv packages viewer demo test lint bench train-phantom clean
+.PHONY: venv packages viewer demo test lint bench train-phantom container-image container-test clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,16 @@ $(OHIF_DIR)/dist/index.html: | packages
 	  tar xzf ohif-app-$(OHIF_VERSION).tgz -C ohif-$(OHIF_VERSION) --strip-components=1 && \
 	  rm ohif-app-$(OHIF_VERSION).tgz; \
 	else echo "npm not installed: the OHIF browser test will be skipped"; fi
+
+# The CPU container image (deploy/container/Containerfile) with podman, as tests/test_container_run.py builds it:
+# on python:3.11-slim-bookworm, or, where no container registry answers, on a Debian bookworm base made once by
+# mmdebstrap (tests/podman.py); then podman's layer cache keeps the test's rebuild of changed sources short.
+container-image: packages venv
+	$(BIN)/python tests/podman.py
+
+# Not part of `make test`: the first build takes about 45 minutes here (base image, torch layer).
+container-test: container-image
+	$(BIN)/python -m pytest -q -m container tests/test_container_run.py
 
 demo: venv
 	$(BIN)/ihd-node demo
