@@ -6,6 +6,7 @@ from __future__ import annotations
 import ssl
 
 from ihd_node.classes import NOT_FOR_DIAGNOSTIC_USE
+from ihd_node.config.audit import describe as describe_audit
 from ihd_node.conformance.facts import Facts, uid_name
 from ihd_node.conformance.render import Document
 from ihd_node.report.codes import PRIVATE_SCHEME
@@ -60,7 +61,11 @@ def security(doc: Document, facts: Facts) -> None:
           "source addresses (section 2.2.1.4.1), and refused while the analysis queue is full. User Identity "
           "negotiation is not supported.")
     doc.h(2, "5.3 Application Level Security")
-    doc.ul(["Audit trail: IHE ATNA audit messages, see the audit section of the README.",
+    doc.ul([f"Audit trail (IHE ATNA, DICOM PS3.15 A.5 audit messages, each checked against the standard's schema): "
+            f"{describe_audit(facts.config.audit).removeprefix('audit: ')}. Events: application start and stop (110100), configuration "
+            "change, association refused and console actions (110113), instances received and sent per study "
+            "(110104), exports to HL7, FHIR and DICOMweb (110106), the PACS instance-count query (110112), "
+            "console log-in (110114), retraction (110103), reads imported (110107).",
             "The log database and the node's log never carry a patient name or birth date.",
             "Received files are stored owner-only (mode 0600) under storage.dir."])
 
@@ -140,8 +145,10 @@ def integration_statement(doc: Document, facts: Facts) -> None:
              ["AI Workflow for Imaging (AIW-I)", "any", "no UPS workitems", "No"],
              ["Scheduled Workflow (SWF.b)", "Image Manager", "MPPS is received (2.2.1.4.3) only as evidence of "
               "completeness; no Storage Commitment, no Query/Retrieve SCP", "No"],
-             ["Audit Trail and Node Authentication (ATNA)", "Secure Node / Secure Application", "see the audit "
-              "section of the README", "see there"]]
+             ["Audit Trail and Node Authentication (ATNA)", "Secure Application", "Audit record transmission "
+              "(ITI-20) as RFC 5424 syslog over TLS (RFC 5425) or UDP (RFC 5426), with a durable outbox; DICOM "
+              "TLS optional (section 5.1); the host's own node authentication and time synchronization (ITI-1) "
+              "are the site's; not tested at an IHE Connectathon", "Partly"]]
     doc.table("ihe", "IHE integration statement", ["Integration Profile", "Actor", "Options and notes",
                                                    "Supported"], rows)
     doc.p("AIR result primitives not encoded: " + (", ".join(no_air) or "none") + ". Not supported at all: "
