@@ -164,6 +164,58 @@ def test_operator_acts_and_each_audit_names_the_user_and_role(site: Site) -> Non
     assert all(" by olga (operator)" in m for m in said), said
 
 
+def upload(url: str, user: str, name: str, data: bytes, check_only: bool = False) -> tuple[int, str]:
+    """POST a file as a browser's form does (multipart/form-data)."""
+    boundary = "----ihd-node-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+             "Content-Type: text/csv\r\n\r\n".encode() + data + b"\r\n"]
+    if check_only:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="check_only"\r\n\r\n1\r\n'.encode())
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url, data=body, method="POST")
+    request.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def test_reads_file_import_viewer_refused_operator_imports_audited(site: Site) -> None:
+    node, url = site.node, site.base + "/actions/import-reads"
+
+    def reads() -> list[tuple]:
+        with node.db.read_session() as s:
+            return sorted((r.finding, r.value, r.source, r.entered_by) for r in s.query(Read))
+
+    good = (f"study_instance_uid,finding,present,reader\n{site.study},any,1,Dr Import\n"
+            f"{site.study},subdural,1,Dr Import\n").encode()
+    before = reads()
+    status, body = upload(url, "vera", "reads.csv", good)
+    assert status == 403 and "this needs the operator role" in body and reads() == before
+    assert any(m.event == "console-actions-import-reads" and 'UserID="vera"' in m.xml
+               for m in node.db.audit_messages())
+    assert "import reads" not in call(f"{site.base}/", "vera")[1]
+    status, page = call(site.base + "/reads/import", "olga")
+    assert status == 200 and 'enctype="multipart/form-data"' in page
+
+    status, body = upload(url, "olga", "bad.csv", good + b"1.2.3.4.5,any,1,Dr Import\n")
+    assert status == 400 and "nothing imported" in body and "line 4" in body and "unknown study" in body
+    status, body = upload(url, "olga", "reads.csv", good, check_only=True)
+    assert status == 200 and "are good; nothing imported (check only)" in body
+    assert reads() == before
+
+    status, body = upload(url, "olga", "reads.csv", good)
+    assert status == 200 and "imported 2 read(s) of 1 study(ies)" in body, body
+    assert sorted(set(reads()) - set(before)) == [("any", "present", "csv", "olga"),
+                                                  ("subdural", "present", "csv", "olga")]
+    assert any(m.startswith("reads import by olga (operator): 2 read(s)") for m in audits(node))
+    imported = [m for m in node.db.audit_messages(event="labels-import") if 'UserID="olga"' in m.xml
+                and "reads.csv" in m.xml]
+    assert len(imported) == 1 and imported[0].schema_error is None
+
+
 def test_admin_sees_users_roles_and_masked_configuration(site: Site) -> None:
     status, page = call(site.base + "/admin", "adam")
     assert status == 200 and "users and configuration" in page

@@ -37,6 +37,7 @@ ROUTE_ROLES: dict[tuple[str, str], str | None] = {
     ("GET", "/"): "viewer", ("GET", "/study/"): "viewer", ("GET", "/thumb/"): "viewer",
     ("GET", "/performance"): "viewer", ("GET", "/metrics"): "viewer",
     ("GET", "/read/"): "operator", ("POST", "/actions/read"): "operator",
+    ("GET", "/reads/import"): "operator", ("POST", "/actions/import-reads"): "operator",
     ("POST", "/actions/resend"): "operator", ("POST", "/actions/reanalyse"): "operator",
     ("POST", "/actions/retract"): "operator",
     ("GET", "/admin"): "admin",

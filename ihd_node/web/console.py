@@ -30,6 +30,7 @@ from ihd_node.web.admin import admin_routes
 from ihd_node.web.auth import allows
 from ihd_node.web.health import readiness
 from ihd_node.web.performance_page import performance_routes, study_reads
+from ihd_node.web.reads_import import reads_import_routes
 from ihd_node.web.server import Request, Response, WebServer, disk_free, text
 
 TEMPLATES = jinja2.Environment(
@@ -235,7 +236,8 @@ def console_routes(node: Any, server: WebServer) -> dict[tuple[str, str], Any]:
     return {("GET", "/"): index, ("GET", "/study/"): study, ("GET", "/thumb/"): thumb,
             ("POST", "/actions/resend"): resend, ("POST", "/actions/reanalyse"): reanalyse,
             ("POST", "/actions/retract"): retract_result,
-            **performance_routes(node, server, render), **admin_routes(node, render)}
+            **performance_routes(node, server, render), **admin_routes(node, render),
+            **reads_import_routes(db, render)}
 
 
 # "retracted": a late instance leaves it alone; re-analysis is the explicit way to a new result.

@@ -14,6 +14,8 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import default as default_policy
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +48,7 @@ class Request:
     principal: Principal | None
     address: str = ""
     cookies: dict[str, str] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # uploads of a multipart/form-data POST
 
     @property
     def user(self) -> str | None:
@@ -63,6 +66,30 @@ class Request:
 
 Route = Callable[[Request], Response]
 
+
+UPLOAD_LIMIT = 10 * 2**20 + 64 * 1024  # a 10 MB file of reads (monitoring.labels.MAX_BYTES) and its form fields
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
+    """(fields, files) of a multipart/form-data body; a file's name goes into fields as `<name>_name`."""
+    message = BytesParser(policy=default_policy).parsebytes(
+        f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1") + body)
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    if not message.is_multipart():
+        return fields, files
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        filename = part.get_filename()
+        payload = part.get_payload(decode=True) or b""
+        if filename is not None:
+            files[str(name)] = payload
+            fields[f"{name}_name"] = str(filename)
+        else:
+            fields[str(name)] = payload.decode("utf-8", errors="replace")
+    return fields, files
 
 def text(status: int, body: str, content_type: str = "text/plain; charset=utf-8") -> Response:
     return Response(status, body.encode(), content_type)
@@ -203,13 +230,23 @@ class WebServer:
             if refused is not None:
                 return refused
         form: dict[str, str] = {}
+        files: dict[str, bytes] = {}
         if method == "POST":
             if not self._same_origin(h):
                 return text(403, "cross-site request refused\n")
-            length = min(int(h.headers.get("Content-Length") or 0), 64 * 1024)
-            form = {k: v[0] for k, v in parse_qs(h.rfile.read(length).decode(errors="replace")).items()}
+            kind = h.headers.get("Content-Type", "")
+            if kind.startswith("multipart/form-data"):
+                declared = int(h.headers.get("Content-Length") or 0)
+                if declared > UPLOAD_LIMIT:
+                    h.close_connection = True  # the body is not read
+                    return text(413, f"the upload is {declared / 2**20:.1f} MB, more than {UPLOAD_LIMIT / 2**20:g} MB; "
+                                     "split the file\n")
+                form, files = parse_multipart(kind, h.rfile.read(declared))
+            else:
+                length = min(int(h.headers.get("Content-Length") or 0), 64 * 1024)
+                form = {k: v[0] for k, v in parse_qs(h.rfile.read(length).decode(errors="replace")).items()}
         args = {k: v[0] for k, v in parse_qs(query).items()}
-        return self.routes[key](Request(method, path, args, form, who, address, cookies))
+        return self.routes[key](Request(method, path, args, form, who, address, cookies, files))
 
     def _refuse(self, h: BaseHTTPRequestHandler, method: str, path: str, query: str, need: str,
                 who: Principal | None) -> Response | None:
