@@ -62,7 +62,8 @@ def security(doc: Document, facts: Facts) -> None:
           "negotiation is not supported.")
     doc.h(2, "5.3 Application Level Security")
     doc.ul([f"Audit trail (IHE ATNA, DICOM PS3.15 A.5 audit messages, each checked against the standard's schema): "
-            f"{describe_audit(facts.config.audit).removeprefix('audit: ')}. Events: application start and stop (110100), configuration "
+            f"{describe_audit(facts.config.audit).removeprefix('audit: ')}. Events: application start and stop "
+            "(110100), configuration "
             "change, association refused and console actions (110113), instances received and sent per study "
             "(110104), exports to HL7, FHIR and DICOMweb (110106), the PACS instance-count query (110112), "
             "console log-in (110114), retraction (110103), reads imported (110107).",
