@@ -246,6 +246,12 @@ def draw_lesions(rng: np.random.Generator, an: Anatomy, geo: Geometry, subtypes:
             les = _place_subarachnoid(rng, an, geo)
         if les is not None:
             lesions.append(les)
+    return with_mass_effect(rng, an, lesions, mass_effect)
+
+
+def with_mass_effect(rng: np.random.Generator, an: Anatomy, lesions: list[Lesion],
+                     mass_effect: bool | None) -> list[Lesion]:
+    """A big surface bleed or clot pushes the midline (60 % of the time unless `mass_effect` says)."""
     big = [x for x in lesions
            if (isinstance(x, _Surface) and x.t_max > (14.0 if x.subtype == "epidural" else 8.0))
            or (isinstance(x, _Blob) and x.ell.radius > 12.0)]

@@ -21,13 +21,12 @@ from ihd_node.sim.phantom.lesions import (
     _Blob,
     _covered,
     _in_ventricle,
-    _mass_effect,
     _place_subarachnoid,
     _place_surface,
     _point_fields,
     _slices_between,
-    _Surface,
     _Ventricular,
+    with_mass_effect,
 )
 from ihd_node.sim.phantom.scanner import Geometry
 from ihd_node.sim.phantom.wide import Wide
@@ -145,11 +144,4 @@ def draw_wide_lesions(rng: np.random.Generator, an: Anatomy, geo: Geometry, subt
             if sah is not None:
                 sah.hu = wide.lesion_hu(rng)
                 lesions.append(sah)
-    big = [x for x in lesions
-           if (isinstance(x, _Surface) and x.t_max > (14.0 if x.subtype == "epidural" else 8.0))
-           or (isinstance(x, _Blob) and x.ell.radius > 12.0)]
-    if big and (rng.uniform() < 0.6 if mass_effect is None else mass_effect):
-        les = big[0]
-        side = les.side if isinstance(les, _Surface) else math.copysign(1.0, les.ell.center[0])
-        _mass_effect(an, side, uniform(rng, 2.0, 9.0))
-    return lesions
+    return with_mass_effect(rng, an, lesions, mass_effect)
