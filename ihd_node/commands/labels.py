@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ihd_node.audit import StudyObject, events
 from ihd_node.classes import CLASSES
 from ihd_node.commands.readout import iso, open_existing, plural, text_table
 from ihd_node.errors import UserError
-from ihd_node.monitoring.labels import MAX_BYTES, MAX_PROBLEMS_SHOWN, LabelProblem, parse_labels_csv, resolve_labels
+from ihd_node.monitoring.labels import MAX_BYTES, MAX_PROBLEMS_SHOWN, LabelProblem, import_reads
 from ihd_node.store import Read
 
 SHORT = {"present": "yes", "absent": "no", "not_assessed": "n/a"}
@@ -53,25 +52,20 @@ def import_labels(file: str, config: str, *, max_bytes: int = MAX_BYTES, dry_run
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{file}: cannot read it ({exc.strerror}); check the path and its permissions") from None
-    parsed = parse_labels_csv(data, max_bytes=max_bytes)
     db = open_existing(config)
     try:
-        reads, problems = resolve_labels(parsed, db.find_studies)
-        if problems:
-            _report(file, problems)
-            return 2
-        before = db.current_reads({r.study_instance_uid for r in reads})
-        replaced = sum(1 for r in reads if r.finding in before.get(r.study_instance_uid, {}))
-        studies = len({r.study_instance_uid for r in reads})
-        if dry_run:
-            print(f"{file}: all {plural(len(reads), 'read')} of {plural(studies, 'study', 'studies')} are good "
-                  f"({replaced} would replace an earlier read); nothing imported (--dry-run)")
-            return 0
-        db.add_reads(reads, source="csv", entered_by=_os_user())
-        db.audit(events.labels_import(_os_user(), str(path.resolve()), [
-            StudyObject(uid) for uid in sorted({r.study_instance_uid for r in reads})], count=len(reads)))
+        done = import_reads(db, data, file=str(path.resolve()), user=_os_user(), check_only=dry_run,
+                            max_bytes=max_bytes)
     finally:
         db.close()
+    if done.problems:
+        _report(file, done.problems)
+        return 2
+    reads, studies, replaced = done.reads, done.studies, done.replaced
+    if dry_run:
+        print(f"{file}: all {plural(len(reads), 'read')} of {plural(studies, 'study', 'studies')} are good "
+              f"({replaced} would replace an earlier read); nothing imported (--dry-run)")
+        return 0
     print(f"{file}: imported {plural(len(reads), 'read')} of {plural(studies, 'study', 'studies')}"
           + (f"; {replaced} replaced an earlier read (kept in the history: `ihd-node labels list --study UID`)"
              if replaced else ""))

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from ihd_node.audit import StudyObject, events
 from ihd_node.classes import CLASSES
-from ihd_node.store import NewRead, StudyRef
+from ihd_node.store import Database, NewRead, StudyRef
 
 MAX_BYTES = 10 * 1024 * 1024  # a year of reads of a busy department is far less; a bigger file is a wrong file
 COLUMNS = ("study_instance_uid", "accession_number", "finding", "present", "reader", "read_at")
@@ -209,3 +210,31 @@ def resolve_labels(parsed: ParsedLabels,
         reads.append(NewRead(uid, r.finding, r.value, r.reader, r.read_at))
     problems.sort(key=lambda p: (p.line or 0))
     return reads, problems
+
+
+@dataclass(frozen=True)
+class LabelImport:
+    """What importing one file of reads did (or, checking only, would do)."""
+
+    reads: list[NewRead]
+    problems: list[LabelProblem]  # any: nothing was imported
+    studies: int
+    replaced: int  # reads that replace a current one (kept in the history)
+    imported: bool
+
+
+def import_reads(db: Database, data: bytes, *, file: str, user: str | None, check_only: bool = False,
+                 max_bytes: int = MAX_BYTES) -> LabelImport:
+    """The one import of a file of reads (`ihd-node labels import` and the console's upload): every row checked,
+    then all added in one transaction with an audit message naming `user`, or nothing."""
+    reads, problems = resolve_labels(parse_labels_csv(data, max_bytes=max_bytes), db.find_studies)
+    uids = sorted({r.study_instance_uid for r in reads})
+    if problems:
+        return LabelImport(reads, problems, len(uids), 0, False)
+    before = db.current_reads(set(uids))
+    replaced = sum(1 for r in reads if r.finding in before.get(r.study_instance_uid, {}))
+    if check_only:
+        return LabelImport(reads, [], len(uids), replaced, False)
+    db.add_reads(reads, source="csv", entered_by=user)
+    db.audit(events.labels_import(user, file, [StudyObject(uid) for uid in uids], count=len(reads)))
+    return LabelImport(reads, [], len(uids), replaced, True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ihd_node.audit import StudyObject, events
-from ihd_node.monitoring.labels import MAX_BYTES, parse_labels_csv, resolve_labels
+from ihd_node.monitoring.labels import MAX_BYTES, import_reads
 from ihd_node.store import Database
 from ihd_node.web.server import Request, Response
 
@@ -32,21 +31,17 @@ def reads_import_routes(db: Database, render: Any) -> dict[tuple[str, str], Any]
 
         if not data:
             return answer(400, "No file was sent: choose the CSV file of reads, then Import.", [])
-        parsed = parse_labels_csv(data, max_bytes=MAX_BYTES)
-        reads, problems = resolve_labels(parsed, db.find_studies)
-        if problems:
-            db.log_event("audit", f"reads import by {request.actor} refused: {name} has {len(problems)} problem(s); "
-                                  "nothing imported", level="WARNING")
+        done = import_reads(db, data, file=name, user=request.user, check_only=check_only)
+        if done.problems:
+            db.log_event("audit", f"reads import by {request.actor} refused: {name} has {len(done.problems)} "
+                                  "problem(s); nothing imported", level="WARNING")
             return answer(400, f"{name}: nothing imported; fix these and send the file again:",
-                          [str(p) for p in problems])
-        studies = sorted({r.study_instance_uid for r in reads})
-        if check_only:
-            return answer(200, f"{name}: all {len(reads)} read(s) of {len(studies)} study(ies) are good; nothing "
-                               "imported (check only).", [])
-        db.add_reads(reads, source="csv", entered_by=request.user)
-        db.log_event("audit", f"reads import by {request.actor}: {len(reads)} read(s) of {len(studies)} study(ies) "
-                              f"from {name}")
-        db.audit(events.labels_import(request.user, name, [StudyObject(uid) for uid in studies], count=len(reads)))
-        return answer(200, f"{name}: imported {len(reads)} read(s) of {len(studies)} study(ies).", [])
+                          [str(p) for p in done.problems])
+        if not done.imported:
+            return answer(200, f"{name}: all {len(done.reads)} read(s) of {done.studies} study(ies) are good; "
+                               "nothing imported (check only).", [])
+        db.log_event("audit", f"reads import by {request.actor}: {len(done.reads)} read(s) of {done.studies} "
+                              f"study(ies) from {name}")
+        return answer(200, f"{name}: imported {len(done.reads)} read(s) of {done.studies} study(ies).", [])
 
     return {("GET", "/reads/import"): form, ("POST", "/actions/import-reads"): upload}
