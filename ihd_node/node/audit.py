@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from ihd_node import nodelog
 from ihd_node.audit import events
 from ihd_node.config import Config
 from ihd_node.delivery.syslog import SyslogTransport, rfc5424, syslog_ssl_context
-from ihd_node.store import Database
+from ihd_node.store import Database, RetryPolicy, utcnow
 
 if TYPE_CHECKING:  # the web package is imported lazily by the node (optional console dependencies)
     from ihd_node.web.auth import LoginAttempt, Principal
@@ -76,6 +77,8 @@ class AuditSender:
     def __init__(self, db: Database, config: Config) -> None:
         self.db = db
         self.audit = config.audit
+        # The outbox's one backoff; an audit message is never given up (nothing may be lost).
+        self.retry = RetryPolicy(0.5, float(self.audit.retry_max_seconds), math.inf)
         target = self.audit.target
         self.transport: SyslogTransport | None = None
         if target is not None:
@@ -130,7 +133,7 @@ class AuditSender:
 
     def _failed(self, rows: list[Any], error: str) -> float:
         self._failures += 1
-        wait = min(float(self.audit.retry_max_seconds), 0.5 * 2 ** (self._failures - 1))
+        wait = self.retry.backoff(self._failures)
         self._written, self._after = [], 0
         self.db.audit_not_sent([r.id for r in rows], error, wait)
         if self._failures == 1 or self._failures % 10 == 0:
@@ -139,8 +142,6 @@ class AuditSender:
         return wait
 
     def _idle_wait(self) -> float:
-        from ihd_node.store import utcnow
-
         when = self.db.next_audit_time()
         if when is None:
             return 5.0
