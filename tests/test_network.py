@@ -34,7 +34,9 @@ from ihd_node.dicom_network import (
     IMPLEMENTATION_VERSION_NAME,
     FastAssociation,
     FastDIMSE,
+    RequestorAssociation,
     encode_store_response,
+    on_outgoing_connection,
     parse_store_request,
 )
 from ihd_node.intake.receiver import Admission, Receiver
@@ -135,6 +137,62 @@ def test_outgoing_associations_get_nodelay_and_the_nodes_identity() -> None:
     finally:
         server.shutdown()
     assert seen == {"uid": IMPLEMENTATION_CLASS_UID, "name": IMPLEMENTATION_VERSION_NAME}
+
+
+class SlowCheckpoint(threading.Event):
+    """A reactor checkpoint that holds the reactor a moment after letting it pass, as a busy CPU does."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)
+        time.sleep(0.02)
+        return passed
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_requestor_reactor_never_takes_the_response_a_sender_waits_for(receiver: Receiver, fixed: bool) -> None:
+    """Seen under load as one C-STORE in a few thousand answered after dimse_timeout and its association
+    aborted ("Received unexpected C-STORE service message"). With the window widened, pynetdicom's own loop
+    loses a response within 10 echoes (the race is real, and this test can see it); the node's requestor
+    loop (bound by on_outgoing_connection, as the sender and the simulator do) loses none.
+
+    The window, as a loaded machine opens it: the reactor has just passed its checkpoint when the sender
+    pauses it (SlowCheckpoint), and the sender's thread is not scheduled at once when its response arrives
+    (late_get), so the reactor's next look at the queue comes first."""
+
+    def widen(event: evt.Event) -> None:
+        checkpoint = SlowCheckpoint()
+        checkpoint.set()
+        event.assoc._reactor_checkpoint = checkpoint
+        get_msg = event.assoc.dimse.get_msg
+
+        def late_get(block: bool = False) -> tuple[object, object]:
+            if block:
+                time.sleep(0.05)
+            return get_msg(block=block)
+
+        event.assoc.dimse.get_msg = late_get
+
+    handlers = [(evt.EVT_CONN_OPEN, widen)] + ([(evt.EVT_CONN_OPEN, on_outgoing_connection)] if fixed else [])
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 2
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title=AET, evt_handlers=handlers)
+    assert assoc.is_established
+    assert (type(assoc) is RequestorAssociation) == fixed
+    statuses = []
+    try:
+        for _ in range(10):
+            if not assoc.is_established:
+                break
+            answer = assoc.send_c_echo()
+            statuses.append(int(answer.Status) if "Status" in answer else -1)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if fixed:
+        assert statuses == [0x0000] * 10
+    else:
+        assert -1 in statuses and not assoc.is_established, statuses
 
 
 def test_a_4_gb_pdu_announced_before_association_is_dropped_unread(receiver: Receiver) -> None:

@@ -15,6 +15,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from ihd_node.dicom_network import on_outgoing_connection
+
 
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
@@ -105,7 +107,8 @@ def send_datasets(datasets: list[Dataset], *, host: str, port: int, called_aet: 
         syntaxes.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
     for sop_class, transfer_syntaxes in sorted(syntaxes.items()):
         ae.add_requested_context(sop_class, sorted(transfer_syntaxes))
-    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, on_outgoing_connection)])
     if not assoc.is_established:
         if barrier is not None:
             barrier.abort()
