@@ -25,9 +25,8 @@ Why an adapter, and why this small:
   bound to the DIMSE events) goes through pynetdicom's codec unchanged. pynetdicom's standard logging
   handlers (which copy each received data set once to log "Data Set: Present") are unbound when the
   pynetdicom logger would print nothing anyway.
-- Associations the node requests (delivery, and the simulator that plays a modality) keep pynetdicom's
-  threads, with one fix: RequestorAssociation's loop cannot take a response that a send_*() waits for
-  (pynetdicom's pause handshake has a window for it; a lost response costs dimse_timeout and an abort).
+- Associations the node requests keep pynetdicom's threads, with one fix of its requestor loop
+  (ihd_node.dicom_requestor).
 - The subclasses replace only the two reactor loops, the PDU read and the C-STORE codec; states, events
   and the other PDU and DIMSE codecs stay pynetdicom's. They rely on pynetdicom 3.0 internals, so
   `adapter_available()` checks for them and falls back to the stock classes (with a log line) on a
@@ -87,18 +86,6 @@ def identify(ae: pynetdicom.AE) -> None:
     """Announce the node's Implementation Class UID and Version Name instead of pynetdicom's."""
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-
-
-def on_outgoing_connection(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler for associations the node requests (sender, simulator): TCP_NODELAY on its
-    socket, and the requestor reactor that cannot take a response meant for a send_*() (RequestorAssociation).
-
-    The connection opens before the association is negotiated, so the class is in place before pynetdicom
-    calls its reactor loop."""
-    if event.assoc.dul.socket is not None:
-        set_nodelay(event.assoc.dul.socket)
-    if type(event.assoc) is Association and _requestor_fix_available():
-        event.assoc.__class__ = RequestorAssociation  # same state, other reactor loop (no new attributes)
 
 
 class FastDUL(DULServiceProvider):
@@ -433,67 +420,6 @@ class FastAssociation(Association):
                 self.abort()
                 self.kill()
                 return
-
-
-class RequestorAssociation(Association):
-    """Requestor whose reactor never takes a response that a send_*() call waits for.
-
-    pynetdicom pauses its reactor for each send_*() with a flag pair: the sender clears a checkpoint and waits
-    until the reactor says it is paused. The reactor says so *before* waiting at the checkpoint; when it has
-    just passed the checkpoint, the sender can read "paused", send its request, and the reactor then takes
-    the response off the DIMSE queue as if it were a request ("Received unexpected C-STORE service message").
-    The sender waits dimse_timeout for a response that never comes and aborts the association. On a loaded
-    2-core machine this hit about one C-STORE in a few thousand (tests/reliability/test_load.py, and
-    tests/test_network.py makes it happen on every message). Here the reactor checks the checkpoint again
-    after saying it runs: a sender that cleared it in between owns the queue, and the reactor goes back to
-    waiting. The other checks are pynetdicom's, in its order."""
-
-    def _run_reactor(self) -> None:
-        self._is_paused = False
-        while not self._kill:
-            time.sleep(0.001)
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
-            if not self._reactor_checkpoint.is_set():  # a send_*() paused the reactor meanwhile
-                continue
-            context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
-                self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires, as pynetdicom does
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-            if not self.dul.is_alive():
-                self.kill()
-                return
-            if self.dul.idle_timer_expired():
-                nodelog.warning("association.network_timeout", seconds=self.network_timeout)
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-                self.kill()
-                return
-
-
-def _requestor_fix_available() -> bool:
-    # _reactor_checkpoint, _is_paused and network_timeout_response are set per instance in 3.0's __init__
-    return pynetdicom.__version__.startswith("3.") and all(
-        hasattr(Association, n) for n in ("_run_reactor", "_serve_request", "kill", "release", "abort"))
 
 
 def adapter_available() -> bool:

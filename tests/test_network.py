@@ -34,11 +34,10 @@ from ihd_node.dicom_network import (
     IMPLEMENTATION_VERSION_NAME,
     FastAssociation,
     FastDIMSE,
-    RequestorAssociation,
     encode_store_response,
-    on_outgoing_connection,
     parse_store_request,
 )
+from ihd_node.dicom_requestor import RequestorAssociation, on_outgoing_connection
 from ihd_node.intake.receiver import Admission, Receiver
 from ihd_node.intake.recorder import DatabaseRecorder
 from ihd_node.intake.spool import Spool, valid_uid

@@ -40,7 +40,8 @@ from pynetdicom.sop_class import Verification
 from ihd_node import faults, nodelog
 from ihd_node.config import Config
 from ihd_node.delivery.tls import tls_client_context
-from ihd_node.dicom_network import identify, on_outgoing_connection
+from ihd_node.dicom_network import identify
+from ihd_node.dicom_requestor import on_outgoing_connection
 from ihd_node.sr_classes import SR_CLASS_NAMES, SR_CLASSES, as_sr_class, sr_fallbacks
 from ihd_node.store import AttemptResult, Database, Delivery, utcnow
 

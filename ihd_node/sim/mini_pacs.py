@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from ihd_node.dicom_network import on_outgoing_connection
+from ihd_node.dicom_requestor import on_outgoing_connection
 
 
 def free_port() -> int:
