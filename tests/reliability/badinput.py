@@ -21,9 +21,11 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
+
+from ihd_node.dicom_requestor import on_outgoing_connection
 
 # What the README documents for C-STORE (DICOM behaviour section).
 SUCCESS, OUT_OF_RESOURCES, MISMATCH, CANNOT_UNDERSTAND, UNPARSEABLE = 0x0000, 0xA700, 0xA900, 0xC000, 0xC210
@@ -104,7 +106,8 @@ class Sender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
         for abstract, syntaxes in contexts:
             ae.add_requested_context(abstract, list(syntaxes))
-        self.assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        self.assoc = ae.associate("127.0.0.1", port, ae_title=called,  # the requestor loop that loses no response
+                                  evt_handlers=[(evt.EVT_CONN_OPEN, on_outgoing_connection)])
         self.folder = folder or Path(tempfile.mkdtemp(prefix="badinput-"))
 
     @property

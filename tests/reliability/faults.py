@@ -19,8 +19,9 @@ from pathlib import Path
 import pydicom
 from heads import full_head, full_head_spacing
 from pydicom import uid as tsuid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
+from ihd_node.dicom_requestor import on_outgoing_connection
 from ihd_node.faults import CRASH_ENV, PAUSE_ENV
 from ihd_node.sim.mini_pacs import MiniPACS
 from ihd_node.sim.phantom import PhantomSeries, write_series
@@ -74,7 +75,8 @@ def store(paths: list[Path], port: int, *, called_aet: str = NODE_AET, calling_a
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian])
-    assoc = ae.associate(host, port, ae_title=called_aet)
+    assoc = ae.associate(host, port, ae_title=called_aet,  # the requestor loop that loses no response
+                         evt_handlers=[(evt.EVT_CONN_OPEN, on_outgoing_connection)])
     if not assoc.is_established:
         return [None] * len(datasets)
     statuses: list[int | None] = []
