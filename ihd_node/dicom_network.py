@@ -396,30 +396,42 @@ class FastAssociation(Association):
                 context_id, msg = None, None
             if msg:
                 self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
-            if self.is_established and self.acse.is_release_requested():
-                # Set before the A-RELEASE-RP leaves: the DUL thread sends it at once, and the peer's
-                # connection close can then race EVT_RELEASED below; handlers tell it by is_released.
-                self.is_released = True
-                self.acse.send_release(is_response=True)
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
+            if ended(self):
                 return
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires, as pynetdicom does
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-            if not self.dul.is_alive():
-                self.kill()
-                return
-            if self.dul.idle_timer_expired():
-                nodelog.warning("association.network_timeout", seconds=self.network_timeout)
-                self.abort()
-                self.kill()
-                return
+
+
+def ended(assoc: Association) -> bool:
+    """pynetdicom's checks after each look at the message queue, in its order: a release asked for by the
+    peer (answered), an abort, the DUL thread gone, the network idle timeout. True when the association has
+    ended and its reactor loop must return. Shared by both reactor loops (FastAssociation here, the
+    requestor's in ihd_node.dicom_requestor)."""
+    if assoc.is_established and assoc.acse.is_release_requested():
+        # Set before the A-RELEASE-RP leaves: the DUL thread sends it at once, and the peer's
+        # connection close can then race EVT_RELEASED below; handlers tell it by is_released.
+        assoc.is_released = True
+        assoc.acse.send_release(is_response=True)
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_RELEASED, {})
+    elif assoc.acse.is_aborted():
+        assoc.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires, as pynetdicom does
+        assoc.is_aborted = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_ABORTED, {})
+    elif not assoc.dul.is_alive():
+        pass
+    elif assoc.dul.idle_timer_expired():
+        nodelog.warning("association.network_timeout", seconds=assoc.network_timeout)
+        if assoc.network_timeout_response == "A-RELEASE":  # as pynetdicom: release once no send_*() runs
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc.release()
+            assoc._is_paused = False
+        else:
+            assoc.abort()
+    else:
+        return False
+    assoc.kill()
+    return True
 
 
 def adapter_available() -> bool:

@@ -10,8 +10,7 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
 
-from ihd_node import nodelog
-from ihd_node.dicom_network import set_nodelay
+from ihd_node.dicom_network import ended, set_nodelay
 
 
 def on_outgoing_connection(event: evt.Event) -> None:
@@ -35,9 +34,9 @@ class RequestorAssociation(Association):
     the response off the DIMSE queue as if it were a request ("Received unexpected C-STORE service message").
     The sender waits dimse_timeout for a response that never comes and aborts the association. On a loaded
     2-core machine this hit about one C-STORE in a few thousand (tests/reliability/test_load.py;
-    tests/test_network.py widens the window until it happens within 10 messages). Here the reactor checks the checkpoint again
-    after saying it runs: a sender that cleared it in between owns the queue, and the reactor goes back to
-    waiting. The other checks are pynetdicom's, in its order."""
+    tests/test_network.py widens the window until it happens within 10 messages). Here the reactor checks
+    the checkpoint again after saying it runs: a sender that cleared it in between owns the queue, and the
+    reactor goes back to waiting. The checks after it are pynetdicom's, in its order (ihd_node.dicom_network.ended)."""
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -51,33 +50,7 @@ class RequestorAssociation(Association):
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires, as pynetdicom does
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-            if not self.dul.is_alive():
-                self.kill()
-                return
-            if self.dul.idle_timer_expired():
-                nodelog.warning("association.network_timeout", seconds=self.network_timeout)
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-                self.kill()
+            if ended(self):
                 return
 
 
