@@ -9,15 +9,11 @@ message written just before the connection broke may arrive twice, see ihd_node/
 
 from __future__ import annotations
 
-import base64
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlencode
 
 import pytest
 from heads import full_head
@@ -26,6 +22,7 @@ from lxml import etree
 from pynetdicom import AE
 from syslog_collector import GTLS, RSYSLOGD, Collector
 from waiting import poll_until
+from webclient import basic, http
 
 from ihd_node.audit import events, schema_errors
 from ihd_node.config import default_config
@@ -57,15 +54,7 @@ def participant(root: etree._Element, user_id: str) -> etree._Element | None:
 
 
 def call(url: str, password: str = PASSWORD, form: dict | None = None) -> int:
-    request = urllib.request.Request(url, data=urlencode(form).encode() if form is not None else None,
-                                     method="POST" if form is not None else "GET")
-    request.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    return http(url, auth=basic(USER, password), form=form)[0]
 
 
 def refused_association(port: int, calling: str = "INTRUDER") -> bool:

@@ -4,16 +4,13 @@ destination's kind."""
 
 from __future__ import annotations
 
-import base64
-import urllib.error
-import urllib.request
 from pathlib import Path
-from urllib.parse import urlencode
 
 from heads import full_head
 from loopback import destination, node_config, running_node, tiny_predictor
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import poll_until
+from webclient import basic, http
 
 from ihd_node.sim.mini_pacs import MiniPACS, free_port, send_datasets
 from ihd_node.store import Event
@@ -24,15 +21,8 @@ KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def call(url: str, *, auth: bool = True, form: dict | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=urlencode(form).encode() if form is not None else None,
-                                     method="POST" if form is not None else "GET")
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
+    status, text, _ = http(url, auth=basic(USER, PASSWORD) if auth else None, form=form)
+    return status, text
 
 
 def test_console_retract_is_audited_and_refuses_twice(tmp_path: Path) -> None:

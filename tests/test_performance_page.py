@@ -7,7 +7,6 @@ local_performance on the same database; the charts must have drawn elements. One
 
 from __future__ import annotations
 
-import base64
 import os
 import sqlite3
 import urllib.error
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import webclient
 from cohort import Cohort, cohort_plan, run_cohort, truth_rows, write_csv
 from loopback import node_config, running_node, tiny_predictor
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,22 +65,11 @@ def site(tmp_path_factory: pytest.TempPathFactory):
 
 
 def basic(user: str = USER, password: str = PASSWORD) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return webclient.basic(user, password)
 
 
 def http(url: str, auth: str | None = None, data: bytes | None = None) -> tuple[int, str, dict]:
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if auth:
-        request.add_header("Authorization", auth)
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None
-    try:
-        with urllib.request.build_opener(NoRedirect).open(request, timeout=60) as response:
-            return response.status, response.read().decode(errors="replace"), dict(response.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace"), dict(exc.headers)
+    return webclient.http(url, auth=auth, data=data, redirects=False, timeout=60)
 
 
 def expected(site: Site):

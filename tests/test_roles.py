@@ -7,19 +7,16 @@ web-user command. One node, with one delivered series, for the module.
 
 from __future__ import annotations
 
-import base64
 import io
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
 
 import pytest
 from heads import full_head
 from loopback import destination, node_config, running_node, tiny_predictor, wait_finished
 from waiting import poll_until
+from webclient import basic, bearer, http
 
 from ihd_node.commands.cli import main
 from ihd_node.node.wiring import Node
@@ -75,22 +72,9 @@ def site(tmp_path_factory: pytest.TempPathFactory):
 
 def call(url: str, user: str | None = None, form: dict | None = None, *,
          password: str | None = None, token: str | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=urlencode(form).encode() if form is not None else None,
-                                     method="POST" if form is not None else "GET")
-    if user:
-        secret = password or PASSWORDS[user]
-        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode())
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None
-    try:
-        with urllib.request.build_opener(NoRedirect).open(request, timeout=30) as response:
-            return response.status, response.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
+    auth = bearer(token) if token else basic(user, password or PASSWORDS[user]) if user else None
+    status, text, _ = http(url, auth=auth, form=form, redirects=False)
+    return status, text
 
 
 def audits(node: Node) -> list[str]:
@@ -172,14 +156,9 @@ def upload(url: str, user: str, name: str, data: bytes, check_only: bool = False
     if check_only:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="check_only"\r\n\r\n1\r\n'.encode())
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    request = urllib.request.Request(url, data=body, method="POST")
-    request.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
-    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
+    status, text, _ = http(url, auth=basic(user, PASSWORDS[user]), data=body,
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return status, text
 
 
 def test_reads_file_import_viewer_refused_operator_imports_audited(site: Site) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import os
 import sqlite3
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import poll_until
+from webclient import http
 
 from ihd_node.commands.demo import STUDIES
 from ihd_node.config import default_config
@@ -74,14 +73,7 @@ def site(tmp_path_factory: pytest.TempPathFactory):
 
 def get(url: str, auth: str | None = None, method: str = "GET", data: bytes | None = None,
         headers: dict | None = None) -> tuple[int, str, dict]:
-    request = urllib.request.Request(url, method=method, data=data, headers=dict(headers or {}))
-    if auth:
-        request.add_header("Authorization", auth)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode(errors="replace"), dict(response.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace"), dict(exc.headers)
+    return http(url, auth=auth, method=method, data=data, headers=headers)
 
 
 def basic(user: str = USER, password: str = PASSWORD) -> str:
