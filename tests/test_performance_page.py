@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 

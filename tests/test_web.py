@@ -6,13 +6,13 @@ admin would set it up; one node for the whole module.
 
 from __future__ import annotations
 
-import base64
 import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import webclient
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import poll_until
 from webclient import http
@@ -77,7 +77,7 @@ def get(url: str, auth: str | None = None, method: str = "GET", data: bytes | No
 
 
 def basic(user: str = USER, password: str = PASSWORD) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return webclient.basic(user, password)
 
 
 def sql(site: Site, query: str) -> int:
